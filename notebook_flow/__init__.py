@@ -1,0 +1,1 @@
+"""notebook_flow: cached, durable tasks for Jupyter."""
