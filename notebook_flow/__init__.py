@@ -1,1 +1,86 @@
-"""notebook_flow: cached, durable tasks for Jupyter."""
+"""notebook_flow — Don't replay. Resume.
+
+Cached, durable tasks for Jupyter notebooks::
+
+    from notebook_flow import task
+
+    @task
+    def load(path): ...
+
+Names are resolved lazily (PEP 562) so ``import notebook_flow`` stays fast: pandas,
+DuckDB, Panel and IPython are imported only when a feature needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "CachePolicy": "cache_policies",
+    "Explanation": "tasks",
+    "FileLockManager": "locks",
+    "MemoryLockManager": "locks",
+    "PostgresLockManager": "locks",
+    "RedisLockManager": "locks",
+    "ResultStore": "storage",
+    "RunContext": "tasks",
+    "RunState": "states",
+    "Settings": "config",
+    "Task": "tasks",
+    "cache_entries": "api",
+    "configure": "config",
+    "current_run": "tasks",
+    "exponential_backoff": "tasks",
+    "history": "api",
+    "rebuild_index": "api",
+    "settings": "config",
+    "stats": "api",
+    "task": "tasks",
+}
+_SUBMODULES = ("cache_policies", "errors", "hashing", "locks", "serializers", "storage")
+
+__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__", "load_ipython_extension", "unload_ipython_extension"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value  # next access skips __getattr__
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'notebook_flow' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext notebook_flow``: registers ``%%task`` and ``%flow``."""
+    from .magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext notebook_flow``."""
+    from .magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
+if TYPE_CHECKING:
+    from . import cache_policies, errors, hashing, locks, serializers, storage
+    from .api import cache_entries, history, rebuild_index, stats
+    from .cache_policies import CachePolicy
+    from .config import Settings, configure, settings
+    from .locks import FileLockManager, MemoryLockManager, PostgresLockManager, RedisLockManager
+    from .states import RunState
+    from .storage import ResultStore
+    from .tasks import Explanation, RunContext, Task, current_run, exponential_backoff, task

@@ -11,9 +11,11 @@ import socket
 import sys
 import threading
 import uuid
+from contextvars import ContextVar, Token
 
 __all__ = [
     "ProcessIdentity",
+    "current_cell",
     "holder_id",
     "new_run_id",
     "notebook_path",
@@ -21,6 +23,7 @@ __all__ = [
     "pid_alive",
     "process",
     "process_start_time",
+    "set_current_cell",
 ]
 
 
@@ -162,3 +165,16 @@ def notebook_path() -> str | None:
         if isinstance(value, str) and value:
             return value
     return _env_notebook()
+
+
+_cell: ContextVar[str | None] = ContextVar("notebook_flow_cell", default=None)
+
+
+def current_cell() -> str | None:
+    """The id of the notebook cell running now, when the front end sent one."""
+    return _cell.get()
+
+
+def set_current_cell(cell_id: str | None) -> Token[str | None]:
+    """Set the current cell id (done by the IPython extension before each cell)."""
+    return _cell.set(cell_id)

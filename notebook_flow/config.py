@@ -1,0 +1,220 @@
+"""Settings: where results live, signing, worker counts — from the environment or ``configure()``.
+
+>>> import notebook_flow
+>>> notebook_flow.configure(store="memory://demo")          # doctest: +SKIP
+Settings(store='memory://demo', ...)
+
+Environment variables (read once, on first use):
+
+=============================  ====================================================
+``NOTEBOOK_FLOW_STORE``        result store URL (default ``.notebook_flow`` in the cwd)
+``NOTEBOOK_FLOW_SIGNING_KEY``  HMAC key for pickled payloads (kept outside the store)
+``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
+``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30)
+=============================  ====================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .metadata import MetadataStore
+    from .storage import ResultStore
+
+__all__ = ["Settings", "configure", "get_metadata", "get_store", "settings", "wait_startup"]
+
+DEFAULT_STORE = ".notebook_flow"
+
+
+@dataclasses.dataclass
+class Settings:
+    """Process-wide defaults; every one can be overridden per task."""
+
+    store: str = DEFAULT_STORE
+    storage_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    signing_key: bytes | None = dataclasses.field(default=None, repr=False)
+    workers: int = 8
+    lock_lease: float = 30.0
+    lock_timeout: float | None = None
+    log_misses: bool = True
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ
+        key = env.get("NOTEBOOK_FLOW_SIGNING_KEY")
+        return cls(
+            store=env.get("NOTEBOOK_FLOW_STORE") or DEFAULT_STORE,
+            signing_key=key.encode() if key else None,
+            workers=_env_number("NOTEBOOK_FLOW_WORKERS", 8, int),
+            lock_lease=_env_number("NOTEBOOK_FLOW_LOCK_LEASE", 30.0, float),
+        )
+
+
+def _env_number(name: str, default: Any, kind: type) -> Any:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"environment variable {name}={raw!r} is not a {kind.__name__}; "
+            f"set it to a number like {default!r} or unset it"
+        ) from None
+    if value <= 0:
+        raise ConfigurationError(f"environment variable {name}={raw!r} must be positive")
+    return value
+
+
+_lock = threading.RLock()
+_settings: Settings | None = None
+_stores: dict[tuple[str, str, bytes | None], ResultStore] = {}
+_metadata: dict[str, MetadataStore] = {}
+_startup: dict[str, threading.Thread] = {}
+
+
+def settings() -> Settings:
+    """The current settings (read from the environment on first use)."""
+    global _settings
+    if _settings is None:
+        with _lock:
+            if _settings is None:
+                _settings = Settings.from_env()
+    return _settings
+
+
+def configure(
+    *,
+    store: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    signing_key: str | bytes | None = None,
+    workers: int | None = None,
+    lock_lease: float | None = None,
+    lock_timeout: float | None = None,
+    log_misses: bool | None = None,
+) -> Settings:
+    """Change process-wide defaults; returns the new settings.
+
+    >>> configure(store="s3://bucket/cache", storage_options={"anon": False})  # doctest: +SKIP
+    """
+    current = settings()
+    changes: dict[str, Any] = {}
+    if store is not None:
+        store = os.fspath(store)
+        if not isinstance(store, str) or not store.strip():
+            raise ConfigurationError(f"store must be a path or fsspec URL, got {store!r}")
+        changes["store"] = store
+    if storage_options is not None:
+        if not isinstance(storage_options, dict):
+            raise ConfigurationError("storage_options must be a dict of fsspec options")
+        changes["storage_options"] = dict(storage_options)
+    if signing_key is not None:
+        key = signing_key.encode() if isinstance(signing_key, str) else signing_key
+        if not isinstance(key, bytes) or len(key) < 16:
+            raise ConfigurationError(
+                "signing_key must be at least 16 bytes; generate one with "
+                "`python -c 'import secrets; print(secrets.token_hex(32))'`"
+            )
+        changes["signing_key"] = key
+    if workers is not None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ConfigurationError(f"workers must be a positive int, got {workers!r}")
+        changes["workers"] = workers
+    if lock_lease is not None:
+        if lock_lease <= 0:
+            raise ConfigurationError(f"lock_lease must be positive seconds, got {lock_lease!r}")
+        changes["lock_lease"] = float(lock_lease)
+    if lock_timeout is not None:
+        changes["lock_timeout"] = float(lock_timeout)
+    if log_misses is not None:
+        changes["log_misses"] = bool(log_misses)
+    global _settings
+    with _lock:
+        _settings = dataclasses.replace(current, **changes)
+        return _settings
+
+
+def _normalize_url(url: str) -> str:
+    """Local paths become absolute, so a later ``os.chdir`` does not move the store."""
+    if "://" in url or url.startswith("memory:"):
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def get_store(url: str | ResultStore | None = None) -> ResultStore:
+    """The ResultStore for ``url`` (default: the configured store), shared per process."""
+    from .storage import ResultStore
+
+    if isinstance(url, ResultStore):
+        return url
+    s = settings()
+    target = _normalize_url(url or s.store)
+    options = s.storage_options if not url or url == s.store else {}
+    ident = (target, repr(sorted(options.items())), s.signing_key)
+    store = _stores.get(ident)
+    if store is None:
+        with _lock:
+            store = _stores.get(ident)
+            if store is None:
+                store = ResultStore(target, signing_key=s.signing_key, storage_options=options)
+                _stores[ident] = store
+    return store
+
+
+def get_metadata(store: ResultStore | None = None) -> MetadataStore:
+    """The MetadataStore indexing ``store``; marks dead processes' runs CRASHED on first use."""
+    from .metadata import MetadataStore
+
+    store = store if store is not None else get_store()
+    path = store.metadata_path()
+    meta = _metadata.get(path)
+    if meta is None:
+        with _lock:
+            meta = _metadata.get(path)
+            if meta is None:
+                meta = MetadataStore(path)
+                _metadata[path] = meta
+                # Marking a dead process's runs CRASHED opens DuckDB (~10 ms): do it off the
+                # caller's path so a first cache hit stays fast. Readers join this thread.
+                t = threading.Thread(
+                    target=_mark_crashed, args=(meta,), name="notebook_flow-startup", daemon=True
+                )
+                _startup[path] = t
+                t.start()
+    return meta
+
+
+def _mark_crashed(meta: MetadataStore) -> None:
+    try:
+        meta.mark_crashed()
+    except Exception:  # a startup chore must never break the user's work
+        logging.getLogger("notebook_flow").warning(
+            "could not mark crashed runs in %s", meta, exc_info=True
+        )
+
+
+def wait_startup(store: ResultStore | None = None, timeout: float = 60.0) -> None:
+    """Wait for the startup chores of ``store``'s metadata (used before reads)."""
+    store = store if store is not None else get_store()
+    t = _startup.get(store.metadata_path())
+    if t is not None:
+        t.join(timeout)
+
+
+def _reset_for_tests() -> None:
+    """Forget settings and cached stores (used by the test suite)."""
+    global _settings
+    with _lock:
+        for meta in _metadata.values():
+            meta.close()
+        _settings = None
+        _stores.clear()
+        _metadata.clear()
+        _startup.clear()

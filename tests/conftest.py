@@ -1,0 +1,37 @@
+"""Shared fixtures: every test gets its own result store; servers come from scripts/services.sh."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh local store per test, through the same env var users set."""
+    from notebook_flow import config
+
+    store = tmp_path / "store"
+    monkeypatch.setenv("NOTEBOOK_FLOW_STORE", str(store))
+    monkeypatch.delenv("NOTEBOOK_FLOW_SIGNING_KEY", raising=False)
+    config._reset_for_tests()
+    yield store
+    config._reset_for_tests()
+
+
+@pytest.fixture
+def python_env(isolated_store: Path) -> dict[str, str]:
+    """Environment for subprocesses: same interpreter path, same store, repo importable."""
+    env = dict(os.environ)
+    env["NOTEBOOK_FLOW_STORE"] = str(isolated_store)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,423 @@
+"""@task: the call path, options, explain, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import notebook_flow as nf
+from notebook_flow import task
+from notebook_flow.cache_policies import DEFAULT, FILES, INPUTS, NONE, TASK_SOURCE, CachePolicy
+from notebook_flow.errors import (
+    CommitError,
+    ConfigurationError,
+    TaskTimeoutError,
+    UnhashableInputError,
+)
+
+calls: list[tuple] = []
+
+
+@task
+def add(x, y=1):
+    calls.append(("add", x, y))
+    return x + y
+
+
+@pytest.fixture(autouse=True)
+def _reset_calls():
+    calls.clear()
+
+
+def flushed_history(**kw) -> pd.DataFrame:
+    from notebook_flow import config
+
+    config.get_metadata().flush()
+    return nf.history(**kw)
+
+
+def test_second_call_hits_and_returns_equal_value():
+    assert add(1, 2) == 3
+    assert add(1, 2) == 3
+    assert add(x=1, y=2) == 3  # same binding, same key
+    assert calls == [("add", 1, 2)]
+    assert add(2) == 3  # default applied: a different key
+    assert len(calls) == 2
+
+
+def test_history_records_completed_and_cached_runs():
+    add(1, 2)
+    add(1, 2)
+    h = flushed_history(task="add")
+    assert sorted(h["state"].astype(str)) == ["CACHED", "COMPLETED"]
+    s = nf.stats()
+    assert s["hits"] == 1 and s["misses"] == 1
+
+
+def test_cache_key_is_stable_and_namespaced_per_task():
+    @task(cache_policy=INPUTS)
+    def f(x):
+        return x
+
+    @task(cache_policy=INPUTS)
+    def g(x):
+        return x
+
+    assert f.cache_key(1) == f.cache_key(1)
+    assert f.cache_key(1) != f.cache_key(2)
+    assert f.cache_key(1) != g.cache_key(1)  # never shared unless asked
+
+    @task(cache_policy=INPUTS, cache_namespace="shared")
+    def h1(x):
+        return x
+
+    @task(cache_policy=INPUTS, cache_namespace="shared")
+    def h2(x):
+        return x
+
+    assert h1.cache_key(1) == h2.cache_key(1)
+
+
+def test_numpy_and_pandas_results_round_trip():
+    @task
+    def make(n):
+        calls.append(n)
+        return np.arange(n, dtype="float64"), pd.DataFrame({"a": range(n), "s": ["x"] * n})
+
+    arr, df = make(10)
+    arr2, df2 = make(10)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(arr, arr2)
+    pd.testing.assert_frame_equal(df, df2)
+
+    @task
+    def frame(n):
+        calls.append(n)
+        return pd.DataFrame({"a": range(n), "s": [str(i) for i in range(n)]})
+
+    pd.testing.assert_frame_equal(frame(5), frame(5))
+    assert calls.count(5) == 1
+
+
+def test_user_exception_propagates_as_itself_and_is_recorded_failed():
+    class Boom(ValueError):
+        pass
+
+    @task
+    def explode(x):
+        raise Boom(f"bad {x}")
+
+    with pytest.raises(Boom, match="bad 1"):
+        explode(1)
+    h = flushed_history(task=test_user_exception_propagates_as_itself_and_is_recorded_failed.__name__ + ".<locals>.explode")
+    assert list(h["state"].astype(str)) == ["FAILED"]
+    assert "Boom" in h["error"][0] and "Traceback" in h["traceback"][0]
+
+
+def test_retries_with_delays_list_and_condition():
+    attempts = []
+
+    @task(retries=3, retry_delay_seconds=[0, 0.01], cache_policy=NONE)
+    def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("try again")
+        return "ok"
+
+    assert flaky() == "ok"
+    assert len(attempts) == 3
+
+    seen = []
+
+    def only_connection_errors(t, run, exc):
+        seen.append((t.name, run.attempt))
+        return isinstance(exc, ConnectionError)
+
+    @task(retries=5, retry_condition_fn=only_connection_errors, cache_policy=NONE)
+    def wrong():
+        raise KeyError("no retry")
+
+    with pytest.raises(KeyError):
+        wrong()
+    assert len(seen) == 1
+
+
+def test_exponential_backoff_and_jitter():
+    assert nf.exponential_backoff(2)(4) == [2.0, 4.0, 8.0, 16.0]
+    t = task(retries=3, retry_delay_seconds=nf.exponential_backoff(0.001), retry_jitter_factor=0.5)(
+        lambda: 1
+    )
+    assert t.retries == 3
+    with pytest.raises(ConfigurationError):
+        task(retries=-1)(lambda: 1)
+    with pytest.raises(ConfigurationError):
+        task(retry_delay_seconds=[-1], retries=1)(lambda: 1)
+
+
+def test_timeout_raises_task_timeout_and_sets_cancel_flag():
+    flags = []
+
+    @task(timeout_seconds=0.2, cache_policy=NONE)
+    def slow():
+        run = nf.current_run()
+        while not run.cancelled():
+            time.sleep(0.01)
+        flags.append("stopped")
+
+    with pytest.raises(TaskTimeoutError, match="timeout_seconds=0.2"):
+        slow()
+    deadline = time.monotonic() + 5
+    while not flags and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert flags == ["stopped"]
+
+
+def test_async_task_caches():
+    @task
+    async def fetch(x):
+        calls.append(x)
+        await asyncio.sleep(0)
+        return {"x": x}
+
+    assert asyncio.run(fetch(3)) == {"x": 3}
+    assert asyncio.run(fetch(3)) == {"x": 3}
+    assert calls == [3]
+
+
+def test_persist_result_false_caches_in_memory_only(isolated_store: Path):
+    @task(persist_result=False)
+    def mem(x):
+        calls.append(x)
+        return [x]
+
+    assert mem(1) == [1] and mem(1) == [1]
+    assert calls == [1]
+    assert not list((isolated_store / "manifests").rglob("*.json")) if (isolated_store / "manifests").exists() else True
+
+
+def test_refresh_cache_recomputes_and_overwrites():
+    add(5, 5)
+    fresh = add.with_options(refresh_cache=True)
+    assert fresh(5, 5) == 10
+    assert len(calls) == 2
+    assert add(5, 5) == 10
+    assert len(calls) == 2
+
+
+def test_cache_expiration_is_honored_and_explained(caplog):
+    @task(cache_expiration=0.2)
+    def short(x):
+        calls.append(x)
+        return x
+
+    short(1)
+    short(1)
+    assert calls == [1]
+    time.sleep(0.3)
+    assert short.explain(1).status == "expired"
+    with caplog.at_level(logging.INFO, logger="notebook_flow"):
+        short(1)
+    assert calls == [1, 1]
+    assert "expired" in caplog.text
+    with pytest.raises(ConfigurationError):
+        task(cache_expiration=-5)(lambda: 1)
+    assert task(cache_expiration=timedelta(days=1))(lambda: 1).cache_expiration == timedelta(days=1)
+
+
+def test_explain_names_the_changed_argument():
+    @task
+    def scale(df, factor=2):
+        return df * factor
+
+    df = pd.DataFrame({"a": [1, 2, 3]})
+    scale(df)
+    assert scale.explain(df).status == "hit"
+    df2 = df.copy()
+    df2.loc[0, "a"] = 100
+    exp = scale.explain(df2)
+    assert exp.status == "miss"
+    assert exp.reasons == ("argument `df` changed",)
+    assert "argument `factor` changed" in str(scale.explain(df, factor=3))
+
+
+def test_unhashable_argument_gives_a_clear_error(tmp_path):
+    @task
+    def read(f):
+        return f.read()
+
+    with open(tmp_path / "x.txt", "w") as fh, pytest.raises(UnhashableInputError) as info:
+        read(fh)
+    msg = str(info.value)
+    assert "argument `f`" in msg and "INPUTS - 'f'" in msg and "from_cache_key_fn" in msg
+
+    @task(cache_policy=INPUTS - "f")
+    def read2(f):
+        return 1
+
+    with open(tmp_path / "x.txt", "w") as fh:
+        assert read2(fh) == 1
+
+
+def test_policy_composition():
+    assert repr(DEFAULT) == "INPUTS + TASK_SOURCE"
+    assert NONE + INPUTS == INPUTS
+    p = (INPUTS + TASK_SOURCE) - "verbose"
+    assert "verbose" in repr(p)
+    with pytest.raises(ConfigurationError):
+        TASK_SOURCE - "x"
+    with pytest.raises(ConfigurationError):
+        INPUTS.configure(isolation_level="DIRTY")
+
+    @task(cache_policy=INPUTS - "verbose")
+    def f(x, verbose=False):
+        calls.append(x)
+        return x
+
+    f(1, verbose=True)
+    f(1, verbose=False)
+    assert calls == [1]
+
+
+def test_files_policy_keys_on_contents(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    Path("data/a.csv").write_text("1,2\n")
+
+    @task(cache_policy=FILES("data/*.csv"))
+    def load():
+        calls.append(1)
+        return Path("data/a.csv").read_text()
+
+    k1 = load.cache_key()
+    assert load() == "1,2\n" and load() == "1,2\n"
+    assert calls == [1]
+    Path("data/a.csv").write_text("3,4\n")
+    assert load.cache_key() != k1
+    assert load() == "3,4\n"
+    Path("data/b.csv").write_text("")
+    assert "file `data/b.csv` is new" in load.explain().reasons
+
+
+def test_cache_key_fn_policy():
+    def by_user(context, parameters):
+        return f"user-{parameters['user']}"
+
+    @task(cache_policy=CachePolicy.from_cache_key_fn(by_user))
+    def charge(user, amount):
+        calls.append((user, amount))
+        return amount
+
+    charge("a", 1)
+    charge("a", 2)  # same key: the idempotency key ignores amount
+    assert calls == [("a", 1)]
+    with pytest.raises(ConfigurationError):
+        CachePolicy.from_cache_key_fn(lambda: "x")
+
+
+def test_no_cache_runs_every_time():
+    @task(cache_policy=NONE)
+    def tick():
+        calls.append(1)
+
+    tick()
+    tick()
+    assert len(calls) == 2
+    assert tick.cache_key() is None
+
+
+def test_clear_cache_removes_results():
+    add(1, 1)
+    assert add.clear_cache() == 1
+    add(1, 1)
+    assert len(calls) == 2
+
+
+def test_corrupt_payload_is_a_miss_with_a_warning(isolated_store: Path, caplog):
+    @task
+    def value(x):
+        calls.append(x)
+        return {"x": x, "data": list(range(100))}
+
+    value(1)
+    payloads = [p for p in (isolated_store / "results").rglob("*") if p.is_file()]
+    assert len(payloads) == 1
+    raw = bytearray(payloads[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    payloads[0].write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="notebook_flow"):
+        assert value(1) == {"x": 1, "data": list(range(100))}
+    assert calls == [1, 1]
+    assert "recomputing" in caplog.text
+
+
+def test_commit_failure_raises_and_keeps_the_value(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    @task(result_storage=str(blocker / "store"))
+    def compute():
+        return 42
+
+    with pytest.raises(CommitError) as info:
+        compute()
+    assert info.value.result == 42
+
+
+def test_tasks_pickle_and_still_work():
+    clone = pickle.loads(pickle.dumps(add))
+    assert clone is add  # module-level tasks travel by reference
+
+    @task
+    def local(x):
+        return x * 2
+
+    import cloudpickle
+
+    copy = cloudpickle.loads(cloudpickle.dumps(local))
+    assert copy(4) == 8
+    assert copy.cache_key(4) == local.cache_key(4)
+
+
+def test_bad_options_are_refused_clearly():
+    with pytest.raises(ConfigurationError, match="CachePolicy"):
+        task(cache_policy="inputs")(lambda: 1)
+    with pytest.raises(ConfigurationError):
+        task(timeout_seconds=0)(lambda: 1)
+    with pytest.raises(ConfigurationError):
+        add.with_options(colour="red")
+    with pytest.raises(TypeError, match="task `add`"):
+        add(1, 2, 3)
+
+
+def test_threads_calling_the_same_task_all_get_the_value():
+    results = []
+
+    def worker():
+        results.append(add(7, 7))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [14] * 8
+
+
+def test_rebuild_index_from_manifests():
+    add(1, 2)
+    add(3, 4)
+    from notebook_flow import config
+
+    config.get_metadata().flush()
+    assert nf.rebuild_index() == 2
+    entries = nf.cache_entries()
+    assert len(entries) == 2
