@@ -327,6 +327,22 @@ class Task(Generic[P, R]):
             return _run_async(call)
         return _run_sync(call)
 
+    def submit(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        """Run the task on the embedded background worker; returns a ``TaskFuture`` at once.
+
+        Futures among the arguments (also inside lists and dicts) are resolved first;
+        ``wait_for=[...]`` orders without passing data.
+        """
+        from .runners import submit_task
+
+        return submit_task(self, args, kwargs, wait_for=wait_for)
+
+    def map(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant."""
+        from .runners import map_task
+
+        return map_task(self, args, kwargs, wait_for=wait_for)
+
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str | None:
         """The cache key this call would use (None: the task runs uncached).
 
@@ -469,7 +485,13 @@ class _Call:
         "task",
     )
 
-    def __init__(self, t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        t: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None = None,
+    ) -> None:
         self.task = t
         self.args = args
         self.kwargs = kwargs
@@ -479,7 +501,7 @@ class _Call:
             raise TypeError(f"task `{t.name}`: {exc}") from None
         bound.apply_defaults()
         self.arguments = bound.arguments
-        self.run_id = os.urandom(16).hex()
+        self.run_id = run_id or os.urandom(16).hex()
         self.started = time.time()
         self.key: str | None = None
         self.components: dict[str, str] | None = None
