@@ -1,0 +1,317 @@
+"""Crash recovery, pauses, lost connections and long holds, with real processes and servers.
+
+A child process holds a lock through ``hold()`` and prints what happens to it; the test
+kills, stops or disconnects it and checks that the lock comes back (never "locked forever")
+and that a holder that lost its lease cannot pass its fencing check.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_locks_contract import PG_DSN, PG_TABLE, new_key, new_manager, pickled, python_env
+
+from notebook_flow import _identity
+from notebook_flow.errors import LeaseLostError
+from notebook_flow.locks import LockManager, MemoryLockManager, PostgresLockManager, hold
+
+HOLDER = """
+import base64, json, pickle, sys, time
+from notebook_flow import _identity
+from notebook_flow.errors import LeaseLostError
+from notebook_flow.locks import hold
+
+cfg = json.loads(sys.argv[1])
+if cfg.get("host"):
+    _identity.process().host = cfg["host"]  # pretend to run on another machine
+manager = pickle.loads(base64.b64decode(cfg["manager"]))
+holder = _identity.holder_id("child-run")
+on_event = lambda event, info: print("EVENT", event, flush=True)
+with hold(manager, cfg["key"], holder, lease=cfg["lease"], on_event=on_event) as lease:
+    print("ACQUIRED", lease.fence, flush=True)
+    if cfg["mode"] == "sleep":
+        time.sleep(3600)
+    while True:  # "watch": what the task layer does before committing
+        time.sleep(0.02)
+        try:
+            lease.check()
+        except LeaseLostError:
+            print("LOST", flush=True)
+            print("RENEW", manager.renew(cfg["key"], holder, cfg["lease"]), flush=True)
+            break
+print("EXIT", flush=True)
+"""
+
+
+class Child:
+    """A holder process whose stdout lines can be awaited."""
+
+    def __init__(
+        self, manager: LockManager, key: str, lease: float, mode: str, host: str = ""
+    ) -> None:
+        import json
+
+        payload = {
+            "manager": pickled(manager),
+            "key": key,
+            "lease": lease,
+            "mode": mode,
+            "host": host,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, json.dumps(payload)],
+            env=python_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def expect(self, prefix: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.01))
+            except queue.Empty:
+                stderr = ""
+                if self.proc.poll() is not None and self.proc.stderr is not None:
+                    stderr = self.proc.stderr.read()
+                raise AssertionError(
+                    f"no {prefix!r} from the child; saw {self.seen}; {stderr}"
+                ) from None
+            self.seen.append(line)
+            if line.startswith(prefix):
+                return line
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def children() -> Iterator[list[Child]]:
+    started: list[Child] = []
+    yield started
+    for child in started:
+        child.signal(signal.SIGCONT)
+        child.close()
+
+
+def _events() -> tuple[list[str], Callable[[str, dict[str, Any]], None]]:
+    events: list[str] = []
+    return events, lambda event, info: events.append(event)
+
+
+ME = _identity.holder_id("parent-run")
+
+
+@pytest.mark.parametrize(
+    ("kind", "lease", "host", "limit"),
+    [
+        ("file", 30.0, "", 3.0),  # same host: the dead pid is seen at once
+        ("file", 1.5, "elsewhere", 1.5 + 2),  # another host: the lease runs out
+        ("redis", 30.0, "", 3.0),  # same host: dead pid seen, value swapped
+        ("redis", 1.5, "elsewhere", 1.5 + 2),  # another host: the TTL runs out
+        ("postgres", 30.0, "", 3.0),  # the session ends with the process
+    ],
+    ids=["file-same-host", "file-other-host", "redis-same-host", "redis-other-host", "postgres"],
+)
+def test_sigkilled_holder_is_recovered(
+    kind: str, lease: float, host: str, limit: float, tmp_path: Path, children: list[Child]
+) -> None:
+    manager, cleanup = new_manager(kind, tmp_path)
+    key = new_key()
+    child = Child(manager, key, lease, "sleep", host)
+    children.append(child)
+    child_fence = int(child.expect("ACQUIRED").split()[1])
+    assert manager.is_locked(key)
+    child.signal(signal.SIGKILL)  # not reaped yet: a zombie must count as dead too
+    events, on_event = _events()
+    start = time.monotonic()
+    with hold(manager, key, ME, lease=30, timeout=lease + 10, on_event=on_event) as held:
+        elapsed = time.monotonic() - start
+        assert held.fence is not None and held.fence > child_fence
+    assert elapsed <= limit, f"recovered after {elapsed:.2f} s"
+    if host == "":
+        assert "recovered" in events  # the dead holder's record was taken over
+    cleanup()
+
+
+@pytest.mark.parametrize("kind", ["file", "redis", "postgres"])
+def test_paused_holder_loses_its_lease_and_cannot_commit(
+    kind: str, tmp_path: Path, children: list[Child]
+) -> None:
+    manager, cleanup = new_manager(kind, tmp_path)
+    key = new_key()
+    child = Child(manager, key, 1.0, "watch")
+    children.append(child)
+    child_fence = int(child.expect("ACQUIRED").split()[1])
+    child.signal(signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with hold(manager, key, ME, lease=30, timeout=15) as held:
+            waited = time.monotonic() - start
+            assert held.fence is not None and held.fence > child_fence
+            child.signal(signal.SIGCONT)
+            child.expect("LOST", timeout=15)  # its Lease.check() raised LeaseLostError
+            assert child.expect("RENEW", timeout=15) == "RENEW False"
+            child.expect("EXIT", timeout=15)
+            assert child.proc.wait(15) == 0
+            held.check()  # the successor still holds it: the child's exit released nothing
+            info = manager.holder_of(key)
+            assert info is not None and info.holder == ME
+    finally:
+        child.signal(signal.SIGCONT)
+    assert waited <= 1.0 + 3.0
+    cleanup()
+
+
+def test_killed_redis_connection_is_survived_and_a_lost_key_noticed(tmp_path: Path) -> None:
+    import redis
+    from test_locks_contract import REDIS_URL, require_server
+
+    require_server("redis")
+    name = f"nftest-kill-{uuid.uuid4().hex[:8]}"
+    prefix = f"nftest-{uuid.uuid4().hex[:10]}"
+    from notebook_flow.locks import RedisLockManager
+
+    manager = RedisLockManager(url=REDIS_URL, prefix=prefix, client_name=name)
+    admin = redis.Redis.from_url(REDIS_URL)
+
+    def kill_connections() -> int:
+        killed = 0
+        for client in admin.client_list():
+            if client.get("name") == name:
+                admin.client_kill_filter(_id=client["id"])
+                killed += 1
+        return killed
+
+    key = new_key()
+    events, on_event = _events()
+    try:
+        with hold(manager, key, ME, lease=1.0, on_event=on_event) as held:
+            assert kill_connections() >= 1
+            time.sleep(1.2)  # several renewals: each reconnects, the key is still ours
+            held.check()
+            assert events.count("renewed") >= 2 and "lost" not in events
+            # As if Redis restarted without persistence: the key is gone.
+            admin.delete(f"{prefix}:lock:{{{key}}}")
+            kill_connections()
+            deadline = time.monotonic() + 3
+            while "lost" not in events and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert "lost" in events
+            with pytest.raises(LeaseLostError):
+                held.check()
+            assert not manager.renew(key, ME, 1.0)
+            assert manager.acquire(key, "nftest-next", timeout=0)
+        # The lost holder's exit must not release its successor's lock.
+        assert manager.holder_of(key).holder == "nftest-next"  # type: ignore[union-attr]
+        manager.release(key, "nftest-next")
+    finally:
+        names = list(admin.scan_iter(match=f"{prefix}:*"))
+        if names:
+            admin.delete(*names)
+        admin.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis", "postgres"])
+def test_hold_ten_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) -> None:
+    manager, cleanup = new_manager(kind, tmp_path)
+    key = new_key()
+    events, on_event = _events()
+    lease = 0.5
+    stolen: list[bool] = []
+    stop = threading.Event()
+
+    def contender() -> None:
+        while not stop.is_set():
+            if manager.acquire(key, "nftest-thief", timeout=0):
+                stolen.append(True)
+                manager.release(key, "nftest-thief")
+            time.sleep(0.05)
+
+    with hold(manager, key, ME, lease=lease, on_event=on_event) as held:
+        thief = threading.Thread(target=contender)
+        thief.start()
+        end = time.monotonic() + 10 * lease
+        while time.monotonic() < end:
+            held.check()
+            time.sleep(0.05)
+        stop.set()
+        thief.join()
+        held.check()
+    assert not stolen
+    assert events.count("renewed") >= 10, events
+    assert "lost" not in events and events[-1] == "released"
+    cleanup()
+
+
+def test_memory_lock_of_a_finished_thread_is_recovered() -> None:
+    manager = MemoryLockManager()
+    worker = threading.Thread(
+        target=manager.acquire, args=("k", "nftest-gone"), kwargs={"lease": 60}
+    )
+    worker.start()
+    worker.join()
+    assert not manager.is_locked("k")  # its thread is gone
+    acquisition = manager.acquire_info("k", "nftest-next", timeout=0)
+    assert acquisition is not None and acquisition.recovered is not None
+    assert acquisition.recovered.holder == "nftest-gone"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_end_the_parents_postgres_sessions(tmp_path: Path) -> None:
+    manager, cleanup = new_manager("postgres", tmp_path)
+    key = new_key()
+    assert manager.acquire(key, ME, timeout=0, lease=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: use the manager, drop every inherited connection, exit
+        code = 1
+        try:
+            import gc
+
+            other = new_key()
+            code = 0 if manager.acquire(other, "nftest-child", timeout=0) else 2
+            manager.release(other, "nftest-child")
+            gc.collect()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    time.sleep(0.2)
+    assert manager.renew(key, ME, 30)  # our session survived the child
+    observer = PostgresLockManager(PG_DSN, table=PG_TABLE)
+    assert observer.holder_of(key).holder == ME  # type: ignore[union-attr]
+    manager.release(key, ME)
+    cleanup()
