@@ -302,7 +302,8 @@ class Task(Generic[P, R]):
         module = getattr(self.fn, "__module__", None)
         qualname = getattr(self.fn, "__qualname__", "")
         if module and module != "__main__" and "<locals>" not in qualname:
-            return (_task_by_reference, (module, qualname, self.fn, self._options()))
+            if _resolve(module, qualname) is self:
+                return (_task_by_reference, (module, qualname))
         return (_task_from_options, (self.fn, self._options()))
 
     def __repr__(self) -> str:
@@ -414,18 +415,29 @@ class Task(Generic[P, R]):
         return dict(comps) if comps else None
 
 
-def _task_by_reference(module: str, qualname: str, fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
+def _resolve(module: str, qualname: str) -> Any:
     import importlib
+    import sys
 
+    obj: Any = sys.modules.get(module)
     try:
-        obj: Any = importlib.import_module(module)
+        if obj is None:
+            obj = importlib.import_module(module)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-        if isinstance(obj, Task):
-            return obj
     except (ImportError, AttributeError):
-        pass
-    return _task_from_options(fn, options)
+        return None
+    return obj
+
+
+def _task_by_reference(module: str, qualname: str) -> Task[Any, Any]:
+    obj = _resolve(module, qualname)
+    if not isinstance(obj, Task):
+        raise ConfigurationError(
+            f"cannot find task {module}.{qualname} in this process; make the module importable "
+            "here (same code on every worker) or define the task in the notebook"
+        )
+    return obj
 
 
 def _task_from_options(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
