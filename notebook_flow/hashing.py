@@ -980,7 +980,10 @@ def _walk_object_values(
         import numpy as np
         import pyarrow as pa
 
-        others = np.fromiter((type(x) is not str for x in values), dtype=bool, count=len(values))
+        if set(map(type, values)) == {str}:  # the common case, checked at C speed
+            others = np.zeros(len(values), dtype=bool)
+        else:
+            others = np.fromiter((type(x) is not str for x in values), bool, count=len(values))
         try:
             strings = pa.array(values, type=pa.large_string(), mask=others)
         except (UnicodeEncodeError, pa.ArrowException):
