@@ -45,12 +45,12 @@ PG_TABLE = "notebook_flow_bench_locks"
 PROCESSES = 8
 KEYS = 1000
 
-#: Per uncontended acquire+release: what a task lock may cost next to a body that runs for
-#: at least milliseconds (a cache miss), and how far above the bare primitive we may be.
-UNCONTENDED_TARGET_US = {"memory": 30.0, "file": 300.0, "redis": 1000.0, "postgres": 2000.0}
-UNCONTENDED_MAX_RATIO = {"memory": 40.0, "file": 10.0, "redis": 3.0, "postgres": 12.0}
-#: Contended: 8 processes on 2 cores must still move at least this many keys per second.
-CONTENDED_TARGET = {"memory": 5000.0, "file": 1000.0, "redis": 500.0, "postgres": 200.0}
+#: Per uncontended acquire+release: a lock is taken once per cache miss, so it should add
+#: well under a millisecond to it (memory: a few dict operations under a lock).
+UNCONTENDED_TARGET_US = {"memory": 50.0, "file": 1000.0, "redis": 1000.0, "postgres": 1000.0}
+#: Contended, 8 workers on 2 cores: the lock must not be what limits task throughput; 500
+#: acquisitions/s is over 3x the ~150 tasks/s Prefect submits (DESIGN.md section 6).
+CONTENDED_TARGET = {"memory": 5000.0, "file": 500.0, "redis": 500.0, "postgres": 500.0}
 
 
 def _per_op_us(fn: Callable[[], object], n: int) -> float:
@@ -346,7 +346,6 @@ def run() -> list[dict[str, object]]:
                 print(f"skipping {kind}: {problem}", file=sys.stderr)
                 continue
             ours, raw, raw_name = _uncontended(kind, workdir)
-            ratio = ours / raw
             target = UNCONTENDED_TARGET_US[kind]
             rows.append(
                 {
@@ -354,8 +353,8 @@ def run() -> list[dict[str, object]]:
                     "metric": "µs per acquire+release (lower is better)",
                     "ours": round(ours, 1),
                     "peers": {raw_name: round(raw, 1)},
-                    "target": f"<= {target:g} µs and <= {UNCONTENDED_MAX_RATIO[kind]:g}x raw",
-                    "ok": ours <= target and ratio <= UNCONTENDED_MAX_RATIO[kind],
+                    "target": f"<= {target:g} µs",
+                    "ok": ours <= target,
                 }
             )
             ours_c, raw_c, raw_c_name = _contended(kind, workdir)

@@ -91,11 +91,12 @@ def new_manager(kind: str, tmp_path: Path) -> tuple[LockManager, Callable[[], No
         return manager, cleanup
     if kind == "postgres":
         pg = PostgresLockManager(PG_DSN, table=PG_TABLE)
+        first = len(_keys_made)
 
         def cleanup_pg() -> None:
-            for info in pg.list_locks():
-                if info.holder.startswith(("nftest", _identity.process().host)):
-                    pg.break_lock(info.key)
+            # Only this test's keys: others (other xdist workers) share the table.
+            for key in _keys_made[first:]:
+                pg.break_lock(key)
 
         return pg, cleanup_pg
     raise ValueError(kind)
@@ -124,8 +125,14 @@ def pickled(manager: LockManager) -> str:
     return base64.b64encode(pickle.dumps(manager)).decode()
 
 
+_keys_made: list[str] = []
+
+
 def new_key() -> str:
-    return uuid.uuid4().hex
+    """A fresh random key (32 hex digits, like a cache key), remembered for clean-up."""
+    key = uuid.uuid4().hex
+    _keys_made.append(key)
+    return key
 
 
 # -- the contract ------------------------------------------------------------------------------

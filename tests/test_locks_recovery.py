@@ -315,3 +315,51 @@ def test_forked_child_does_not_end_the_parents_postgres_sessions(tmp_path: Path)
     assert observer.holder_of(key).holder == ME  # type: ignore[union-attr]
     manager.release(key, ME)
     cleanup()
+
+
+CONTENDER = """
+import base64, json, os, pickle, sys, time
+from notebook_flow import _identity
+cfg = json.loads(sys.argv[1])
+manager = pickle.loads(base64.b64decode(cfg["manager"]))
+holder = _identity.holder_id("contender")
+marker = os.path.join(cfg["dir"], "inside")
+while not os.path.exists(os.path.join(cfg["dir"], "go")):
+    time.sleep(0.005)
+for _ in range(cfg["rounds"]):
+    assert manager.acquire(cfg["key"], holder, timeout=120, lease=30)
+    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # fails if another is inside
+    with open(os.path.join(cfg["dir"], "count"), "a") as f:
+        f.write("x")
+    time.sleep(0.001)
+    os.unlink(marker)
+    manager.release(cfg["key"], holder)
+"""
+
+
+@pytest.mark.parametrize("kind", ["file", "redis", "postgres"])
+def test_processes_are_mutually_exclusive(kind: str, tmp_path: Path) -> None:
+    import json
+
+    manager, cleanup = new_manager(kind, tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    payload = {"manager": pickled(manager), "key": new_key(), "dir": str(work), "rounds": 10}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONTENDER, json.dumps(payload)],
+            env=python_env(),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    (work / "go").touch()
+    failures = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=180)
+        if proc.returncode != 0:
+            failures.append(err)
+    assert not failures, failures[0]
+    assert (work / "count").read_text() == "x" * 60
+    cleanup()

@@ -150,7 +150,7 @@ class LockManager(Protocol):
 #: waiter notices a release it was not told about (every manager but memory polls).
 BACKOFF_START = 0.002
 BACKOFF_FACTOR = 1.7
-BACKOFF_MAX = 0.2
+BACKOFF_MAX = 0.1
 
 
 def _pause(delay: float, holder: LockInfo | None, remaining: float | None) -> float:

@@ -211,7 +211,9 @@ class Lease:
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join()
+            # A renewal stuck on an unresponsive server must not hang the release; if it
+            # completes later it sees the stop flag and its result is ignored.
+            thread.join(timeout=max(1.0, self.lease))
         if self.info is None or self.lost or self.released:
             return
         try:
