@@ -75,9 +75,12 @@ def _env_number(name: str, default: Any, kind: type) -> Any:
 
 _lock = threading.RLock()
 _settings: Settings | None = None
+#: Bumped by every configure() and reset, so objects caching a store know to look again.
+generation = 0
 _stores: dict[tuple[str, str, bytes | None], ResultStore] = {}
 _metadata: dict[str, MetadataStore] = {}
 _startup: dict[str, threading.Thread] = {}
+_metadata_by_url: dict[str, MetadataStore] = {}
 
 
 def settings() -> Settings:
@@ -135,9 +138,10 @@ def configure(
         changes["lock_timeout"] = float(lock_timeout)
     if log_misses is not None:
         changes["log_misses"] = bool(log_misses)
-    global _settings
+    global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)
+        generation += 1
         return _settings
 
 
@@ -173,14 +177,20 @@ def get_metadata(store: ResultStore | None = None) -> MetadataStore:
     from .metadata import MetadataStore
 
     store = store if store is not None else get_store()
+    meta = _metadata_by_url.get(store.url)
+    if meta is not None:  # the hot path: no filesystem call
+        return meta
     path = store.metadata_path()
     meta = _metadata.get(path)
+    if meta is not None:
+        _metadata_by_url[store.url] = meta
     if meta is None:
         with _lock:
             meta = _metadata.get(path)
             if meta is None:
                 meta = MetadataStore(path)
                 _metadata[path] = meta
+                _metadata_by_url[store.url] = meta
                 # Marking a dead process's runs CRASHED opens DuckDB (~10 ms): do it off the
                 # caller's path so a first cache hit stays fast. Readers join this thread.
                 t = threading.Thread(
@@ -210,11 +220,13 @@ def wait_startup(store: ResultStore | None = None, timeout: float = 60.0) -> Non
 
 def _reset_for_tests() -> None:
     """Forget settings and cached stores (used by the test suite)."""
-    global _settings
+    global _settings, generation
     with _lock:
+        generation += 1
         for meta in _metadata.values():
             meta.close()
         _settings = None
         _stores.clear()
         _metadata.clear()
+        _metadata_by_url.clear()
         _startup.clear()

@@ -479,6 +479,20 @@ class ResultStore:
 
     # -- read path -------------------------------------------------------------------------
 
+    def manifest_stamp(self, key: str) -> tuple[int, int, int] | None:
+        """A cheap change stamp of ``key``'s manifest (local stores only), or None.
+
+        ``(mtime_ns, inode, size)`` of the manifest file: a commit replaces the file, so a
+        changed stamp means a changed manifest. Remote stores return None (no cheap check).
+        """
+        if not self.is_local:
+            return None
+        try:
+            st = os.stat(f"{self._root}/manifests/{key[:2]}/{key}.json")
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
     def lookup(self, key: str) -> Manifest | None:
         """The manifest committed for ``key``, or None.
 
