@@ -228,7 +228,8 @@ class Inputs(CachePolicy):
                 where = f" (at `{name}{exc.path}`)" if exc.path else ""
                 raise UnhashableInputError(
                     f"task `{ctx.task.name}`: argument `{name}`{where} of type "
-                    f"{exc.type_name or type(value).__name__} has no stable fingerprint: {exc}. "
+                    f"{exc.type_name or type(value).__name__} has no stable fingerprint "
+                    f"({getattr(exc, 'reason', None) or exc}). "
                     f"Fixes: leave it out of the key with `cache_policy=INPUTS - {name!r}` "
                     "(+ TASK_SOURCE), give the task a key function with "
                     "`CachePolicy.from_cache_key_fn(fn)`, or register a fingerprint for the "
