@@ -256,6 +256,22 @@ def test_helper_closures_and_globals_of_other_helpers() -> None:
     assert changed(comps, source_components(nb["f"])) == {"closure `k` of `make.scaled`"}
 
 
+def test_empty_closure_cell_is_rechecked() -> None:
+    nb = Notebook().run("""
+        def outer():
+            def inner(x):
+                return later(x)
+            first = source_components(inner)
+            def later(x):
+                return x
+            return inner, first
+    """)
+    nb.ns["source_components"] = source_components
+    inner, first = nb["outer"]()  # type: ignore[operator]
+    assert "source of helper `outer.later`" not in first  # the cell was still empty
+    assert "source of helper `outer.later`" in source_components(inner)
+
+
 def test_parameters_and_locals_are_not_globals() -> None:
     nb = Notebook().run("""
         x = 100
@@ -332,7 +348,34 @@ def test_class_defined_in_a_cell(nb: Notebook) -> None:
     assert changed(comps, after) == {"source of helper `helper`"}
 
 
-def test_class_state_is_not_definition() -> None:
+def test_class_level_data_counts_by_value() -> None:
+    src = """
+        class Options:
+            DEFAULTS = {"lr": 0.1, "layers": [64]}
+            def get(self, k):
+                return self.DEFAULTS[k]
+    """
+    nb = Notebook().run(src)
+    fp = class_fingerprint(nb["Options"])  # type: ignore[arg-type]
+    nb.run(src.replace("[64]", "[64, 32]"))
+    assert class_fingerprint(nb["Options"]) != fp  # type: ignore[arg-type]
+
+
+def test_class_holding_its_own_instance_terminates() -> None:
+    nb = Notebook().run("""
+        class Unit:
+            def __init__(self, v=1):
+                self.v = v
+        Unit.ONE = Unit()
+        def f():
+            return Unit.ONE.v
+    """)
+    fp = class_fingerprint(nb["Unit"])  # type: ignore[arg-type]
+    assert fp == class_fingerprint(nb["Unit"])  # type: ignore[arg-type]
+    assert "class `Unit`" in source_components(nb["f"])
+
+
+def test_class_state_filled_in_place_keeps_the_fingerprint() -> None:
     nb = Notebook().run(CLASS)
     fp = class_fingerprint(nb["Point"])  # type: ignore[arg-type]
     nb.ns["Point"].registry.append(1)  # type: ignore[union-attr]
@@ -474,6 +517,17 @@ def test_library_objects_and_instances() -> None:
     """)
     comps = source_components(nb["f"])
     assert set(comps) == {"source of task `f`", "package `numpy`", "global `TABLE`"}
+
+
+def test_library_function_as_the_task_itself() -> None:
+    import json
+
+    import pandas as pd
+
+    comps = source_components(pd.read_csv)
+    assert set(comps) == {"source of task `read_csv`", "package `pandas`"}
+    assert set(source_components(json.dumps)) == {"source of task `dumps`"}
+    assert source_components(len) == source_components(len)
 
 
 def _write_module(folder: Path, name: str, source: str) -> None:
@@ -713,6 +767,32 @@ def test_tasks_partials_bound_methods_and_lru_cache() -> None:
     assert changed(comps, source_components(nb["f"])) == {"global `square`"}
 
 
+def test_singledispatch_and_library_wrappers_reach_user_code() -> None:
+    nb = Notebook().run("""
+        import functools
+        import typing
+        Number = typing.Union[int, float]
+        Pair = tuple[int, int]
+        @functools.singledispatch
+        def describe(x):
+            return "thing"
+        @describe.register
+        def _(x: int):
+            return "int"
+        def f(x):
+            return describe(x), isinstance(x, Pair), Number
+    """)
+    comps = source_components(nb["f"])
+    assert {"source of helper `describe`", "source of helper `_`"} <= set(comps)
+    assert not any("Number" in k or "Pair" in k for k in comps)
+    nb.run("""
+        @describe.register
+        def _(x: int):
+            return "an int"
+    """)
+    assert changed(comps, source_components(nb["f"])) == {"source of helper `_`"}
+
+
 def test_unhashable_global_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     nb = Notebook().run("""
         import threading
@@ -901,7 +981,8 @@ def test_stable_across_processes_and_hash_seeds(tmp_path: Path, python_env: dict
 
 
 def test_path_classification() -> None:
-    kind = sourcehash._path_kind
+    from notebook_flow._codehash import path_kind as kind
+
     assert kind("<ipython-input-3-0123abcd>") == "user"
     assert kind(os.path.join("/tmp", "ipykernel_41", "2790428.py")) == "user"
     assert kind(functools.__file__) == "stdlib"

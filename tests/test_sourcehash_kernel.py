@@ -39,6 +39,17 @@ print(json.dumps({"components": source_components(f), "class": class_fingerprint
 """
 
 
+MAGIC_CELL = """
+import logging, io
+log = io.StringIO()
+logging.getLogger("notebook_flow").addHandler(logging.StreamHandler(log))
+def timed():
+    %time y = 1
+    return y
+print(json.dumps(sorted(source_components(timed))) if not log.getvalue() else log.getvalue())
+"""
+
+
 def run_cell(kc: Any, code: str) -> str:
     out: list[str] = []
     errors: list[str] = []
@@ -109,6 +120,11 @@ def test_components_survive_a_restart_and_an_edit_names_its_helper(kernel: Any) 
         # cells' source was found (ipykernel's /tmp/ipykernel_<pid>/<hash>.py in linecache).
         documented = TASK_CELL.replace("def f(x):", "def f(x):\n    '''Docs.'''  # note")
         assert notebook(kc, task=documented) == first
+
+        # IPython's own objects reached from a cell (a line magic becomes get_ipython()...)
+        # count as the IPython package, without a warning about the shell's state.
+        magic = run_cell(kc, MAGIC_CELL).strip().splitlines()[-1]
+        assert json.loads(magic) == ["package `IPython`", "source of task `timed`"]
 
         edited = notebook(kc, helper=HELPER_CELL.replace("x * 2", "x * 5"))
         changed = {k for k in comps if edited["components"][k] != comps[k]}
