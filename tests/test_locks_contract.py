@@ -443,3 +443,15 @@ def test_file_lock_names_are_safe(tmp_path: Path) -> None:
         assert manager.holder_of(key).key == key  # type: ignore[union-attr]
         manager.release(key, "nftest-a")
     assert all(p.parent == tmp_path for p in tmp_path.iterdir())
+
+
+def test_unreachable_servers_raise_lock_error() -> None:
+    managers: list[LockManager] = [
+        RedisLockManager(port=1, socket_connect_timeout=0.5),
+        PostgresLockManager("postgresql://postgres@127.0.0.1:1/test?connect_timeout=1"),
+    ]
+    for manager in managers:
+        with pytest.raises(LockError, match="failed to"):
+            manager.acquire("k", "nftest-a", timeout=0)
+        with pytest.raises(LockError):
+            manager.holder_of("k")

@@ -25,6 +25,7 @@ connection; released connections are kept for reuse (up to ``IDLE_CONNECTIONS``)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -32,6 +33,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +101,7 @@ class _Pool:
 
 
 _pools: dict[tuple[str, str], _Pool] = {}
+_told: set[str] = set()  # keys whose stuck holder we could not end (warned once)
 _pools_lock = threading.Lock()
 
 
@@ -170,6 +173,12 @@ class PostgresLockManager:
         conn = psycopg.connect(self.dsn, autocommit=True, application_name="notebook_flow locks")
         pool = self._pool
         if not pool.schema_ready:
+            self._create_schema(conn)
+            pool.schema_ready = True
+        return conn
+
+    def _create_schema(self, conn: psycopg.Connection[Any]) -> None:
+        try:
             with conn.transaction():
                 conn.execute("select pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 # UNLOGGED: the rows only describe advisory locks, which a server crash
@@ -185,8 +194,28 @@ class PostgresLockManager:
                     )
                 )
                 conn.execute(self._sql("create sequence if not exists {seq}"))
-            pool.schema_ready = True
-        return conn
+        except BaseException:
+            conn.close()
+            raise
+
+    @contextlib.contextmanager
+    def _connection(self, what: str, key: str) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection for one short job; driver errors become ``LockError``."""
+        import psycopg
+
+        conn = None
+        try:
+            conn = self._take()
+            yield conn
+        except psycopg.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise self._error(what, key, exc) from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._give_back(conn)
 
     def _take(self) -> psycopg.Connection[Any]:
         pool = self._pool
@@ -267,15 +296,17 @@ class PostgresLockManager:
         import psycopg
 
         for attempt in (1, 2):
-            conn = self._take()
+            conn = None
             try:
+                conn = self._take()
                 return self._try_on(conn, key, holder, lease)
             except psycopg.OperationalError as exc:
-                conn.close()  # a dead idle connection (server restart): retry once
-                if attempt == 2:
+                if conn is None or attempt == 2:  # cannot connect, or failed twice
                     raise self._error("acquire", key, exc) from exc
+                conn.close()  # a dead idle connection (server restart): retry once
             except psycopg.Error as exc:
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 raise self._error("acquire", key, exc) from exc
         raise AssertionError("unreachable")
 
@@ -325,27 +356,24 @@ class PostgresLockManager:
 
     def _end_stuck_session(self, key: str) -> None:
         """Terminate the session that holds ``key`` past its lease (it is stopped or hung)."""
-        import psycopg
-
-        conn = self._take()
         try:
-            ended = conn.execute(
-                self._sql(
-                    "select pg_terminate_backend(l.pid) from pg_locks l join {t} r"
-                    " on r.key = %(key)s and r.backend_pid = l.pid"
-                    " and r.lease_expires < extract(epoch from clock_timestamp())"
-                    " where " + self._HOLDS
-                ),
-                self._params(key),
-            ).fetchall()
-            if ended:
-                logger.warning(
-                    "lock %r: ended the session of a holder whose lease had expired", key
-                )
-        except psycopg.Error as exc:
-            logger.warning("lock %r: could not end the stuck holder's session: %s", key, exc)
-        finally:
-            self._give_back(conn)
+            with self._connection("end the stuck holder of", key) as conn:
+                ended = conn.execute(
+                    self._sql(
+                        "select pg_terminate_backend(l.pid) from pg_locks l join {t} r"
+                        " on r.key = %(key)s and r.backend_pid = l.pid"
+                        " and r.lease_expires < extract(epoch from clock_timestamp())"
+                        " where " + self._HOLDS
+                    ),
+                    self._params(key),
+                ).fetchall()
+        except LockError as exc:  # e.g. no permission: keep waiting for the holder
+            if key not in _told:  # once per key, not on every poll
+                _told.add(key)
+                logger.warning("lock %r: %s; waiting for the holder to go away", key, exc)
+            return
+        if ended:
+            logger.warning("lock %r: ended the session of a holder whose lease had expired", key)
 
     def acquire_info(
         self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
@@ -439,15 +467,8 @@ class PostgresLockManager:
 
     def holder_of(self, key: str) -> LockInfo | None:
         """The live holder's record, or None."""
-        import psycopg
-
-        conn = self._take()
-        try:
+        with self._connection("read", key) as conn:
             current = self._read(conn, key)
-        except psycopg.Error as exc:
-            conn.close()
-            raise self._error("read", key, exc) from exc
-        self._give_back(conn)
         return current[0] if current is not None and current[1] else None
 
     def is_locked(self, key: str) -> bool:
@@ -456,10 +477,7 @@ class PostgresLockManager:
 
     def list_locks(self) -> list[LockInfo]:
         """Every live lock in the table, sorted by key."""
-        import psycopg
-
-        conn = self._take()
-        try:
+        with self._connection("list", "*") as conn:
             rows = conn.execute(
                 self._sql(
                     "select r.key, r.holder, r.acquired, r.lease_expires, r.fence,"
@@ -473,22 +491,15 @@ class PostgresLockManager:
                     " order by r.key"
                 )
             ).fetchall()
-        except psycopg.Error as exc:
-            conn.close()
-            raise LockError(f"PostgreSQL ({self._label}) failed to list locks: {exc}") from exc
-        self._give_back(conn)
         return [self._info(row[0], row[1:5], row[5]) for row in rows]
 
     def break_lock(self, key: str) -> bool:
         """Remove the lock whoever holds it (ending the holder's session); True if live."""
-        import psycopg
-
         held = self._pool.held.get(key)
         if held is not None:  # held in this process: end that session ourselves
             self._drop_held(key, held)
             held.conn.close()
-        conn = self._take()
-        try:
+        with self._connection("break", key) as conn:
             current = self._read(conn, key)
             conn.execute(
                 self._sql(
@@ -498,10 +509,6 @@ class PostgresLockManager:
                 self._params(key),
             )
             conn.execute(self._sql("delete from {t} where key = %(key)s"), self._params(key))
-        except psycopg.Error as exc:
-            conn.close()
-            raise self._error("break", key, exc) from exc
-        self._give_back(conn)
         return held is not None or (current is not None and current[1])
 
     def wait_for_release(self, key: str, timeout: float | None = None) -> bool:
