@@ -446,8 +446,11 @@ def test_file_lock_names_are_safe(tmp_path: Path) -> None:
 
 
 def test_unreachable_servers_raise_lock_error() -> None:
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     managers: list[LockManager] = [
-        RedisLockManager(port=1, socket_connect_timeout=0.5),
+        RedisLockManager(port=1, retry=Retry(NoBackoff(), 0)),  # redis-py retries by default
         PostgresLockManager("postgresql://postgres@127.0.0.1:1/test?connect_timeout=1"),
     ]
     for manager in managers:
