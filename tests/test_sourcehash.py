@@ -635,7 +635,7 @@ def test_a_module_edited_but_not_reloaded_keys_on_the_running_code(user_modules:
         """
         def helper(x):
             '''Doc.'''
-            return x + 2
+            return x + 20  # (a new size: a same-second, same-size edit reuses the .pyc)
     """,
     )
     linecache.checkcache()
@@ -643,9 +643,9 @@ def test_a_module_edited_but_not_reloaded_keys_on_the_running_code(user_modules:
     importlib.reload(nfsh_stale)
     fresh = source_components(nb["f"])["source of helper `nfsh_stale.helper`"]
     # The text on disk is not what runs: keying on it would store x + 1 results under the
-    # key of x + 2. The running code is hashed instead, which differs from the new source.
+    # key of x + 20. The running code is hashed instead, which differs from the new source.
     assert stale != fresh
-    assert nb["f"](1) == 3  # type: ignore[operator]
+    assert nb["f"](1) == 21  # type: ignore[operator]
 
 
 # --------------------------------------------------------------------------- shapes of code
@@ -793,7 +793,10 @@ def test_singledispatch_and_library_wrappers_reach_user_code() -> None:
     assert changed(comps, source_components(nb["f"])) == {"source of helper `_`"}
 
 
-def test_unhashable_global_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_unhashable_global_warns_once(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sourcehash, "_warned", set())
     nb = Notebook().run("""
         import threading
         LOCK = threading.Lock()
