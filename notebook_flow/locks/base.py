@@ -23,12 +23,15 @@ Semantics shared by all managers (``tests/test_locks_contract.py`` checks them):
 from __future__ import annotations
 
 import datetime
+import functools
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from notebook_flow import _identity
 from notebook_flow._identity import parse_holder
 from notebook_flow.errors import LockTimeout
 
@@ -39,6 +42,8 @@ __all__ = [
     "LockManager",
     "acquire_with_backoff",
     "describe_holder",
+    "holder_process_dead",
+    "pid_scope",
     "wait_until_released",
 ]
 
@@ -142,6 +147,43 @@ class LockManager(Protocol):
     def wait_for_release(self, key: str, timeout: float | None = None) -> bool:
         """Block until ``key`` is free; False if ``timeout`` passed first."""
         ...
+
+
+# -- holder liveness --------------------------------------------------------------------------
+
+
+@functools.cache
+def pid_scope() -> str:
+    """Where a pid names the same process as it does for us: this boot of this machine
+    and this pid namespace.
+
+    A host name alone is not enough: containers may share one, and a machine reboots with
+    the same name, so a holder's pid is checked only when its record carries our scope.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:  # not Linux: the host name is the best we have
+        boot = _identity.process().host
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{boot}/{namespace}"
+
+
+def holder_process_dead(record: dict[str, Any]) -> bool:
+    """True when a holder record (``host``, ``scope``, ``pid``, ``start_time``) names a
+    process that we can see is gone; False when it runs or lies beyond our sight."""
+    pid = record.get("pid")
+    if (
+        not isinstance(pid, int)
+        or record.get("host") != _identity.process().host
+        or record.get("scope") != pid_scope()
+    ):
+        return False
+    start = record.get("start_time")
+    return not _identity.pid_alive(pid, start if isinstance(start, int) else None)
 
 
 # -- waiting -----------------------------------------------------------------------------------

@@ -18,7 +18,9 @@ a crash inside the guard blocks no one. The guard is only ever tried without blo
 
 Recovery: a record whose lease has expired is free; on the record's own host a holder
 whose process is gone (pid plus start time, so a recycled pid does not count as alive) is
-free at once. Other hosts rely on lease expiry and therefore on clocks agreeing to well
+free at once. "Own host" means the same host name, boot and pid namespace (``pid_scope``
+in base.py), so containers sharing a name never judge each other's pids. Other hosts
+rely on lease expiry and therefore on clocks agreeing to well
 within a lease. ``flock`` works on local filesystems and on NFS v4 / Linux NFS clients,
 which emulate it with byte-range locks.
 """
@@ -43,6 +45,8 @@ from .base import (
     Attempt,
     LockInfo,
     acquire_with_backoff,
+    holder_process_dead,
+    pid_scope,
     wait_until_released,
 )
 
@@ -178,11 +182,7 @@ class FileLockManager:
 
     @staticmethod
     def _live(record: dict[str, Any], now: float) -> bool:
-        if now >= float(record["lease_expires"]):
-            return False
-        if record.get("host") == _identity.process().host and isinstance(record.get("pid"), int):
-            return _identity.pid_alive(record["pid"], record.get("start_time"))
-        return True
+        return now < float(record["lease_expires"]) and not holder_process_dead(record)
 
     @staticmethod
     def _next_fence(fd: int) -> int:
@@ -223,6 +223,7 @@ class FileLockManager:
                     "lease_expires": now + lease,
                     "fence": self._next_fence(fd),
                     "host": me.host,
+                    "scope": pid_scope(),
                     "pid": me.pid,
                     "start_time": me.start_time,
                 }

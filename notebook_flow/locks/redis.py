@@ -8,8 +8,9 @@ renew are compare-and-delete / compare-and-pexpire scripts: only the holder name
 value can do either. The ``{…}`` hash tag keeps both keys in one cluster slot.
 
 Recovery is the TTL: a dead holder's key disappears when its lease runs out. On the
-holder's own host a waiter also checks the holder's pid (with its start time) and takes a
-dead holder's lock over at once, with a compare-and-swap on the exact value it saw.
+holder's own host (same host name, boot and pid namespace) a waiter also checks the
+holder's pid (with its start time) and takes a dead holder's lock over at once, with a
+compare-and-swap on the exact value it saw.
 
 Requires Redis >= 5 (scripts that read ``TIME`` before writing). The client is created
 lazily, per process: a pickled or forked manager reconnects on first use.
@@ -31,6 +32,8 @@ from .base import (
     Attempt,
     LockInfo,
     acquire_with_backoff,
+    holder_process_dead,
+    pid_scope,
     wait_until_released,
 )
 
@@ -229,15 +232,12 @@ class RedisLockManager:
 
     @staticmethod
     def _holder_dead(value: bytes | str) -> bool:
-        """True when the record names a process on this host that no longer runs."""
+        """True when the record names a process of our host that no longer runs."""
         try:
             record = json.loads(_text(value))
         except ValueError:
             return False
-        if not isinstance(record, dict) or record.get("host") != _identity.process().host:
-            return False
-        pid = record.get("pid")
-        return isinstance(pid, int) and not _identity.pid_alive(pid, record.get("start_time"))
+        return isinstance(record, dict) and holder_process_dead(record)
 
     def _record_parts(self, key: str, holder: str, now: float) -> tuple[str, str]:
         """The holder record as JSON, split where the script puts the fence."""
@@ -248,6 +248,7 @@ class RedisLockManager:
                 "holder": holder,
                 "acquired_at": now,
                 "host": me.host,
+                "scope": pid_scope(),
                 "pid": me.pid,
                 "start_time": me.start_time,
             }
