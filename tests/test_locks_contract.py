@@ -458,3 +458,16 @@ def test_unreachable_servers_raise_lock_error() -> None:
             manager.acquire("k", "nftest-a", timeout=0)
         with pytest.raises(LockError):
             manager.holder_of("k")
+
+
+def test_holder_liveness_is_judged_only_within_our_scope() -> None:
+    from notebook_flow.locks.base import holder_process_dead, pid_scope
+
+    me = _identity.process()
+    ours = {"host": me.host, "scope": pid_scope(), "pid": me.pid, "start_time": me.start_time}
+    assert not holder_process_dead(ours)
+    assert holder_process_dead({**ours, "pid": 2**22 + 12345})  # no such process
+    assert holder_process_dead({**ours, "start_time": 1})  # our pid, recycled: not the holder
+    # Same host name but another boot or pid namespace (a container): we cannot tell.
+    assert not holder_process_dead({**ours, "pid": 2**22 + 12345, "scope": "other-boot/1"})
+    assert not holder_process_dead({**ours, "pid": 2**22 + 12345, "host": "elsewhere"})
