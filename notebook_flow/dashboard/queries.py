@@ -1,0 +1,463 @@
+"""The dashboard's SQL over the metadata index, and its actions (invalidate, break a lock).
+
+Every read goes through ``MetadataStore.sql`` (the cross-process-safe path: file lock →
+read-only open → query → close), so the dashboard never holds the DuckDB file open and a
+kernel writing runs at the same moment only makes a read wait. Queries return small
+DataFrames: the runs table is paginated *in SQL* (``LIMIT``/``OFFSET`` with the total from a
+window count in the same statement), so 100,000 runs cost one short query per page and
+never travel to the browser.
+
+Times in the index are epoch seconds (DOUBLE). Hits are runs in state CACHED, misses runs
+of a cached task (with a key) that did not hit — the definitions of ``MetadataStore.stats``;
+the hit rate is hits / (hits + misses).
+
+>>> source = Source()                                       # doctest: +SKIP
+>>> page = source.runs_page(RunFilters(task="load"), page=0, page_size=50)   # doctest: +SKIP
+>>> page.total, len(page.rows)                              # doctest: +SKIP
+(100000, 50)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from notebook_flow.errors import MetadataError, NotebookFlowError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from notebook_flow.locks.base import LockManager
+    from notebook_flow.metadata import MetadataStore
+    from notebook_flow.storage import ResultStore
+
+__all__ = [
+    "IN_FLIGHT",
+    "SORTS",
+    "Overview",
+    "Page",
+    "RunFilters",
+    "Source",
+    "bucket_width",
+]
+
+logger = logging.getLogger("notebook_flow")
+
+IN_FLIGHT = ("PENDING", "RUNNING", "RETRYING")
+FAILED = ("FAILED", "CRASHED")
+Sort = Literal["newest", "oldest", "slowest"]
+SORTS: dict[str, str] = {
+    "newest": "created DESC, run_id",
+    "oldest": "created ASC, run_id",
+    "slowest": "duration DESC NULLS LAST, created DESC, run_id",
+}
+#: Bucket widths for "hits and misses over time", smallest first (seconds).
+BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
+#: What a row of the runs table needs (not the traceback or inputs: those are per run).
+_RUN_COLUMNS = (
+    "run_id, task, state, created, started, ended, duration, saved, attempt, host, pid, "
+    "kernel, notebook"
+)
+#: Runs drawn at most on the timeline (the most recent ones in the window).
+TIMELINE_LIMIT = 3000
+
+
+def bucket_width(span: float, max_buckets: int = 60) -> int:
+    """The smallest bucket width that draws ``span`` seconds in at most ``max_buckets`` bars.
+
+    >>> bucket_width(3600)
+    60
+    >>> bucket_width(86400 * 3)
+    3600
+    """
+    for width in BUCKETS:
+        if span / width <= max_buckets:
+            return width
+    return BUCKETS[-1] * max(1, math.ceil(span / BUCKETS[-1] / max_buckets))
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """What the runs table shows; empty fields do not filter.
+
+    ``since``/``until`` are epoch seconds on the run's creation time.
+
+    >>> RunFilters(task="load", states=("FAILED",)).where()
+    ('WHERE task = ? AND state IN (?)', ['load', 'FAILED'])
+    """
+
+    task: str | None = None
+    states: tuple[str, ...] = ()
+    notebook: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.task:
+            clauses.append("task = ?")
+            params.append(self.task)
+        if self.states:
+            clauses.append("state IN (" + ", ".join("?" for _ in self.states) + ")")
+            params.extend(self.states)
+        if self.notebook:
+            clauses.append("notebook = ?")
+            params.append(self.notebook)
+        if self.since is not None:
+            clauses.append("created >= ?")
+            params.append(float(self.since))
+        if self.until is not None:
+            clauses.append("created < ?")
+            params.append(float(self.until))
+        return ("WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a table and the number of rows across all pages."""
+
+    rows: pd.DataFrame
+    total: int
+    page: int
+    page_size: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, math.ceil(self.total / self.page_size))
+
+
+@dataclass(frozen=True)
+class Overview:
+    """What the overview shows.
+
+    ``totals``: runs, hits, misses, failures, in_flight, time_saved (s), hit_rate (None
+    without cached runs), entries, bytes, first/last (epoch s). ``tasks``: one row per task
+    (calls, hits, misses, failures, mean_s/p95_s of computed runs, saved_s, last_run).
+    ``buckets``: hits, misses (computed) and failures per ``width``-second bucket.
+    """
+
+    totals: dict[str, Any]
+    tasks: pd.DataFrame
+    buckets: pd.DataFrame
+    width: int
+
+
+@dataclass
+class Source:
+    """The dashboard's view of one store: queries over its metadata and the actions on it.
+
+    Built from a ``ResultStore`` (default: the configured store); the metadata store comes
+    from ``config.get_metadata`` so the dashboard shares the process's recorder.
+    """
+
+    store: ResultStore | None = None
+    meta: MetadataStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        from notebook_flow.config import get_metadata, get_store, wait_startup
+
+        self.store = get_store(self.store)
+        wait_startup(self.store)
+        self.meta = get_metadata(self.store)
+
+    @property
+    def url(self) -> str:
+        assert self.store is not None
+        return str(self.store.url)
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
+        """Run read-only SQL; a busy index is retried (waits), never shown as an error."""
+        delay = 0.05
+        for attempt in range(6):
+            try:
+                return self.meta.sql(sql, list(params))
+            except MetadataError as exc:
+                # Lock waits happen inside sql(); what reaches us is a timeout or a foreign
+                # process holding the file open: worth a few more tries before giving up.
+                if attempt == 5 or "cannot be used" in str(exc):
+                    raise
+                logger.debug("dashboard query retried after: %s", exc)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    # -- overview ----------------------------------------------------------------------------
+
+    def overview(self) -> Overview:
+        """Totals, per-task figures and hits/misses over time, in one read of the index.
+
+        One statement (``GROUPING SETS``) rather than three: each read opens the DuckDB
+        file under the cross-process lock, and that open costs more than the aggregation.
+        """
+        width_sql = " ".join(f"WHEN span <= {w * 60} THEN {w}" for w in BUCKETS)
+        last = BUCKETS[-1]
+        df = self.query(
+            "WITH w AS (SELECT CASE " + width_sql + f" ELSE {last} * ceil(span / {last * 60}) END "
+            "AS width FROM (SELECT coalesce(max(created) - min(created), 0) AS span FROM runs)), "
+            "r AS (SELECT runs.*, floor(created / w.width) * w.width AS bucket, w.width "
+            "FROM runs, w) "
+            "SELECT grouping(task) AS g_task, grouping(bucket) AS g_bucket, task, bucket, "
+            "any_value(width) AS width, count(*) AS calls, "
+            "count(*) FILTER (WHERE state = 'CACHED') AS hits, "
+            "count(*) FILTER (WHERE key IS NOT NULL AND state <> 'CACHED') AS misses, "
+            "count(*) FILTER (WHERE key IS NOT NULL "
+            "AND state NOT IN ('CACHED', 'FAILED', 'CRASHED')) AS computed, "
+            "count(*) FILTER (WHERE state IN ('FAILED', 'CRASHED')) AS failures, "
+            "count(*) FILTER (WHERE state IN ('PENDING', 'RUNNING', 'RETRYING')) AS in_flight, "
+            "coalesce(sum(saved) FILTER (WHERE state = 'CACHED'), 0) AS saved_s, "
+            "avg(duration) FILTER (WHERE state = 'COMPLETED') AS mean_s, "
+            "quantile_cont(duration, 0.95) FILTER (WHERE state = 'COMPLETED') AS p95_s, "
+            "min(created) AS first, max(created) AS last_run, "
+            "(SELECT count(*) FROM cache_entries) AS entries, "
+            "(SELECT coalesce(sum(size), 0) FROM cache_entries) AS bytes "
+            "FROM r GROUP BY GROUPING SETS ((), (task), (bucket)) "
+            "ORDER BY g_task, g_bucket, calls DESC, task, bucket"
+        )
+        is_total = (df["g_task"] == 1) & (df["g_bucket"] == 1)
+        total = {str(k): _py(v) for k, v in df[is_total].to_dict("records")[0].items()}
+        hits, misses = int(total["hits"] or 0), int(total["misses"] or 0)
+        totals = {
+            "runs": int(total["calls"] or 0),
+            "hits": hits,
+            "misses": misses,
+            "failures": int(total["failures"] or 0),
+            "in_flight": int(total["in_flight"] or 0),
+            "time_saved": float(total["saved_s"] or 0.0),
+            "hit_rate": hits / (hits + misses) if hits + misses else None,
+            "entries": int(total["entries"] or 0),
+            "bytes": int(total["bytes"] or 0),
+            "first": total["first"],
+            "last": total["last_run"],
+        }
+        tasks = df[(df["g_task"] == 0)][
+            [
+                "task",
+                "calls",
+                "hits",
+                "misses",
+                "failures",
+                "mean_s",
+                "p95_s",
+                "saved_s",
+                "last_run",
+            ]
+        ].reset_index(drop=True)
+        buckets = df[(df["g_bucket"] == 0)][["bucket", "hits", "computed", "failures"]]
+        buckets = buckets.rename(columns={"computed": "misses"}).sort_values("bucket")
+        width = int(_py(total["width"]) or BUCKETS[0])
+        return Overview(totals, tasks, buckets.reset_index(drop=True), width)
+
+    # -- runs --------------------------------------------------------------------------------
+
+    def run_choices(self) -> dict[str, list[str]]:
+        """The values the runs filters offer: task names and notebooks that have runs."""
+        df = self.query(
+            "SELECT 'task' AS kind, task AS value FROM (SELECT DISTINCT task FROM runs) "
+            "UNION ALL SELECT 'notebook', notebook FROM "
+            "(SELECT DISTINCT notebook FROM runs WHERE notebook IS NOT NULL) ORDER BY 1, 2"
+        )
+        out: dict[str, list[str]] = {"task": [], "notebook": []}
+        for kind, value in zip(df["kind"], df["value"], strict=True):
+            if value is not None:
+                out[str(kind)].append(str(value))
+        return out
+
+    def runs_page(
+        self, filters: RunFilters, *, page: int = 0, page_size: int = 50, sort: str = "newest"
+    ) -> Page:
+        """One page of runs (newest first by default) and the filtered total, in one read.
+
+        The total is a scalar subquery rather than ``count(*) OVER ()``: a window over every
+        matching row would defeat DuckDB's top-N sort (3x slower at 100,000 runs).
+        """
+        where, params = filters.where()
+        order = SORTS.get(sort, SORTS["newest"])
+        page = max(0, int(page))
+        sql = (
+            f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
+            f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?"
+        )
+        df = self.query(sql, [*params, *params, page_size, page * page_size])
+        if df.empty and page > 0:  # the filter shrank the table below this page
+            total = self.count_runs(filters)
+            last = max(0, math.ceil(total / page_size) - 1)
+            if last < page:
+                return self.runs_page(filters, page=last, page_size=page_size, sort=sort)
+        total = int(df["_total"].iloc[0]) if not df.empty else 0
+        return Page(df.drop(columns="_total"), total, page, page_size)
+
+    def count_runs(self, filters: RunFilters) -> int:
+        where, params = filters.where()
+        return int(self.query(f"SELECT count(*) AS n FROM runs {where}", params)["n"].iloc[0])
+
+    def run_detail(self, run_id: str) -> tuple[dict[str, Any] | None, pd.DataFrame]:
+        """A run's record and its state transitions (attempts, errors), oldest first."""
+        run = self.query("SELECT * FROM runs WHERE run_id = ?", [run_id])
+        events = self.query(
+            "SELECT time, state, attempt, duration, error FROM run_events "
+            "WHERE run_id = ? ORDER BY time, attempt",
+            [run_id],
+        )
+        record = (
+            {str(k): _py(v) for k, v in run.to_dict("records")[0].items()}
+            if not run.empty
+            else None
+        )
+        return record, events
+
+    # -- timeline ----------------------------------------------------------------------------
+
+    def timeline(self, since: float | None, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
+        """The latest runs (at most ``limit``) since ``since``, with a lane per kernel/process."""
+        where = "WHERE created >= ?" if since is not None else ""
+        params: list[Any] = [since] if since is not None else []
+        return self.query(
+            "SELECT run_id, task, state, coalesce(started, created) AS start, "
+            "coalesce(ended, ?) AS end_, duration, "
+            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS lane "
+            f"FROM runs {where} ORDER BY created DESC LIMIT ?",
+            [time.time(), *params, limit],
+        )
+
+    # -- cache -------------------------------------------------------------------------------
+
+    def cache_tasks(self) -> list[str]:
+        df = self.query("SELECT DISTINCT task FROM cache_entries ORDER BY task")
+        return [str(t) for t in df["task"] if t is not None]
+
+    def cache_page(self, task: str | None, *, page: int = 0, page_size: int = 50) -> Page:
+        """Cache entries, newest first, with size, creation and expiry."""
+        where, params = ("WHERE task = ?", [task]) if task else ("", [])
+        df = self.query(
+            "SELECT key, task, size, created_at, expires_at, duration, serializer, run_id, "
+            f"(SELECT count(*) FROM cache_entries {where}) AS _total FROM cache_entries {where} "
+            "ORDER BY created_at DESC, key LIMIT ? OFFSET ?",
+            [*params, *params, page_size, max(0, page) * page_size],
+        )
+        if df.empty and page > 0:
+            return self.cache_page(task, page=0, page_size=page_size)
+        total = int(df["_total"].iloc[0]) if not df.empty else 0
+        return Page(df.drop(columns="_total"), total, page, page_size)
+
+    def invalidate(self, keys: Sequence[str]) -> int:
+        """Delete results from the store and their index rows; returns how many were stored."""
+        assert self.store is not None
+        removed = 0
+        for key in keys:
+            try:
+                removed += bool(self.store.delete(key))
+            except NotebookFlowError as exc:  # a bad key in the index must not block the rest
+                logger.warning("could not delete %s from %s: %s", key, self.url, exc)
+        self.meta.remove_cache_entries(list(keys))
+        self.meta.flush(timeout=30)
+        return removed
+
+    def invalidate_task(self, task: str) -> int:
+        """Delete every stored result of ``task`` (as the index knows them)."""
+        keys = self.query("SELECT key FROM cache_entries WHERE task = ?", [task])["key"].tolist()
+        return self.invalidate([str(k) for k in keys])
+
+    # -- locks -------------------------------------------------------------------------------
+
+    def locks(self) -> pd.DataFrame:
+        """Locks currently recorded as held, oldest first."""
+        return self.query(
+            "SELECT key, holder, task, manager, acquired, lease_expires, updated "
+            "FROM locks ORDER BY acquired"
+        )
+
+    def lock_waits(self, limit: int = 100) -> pd.DataFrame:
+        """The latest waits for a lock (who waited, for which key, how long)."""
+        return self.query(
+            "SELECT time, key, task, holder, waited, manager FROM lock_events "
+            "WHERE event = 'waited' ORDER BY time DESC LIMIT ?",
+            [limit],
+        )
+
+    def lock_manager(self) -> LockManager | None:
+        """The store's default lock manager, or None when it has none (remote stores)."""
+        from notebook_flow.locks import default_lock_manager_for
+
+        try:
+            return default_lock_manager_for(self.store)
+        except NotebookFlowError:
+            return None
+
+    def break_lock(self, key: str, manager_name: str | None = None) -> str:
+        """Break ``key``'s lock with the store's default manager; says what happened."""
+        from notebook_flow.metadata import LockEvent
+
+        manager = self.lock_manager()
+        if manager is None or not hasattr(manager, "break_lock"):
+            return (
+                "This store has no default lock manager the dashboard can reach; break the "
+                f"lock where it lives, e.g. manager.break_lock({key!r})."
+            )
+        kind = type(manager).__name__
+        if manager_name and manager_name != kind:
+            return (
+                f"The lock is held in a {manager_name}, which the dashboard cannot reach; "
+                f"break it with that manager: break_lock({key!r})."
+            )
+        holder = manager.holder_of(key)
+        broken = manager.break_lock(key)
+        self.meta.record_lock_event(
+            LockEvent(
+                key=key,
+                holder=holder.holder if holder is not None else "",
+                event="broken",
+                at=time.time(),
+                manager=kind,
+            )
+        )
+        self.meta.flush(timeout=30)
+        return (
+            f"Broke the lock on {key}."
+            if broken
+            else f"No lock was held on {key}; cleared its record."
+        )
+
+    # -- queue -------------------------------------------------------------------------------
+
+    def queue(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Runs in flight: a summary per kernel/process, and the runs themselves."""
+        runs = self.query(
+            "SELECT run_id, task, state, created, started, attempt, notebook, "
+            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS worker, host, pid "
+            "FROM runs WHERE state IN ('PENDING', 'RUNNING', 'RETRYING') "
+            "ORDER BY created LIMIT 1000"
+        )
+        per_worker = self.query(
+            "SELECT coalesce(r.kernel, r.host || ':' || CAST(r.pid AS VARCHAR)) AS worker, "
+            "r.host, r.pid, "
+            "count(*) FILTER (WHERE r.state = 'PENDING') AS pending, "
+            "count(*) FILTER (WHERE r.state = 'RUNNING') AS running, "
+            "count(*) FILTER (WHERE r.state = 'RETRYING') AS retrying, "
+            "min(r.created) AS oldest, max(p.last_seen) AS last_seen "
+            "FROM runs r LEFT JOIN processes p ON p.host = r.host AND p.pid = r.pid "
+            "WHERE r.state IN ('PENDING', 'RUNNING', 'RETRYING') "
+            "GROUP BY 1, 2, 3 ORDER BY oldest"
+        )
+        return per_worker, runs
+
+
+def _py(value: Any) -> Any:
+    """A numpy/pandas scalar as a plain Python value (NaN and NaT as None)."""
+    if value is None:
+        return None
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    item = getattr(value, "item", None)
+    return item() if callable(item) else value
