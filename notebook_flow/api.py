@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .config import get_metadata, get_store, wait_startup
+from .config import get_metadata, get_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -33,21 +33,18 @@ def history(
     ISO string), ``limit`` caps the rows.
     """
     s = get_store(store)
-    wait_startup(s)
     return get_metadata(s).history(task=task, since=since, limit=limit)
 
 
 def cache_entries(task: str | None = None, *, store: str | ResultStore | None = None) -> pd.DataFrame:
     """The stored results (key, task, size, created, expires, component hashes)."""
     s = get_store(store)
-    wait_startup(s)
     return get_metadata(s).cache_entries(task=task)
 
 
 def stats(*, store: str | ResultStore | None = None) -> dict[str, Any]:
     """Totals: runs, hits, misses, failures, hit rate, time saved (s), bytes stored."""
     s = get_store(store)
-    wait_startup(s)
     return get_metadata(s).stats()
 
 
@@ -60,7 +57,6 @@ def rebuild_index(*, store: str | ResultStore | None = None) -> int:
     from .metadata import CacheEntry
 
     s = get_store(store)
-    wait_startup(s)
     entries = (
         CacheEntry(
             key=m.key,

@@ -17,7 +17,6 @@ Environment variables (read once, on first use):
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -79,7 +78,6 @@ _settings: Settings | None = None
 generation = 0
 _stores: dict[tuple[str, str, bytes | None], ResultStore] = {}
 _metadata: dict[str, MetadataStore] = {}
-_startup: dict[str, threading.Thread] = {}
 _metadata_by_url: dict[str, MetadataStore] = {}
 
 
@@ -173,7 +171,7 @@ def get_store(url: str | ResultStore | None = None) -> ResultStore:
 
 
 def get_metadata(store: ResultStore | None = None) -> MetadataStore:
-    """The MetadataStore indexing ``store``; marks dead processes' runs CRASHED on first use."""
+    """The MetadataStore indexing ``store`` (one per file and process)."""
     from .metadata import MetadataStore
 
     store = store if store is not None else get_store()
@@ -188,34 +186,15 @@ def get_metadata(store: ResultStore | None = None) -> MetadataStore:
         with _lock:
             meta = _metadata.get(path)
             if meta is None:
-                meta = MetadataStore(path)
-                _metadata[path] = meta
+                meta = MetadataStore(path)  # marks dead processes' runs CRASHED in the
+                _metadata[path] = meta  # recorder's first transaction, off the caller's path
                 _metadata_by_url[store.url] = meta
-                # Marking a dead process's runs CRASHED opens DuckDB (~10 ms): do it off the
-                # caller's path so a first cache hit stays fast. Readers join this thread.
-                t = threading.Thread(
-                    target=_mark_crashed, args=(meta,), name="notebook_flow-startup", daemon=True
-                )
-                _startup[path] = t
-                t.start()
     return meta
 
 
-def _mark_crashed(meta: MetadataStore) -> None:
-    try:
-        meta.mark_crashed()
-    except Exception:  # a startup chore must never break the user's work
-        logging.getLogger("notebook_flow").warning(
-            "could not mark crashed runs in %s", meta, exc_info=True
-        )
-
-
 def wait_startup(store: ResultStore | None = None, timeout: float = 60.0) -> None:
-    """Wait for the startup chores of ``store``'s metadata (used before reads)."""
-    store = store if store is not None else get_store()
-    t = _startup.get(store.metadata_path())
-    if t is not None:
-        t.join(timeout)
+    """Wait until this process's queued metadata (incl. the crash check) is written."""
+    get_metadata(store).flush(timeout)
 
 
 def _reset_for_tests() -> None:
@@ -229,4 +208,3 @@ def _reset_for_tests() -> None:
         _stores.clear()
         _metadata.clear()
         _metadata_by_url.clear()
-        _startup.clear()
