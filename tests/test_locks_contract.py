@@ -365,7 +365,7 @@ class LockManagerContract:
             lease.check()
             assert lease.fence == manager.holder_of(key).fence  # type: ignore[union-attr]
             assert 0 < lease.remaining() <= 5
-        assert [e for e, _ in events] == ["acquired", "released"]
+        assert [e for e, _ in events] == ["acquired", "renewed", "released"]  # check renewed
         assert events[0][1]["key"] == key and events[0][1]["holder"] == "nftest-a"
         assert not manager.is_locked(key)
         with pytest.raises(LockError):
@@ -380,6 +380,20 @@ class LockManagerContract:
             pass
         assert [e for e, _ in events] == ["waited", "acquired", "released"]
         assert events[0][1]["waited"] > 0.2  # type: ignore[operator]
+
+    def test_check_confirms_with_the_manager(self, manager: LockManager) -> None:
+        key = new_key()
+        events: list[str] = []
+        with hold(
+            manager, key, "nftest-a", lease=30, on_event=lambda e, i: events.append(e)
+        ) as lease:
+            lease.check()
+            assert events[-1] == "renewed"  # confirmed by a renewal, not by the heartbeat
+            assert manager.break_lock(key)
+            lease.check(confirm=False)  # the heartbeat (every 10 s) has not noticed yet
+            with pytest.raises(LeaseLostError, match="another holder"):
+                lease.check()
+        assert events[-1] == "lost" and "released" not in events
 
     def test_hold_times_out_with_lock_timeout(self, manager: LockManager) -> None:
         key = new_key()

@@ -8,8 +8,11 @@ run, commit"::
         store.commit(..., before_manifest=lease.check, fence=lease.fence)
 
 A daemon thread renews the lease every ``lease / 3`` seconds. ``check()`` is the fencing
-point: it raises ``LeaseLostError`` when a renewal was refused (another holder took over)
-or when the lease ran out by our own clock (we were paused, or renewals kept failing).
+point: it renews once more (so a lock lost since the last heartbeat, say to a Redis
+restart, is noticed there) and raises ``LeaseLostError`` when a renewal was refused
+(another holder took over) or the lease ran out by our own clock (we were paused, or
+renewals kept failing). What it cannot close is a pause between ``check()`` and the
+write it guards; the manifest carries the fence for that reason.
 The local deadline is counted from the *start* of the successful try or renewal, so it
 never outlives the lease the lock manager granted.
 
@@ -165,35 +168,48 @@ class Lease:
 
     # -- holding -----------------------------------------------------------------------------
 
+    def _renew(self) -> bool | None:
+        """Renew once: True renewed, False lost (now marked), None failed (try again)."""
+        started = time.monotonic()
+        try:
+            ok = self.manager.renew(self.key, self.holder, self.lease)
+        except Exception as exc:  # a driver or network error: keep trying while we can
+            logger.warning("renewing lock %r failed: %s", self.key, exc)
+            self._emit("renew_failed", error=str(exc))
+            if time.monotonic() >= self._deadline:
+                self._mark_lost(f"the lease ran out while renewals failed ({exc})")
+                return False
+            return None
+        if not ok:
+            self._mark_lost("the lock manager refused to renew: another holder took over")
+            return False
+        with self._state:
+            self._deadline = max(self._deadline, started + self.lease)
+        self._emit("renewed")
+        return True
+
     def _heartbeat(self) -> None:
         interval = self.lease / 3
         wait = interval
         while not self._stop.wait(wait):
-            started = time.monotonic()
-            try:
-                ok = self.manager.renew(self.key, self.holder, self.lease)
-            except Exception as exc:  # a driver or network error: keep trying while we can
-                logger.warning("renewing lock %r failed: %s", self.key, exc)
-                self._emit("renew_failed", error=str(exc))
-                if time.monotonic() >= self._deadline:
-                    self._mark_lost(f"the lease ran out while renewals failed ({exc})")
-                    return
-                wait = interval / 3
-                continue
-            if self._stop.is_set():
-                return  # released meanwhile: the result of this renew does not matter
-            if not ok:
-                self._mark_lost("the lock manager refused to renew: another holder took over")
+            outcome = self._renew()
+            if outcome is False or self._stop.is_set():
                 return
-            self._deadline = started + self.lease
-            wait = interval
-            self._emit("renewed")
+            wait = interval if outcome else interval / 3
 
-    def check(self) -> None:
-        """Raise ``LeaseLostError`` unless the lease is still ours (the fencing point)."""
+    def check(self, *, confirm: bool = True) -> None:
+        """Raise ``LeaseLostError`` unless the lease is still ours (the fencing point).
+
+        By default the lock manager confirms it with a renewal (one round trip), so a lock
+        lost since the last heartbeat (a Redis restart, a broken lock) is noticed here and
+        the lease is fresh for the commit that follows. ``confirm=False`` checks only what
+        the heartbeat saw and our clock.
+        """
         if self.info is None or self.released:
             why = "it was released" if self.released else "acquire() was not called"
             raise LockError(f"lock {self.key!r} is not held: {why}")
+        if confirm and not self.lost and time.monotonic() < self._deadline:
+            self._renew()  # if the manager cannot be reached, our clock decides below
         if not self.lost and time.monotonic() >= self._deadline:
             self._mark_lost(
                 f"the lease ({self.lease:g} s) ran out by our clock: the process was paused "
