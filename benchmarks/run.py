@@ -56,8 +56,16 @@ def main(argv: list[str]) -> int:
     table = []
     for r in rows:
         peers = ", ".join(f"{k} {_fmt(v)}" for k, v in r.get("peers", {}).items())
-        table.append((r["benchmark"], r["metric"], _fmt(r["ours"]), peers, r.get("target", ""),
-                      "yes" if r.get("ok") else "NO"))
+        table.append(
+            (
+                r["benchmark"],
+                r["metric"],
+                _fmt(r["ours"]),
+                peers,
+                r.get("target", ""),
+                "yes" if r.get("ok") else "NO",
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
     line = " | ".join(h.ljust(w) for h, w in zip(header, widths))
     print(line)
@@ -69,8 +77,11 @@ def main(argv: list[str]) -> int:
     out.mkdir(exist_ok=True)
     payload = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"python": platform.python_version(), "cpus": __import__("os").cpu_count(),
-                    "platform": platform.platform()},
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+        },
         "rows": rows,
         "failed": failed,
     }

@@ -1,7 +1,7 @@
 """A small analysis that resumes: run it twice and the second run loads every result.
 
-    python examples/demo.py            # first run computes (a few seconds)
-    python examples/demo.py            # second run: every step is a cache hit
+python examples/demo.py            # first run computes (a few seconds)
+python examples/demo.py            # second run: every step is a cache hit
 """
 
 from __future__ import annotations

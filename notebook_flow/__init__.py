@@ -43,7 +43,37 @@ _EXPORTS: dict[str, str] = {
 }
 _SUBMODULES = ("cache_policies", "errors", "hashing", "locks", "serializers", "storage")
 
-__all__ = sorted([*_EXPORTS, *_SUBMODULES, "__version__", "load_ipython_extension", "unload_ipython_extension"])
+__all__ = [
+    "CachePolicy",
+    "Explanation",
+    "FileLockManager",
+    "MemoryLockManager",
+    "PostgresLockManager",
+    "RedisLockManager",
+    "ResultStore",
+    "RunContext",
+    "RunState",
+    "Settings",
+    "Task",
+    "__version__",
+    "cache_entries",
+    "cache_policies",
+    "configure",
+    "current_run",
+    "errors",
+    "exponential_backoff",
+    "hashing",
+    "history",
+    "load_ipython_extension",
+    "locks",
+    "rebuild_index",
+    "serializers",
+    "settings",
+    "stats",
+    "storage",
+    "task",
+    "unload_ipython_extension",
+]
 
 
 def __getattr__(name: str) -> Any:

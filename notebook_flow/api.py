@@ -36,7 +36,9 @@ def history(
     return get_metadata(s).history(task=task, since=since, limit=limit)
 
 
-def cache_entries(task: str | None = None, *, store: str | ResultStore | None = None) -> pd.DataFrame:
+def cache_entries(
+    task: str | None = None, *, store: str | ResultStore | None = None
+) -> pd.DataFrame:
     """The stored results (key, task, size, created, expires, component hashes)."""
     s = get_store(store)
     return get_metadata(s).cache_entries(task=task)

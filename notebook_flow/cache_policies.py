@@ -279,9 +279,9 @@ class Files(CachePolicy):
     def compute_components(self, ctx: KeyContext) -> dict[str, str] | None:
         out: dict[str, str] = {}
         for pattern in self.patterns:
-            matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [
-                pattern
-            ]
+            matches = (
+                sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+            )
             matches = [m for m in matches if os.path.isfile(m)]
             if not matches:
                 # Absence is a state too: the key changes when a file appears.
@@ -318,7 +318,7 @@ def _file_digest(path: str) -> str:
     return digest
 
 
-def FILES(*paths_or_globs: str | os.PathLike[str]) -> Files:  # noqa: N802 - Prefect-style name
+def FILES(*paths_or_globs: str | os.PathLike[str]) -> Files:
     """A policy keyed on the contents of the given files or glob patterns."""
     if not paths_or_globs:
         raise ConfigurationError("FILES() needs at least one path or glob pattern")

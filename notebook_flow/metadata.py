@@ -10,6 +10,8 @@ kernels, a dashboard and the CLI share one store. So:
   batch. The file is never held open while idle.
 * Reads take the same lock (DuckDB refuses even read-only opens while another process writes)
   and first flush this process's queue, so users see their own runs.
+* While this process has runs in flight, the recorder writes a heartbeat every minute (so
+  other hosts can tell it is alive); otherwise an idle process never opens the file.
 * Every write is idempotent: runs merge by state (a final state never regresses; among equals
   the latest ``at`` wins), entries and locks are upserts, and the append-only tables skip rows
   already present when a batch is written again after a failure whose outcome is in doubt.
@@ -60,9 +62,15 @@ HEARTBEAT_INTERVAL = 60.0  # s between heartbeats while this process has runs in
 _LINGER = 0.02  # s the recorder waits after the first event, so bursts share a transaction
 _POLL = 0.01  # s between attempts at the file lock
 _MAX_BATCH = 20_000  # operations per transaction
-_MAX_PENDING = 1_000_000  # queued operations before new ones are dropped (with a warning)
+_MAX_PENDING = 200_000  # queued operations before new ones are dropped (with a warning)
 _MAX_ATTEMPTS = 5  # transient failures of one batch before it is dropped and reported
 _EXIT_FLUSH_TIMEOUT = 30.0
+
+# Set by the exit hook once this process's queues are flushed. A daemon thread still inside
+# DuckDB when the interpreter finalizes is unwound through C++ frames and aborts the whole
+# process ("terminate called without an active exception"), so from then on only the main
+# thread may open the file; other threads park (they are daemons and vanish at exit).
+_exiting = threading.Event()
 
 _NON_FINAL = ("PENDING", "RUNNING", "RETRYING")
 _NON_FINAL_SQL = "(" + ", ".join(f"'{s}'" for s in _NON_FINAL) + ")"
@@ -346,14 +354,10 @@ class _Database:
     """Short, serialized sessions with one DuckDB file; shared by the threads of a process."""
 
     def __init__(self, path: str, lock_timeout: float) -> None:
-        import filelock
-
         self.path = path
         self.lock_timeout = lock_timeout
         self._mutex = threading.Lock()  # one session per process at a time
-        self._file_lock: filelock.BaseFileLock = filelock.FileLock(
-            path + ".lock", thread_local=False
-        )
+        self._file_lock: filelock.BaseFileLock | None = None  # made by the first session
 
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[float]:
@@ -367,20 +371,39 @@ class _Database:
 
         timeout = self.lock_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
+        try:  # again on every session: the store's folder may have been deleted meanwhile
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as exc:
+            raise MetadataError(f"Cannot create the folder of {self.path}: {exc}") from exc
+        _park_if_exiting()
         if not self._mutex.acquire(timeout=timeout):
             raise self._timeout_error(timeout)
         try:
+            if self._file_lock is None:
+                # thread_local=False: the mutex already serialises this process's threads.
+                self._file_lock = filelock.FileLock(self.path + ".lock", thread_local=False)
+            file_lock = self._file_lock
             try:
-                self._file_lock.acquire(
+                file_lock.acquire(
                     timeout=max(0.0, deadline - time.monotonic()), poll_interval=_POLL
                 )
             except filelock.Timeout as exc:
                 raise self._timeout_error(timeout) from exc
             try:
+                if not _may_open():  # the exit hook ran while we waited for the lock
+                    raise _Exiting
                 yield deadline
             finally:
-                self._file_lock.release()
+                file_lock.release()
+        except _Exiting:
+            pass
         finally:
+            self._mutex.release()
+        _park_if_exiting()
+
+    def drain(self, timeout: float) -> None:
+        """Wait for a session in flight (in any thread) to end."""
+        if self._mutex.acquire(timeout=timeout):
             self._mutex.release()
 
     def _timeout_error(self, timeout: float) -> MetadataError:
@@ -583,6 +606,8 @@ class _Recorder:
     def _ensure_thread(self) -> bool:
         if self._thread is not None and self._thread.is_alive():
             return True
+        if _exiting.is_set():
+            return False
         self._stop = False
         thread = threading.Thread(target=self._loop, name="notebook_flow-metadata", daemon=True)
         try:
@@ -597,7 +622,9 @@ class _Recorder:
         with self._cond:
             target = self._enqueued
             if self._done < target and not self._ensure_thread():
-                self._cond.release()  # no thread can be started: write here
+                if threading.current_thread() is not threading.main_thread():
+                    raise MetadataError(f"Not flushed to {self.db.path}: the interpreter exits")
+                self._cond.release()  # no thread can be started (exiting): write here
                 try:
                     while self._done < target and (deadline is None or time.monotonic() < deadline):
                         self._write_once()
@@ -944,9 +971,10 @@ _registry_lock = threading.Lock()
 
 
 def _after_fork_in_child() -> None:
-    global _registry, _registry_lock
+    global _registry, _registry_lock, _exiting
     _registry = {}
     _registry_lock = threading.Lock()
+    _exiting = threading.Event()
     # multiprocessing's forked children leave through os._exit(), skipping atexit; its own
     # exit hook still runs finalizers, so flush from there.
     mp_util = __import__("sys").modules.get("multiprocessing.util")
@@ -954,13 +982,30 @@ def _after_fork_in_child() -> None:
         mp_util.Finalize(None, _flush_all_at_exit, exitpriority=100)
 
 
+class _Exiting(Exception):
+    pass
+
+
+def _may_open() -> bool:
+    return not _exiting.is_set() or threading.current_thread() is threading.main_thread()
+
+
+def _park_if_exiting() -> None:
+    if not _may_open():
+        threading.Event().wait()  # forever: see _exiting
+
+
 def _flush_all_at_exit() -> None:
-    for rec in list(_registry.values()):
+    recorders = list(_registry.values())
+    for rec in recorders:
         try:
             rec.flush(_EXIT_FLUSH_TIMEOUT, raise_errors=False)
         except Exception as exc:
             logger.warning("Metadata for %s not written at exit: %s", rec.db.path, exc)
-        rec.stop(timeout=1.0)
+        rec.stop(timeout=5.0)
+    _exiting.set()
+    for rec in recorders:  # sessions other threads began before the flag was set
+        rec.db.drain(timeout=_EXIT_FLUSH_TIMEOUT)
 
 
 if hasattr(os, "register_at_fork"):
@@ -1017,8 +1062,9 @@ def _rows(cur: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
 class MetadataStore:
     """The run history, cache index and lock records of one store, in a DuckDB file.
 
-    Safe to share between threads, processes (each has its own recorder) and machines
-    that see the same local file; picklable (it pickles its configuration only).
+    Safe to share between threads and processes (each process has one recorder thread per
+    file; the options of its first store of that file apply to it); picklable (it pickles
+    its configuration only).
 
     >>> import tempfile, os
     >>> with MetadataStore(os.path.join(tempfile.mkdtemp(), "m.duckdb")) as store:
@@ -1169,6 +1215,29 @@ class MetadataStore:
                 names = _names(_CACHE_ENTRIES)
                 con.execute(f"INSERT INTO cache_entries ({names}) SELECT {names} FROM _entries")
             return len(rows)
+
+        return int(self._write_now(body))
+
+    def prune(self, before: datetime | timedelta | float | str) -> int:
+        """Delete finished runs created before ``before`` (with their events), and older
+        lock events and process records; returns the number of runs deleted.
+
+        The cache index is untouched. ``before`` takes what ``history(since=...)`` takes.
+
+        >>> store.prune("30d")  # doctest: +SKIP
+        """
+        cutoff = _epoch(before)
+
+        def body(con: duckdb.DuckDBPyConnection) -> int:
+            old = f"created < ? AND state NOT IN {_NON_FINAL_SQL}"
+            con.execute(
+                f"DELETE FROM run_events WHERE run_id IN (SELECT run_id FROM runs WHERE {old})",
+                [cutoff],
+            )
+            row = con.execute(f"DELETE FROM runs WHERE {old} RETURNING 1", [cutoff]).fetchall()
+            con.execute("DELETE FROM lock_events WHERE time < ?", [cutoff])
+            con.execute("DELETE FROM processes WHERE last_seen < ?", [cutoff])
+            return len(row)
 
         return int(self._write_now(body))
 

@@ -86,6 +86,8 @@ def new_run_id() -> str:
     if _run_prefix[0] != pid:  # re-seed in a forked child
         _run_prefix = (pid, os.urandom(8).hex())
     return f"{_run_prefix[1]}{next(_run_counter):016x}"
+
+
 _NOT_SET: Any = object()
 
 RetryDelay = float | int | Sequence[float | int] | Callable[[int], Sequence[float | int]]
@@ -255,7 +257,9 @@ def diff_components(old: dict[str, str] | None, new: dict[str, str]) -> list[str
     """Human reasons for the difference between two component maps."""
     if old is None:
         return ["no earlier result of this task was found"]
-    reasons = [f"{label} changed" for label in sorted(new) if label in old and old[label] != new[label]]
+    reasons = [
+        f"{label} changed" for label in sorted(new) if label in old and old[label] != new[label]
+    ]
     reasons += [f"{label} is new" for label in sorted(new) if label not in old]
     reasons += [f"{label} is no longer used" for label in sorted(old) if label not in new]
     return reasons or ["the cache key format or the task's namespace changed"]
@@ -373,7 +377,7 @@ class Task(Generic[P, R]):
         """Bound arguments with defaults applied, in signature order."""
         names = self._simple_names
         if names is not None and len(args) <= len(names):
-            arguments = dict(zip(names, args))
+            arguments = dict(zip(names, args, strict=False))
             rest = names[len(args) :]
             for name in rest:
                 if name in kwargs:
@@ -429,9 +433,13 @@ class Task(Generic[P, R]):
         # travels by value with its function (cloudpickle pickles __main__ by value).
         module = getattr(self.fn, "__module__", None)
         qualname = getattr(self.fn, "__qualname__", "")
-        if module and module != "__main__" and "<locals>" not in qualname:
-            if _resolve(module, qualname) is self:
-                return (_task_by_reference, (module, qualname))
+        if (
+            module
+            and module != "__main__"
+            and "<locals>" not in qualname
+            and _resolve(module, qualname) is self
+        ):
+            return (_task_by_reference, (module, qualname))
         return (_task_from_options, (self.fn, self._options()))
 
     def __repr__(self) -> str:
@@ -446,7 +454,9 @@ class Task(Generic[P, R]):
     # -- public API ------------------------------------------------------------------------
 
     @overload
-    def __call__(self: Task[P, Coroutine[Any, Any, R]], *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]: ...
+    def __call__(
+        self: Task[P, Coroutine[Any, Any, R]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]: ...
     @overload
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -504,7 +514,9 @@ class Task(Generic[P, R]):
                 self.name, key, "hit", (f"result computed {when} in {manifest.duration:.3g} s",)
             )
         reference = self._reference_components(call.store)
-        return Explanation(self.name, key, "miss", tuple(diff_components(reference, call.components)))
+        return Explanation(
+            self.name, key, "miss", tuple(diff_components(reference, call.components))
+        )
 
     def clear_cache(self) -> int:
         """Remove every stored result of this task; returns how many were removed."""
@@ -514,10 +526,9 @@ class Task(Generic[P, R]):
         removed = 0
         keys: list[str] = []
         for manifest in store.iter_manifests():
-            if manifest.task == self.identity:
-                if store.delete(manifest.key):
-                    removed += 1
-                    keys.append(manifest.key)
+            if manifest.task == self.identity and store.delete(manifest.key):
+                removed += 1
+                keys.append(manifest.key)
         if keys:
             _metadata_for(store, lambda m: m.remove_cache_entries(keys))
         self._last_components = None
@@ -701,12 +712,11 @@ class _Call:
                 self.record(RunState.CACHED, duration=time.perf_counter() - t0)
             return value
         hot = _hot.get(self.store, key)
+        manifest = hot[0] if hot is not None else self.store.lookup(key)
+        if manifest is None:
+            return _MISS
         if hot is not None:
-            manifest, value = hot
-        else:
-            manifest = self.store.lookup(key)
-            if manifest is None:
-                return _MISS
+            value = hot[1]
         if manifest.expired():
             self.explain_miss([_expired_reason(manifest)])
             return _MISS
@@ -764,7 +774,7 @@ class _Call:
             le = LockEvent(
                 key=self.key or "",
                 holder=str(info.get("holder", "")),
-                event=event,
+                event=event,  # type: ignore[arg-type]
                 at=time.time(),
                 manager=type(manager).__name__,
                 lease_expires=info.get("lease_expires"),
@@ -800,7 +810,9 @@ class _Call:
             try:
                 return bool(t.retry_condition_fn(t, self.ctx, exc))
             except Exception:
-                logger.warning("retry_condition_fn of `%s` raised; not retrying", t.name, exc_info=True)
+                logger.warning(
+                    "retry_condition_fn of `%s` raised; not retrying", t.name, exc_info=True
+                )
                 return False
         return True
 
@@ -863,7 +875,11 @@ class _Call:
     def retrying(self, attempt: int, exc: BaseException, delay: float) -> None:
         logger.info(
             "task `%s` failed on attempt %d (%s: %s); retrying in %.3g s",
-            self.task.name, attempt, type(exc).__name__, exc, delay,
+            self.task.name,
+            attempt,
+            type(exc).__name__,
+            exc,
+            delay,
         )
         self.record(RunState.RETRYING, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
 

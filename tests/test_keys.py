@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 MODULE = textwrap.dedent(
-    '''
+    """
     from notebook_flow import task
 
     LIMIT = 10
@@ -26,7 +26,7 @@ MODULE = textwrap.dedent(
     @task
     def pipeline(data, factor=1):
         return [outer(x) for x in data][:LIMIT], factor
-    '''
+    """
 )
 
 KEYS = textwrap.dedent(
@@ -41,9 +41,11 @@ KEYS = textwrap.dedent(
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    | st.frozensets(st.integers(), max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+        | st.frozensets(st.integers(), max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -80,7 +82,9 @@ def test_keys_equal_in_two_fresh_processes(tmp_path: Path, python_env):
     assert len(set(a)) == len(a)  # different arguments, different keys
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(value=json_values)
 def test_equal_values_give_equal_keys(value, tmp_path: Path):
     import copy

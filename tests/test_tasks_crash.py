@@ -48,7 +48,9 @@ def _manifests(store: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_sigkill_during_200mb_commit_then_recompute(tmp_path: Path, isolated_store: Path, python_env):
+def test_sigkill_during_200mb_commit_then_recompute(
+    tmp_path: Path, isolated_store: Path, python_env
+):
     script = tmp_path / "big.py"
     script.write_text(SCRIPT)
     markers = tmp_path / "markers"

@@ -62,16 +62,22 @@ def test_cell_task_hits_after_kernel_restart(tmp_path: Path, isolated_store: Pat
         kc = km.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
-        second = json.loads(run_cell(kc, CELL.format(markers=str(markers))).strip().splitlines()[-1])
+        second = json.loads(
+            run_cell(kc, CELL.format(markers=str(markers))).strip().splitlines()[-1]
+        )
         assert second == first
         assert len(list(markers.iterdir())) == 1  # the restarted kernel loaded, not recomputed
 
         # Editing a comment in the cell keeps the key; editing the helper changes it.
         commented = CELL.replace("return v * 10", "return v * 10  # ten times")
-        third = json.loads(run_cell(kc, commented.format(markers=str(markers))).strip().splitlines()[-1])
+        third = json.loads(
+            run_cell(kc, commented.format(markers=str(markers))).strip().splitlines()[-1]
+        )
         assert third["key"] == first["key"]
         changed = CELL.replace("return v * 10", "return v * 11")
-        fourth = json.loads(run_cell(kc, changed.format(markers=str(markers))).strip().splitlines()[-1])
+        fourth = json.loads(
+            run_cell(kc, changed.format(markers=str(markers))).strip().splitlines()[-1]
+        )
         assert fourth["key"] != first["key"] and fourth["value"] == 176
         assert len(list(markers.iterdir())) == 2
         kc.stop_channels()
