@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -232,6 +233,19 @@ def test_stats(store):
     }  # fmt: skip
     other = store.stats(task="other")
     assert (other["runs"], other["hits"], other["bytes_stored"], other["entries"]) == (1, 1, 20, 1)
+
+
+def test_prune_deletes_old_finished_runs(store):
+    now = time.time()
+    store.record_run(ev("old", RunState.COMPLETED, now - 40 * 86400))
+    store.record_run(ev("old-running", RunState.RUNNING, now - 40 * 86400))
+    store.record_run(ev("new", RunState.COMPLETED, now))
+    store.record_lock_event(LockEvent("k", "h:1:2:3", "waited", now - 40 * 86400, "file"))
+    store.record_cache_entry(entry("a" * 32, created_at=now - 40 * 86400))
+    assert store.prune("30d") == 1
+    assert sorted(store.history().run_id) == ["new", "old-running"]
+    assert sorted(store.events().run_id) == ["new", "old-running"]
+    assert store.lock_events().empty and len(store.cache_entries()) == 1
 
 
 def test_sql_is_read_only_and_takes_params(store):
@@ -468,6 +482,14 @@ def test_folder_is_created(tmp_path):
     assert path.is_file() and not (tmp_path / "a" / "b" / "c" / "metadata.duckdb.wal").exists()
 
 
+def test_store_folder_deleted_while_in_use(store, path):
+    store.record_run(ev("r1", RunState.COMPLETED, T0))
+    store.flush()
+    shutil.rmtree(os.path.dirname(path))
+    store.record_run(ev("r2", RunState.COMPLETED, T0))
+    assert list(store.history().run_id) == ["r2"]  # a fresh index; rebuild() restores entries
+
+
 def test_corrupt_file_gives_a_clear_error(path):
     os.makedirs(os.path.dirname(path))
     with open(path, "wb") as f:
@@ -619,6 +641,28 @@ def test_pending_events_are_written_at_exit(path):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     with MetadataStore(path, auto_mark_crashed=False) as store:
         assert len(store.history()) == 20
+
+
+def test_exit_with_daemon_threads_inside_duckdb_does_not_abort(path):
+    """A daemon thread inside DuckDB at interpreter exit aborts the process unless the exit
+    hook lets its session finish and keeps it out of DuckDB afterwards."""
+    code = textwrap.dedent(f"""
+        import threading, time
+        from notebook_flow.metadata import MetadataStore, RunEvent
+        store = MetadataStore({path!r})
+        store.record_run(RunEvent("r1", "t", "t-id", None, "COMPLETED", time.time()))
+        store.flush()
+        def spin():
+            while True:
+                store.history()
+                store.record_run(RunEvent("r1", "t", "t-id", None, "COMPLETED", time.time()))
+        for _ in range(2):
+            threading.Thread(target=spin, daemon=True).start()
+        time.sleep(0.3)
+    """)
+    for _ in range(2):  # without the hook, this aborted (SIGABRT) most of the time
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
 
 
 def test_replayed_batch_is_deduplicated(store):
