@@ -1,0 +1,446 @@
+"""The ``notebook-flow`` command.
+
+.. code-block:: text
+
+    notebook-flow run NOTEBOOK.ipynb [-p name=value ...] [--store URL] [--output OUT.ipynb]
+    notebook-flow history [TASK] [-n N]        recent runs, newest first
+    notebook-flow stats                        hits, misses, time saved, bytes stored
+    notebook-flow clear TASK | --expired | --all [-y]
+    notebook-flow gc                           expired results and leftovers of crashed writes
+    notebook-flow dashboard ...                (added by notebook_flow.dashboard.cli)
+    notebook-flow locks ...                    (added by notebook_flow.locks.cli)
+
+``run`` executes a notebook headless in a fresh kernel with the extension loaded, prints a
+line per cell (computed / cached / ran / failed, time) and writes the executed notebook.
+Run it again after a crash or Ctrl-C and it resumes: finished ``%%task`` cells and tasks
+load from the store.
+
+Every command takes ``--store URL``; the default is ``NOTEBOOK_FLOW_STORE`` or
+``.notebook_flow`` in the *current* directory (also for the notebook's kernel, which runs
+in the notebook's folder), so ``run`` and ``history`` see the same store.
+
+Other modules add subcommands through :data:`EXTENSIONS` without this file importing them
+up front (the CLI must start fast; the dashboard pulls in Panel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .storage import ResultStore
+
+__all__ = ["EXTENSIONS", "clear_entries", "main", "run_notebook"]
+
+#: Subcommands defined elsewhere: ``name -> "module:function"``. The function receives the
+#: ``argparse`` subparsers object, adds its parser and sets ``func`` (``set_defaults(func=h)``
+#: where ``h(args) -> int``). Only the module of the command being run is imported, and a
+#: module that is missing leaves a placeholder saying so.
+EXTENSIONS: dict[str, str] = {
+    "dashboard": "notebook_flow.dashboard.cli:register",
+    "locks": "notebook_flow.locks.cli:register",
+}
+
+Handler = Callable[[argparse.Namespace], int]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _inject_parameters(nb: Any, parameters: dict[str, Any]) -> None:
+    """Add a cell assigning ``parameters`` after the cell tagged ``parameters`` (papermill's
+    convention), or first when there is none."""
+    import nbformat
+
+    source = "\n".join(f"{name} = {value!r}" for name, value in parameters.items())
+    tags = {"tags": ["injected-parameters"]}
+    cell = nbformat.v4.new_code_cell(source, metadata=tags)  # type: ignore[no-untyped-call]
+    cell.pop("id", None)
+    index = next(
+        (
+            i + 1
+            for i, c in enumerate(nb.cells)
+            if "parameters" in c.get("metadata", {}).get("tags", [])
+        ),
+        0,
+    )
+    nb.cells = [
+        c for c in nb.cells if "injected-parameters" not in c.get("metadata", {}).get("tags", [])
+    ]
+    nb.cells.insert(index, cell)
+    if nb.nbformat_minor >= 5:
+        cell["id"] = f"injected-parameters-{index}"
+
+
+def _parse_parameter(text: str) -> tuple[str, Any]:
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise SystemExit(f"notebook-flow run: -p takes name=value, got {text!r}")
+    try:
+        value: Any = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare word is a string
+    return name, value
+
+
+def _cell_status(cell: Any) -> str:
+    for out in cell.get("outputs", []):
+        badge = out.get("metadata", {}).get("notebook_flow", {})
+        if isinstance(badge, dict) and badge.get("badge") == "cached":
+            return "cached"
+    return "computed" if cell.source.lstrip().startswith("%%task") else "ran"
+
+
+def _first_line(source: str, width: int = 48) -> str:
+    line = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def run_notebook(
+    path: str,
+    *,
+    parameters: dict[str, Any] | None = None,
+    store: str | None = None,
+    output: str | None = None,
+    timeout: float | None = None,
+    kernel_name: str | None = None,
+    echo: Callable[[str], None] = print,
+) -> int:
+    """Execute a notebook in a fresh kernel with notebook_flow loaded; 0 when every cell ran.
+
+    >>> run_notebook("notebooks/quickstart.ipynb", output="/tmp/out.ipynb")  # doctest: +SKIP
+    0
+    """
+    import nbformat
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    from .config import _normalize_url, settings
+
+    nb = nbformat.read(path, as_version=4)  # type: ignore[no-untyped-call]
+    if parameters:
+        _inject_parameters(nb, parameters)
+    store_url = _normalize_url(store or settings().store)
+    folder = os.path.dirname(os.path.abspath(path))
+    output = output or os.path.splitext(path)[0] + ".out.ipynb"
+    env = dict(os.environ)
+    env["NOTEBOOK_FLOW_STORE"] = store_url
+    env["JPY_SESSION_NAME"] = os.path.abspath(path)  # notebook identity in the metadata
+    kernel_name = kernel_name or nb.metadata.get("kernelspec", {}).get("name") or "python3"
+    # Load the extension in the kernel unless the notebook does (IPython would then say
+    # "already loaded" in the notebook's output).
+    loads_itself = any(
+        "%load_ext notebook_flow" in c.source for c in nb.cells if c.cell_type == "code"
+    )
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name=kernel_name,
+        resources={"metadata": {"path": folder}},
+        extra_arguments=[] if loads_itself else ["--ext=notebook_flow"],
+    )
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    echo(f"notebook-flow run {path}  (kernel {kernel_name}, store {store_url})")
+    counts: dict[str, int] = {}
+    rc = 0
+    t_start = time.perf_counter()
+    # The kernel's own log (start-up chatter, a crash's last words) goes to a file, shown
+    # only when the kernel dies.
+    with tempfile.TemporaryFile(mode="w+", prefix="notebook-flow-kernel-") as kernel_log:
+        try:
+            client.reset_execution_trackers()
+            with client.setup_kernel(env=env, stderr=kernel_log):
+                kc = client.kc
+                assert kc is not None
+                info = client.wait_for_reply(kc.kernel_info())
+                if info is not None and "language_info" in info["content"]:
+                    nb.metadata["language_info"] = info["content"]["language_info"]
+                for n, index in enumerate(code_cells, 1):
+                    cell = nb.cells[index]
+                    t0 = time.perf_counter()
+                    error: list[str] = []
+                    try:
+                        count = client.code_cells_executed + 1
+                        client.execute_cell(cell, index, execution_count=count)
+                        status = _cell_status(cell)
+                    except CellExecutionError as exc:
+                        status, rc = "failed", 1
+                        error = [_ANSI.sub("", str(exc)).strip().splitlines()[-1]]
+                    except CellTimeoutError:
+                        status, rc = "timed out", 1
+                        error = [f"the cell ran longer than --timeout {timeout} s"]
+                    except DeadKernelError:
+                        status, rc = "kernel died", 1
+                        error = ["the kernel process exited (crash, out of memory, or killed)"]
+                        error += _tail(kernel_log)
+                    counts[status] = counts.get(status, 0) + 1
+                    echo(
+                        f"  [{n:>{len(str(len(code_cells)))}}/{len(code_cells)}] cell "
+                        f"{index + 1:<3} {status:<11} {time.perf_counter() - t0:7.2f} s  "
+                        f"{_first_line(cell.source)}"
+                    )
+                    if rc:
+                        for line in error:
+                            echo(f"    {line}")
+                        break
+                client.set_widgets_metadata()
+        except KeyboardInterrupt:
+            rc = 130
+            echo("  interrupted: what finished is stored; run the same command again to resume")
+        finally:
+            nbformat.write(nb, output)  # type: ignore[no-untyped-call]
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    verdict = "done" if rc == 0 else "stopped"
+    echo(
+        f"{verdict}: {sum(counts.values())}/{len(code_cells)} cells in "
+        f"{time.perf_counter() - t_start:.1f} s ({summary}); wrote {output}"
+    )
+    if rc:
+        echo("re-run the same command to resume: finished cells load from the store")
+    return rc
+
+
+def _tail(log: Any, lines: int = 5) -> list[str]:
+    log.flush()
+    log.seek(0)
+    text = [ln.rstrip() for ln in log.read().splitlines() if ln.strip()]
+    text = [ln for ln in text if "without encryption" not in ln]
+    return ["kernel log: " + ln for ln in text[-lines:]]
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    parameters = dict(_parse_parameter(p) for p in args.parameter or [])
+    return run_notebook(
+        args.notebook,
+        parameters=parameters,
+        store=args.store,
+        output=args.output,
+        timeout=args.timeout,
+        kernel_name=args.kernel,
+    )
+
+
+# --------------------------------------------------------------------------- store commands
+
+
+def clear_entries(
+    store: ResultStore, *, task: str | None = None, expired: bool = False
+) -> tuple[int, int]:
+    """Delete stored results (all, one task's or named cell's, or the expired ones).
+
+    Returns ``(count, bytes)``. ``task`` matches a task name (``load``), a task identity
+    (``mymodule:load``) or a ``%%task --name`` (``cell:name`` or just ``name``).
+    """
+    now = time.time()
+    chosen = []
+    for manifest in store.iter_manifests():
+        if expired and not manifest.expired(now):
+            continue
+        if task is not None and task not in (manifest.task, manifest.task.rsplit(":", 1)[-1]):
+            continue
+        chosen.append(manifest)
+    keys, size = [], 0
+    for manifest in chosen:
+        if store.delete(manifest.key):
+            keys.append(manifest.key)
+            size += manifest.size
+    if keys:
+        try:
+            from .config import get_metadata
+
+            get_metadata(store).remove_cache_entries(keys)
+        except Exception:  # the index is rebuilt from manifests if it falls behind
+            import logging
+
+            logging.getLogger("notebook_flow").warning("could not update the index", exc_info=True)
+    return len(keys), size
+
+
+def _store(args: argparse.Namespace) -> ResultStore:
+    from .config import configure, get_store
+
+    if args.store:
+        configure(store=args.store)
+    return get_store()
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    from .config import get_metadata, wait_startup
+
+    store = _store(args)
+    wait_startup(store)
+    df = get_metadata(store).history(task=args.task, limit=args.limit)
+    if df.empty:
+        print("no runs recorded in", store.url)
+        return 0
+    columns = [c for c in ("created", "task", "state", "duration", "saved", "error") if c in df]
+    print(df[columns].to_string(index=False, max_colwidth=60))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .config import get_metadata, wait_startup
+
+    store = _store(args)
+    wait_startup(store)
+    for key, value in get_metadata(store).stats().items():
+        print(f"{key:>13}: {value}")
+    return 0
+
+
+def _cmd_clear(args: argparse.Namespace) -> int:
+    chosen = [bool(args.task), args.expired, args.all]
+    if sum(chosen) != 1:
+        print("notebook-flow clear: give one of TASK, --expired or --all", file=sys.stderr)
+        return 2
+    store = _store(args)
+    if args.all and not args.yes:
+        answer = (
+            input(f"remove every stored result in {store.url}? [y/N] ")
+            if sys.stdin.isatty()
+            else ""
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing removed (add -y to skip this question)")
+            return 1
+    count, size = clear_entries(store, task=args.task, expired=args.expired)
+    print(f"removed {count} stored results ({size / 1e6:.1f} MB)")
+    return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    store = _store(args)
+    count, size = clear_entries(store, expired=True)
+    orphans = store.remove_orphans(older_than=args.older_than)
+    print(
+        f"removed {count} expired results ({size / 1e6:.1f} MB) and {len(orphans)} leftover "
+        "files of interrupted writes"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", help="result store URL (default: $NOTEBOOK_FLOW_STORE or ./.notebook_flow)"
+    )
+
+
+def _load_extension(name: str, subparsers: Any) -> None:
+    target = EXTENSIONS[name]
+    module_name, _, function = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        module = None
+    register = getattr(module, function, None)
+    if register is None:
+        parser = subparsers.add_parser(
+            name, help=f"(not available: {module_name} is not installed)"
+        )
+        parser.set_defaults(func=lambda args: _unavailable(name, module_name))
+        return
+    register(subparsers)
+
+
+def _unavailable(name: str, module_name: str) -> int:
+    print(
+        f"notebook-flow {name}: not available in this installation ({module_name} is missing)",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only the extension module of ``command`` is imported."""
+    parser = argparse.ArgumentParser(
+        prog="notebook-flow", description="Cached, durable notebooks: run, resume, inspect."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="execute a notebook headless; re-running resumes from the store")
+    p.add_argument("notebook", help="the .ipynb file")
+    p.add_argument(
+        "-p",
+        "--parameter",
+        action="append",
+        metavar="NAME=VALUE",
+        help="set a parameter (after the cell tagged 'parameters'); repeatable",
+    )
+    p.add_argument(
+        "--output", "-o", help="where to write the executed notebook (default NOTEBOOK.out.ipynb)"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds a cell may run (default: no limit)"
+    )
+    p.add_argument("--kernel", help="kernel name (default: the notebook's)")
+    _add_store_option(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("history", help="recent runs, newest first")
+    p.add_argument("task", nargs="?", help="only this task or named cell")
+    p.add_argument("-n", "--limit", type=int, default=30)
+    _add_store_option(p)
+    p.set_defaults(func=_cmd_history)
+
+    p = sub.add_parser("stats", help="hits, misses, time saved, bytes stored")
+    _add_store_option(p)
+    p.set_defaults(func=_cmd_stats)
+
+    p = sub.add_parser("clear", help="remove stored results")
+    p.add_argument("task", nargs="?", help="a task or %%%%task --name")
+    p.add_argument("--expired", action="store_true", help="only the expired results")
+    p.add_argument("--all", action="store_true", help="every result in the store")
+    p.add_argument("-y", "--yes", action="store_true", help="don't ask")
+    _add_store_option(p)
+    p.set_defaults(func=_cmd_clear)
+
+    p = sub.add_parser("gc", help="remove expired results and leftovers of interrupted writes")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="only leftovers older than this (default 3600)",
+    )
+    _add_store_option(p)
+    p.set_defaults(func=_cmd_gc)
+
+    for name in EXTENSIONS:
+        if name == command:
+            _load_extension(name, sub)
+        else:
+            placeholder = sub.add_parser(name, help=f"see `notebook-flow {name} --help`")
+            placeholder.set_defaults(func=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``notebook-flow`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(args_list)
+    func: Handler | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    return func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

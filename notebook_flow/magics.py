@@ -1,0 +1,423 @@
+"""The IPython extension: ``%load_ext notebook_flow`` gives ``%%task`` and ``%flow``.
+
+This module only parses options and prints; the work is done by :mod:`notebook_flow.cells`
+(``%%task``) and the public API (``%flow``). It is imported by ``%load_ext`` and nothing
+heavy is imported until a magic is used, so loading takes a few milliseconds.
+
+Load it in every kernel, without a ``%load_ext`` line, from an IPython profile
+(``~/.ipython/profile_default/ipython_config.py``)::
+
+    c.InteractiveShellApp.extensions = ["notebook_flow"]
+
+or for one kernel: ``ipython kernel --ext=notebook_flow``. ``%reload_ext notebook_flow`` and
+``%unload_ext notebook_flow`` work as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import shlex
+from typing import TYPE_CHECKING, Any
+
+# This module is imported only from inside IPython (by %load_ext), so IPython is loaded.
+from IPython.core.error import UsageError  # noqa: TID253
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class  # noqa: TID253
+
+from . import _identity
+
+if TYPE_CHECKING:
+    from .cells import CellRunner
+
+__all__ = ["FlowMagics", "load_ipython_extension", "unload_ipython_extension"]
+
+_FLOW_COMMANDS = (
+    "status",
+    "history",
+    "stats",
+    "clear",
+    "wait",
+    "locks",
+    "config",
+    "dashboard",
+    "explain",
+    "help",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as IPython usage errors instead of exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _task_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%%task", add_help=False)
+    p.add_argument("--name", "-n", help="a stable name for the cell (history, explain, clear)")
+    p.add_argument("--expire", help="how long the result stays valid: 90s, 10m, 1h, 1d, 2w")
+    p.add_argument("--refresh", action="store_true", help="recompute and overwrite the result")
+    p.add_argument("--inputs", help="the only names to key on, comma-separated (no analysis)")
+    p.add_argument("--outputs", help="the only names to store, comma-separated (no analysis)")
+    p.add_argument("--lock", action="store_true", help="one kernel computes, the others wait")
+    return p
+
+
+_TASK_PARSER = _task_parser()
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.replace(" ", ",").split(",") if n.strip())
+    bad = [n for n in names if not n.isidentifier()]
+    if bad:
+        raise UsageError(f"not variable names: {', '.join(bad)}")
+    return names
+
+
+@magics_class
+class FlowMagics(Magics):
+    """``%%task`` and ``%flow``; one instance per shell."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self._runner: CellRunner | None = None
+        self.await_transformer = functools.partial(_await_cell, shell)
+
+    @property
+    def runner(self) -> CellRunner:
+        if self._runner is None:
+            from .cells import CellRunner
+
+            self._runner = CellRunner(self.shell)
+        return self._runner
+
+    def pre_run_cell(self, info: Any) -> None:
+        """Remember the id of the cell about to run (metadata only, never part of a key)."""
+        if self._runner is not None and self._runner.busy:
+            return  # the body of a %%task cell: same cell
+        _identity.set_current_cell(getattr(info, "cell_id", None))
+
+    @cell_magic
+    def task(self, line: str, cell: str) -> Any:
+        """Cache a cell: restore its variables and outputs when nothing it reads changed.
+
+        The key is the cell's code (comments and spacing don't count) and the values it
+        reads, functions by their deep source; never the cell's position or number. On a
+        hit the variables it defines or changes come back, its printed and displayed
+        output is shown again, and one line says when it was computed.
+
+        Example::
+
+            %%task --expire 1d
+            df = expensive_join(a, b)
+            df.describe()
+        """
+        __tracebackhide__ = True
+        from .cells import CellOptions, parse_duration
+
+        args = _TASK_PARSER.parse_args(shlex.split(line))
+        try:
+            options = CellOptions(
+                name=args.name,
+                expire=parse_duration(args.expire) if args.expire else None,
+                refresh=args.refresh,
+                inputs=_names(args.inputs),
+                outputs=_names(args.outputs),
+                lock=args.lock,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return self.runner.run(options, cell)
+
+    @line_magic
+    def flow(self, line: str) -> Any:
+        """Look at and manage notebook_flow from a notebook.
+
+        %flow status                        running tasks, the store, the last cached cell
+        %flow history [TASK] [-n N]         recent runs (a DataFrame, newest first)
+        %flow stats                         hits, misses, failures, time saved, bytes stored
+        %flow clear [TASK | --expired | --all] [-y]
+                                            remove stored results (of a task or named cell)
+        %flow wait [--timeout S]            wait for the tasks submitted from this kernel
+        %flow locks                         locks held now
+        %flow config [key=value ...]        show or change settings (store=..., workers=...)
+        %flow dashboard                     open the dashboard
+        %flow explain [NAME]                why the last run of a cell (or task) missed
+
+        ``%%task`` caches a cell: see ``%%task?``.
+        """
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"%flow: {exc}") from None
+        command, rest = (words[0], words[1:]) if words else ("status", [])
+        if command not in _FLOW_COMMANDS:
+            raise UsageError(
+                f"%flow: unknown command {command!r}; use one of {', '.join(_FLOW_COMMANDS)}"
+            )
+        handler = getattr(self, f"_flow_{command}")
+        return handler(rest)
+
+    task.__doc__ = (task.__doc__ or "") + "\n" + _TASK_PARSER.format_help()
+
+    # -- %flow subcommands -----------------------------------------------------------------
+
+    def _flow_help(self, rest: list[str]) -> None:
+        print(inspect.getdoc(FlowMagics.flow))
+
+    def _flow_status(self, rest: list[str]) -> None:
+        from .config import get_store
+
+        store = get_store()
+        print(f"store: {store.url}")
+        futures = _in_flight()
+        if futures is None:
+            print("background tasks: the worker is not available in this version")
+        elif not futures:
+            print("background tasks: none running")
+        else:
+            print(f"background tasks: {len(futures)} not finished")
+            for fut in futures[:20]:
+                print(f"  {_describe(fut)}")
+        if self._runner is not None and self._runner.last is not None:
+            print(f"last %%task: {self._runner.last}")
+
+    def _flow_history(self, rest: list[str]) -> Any:
+        from .api import history
+
+        task, limit = None, 20
+        args = list(rest)
+        while args:
+            word = args.pop(0)
+            if word in ("-n", "--limit"):
+                limit = _int_arg(word, args)
+            elif task is None:
+                task = word
+            else:
+                raise UsageError("usage: %flow history [TASK] [-n N]")
+        runs = history(task=task, limit=limit)
+        columns = ["created", "task", "state", "duration", "saved", "error", "explain", "cell"]
+        return runs[[c for c in columns if c in runs.columns]]
+
+    def _flow_stats(self, rest: list[str]) -> None:
+        from .api import stats
+
+        s = stats()
+        rate = "n/a" if s.get("hit_rate") is None else f"{s['hit_rate']:.0%}"
+        print(
+            f"runs {s['runs']} · hits {s['hits']} · misses {s['misses']} · hit rate {rate} · "
+            f"failed {s['failures']} · crashed {s['crashed']}\n"
+            f"time saved {s['time_saved']:.1f} s · {s['entries']} stored results, "
+            f"{_size(s['bytes_stored'])}"
+        )
+
+    def _flow_clear(self, rest: list[str]) -> None:
+        from .cli import clear_entries
+        from .config import get_store
+
+        yes = "-y" in rest or "--yes" in rest
+        words = [w for w in rest if w not in ("-y", "--yes")]
+        everything, expired = "--all" in words, "--expired" in words
+        tasks = [w for w in words if not w.startswith("-")]
+        if sum([everything, expired, bool(tasks)]) != 1 or len(tasks) > 1:
+            raise UsageError("usage: %flow clear TASK | --expired | --all [-y]")
+        if everything and not yes:
+            print("%flow clear --all removes every stored result of this store; add -y to do it")
+            return
+        removed, size = clear_entries(
+            get_store(), task=tasks[0] if tasks else None, expired=expired
+        )
+        print(f"removed {removed} stored results ({_size(size)})")
+
+    def _flow_wait(self, rest: list[str]) -> None:
+        timeout = _float_arg("--timeout", rest[1:]) if rest[:1] == ["--timeout"] else None
+        futures = _in_flight()
+        if futures is None:
+            print("background tasks: the worker is not available in this version")
+            return
+        if not futures:
+            print("nothing to wait for")
+            return
+        from .futures import wait
+
+        done, not_done = wait(futures, timeout=timeout)
+        failed = sum(
+            1 for f in done if getattr(f, "state", None) is not None and str(f.state) == "FAILED"
+        )
+        print(f"{len(done)} finished ({failed} failed), {len(not_done)} still running")
+
+    def _flow_locks(self, rest: list[str]) -> Any:
+        from .config import get_metadata, get_store, wait_startup
+
+        store = get_store()
+        wait_startup(store)
+        return get_metadata(store).locks()
+
+    def _flow_config(self, rest: list[str]) -> None:
+        from . import config
+
+        changes: dict[str, Any] = {}
+        for word in rest:
+            key, sep, value = word.partition("=")
+            if not sep:
+                raise UsageError("usage: %flow config [key=value ...]")
+            changes[key.strip()] = _config_value(key.strip(), value)
+        if changes:
+            try:
+                config.configure(**changes)
+            except TypeError:
+                raise UsageError(f"unknown setting among {', '.join(changes)}") from None
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        s = config.settings()
+        for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses"):
+            print(f"{field} = {getattr(s, field)!r}")
+        print(f"signing = {'on' if s.signing_key else 'off'}")
+
+    def _flow_dashboard(self, rest: list[str]) -> Any:
+        try:
+            from .dashboard import show
+        except ImportError:
+            print("the dashboard is not available in this version")
+            return None
+        return show(inline="--inline" in rest)
+
+    def _flow_explain(self, rest: list[str]) -> None:
+        runner = self._runner
+        name = rest[0] if rest else None
+        if name is None:
+            if runner is None or runner.last is None:
+                print("no %%task cell has run in this kernel yet")
+            else:
+                print(runner.last)
+            return
+        if runner is not None and name in runner.reports:
+            print(runner.reports[name])
+            return
+        from .api import history
+
+        runs = history(task=name, limit=20)
+        if runs.empty:
+            print(f"no runs of {name!r} were recorded")
+            return
+        row = runs.iloc[0]
+        reason = row.get("explain") if "explain" in runs.columns else None
+        print(f"task `{name}`: last run {row.get('state')}" + (f"\n  - {reason}" if reason else ""))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _in_flight() -> list[Any] | None:
+    """The background task futures of this process, or None without a worker."""
+    try:
+        from . import runners
+    except ImportError:
+        return None
+    for name in ("running", "in_flight"):
+        fn = getattr(runners, name, None)
+        if callable(fn):
+            return list(fn())
+    return None
+
+
+def _describe(fut: Any) -> str:
+    try:
+        from .futures import describe
+
+        return describe(fut)
+    except Exception:
+        return repr(fut)
+
+
+def _int_arg(flag: str, args: list[str]) -> int:
+    if not args or not args[0].isdigit():
+        raise UsageError(f"{flag} needs a number")
+    return int(args.pop(0))
+
+
+def _float_arg(flag: str, args: list[str]) -> float:
+    try:
+        return float(args[0])
+    except (IndexError, ValueError):
+        raise UsageError(f"{flag} needs a number of seconds") from None
+
+
+def _config_value(key: str, text: str) -> Any:
+    if key in ("workers",):
+        return int(text)
+    if key in ("lock_lease", "lock_timeout"):
+        return float(text)
+    if key == "log_misses":
+        return text.lower() in ("1", "true", "yes", "on")
+    return text
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _await_cell(shell: Any, lines: list[str]) -> list[str]:
+    """An input transformer: a ``%%task`` cell with top-level ``await`` runs uncached.
+
+    Cell magics run synchronously, so such a cell cannot run inside ``%%task``; dropping
+    the magic line lets IPython run it as the async cell it is, after a note.
+    """
+    if not lines or not lines[0].lstrip().startswith("%%task"):
+        return lines
+    body = "".join(lines[1:])
+    if "await" not in body and "async" not in body:
+        return lines
+    from .cells import _parse, _top_level_await
+
+    try:
+        if not _top_level_await(_parse(shell.transform_cell(body))):
+            return lines
+    except SyntaxError:
+        return lines
+    note = (
+        "__import__('notebook_flow.cells', fromlist=['_note'])._note("
+        "'running uncached: this cell uses top-level `await`, which %%task cannot run; move "
+        "the awaits into an async function to cache it.')\n"
+    )
+    return [note, *lines[1:]]
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """Register ``%%task`` and ``%flow`` (``%load_ext notebook_flow``)."""
+    unload_ipython_extension(shell)  # loading twice must not register twice
+    magics = FlowMagics(shell)
+    shell.register_magics(magics)
+    shell.events.register("pre_run_cell", magics.pre_run_cell)
+    shell.input_transformers_cleanup.append(magics.await_transformer)
+    _loaded[id(shell)] = magics
+
+
+def unload_ipython_extension(shell: Any) -> None:
+    """Remove what :func:`load_ipython_extension` registered (``%unload_ext notebook_flow``)."""
+    magics = _loaded.pop(id(shell), None)
+    if magics is None:
+        return
+    manager = shell.magics_manager
+    manager.magics["cell"].pop("task", None)
+    manager.magics["line"].pop("flow", None)
+    manager.registry.pop(type(magics).__name__, None)
+    try:
+        shell.events.unregister("pre_run_cell", magics.pre_run_cell)
+    except ValueError:
+        pass
+    while magics.await_transformer in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.remove(magics.await_transformer)
+
+
+_loaded: dict[int, FlowMagics] = {}
