@@ -211,7 +211,7 @@ class LockManagerContract:
         assert len(got) == 1 and got[0] is not None
         acquisition = got[0]
         assert acquisition.info.holder == "nftest-b"  # type: ignore[attr-defined]
-        assert acquisition.waited > 0.2  # type: ignore[attr-defined]
+        assert acquisition.waited > 0  # type: ignore[attr-defined]
         manager.release(key, "nftest-b")
 
     def test_timeout_names_the_holder(self, manager: LockManager) -> None:

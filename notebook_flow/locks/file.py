@@ -132,10 +132,13 @@ class FileLockManager:
         path = self._lock_path(key)
         for _ in range(20):
             try:
-                with open(path, "rb") as f:
-                    data = f.read()
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 return None
+            try:
+                data = os.read(fd, 1 << 16)  # a record is a few hundred bytes
+            finally:
+                os.close(fd)
             try:
                 record = json.loads(data)
                 float(record["lease_expires"])
