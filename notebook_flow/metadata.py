@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -977,7 +978,7 @@ def _after_fork_in_child() -> None:
     _exiting = threading.Event()
     # multiprocessing's forked children leave through os._exit(), skipping atexit; its own
     # exit hook still runs finalizers, so flush from there.
-    mp_util = __import__("sys").modules.get("multiprocessing.util")
+    mp_util = sys.modules.get("multiprocessing.util")
     if mp_util is not None:
         mp_util.Finalize(None, _flush_all_at_exit, exitpriority=100)
 
