@@ -93,6 +93,21 @@ _NOT_SET: Any = object()
 RetryDelay = float | int | Sequence[float | int] | Callable[[int], Sequence[float | int]]
 
 
+# --------------------------------------------------------------------------- crash points
+
+# Fault injection for the crash-matrix tests: NOTEBOOK_FLOW_CRASH_AT=<point> SIGKILLs this
+# process at that point of the miss path (after_lock, after_payload, after_manifest,
+# before_release). Read once at import; one string comparison per point when unset.
+_CRASH_AT = os.environ.get("NOTEBOOK_FLOW_CRASH_AT") or None
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --------------------------------------------------------------------------- hot cache
 
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, range)
@@ -893,7 +908,13 @@ class _Call:
             expires_at = (
                 time.time() + t.cache_expiration.total_seconds() if t.cache_expiration else None
             )
-            check = getattr(lease, "check", None)
+            lease_check = getattr(lease, "check", None)
+
+            def check() -> None:  # the fencing point: refuse to commit after a lost lease
+                if lease_check is not None:
+                    lease_check()
+                _crash_point("after_payload")
+
             try:
                 manifest = self.store.commit(
                     self.key,
@@ -912,6 +933,7 @@ class _Call:
                 if isinstance(exc, CommitError):
                     exc.result = value  # type: ignore[attr-defined]
                 raise
+            _crash_point("after_manifest")
             size = manifest.size
             from .metadata import CacheEntry
 
@@ -958,6 +980,7 @@ def _run_sync(call: _Call) -> Any:
     why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
     with call.locked() as lease:
         if lease is not None:
+            _crash_point("after_lock")
             value = call.lookup()  # the holder before us may have committed it
             if value is not _MISS:
                 return value
@@ -979,6 +1002,7 @@ def _run_sync(call: _Call) -> Any:
                     time.sleep(delay)
                     attempt += 1
             call.commit(value, time.perf_counter() - t0, attempt, lease)
+            _crash_point("before_release")
         finally:
             _current_run.reset(token)
     return value
