@@ -434,9 +434,24 @@ class StorageContract:
     def test_pickled_store_in_subprocess(
         self, make_store: Callable[..., ResultStore], tmp_path: Path
     ) -> None:
-        if not self.cross_process:
-            pytest.skip("this filesystem lives inside one process")
         store = make_store(signing_key=b"secret")
+        if not self.cross_process:
+            # memory:// lives inside one process: a copy elsewhere sees an empty store and
+            # says "miss" (None), it never crashes or invents a value.
+            commit(store, KEY, (1,))
+            blob = tmp_path / "store.pkl"
+            blob.write_bytes(pickle.dumps(store))
+            probe = (
+                f"import pickle; s = pickle.loads(open({str(blob)!r}, 'rb').read()); "
+                f"assert s.lookup({KEY!r}) is None; print('miss')"
+            )
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            env.pop(SIGNING_KEY_ENV, None)
+            out = subprocess.run(
+                [sys.executable, "-c", probe], env=env, timeout=120, capture_output=True, text=True
+            )
+            assert out.returncode == 0 and out.stdout.strip() == "miss", out.stderr
+            return
         commit(store, KEY, ("from parent", np.arange(3)))
         blob = tmp_path / "store.pkl"
         blob.write_bytes(pickle.dumps(store))
