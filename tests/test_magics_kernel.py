@@ -113,8 +113,11 @@ def instrument(source: str, index: int) -> str:
         return source
     inserts = []
     for node in ast.walk(tree):
+        decorators = [
+            d.func if isinstance(d, ast.Call) else d for d in getattr(node, "decorator_list", [])
+        ]
         if isinstance(node, ast.FunctionDef) and any(
-            isinstance(d, ast.Name) and d.id == "task" for d in node.decorator_list
+            isinstance(d, ast.Name) and d.id == "task" for d in decorators
         ):
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
