@@ -595,12 +595,7 @@ class _Capture:
             self.outputs.append(output)
 
     def _patch(self, obj: Any, attr: str, new: Any) -> bool:
-        try:
-            setattr(obj, attr, new)
-        except (AttributeError, TypeError):
-            return False
-        self._undo.append(lambda: obj.__dict__.pop(attr, None))
-        return True
+        return _patch_instance(obj, attr, new, self._undo)
 
     def _tee_stream(self, name: str) -> None:
         stream = getattr(sys, name)
@@ -672,6 +667,28 @@ class _Capture:
             out.pop("display_id", None)
 
 
+def _patch_instance(obj: Any, attr: str, new: Any, undo: list[Callable[[], None]]) -> bool:
+    """Shadow ``obj.attr`` with an instance attribute; ``undo`` gets how to put it back."""
+    own = getattr(obj, "__dict__", None)
+    if own is None:
+        return False
+    missing = object()
+    previous = own.get(attr, missing)
+    try:
+        setattr(obj, attr, new)
+    except (AttributeError, TypeError):
+        return False
+
+    def restore() -> None:
+        if previous is missing:
+            own.pop(attr, None)
+        else:
+            own[attr] = previous
+
+    undo.append(restore)
+    return True
+
+
 class _Tee:
     """A stand-in stream that records writes and delegates everything else."""
 
@@ -684,7 +701,11 @@ class _Tee:
 
 
 class Replayed:
-    """The last expression's output of a cached cell, displayed again as ``Out[n]``."""
+    """The last expression's output of a cached cell, displayed again as ``Out[n]``.
+
+    On a hit ``_`` and ``Out[n]`` hold this stand-in (its display), not the value itself:
+    the value is not stored unless the cell assigns it to a variable.
+    """
 
     def __init__(self, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         self._data, self._metadata = data, metadata
@@ -698,6 +719,9 @@ class Replayed:
         return str(self._data.get("text/plain", "<cached output>"))
 
 
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
 def replay(outputs: list[dict[str, Any]], shell: Any) -> None:
     """Show recorded outputs again, in their order: streams are written, display data
     published, and the last expression goes through the display hook (``Out[n]``)."""
@@ -707,10 +731,13 @@ def replay(outputs: list[dict[str, Any]], shell: Any) -> None:
             stream = getattr(sys, out["name"], sys.stdout)
             stream.write(out["text"])
             stream.flush()
-        elif kind == "execute_result":
-            shell.displayhook(Replayed(out["data"], out["metadata"]))
         else:
-            shell.display_pub.publish(data=dict(out["data"]), metadata=dict(out["metadata"]))
+            # A widget's view points at a model of the kernel that made it: show its text.
+            data = {k: v for k, v in out["data"].items() if k != _WIDGET_VIEW}
+            if kind == "execute_result":
+                shell.displayhook(Replayed(data, out["metadata"]))
+            else:
+                shell.display_pub.publish(data=data, metadata=dict(out["metadata"]))
 
 
 # --------------------------------------------------------------------------- the runner
@@ -1020,11 +1047,13 @@ class CellRunner:
             if not kwargs.get("running_compiled_code"):
                 show(*args, **kwargs)
 
-        shell.showtraceback = quiet
+        undo: list[Callable[[], None]] = []
+        _patch_instance(shell, "showtraceback", quiet, undo)
         try:
             result = shell.run_cell(body, store_history=False, cell_id=_identity.current_cell())
         finally:
-            shell.__dict__.pop("showtraceback", None)
+            for step in undo:
+                step()
         error: BaseException | None = result.error_before_exec or result.error_in_exec
         return error
 
@@ -1156,13 +1185,22 @@ def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
     return tb
 
 
-def _handle_reason(value: Any) -> str | None:
+def _handle_reason(value: Any, nested: bool = False) -> str | None:
     """Why ``value`` is a handle on something outside the process (None: it is data).
 
     Pickle would "succeed" on some of these (cloudpickle reads an open file's contents into
-    a StringIO), but what comes back is not what the cell made.
+    a StringIO), but what comes back is not what the cell made. Containers are looked into
+    one level deep (a list of futures, a dict of connections).
     """
     import io
+    import itertools
+
+    if not nested and isinstance(value, (list, tuple, set, frozenset, dict)):
+        items = value.values() if isinstance(value, dict) else value
+        for item in itertools.islice(items, 1000):
+            why = _handle_reason(item, nested=True)
+            if why:
+                return f"it holds {why}"
 
     if isinstance(value, io.IOBase) and not isinstance(value, (io.BytesIO, io.StringIO)):
         return "an open file or stream"

@@ -121,6 +121,17 @@ def test_unpicklable_variable_found_by_pickling(
     assert shell.user_ns["ok"] == 1
 
 
+def test_futures_are_named_not_stored(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    shell.run_cell("from notebook_flow import task\n@task\ndef double(x):\n    return 2 * x")
+    result = shell.run_cell(
+        "%%task\nfuts = double.map([1, 2])\nvals = [f.result() for f in futs]\n"
+    )
+    assert result.success
+    err = capsys.readouterr().err
+    assert "`futs` (FutureList: it holds a future of background work; store `.result()`)" in err
+    assert shell.user_ns["vals"] == [2, 4]
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -356,3 +367,24 @@ def test_flow_config_changes_settings(shell: Any, tmp_path: Path) -> None:
     shell.run_line_magic("flow", f"config store={tmp_path / 'other'} workers=3")
     assert settings().store == str(tmp_path / "other") and settings().workers == 3
     assert not shell.run_cell("%flow config workers=zero").success
+
+
+def test_flow_status_and_wait_see_background_tasks(
+    shell: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    gate = threading.Event()
+    shell.user_ns["gate"] = gate
+    shell.run_cell(
+        "from notebook_flow import task\n"
+        "@task(cache_policy=None)\ndef slow(x):\n    gate.wait(30)\n    return x\n"
+        "fut = slow.submit(1)"
+    )
+    capsys.readouterr()
+    shell.run_cell("%flow status")
+    assert "background tasks: 1 not finished" in capsys.readouterr().out
+    shell.run_cell("%flow wait --timeout 0.1")  # the task waits for the gate: still running
+    assert "0 finished (0 failed), 1 still running" in capsys.readouterr().out
+    gate.set()
+    assert shell.user_ns["fut"].result(timeout=20) == 1

@@ -68,6 +68,17 @@ class Kernel:
         )
         return outputs
 
+    def run_in_cell(self, code: str, cell_id: str) -> None:
+        """Execute as JupyterLab does, with the cell's id in the request's metadata."""
+        content = {"code": code, "silent": False, "store_history": True}
+        content.update(user_expressions={}, allow_stdin=False, stop_on_error=True)
+        msg = self.kc.session.msg("execute_request", content, metadata={"cellId": cell_id})
+        self.kc.shell_channel.send(msg)
+        reply = self.kc.get_shell_msg(timeout=60)
+        while reply["parent_header"].get("msg_id") != msg["header"]["msg_id"]:
+            reply = self.kc.get_shell_msg(timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+
     def kill(self) -> None:
         os.kill(self.km.provisioner.pid, signal.SIGKILL)  # type: ignore[union-attr]
         deadline = time.monotonic() + 30
@@ -225,6 +236,7 @@ def square(x):
 def test_cell_tasks_keep_keys_across_restarts_and_unrelated_edits(
     tmp_path: Path, python_env: dict[str, str]
 ) -> None:
+    python_env["JPY_SESSION_NAME"] = str(tmp_path / "analysis.ipynb")
     markers = tmp_path / "markers"
     markers.mkdir()
     (tmp_path / "mymod.py").write_text("def f():\n    return 1\n")
@@ -265,5 +277,18 @@ def test_cell_tasks_keep_keys_across_restarts_and_unrelated_edits(
         kernel.ok(textwrap.dedent(edited).replace("x * x", "x * x + 0"))
         kernel.ok("assert square(3) == 9")
         assert count(markers, "task-square") == 2  # the task's own code changed
+        # Notebook identity (path, cell id) is recorded with runs, never used in keys.
+        kernel.run_in_cell("%%task --name ident\nv = 1", "cell-one")
+        kernel.run_in_cell("%%task --name ident\nv = 1", "cell-two")
+        content, outputs = kernel.run(
+            "import notebook_flow as nf\nfrom notebook_flow import config\n"
+            "config.get_metadata(config.get_store()).flush()\n"
+            "h = nf.history(task='ident')\n"
+            "print(sorted(zip(h.state, h.cell, h.notebook)))"
+        )
     finally:
         kernel.close()
+    text = "".join(o["content"].get("text", "") for o in outputs)
+    notebook = python_env["JPY_SESSION_NAME"]
+    assert f"('CACHED', 'cell-two', '{notebook}')" in text
+    assert f"('COMPLETED', 'cell-one', '{notebook}')" in text
