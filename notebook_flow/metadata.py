@@ -878,15 +878,32 @@ def _apply_lock_events(
     _append(
         con, "lock_events", _LOCK_EVENTS, rows, ("key", "holder", "event", "time"), dedupe=dedupe
     )
-    # The current lock table keeps, per key, the outcome of the latest event about it.
+    # The current lock table keeps, per key, the holder of the latest acquisition or renewal
+    # unless that holder gave the lock up since. Every release in the batch is applied, not
+    # only the latest event: "A released, B acquired, B released" must remove A's row too.
     last: dict[str, LockEvent] = {}
     acquired: dict[tuple[str, str], float] = {}
+    gone: list[LockEvent] = []
     for e in sorted(events, key=lambda e: e.at):
         if e.event in ("waited", "renew_failed"):
             continue
-        last[e.key] = e
         if e.event in ("acquired", "recovered"):
             acquired[(e.key, e.holder)] = e.at
+        if e.event in ("acquired", "recovered", "renewed"):
+            last[e.key] = e
+        else:  # released, lost, broken
+            gone.append(e)
+            held = last.get(e.key)
+            if held is not None and (e.event == "broken" or held.holder == e.holder):
+                del last[e.key]
+    for e in gone:
+        if e.event == "broken":
+            con.execute("DELETE FROM locks WHERE key = ? AND updated <= ?", [e.key, e.at])
+        else:  # released, lost
+            con.execute(
+                "DELETE FROM locks WHERE key = ? AND holder = ? AND updated <= ?",
+                [e.key, e.holder, e.at],
+            )
     for e in last.values():
         if e.event in ("acquired", "recovered", "renewed"):
             con.execute(
@@ -900,13 +917,6 @@ def _apply_lock_events(
                 [e.key, e.holder, acquired.get((e.key, e.holder), e.at), e.lease_expires,
                  e.manager, e.task, e.at],
             )  # fmt: skip
-        elif e.event == "broken":
-            con.execute("DELETE FROM locks WHERE key = ? AND updated <= ?", [e.key, e.at])
-        else:  # released, lost
-            con.execute(
-                "DELETE FROM locks WHERE key = ? AND holder = ? AND updated <= ?",
-                [e.key, e.holder, e.at],
-            )
 
 
 def _process_dead(
