@@ -1015,9 +1015,10 @@ async def _run_async(call: _Call) -> Any:
         if value is not _MISS:
             return value
     why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
-    lock_cm = call.locked()
-    lease = await asyncio.to_thread(lock_cm.__enter__)
-    try:
+    from .locks.threaded import held_in_thread
+
+    # Not on the loop's executor: waiters filled it while the holder needed it to commit.
+    async with held_in_thread(call.locked()) as lease:
         if lease is not None:
             value = await asyncio.to_thread(call.lookup)
             if value is not _MISS:
@@ -1043,12 +1044,6 @@ async def _run_async(call: _Call) -> Any:
             await asyncio.to_thread(call.commit, value, duration, attempt, lease)
         finally:
             _current_run.reset(token)
-    except BaseException as exc:
-        if not lock_cm.__exit__(type(exc), exc, exc.__traceback__):
-            raise
-        return None
-    else:
-        lock_cm.__exit__(None, None, None)
     return value
 
 
