@@ -35,6 +35,7 @@ one key) are invisible to readers and removed by ``remove_orphans``.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import io
@@ -150,6 +151,7 @@ class Manifest:
     components: dict[str, str]
     run_id: str
     fence: int | None = None
+    inline: str | None = None  # base64 of a small payload kept in the manifest itself
 
     def expired(self, now: float | None = None) -> bool:
         """True when ``expires_at`` is set and has passed."""
@@ -158,7 +160,10 @@ class Manifest:
         return (time.time() if now is None else now) >= self.expires_at
 
     def to_json(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, indent=1).encode()
+        data = dataclasses.asdict(self)
+        if data["inline"] is None:  # format 1 as first written: no inline field
+            del data["inline"]
+        return json.dumps(data, sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_json(cls, data: bytes, *, key: str | None = None) -> Manifest:
@@ -176,7 +181,7 @@ class Manifest:
                 f"{FORMAT_VERSION}; was it written by a newer version?)"
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [n for n, f in fields.items() if n not in raw and n != "fence"]
+        missing = [n for n, f in fields.items() if n not in raw and n not in ("fence", "inline")]
         if missing:
             raise ValueError(f"missing fields {missing}")
         values: dict[str, Any] = {n: raw.get(n) for n in fields}
@@ -192,7 +197,12 @@ class Manifest:
         problems = [
             (not isinstance(self.key, str) or not _KEY_RE.match(self.key), "key"),
             (key is not None and self.key != key, "key (names another key)"),
-            (match is None or match.group(2) != self.key, "payload path"),
+            (
+                (match is None or match.group(2) != self.key)
+                if self.inline is None
+                else (self.payload != "" or not isinstance(self.inline, str)),
+                "payload path",
+            ),
             (not isinstance(self.task, str) or not isinstance(self.run_id, str), "task/run_id"),
             (not isinstance(self.serializer, str), "serializer"),
             (type(self.size) is not int or self.size < 0, "size"),
@@ -212,6 +222,27 @@ class Manifest:
         bad = [name for failed, name in problems if failed]
         if bad:
             raise ValueError(f"invalid {', '.join(bad)}")
+
+
+#: Payloads up to this many bytes are kept inside their manifest (one write, one read).
+INLINE_LIMIT = 16 * 1024
+
+
+class _TooBig(Exception):
+    """Raised by _BoundedBuffer: the payload will not fit inline."""
+
+
+class _BoundedBuffer(io.BytesIO):
+    """A BytesIO that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, b: Any) -> int:
+        if self.tell() + memoryview(b).nbytes > self.limit:
+            raise _TooBig
+        return super().write(b)
 
 
 def _is_hex(value: object, length: int) -> bool:
@@ -307,6 +338,7 @@ class ResultStore:
         self._root = self.local_root if self.local_root is not None else root.rstrip("/")
         self._fs: AbstractFileSystem | None = fs
         self._pid = os.getpid()
+        self.inline_limit = INLINE_LIMIT  # bytes; 0 keeps every payload in a file of its own
 
     # -- configuration, pickling, connection -------------------------------------------
 
@@ -348,7 +380,15 @@ class ResultStore:
             )
         return key
 
-    _STATE = ("url", "is_local", "local_root", "_root", "_storage_options", "_explicit_key")
+    _STATE = (
+        "inline_limit",
+        "url",
+        "is_local",
+        "local_root",
+        "_root",
+        "_storage_options",
+        "_explicit_key",
+    )
 
     def __getstate__(self) -> dict[str, Any]:
         # Configuration only, never the connection. A key that came from the environment
@@ -450,6 +490,8 @@ class ResultStore:
         return True
 
     def _remove_quietly(self, rel: str) -> None:
+        if not rel:  # an inline payload has no file of its own
+            return
         try:
             self._remove(rel)
         except OSError as exc:
@@ -543,19 +585,28 @@ class ResultStore:
             mac = new_signer(signing_key, manifest.key, serializer.name)
             if manifest.signature is None:
                 verify_signature(mac, None, what=self._what(manifest))
-        if self.is_local:
+        if manifest.inline is not None:
+            try:
+                data = base64.b64decode(manifest.inline, validate=True)
+            except ValueError as exc:
+                raise PayloadCorruptError(f"{self._what(manifest)} is not valid base64") from exc
+        elif self.is_local:
             return self._load_local(manifest, serializer, mac)
-        try:
-            data = self._read_bytes(manifest.payload)
-        except FileNotFoundError:
-            raise self._missing(manifest) from None
-        except OSError as exc:
-            raise PayloadCorruptError(f"cannot read {self._what(manifest)}: {exc}") from exc
+        else:
+            data = self._read_payload(manifest)
         self._check(manifest, len(data), xxhash.xxh3_128_hexdigest(data))
         if mac is not None:
             mac.update(data)
             verify_signature(mac, manifest.signature, what=self._what(manifest))
         return self._deserialize(serializer, io.BytesIO(data), None, manifest)
+
+    def _read_payload(self, manifest: Manifest) -> bytes:
+        try:
+            return self._read_bytes(manifest.payload)
+        except FileNotFoundError:
+            raise self._missing(manifest) from None
+        except OSError as exc:
+            raise PayloadCorruptError(f"cannot read {self._what(manifest)}: {exc}") from exc
 
     def _load_local(self, manifest: Manifest, serializer: Serializer, mac: Any) -> object:
         path = self._path(manifest.payload)
@@ -673,8 +724,13 @@ class ResultStore:
         """
         key = validate_key(key)
         chosen = choose_serializer(value, serializer)
+        inline: str | None = None
+        small = self._inline_payload(key, chosen, value)
         try:
-            rel, size, checksum, signature = self._write_payload(key, chosen, value)
+            if small is not None:
+                rel, (size, checksum, signature, inline) = "", small
+            else:
+                rel, size, checksum, signature = self._write_payload(key, chosen, value)
         except SerializerDeclined as exc:
             if serializer is not None:
                 raise SerializationError(
@@ -700,6 +756,7 @@ class ResultStore:
             components=dict(components),
             run_id=run_id,
             fence=fence,
+            inline=inline,
         )
         if before_manifest is not None:
             try:
@@ -723,6 +780,41 @@ class ResultStore:
         if previous is not None and previous.payload != rel:
             self._remove_quietly(previous.payload)
         return manifest
+
+    def _inline_payload(
+        self, key: str, serializer: Serializer, value: object
+    ) -> tuple[int, str, str | None, str] | None:
+        """(size, checksum, signature, base64) when ``value`` serializes small enough to
+        live inside its manifest, else None.
+
+        A small result then commits with one atomic write instead of two (payload file +
+        manifest), and a hit reads one file. Only the formats that are never memory-mapped
+        (json, pickle) qualify; serialization stops as soon as it passes INLINE_LIMIT.
+        """
+        if serializer.name not in ("json", "pickle"):
+            return None
+        if self.inline_limit <= 0:
+            return None
+        buf = _BoundedBuffer(self.inline_limit)
+        try:
+            serializer.dump(value, buf)  # type: ignore[arg-type]
+        except _TooBig:
+            return None
+        except Exception:  # declined, or fails: the regular path decides and reports
+            return None
+        data = buf.getvalue()
+        signature = None
+        if serializer.pickles and self.signing:
+            try:
+                signing_key = self._signing_key()
+            except SignatureError as exc:
+                raise CommitError(str(exc)) from exc
+            assert signing_key is not None
+            signer = new_signer(signing_key, key, serializer.name)
+            signer.update(data)
+            signature = signer.hexdigest()
+        checksum = xxhash.xxh3_128_hexdigest(data)
+        return len(data), checksum, signature, base64.b64encode(data).decode("ascii")
 
     def _write_payload(
         self, key: str, serializer: Serializer, value: object

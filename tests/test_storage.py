@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import json
 import os
 import pickle
@@ -150,6 +152,12 @@ class StorageContract:
     @pytest.fixture
     def store(self, make_store: Callable[..., ResultStore]) -> ResultStore:
         return make_store()
+
+    @pytest.fixture(autouse=True)
+    def _payload_files(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The contract exercises the payload-file protocol; inline payloads are tested
+        on their own below (TestInlinePayloads)."""
+        monkeypatch.setattr(storage_mod, "INLINE_LIMIT", 0)
 
     # -- roundtrips -----------------------------------------------------------------------
 
@@ -649,3 +657,68 @@ def test_manifest_format_v1_golden() -> None:
     old = json.loads(GOLDEN_V1)
     del old["fence"]  # fence is optional on read
     assert Manifest.from_json(json.dumps(old).encode()).fence is None
+    # An inline manifest (format 1 plus the optional "inline" field) round-trips too.
+    inline = dict(old, payload="", inline=base64.b64encode(b"[1]").decode(), size=3)
+    m2 = Manifest.from_json(json.dumps(inline).encode(), key=KEY)
+    assert m2.inline == "WzFd" and json.loads(m2.to_json())["inline"] == "WzFd"
+
+
+# ------------------------------------------------------------------------- inline payloads
+
+
+class TestInlinePayloads:
+    """Small results live inside their manifest: one atomic write, one read."""
+
+    @pytest.fixture(params=["local", "s3"])
+    def store(self, request: pytest.FixtureRequest, tmp_path: Path) -> ResultStore:
+        if request.param == "local":
+            return ResultStore(str(tmp_path / "store"))
+        server = request.getfixturevalue("s3_server")
+        return ResultStore(unique_s3_url(), storage_options=s3_options(server))
+
+    def test_small_value_is_inline_and_round_trips(self, store: ResultStore) -> None:
+        m = commit(store, KEY, {"a": [1, 2, 3]})
+        assert m.payload == "" and m.inline is not None
+        assert store.lookup(KEY) == m
+        assert store.load(m) == {"a": [1, 2, 3]}
+        if store.is_local:
+            assert store.local_root is not None
+            assert not (Path(store.local_root) / "results").exists()
+
+    def test_value_over_the_limit_goes_to_a_file(self, store: ResultStore) -> None:
+        big = list(range(storage_mod.INLINE_LIMIT))  # JSON is several bytes per item
+        m = commit(store, KEY, big)
+        assert m.inline is None and m.payload.startswith("results/")
+        assert store.load(m) == big
+
+    def test_overwrite_inline_by_file_and_back(self, store: ResultStore) -> None:
+        commit(store, KEY, [1])
+        big = list(range(storage_mod.INLINE_LIMIT))
+        second = commit(store, KEY, big, run_id="run-2")
+        assert store.load(store.lookup(KEY)) == big
+        third = commit(store, KEY, [3], run_id="run-3")
+        assert store.load(store.lookup(KEY)) == [3]
+        assert third.inline is not None and second.payload  # the file was replaced...
+        assert store.remove_orphans(older_than=0) == []  # ...and removed, not orphaned
+
+    def test_corrupt_inline_payload_is_refused(self, store: ResultStore) -> None:
+        m = commit(store, KEY, ["payload"])
+        raw = base64.b64decode(m.inline or "")
+        bad = dataclasses.replace(m, inline=base64.b64encode(raw[:-1] + b"!").decode())
+        with pytest.raises(PayloadCorruptError):
+            store.load(bad)
+
+    def test_signed_inline_pickle_tamper_refused(self, tmp_path: Path) -> None:
+        store = ResultStore(str(tmp_path / "signed"), signing_key=b"k" * 32)
+        m = commit(store, KEY, (1, 2))  # a tuple is pickled
+        assert m.serializer == "pickle" and m.inline is not None and m.signature
+        assert store.load(m) == (1, 2)
+        forged = pickle.dumps((9, 9))
+        bad = dataclasses.replace(
+            m,
+            inline=base64.b64encode(forged).decode(),
+            size=len(forged),
+            checksum=xxhash.xxh3_128_hexdigest(forged),
+        )
+        with pytest.raises(SignatureError):
+            store.load(bad)

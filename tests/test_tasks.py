@@ -361,7 +361,7 @@ def test_corrupt_payload_is_a_miss_with_a_warning(isolated_store: Path, caplog):
     @task
     def value(x):
         calls.append(x)
-        return {"x": x, "data": list(range(100))}
+        return {"x": x, "data": list(range(10_000))}  # over the inline limit: a payload file
 
     value(1)
     payloads = [p for p in (isolated_store / "results").rglob("*") if p.is_file()]
@@ -370,7 +370,7 @@ def test_corrupt_payload_is_a_miss_with_a_warning(isolated_store: Path, caplog):
     raw[len(raw) // 2] ^= 0xFF
     payloads[0].write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="notebook_flow"):
-        assert value(1) == {"x": 1, "data": list(range(100))}
+        assert value(1) == {"x": 1, "data": list(range(10_000))}
     assert calls == [1, 1]
     assert "recomputing" in caplog.text
 
