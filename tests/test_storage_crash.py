@@ -27,6 +27,15 @@ KEY = "0123456789abcdef0123456789abcdef"
 BIG = 200 * 2**20  # bytes
 
 
+@pytest.fixture(autouse=True)
+def _payload_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These crash points are about payload files: keep even small values out of the
+    manifest (inline payloads commit in a single write and have no such window)."""
+    from notebook_flow import storage
+
+    monkeypatch.setattr(storage, "INLINE_LIMIT", 0)
+
+
 def commit(store: ResultStore, value: object) -> Manifest:
     return store.commit(
         KEY, value, task="crash", components={}, run_id="parent", duration=0.0, expires_at=None
