@@ -1,0 +1,274 @@
+"""Exactly once through crashes, pauses and lost connections, with real processes and servers.
+
+* Crash matrix: a holder is SIGKILLed at each named point of the miss path; its lock comes
+  back within lease + 2 s (PostgreSQL: at once), a rerun in a new process succeeds, the
+  body ran at most twice, and the stored result loads (its checksum verifies).
+* Fencing: a holder stopped (SIGSTOP) past its lease resumes after a successor committed;
+  its commit is refused with LeaseLostError and recorded FAILED; one result stays visible.
+* Redis: connections killed, or the server restarted empty, during a hold: never two
+  committed results.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_exactly_once import (
+    Outcome,
+    Worker,
+    executions,
+    lock_managers,  # noqa: F401 (fixture)
+    manager_of,
+    states,
+    wait_until,
+)
+
+import notebook_flow as nf
+from notebook_flow import _identity, config
+from notebook_flow.locks import RedisLockManager
+
+POINTS = ["after_lock", "mid_body", "after_payload", "after_manifest", "before_release"]
+#: Executions of the body, crashed run and rerun together: a crash before the manifest means
+#: the rerun runs the body again; once the manifest is written the rerun loads it.
+EXECUTIONS = {
+    "after_lock": 1,
+    "mid_body": 2,
+    "after_payload": 2,
+    "after_manifest": 1,
+    "before_release": 1,
+}
+LEASE = 2.0
+
+
+def finish_all(workers: dict[str, Worker], timeout: float = 120) -> dict[str, Outcome]:
+    """Wait for every worker, noting when each one ended (they run at the same time)."""
+    deadline = time.monotonic() + timeout
+    while any(w.proc.poll() is None for w in workers.values()):
+        assert time.monotonic() < deadline, "workers did not end"
+        for w in workers.values():
+            if w.reaped_at is None and w.proc.poll() is not None:
+                w.reaped_at = time.monotonic()
+        time.sleep(0.01)
+    return {name: w.finish() for name, w in workers.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("kind", "host", "bound"),
+    [
+        ("file", "", LEASE + 2),  # same host: the dead pid is seen at once
+        ("redis", "elsewhere", LEASE + 2),  # as if on another machine: the TTL runs out
+        ("postgres", "", 2.0),  # the session ends with the process: at once
+    ],
+    ids=["file", "redis-other-host", "postgres"],
+)
+def test_holder_killed_at_each_crash_point_is_recovered(
+    kind,
+    host,
+    bound,
+    tmp_path,
+    python_env,
+    lock_managers,  # noqa: F811 (the fixture imported above)
+):
+    manager = lock_managers(kind)
+    crashed = {
+        point: Worker(
+            python_env, tmp_path, [point], manager=manager, crash_at=point, lease=LEASE, host=host
+        )
+        for point in POINTS
+    }
+    try:
+        outcomes = finish_all(crashed)
+    finally:
+        for w in crashed.values():
+            w.kill()
+    keys = {point: outcomes[point].keys[point] for point in POINTS}
+    for point, o in outcomes.items():
+        assert o.returncode == -signal.SIGKILL, (point, o.stderr[-3000:])
+        assert not o.results, point
+
+    # The lock comes back: taken here, timed from the moment the holder was gone.
+    observer = manager_of(manager)
+    me = _identity.holder_id("observer")
+    for point in POINTS:
+        observer.acquire(keys[point], me, timeout=LEASE + 30, lease=30)
+        reaped_at = crashed[point].reaped_at
+        assert reaped_at is not None
+        recovered_after = time.monotonic() - reaped_at
+        observer.release(keys[point], me)
+        assert recovered_after <= bound, f"{point}: lock recovered after {recovered_after:.1f} s"
+
+    # A rerun in a new process succeeds; the body ran at most twice; the result loads.
+    rerun = Worker(python_env, tmp_path, POINTS, manager=manager, lease=LEASE).finish()
+    assert rerun.returncode == 0, (rerun.errors, rerun.stderr[-3000:])
+    store = config.get_store()
+    for point in POINTS:
+        assert executions(tmp_path, point) == EXECUTIONS[point], point
+        manifest = store.lookup(keys[point])
+        assert manifest is not None, point
+        assert store.load(manifest) == rerun.results[point][0], point  # size + checksum checked
+        assert not observer.is_locked(keys[point]), point
+    assert len(list(store.iter_manifests())) == len(POINTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["file", "redis", "postgres"])
+def test_holder_paused_past_its_lease_cannot_overwrite_its_successor(
+    kind,
+    tmp_path,
+    python_env,
+    lock_managers,  # noqa: F811 (the fixture imported above)
+):
+    manager = lock_managers(kind)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    first = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0, pause=str(pause))
+    try:
+        wait_until((pause / "in-body").exists, "the first worker to run the body")
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        # The successor waits for the lease to run out (PostgreSQL: then ends the stuck
+        # session), takes the lock over, runs the body and commits.
+        second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+        assert second.returncode == 0, (second.errors, second.stderr[-3000:])
+    finally:
+        (pause / "proceed").touch()
+        if first.proc.poll() is None:
+            os.kill(first.proc.pid, signal.SIGCONT)
+    resumed = first.finish()
+
+    assert resumed.returncode == 1
+    (error,) = resumed.errors["pay"]
+    assert error.startswith("LeaseLostError: "), error
+    assert executions(tmp_path, "pay") == 2
+    store = config.get_store()
+    (manifest,) = store.iter_manifests()  # one result: the successor's
+    (winner,) = second.results["pay"]
+    assert manifest.run_id == winner["run_id"]
+    assert store.load(manifest) == winner
+    assert states() == {"COMPLETED": 1, "FAILED": 1}
+    history = nf.history(task="charge")
+    failed = history[history["state"].astype(str) == "FAILED"].iloc[0]
+    assert failed["error"].startswith("LeaseLostError: ")
+    assert failed["run_id"] != winner["run_id"]
+
+
+# -- Redis connections ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class PrivateRedis:
+    """A redis-server of this test alone on a free loopback port, without persistence."""
+
+    def __init__(self, folder: Path) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server is not installed; run scripts/services.sh")
+        self.exe = exe
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+             "--appendonly", "no", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        wait_until(answers, "the private redis-server to answer", timeout=20)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stop and start again: every key is gone (nothing is saved)."""
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disruption", ["kill-connections", "restart-server"])
+def test_redis_disrupted_during_a_hold_never_commits_twice(
+    disruption, tmp_path, python_env, private_redis
+):
+    import redis
+
+    manager = RedisLockManager(url=private_redis.url, prefix=f"nftest-{uuid.uuid4().hex[:8]}")
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    first = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0, pause=str(pause))
+    try:
+        wait_until((pause / "in-body").exists, "the first worker to run the body")
+        if disruption == "kill-connections":
+            admin = redis.Redis.from_url(private_redis.url)
+            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+            admin.close()
+            time.sleep(1.2)  # several renewals, each on a new connection
+            (pause / "proceed").touch()  # the holder finishes; a newcomer loads its result
+            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+        else:
+            private_redis.restart()  # the lock is gone: a newcomer takes it and runs
+            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+            (pause / "proceed").touch()
+    finally:
+        (pause / "proceed").touch()
+    resumed = first.finish()
+    assert second.returncode == 0, (second.errors, second.stderr[-3000:])
+
+    counts = states()
+    assert counts.get("COMPLETED") == 1, counts  # never two committed results
+    store = config.get_store()
+    (manifest,) = store.iter_manifests()
+    history = nf.history(task="charge")
+    completed = history[history["state"].astype(str) == "COMPLETED"].iloc[0]
+    assert manifest.run_id == completed["run_id"]
+    if disruption == "kill-connections":  # the holder survived: one execution, one hit
+        assert resumed.returncode == 0, (resumed.errors, resumed.stderr[-3000:])
+        assert counts == {"COMPLETED": 1, "CACHED": 1}
+        assert executions(tmp_path, "pay") == 1
+        assert resumed.results["pay"] == second.results["pay"]
+    else:  # the holder lost its lock with the server's memory: its commit is refused
+        assert resumed.returncode == 1
+        assert resumed.errors["pay"][0].startswith("LeaseLostError: ")
+        assert counts == {"COMPLETED": 1, "FAILED": 1}
+        assert executions(tmp_path, "pay") == 2
+        assert store.load(manifest) == second.results["pay"][0]
