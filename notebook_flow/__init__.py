@@ -31,11 +31,13 @@ _EXPORTS: dict[str, str] = {
     "RunState": "states",
     "Settings": "config",
     "Task": "tasks",
+    "break_lock": "api",
     "cache_entries": "api",
     "configure": "config",
     "current_run": "tasks",
     "exponential_backoff": "tasks",
     "history": "api",
+    "list_locks": "api",
     "rebuild_index": "api",
     "settings": "config",
     "stats": "api",
@@ -56,6 +58,7 @@ __all__ = [
     "Settings",
     "Task",
     "__version__",
+    "break_lock",
     "cache_entries",
     "cache_policies",
     "configure",
@@ -64,6 +67,7 @@ __all__ = [
     "exponential_backoff",
     "hashing",
     "history",
+    "list_locks",
     "load_ipython_extension",
     "locks",
     "rebuild_index",
@@ -107,7 +111,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 if TYPE_CHECKING:
     from . import cache_policies, errors, hashing, locks, serializers, storage
-    from .api import cache_entries, history, rebuild_index, stats
+    from .api import break_lock, cache_entries, history, list_locks, rebuild_index, stats
     from .cache_policies import CachePolicy
     from .config import Settings, configure, settings
     from .locks import FileLockManager, MemoryLockManager, PostgresLockManager, RedisLockManager
