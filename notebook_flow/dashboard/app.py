@@ -18,7 +18,9 @@ from __future__ import annotations
 # Panel's widget and layout constructors take **params and are untyped.
 # mypy: disable-error-code="no-untyped-call"
 import asyncio
+import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -26,6 +28,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any, cast
 
 import panel as pn  # noqa: TID253 - the dashboard package is imported only when used
+from panel.io import hold  # noqa: TID253
 
 from notebook_flow.errors import MetadataError
 
@@ -69,6 +72,12 @@ class Dashboard:
         title: str = "notebook_flow",
     ) -> None:
         self.source = Source(store)  # type: ignore[arg-type]
+        # The overview's read of the index runs while the widgets are built (DuckDB releases
+        # the GIL), so the first page is ready sooner.
+        first_read: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        threading.Thread(
+            target=_fill_future, args=(first_read, self.source.overview), daemon=True
+        ).start()
         self.refresh_seconds = refresh_seconds
         self.updated_at: float | None = None
         self.problem: str | None = None
@@ -122,7 +131,13 @@ class Dashboard:
             sizing_mode="stretch_width",
             css_classes=["nf-dashboard"],
         )
-        self.refresh()  # the first page arrives with data
+        overview = self.overview  # built while the read runs
+        try:  # the first page arrives with data
+            data = first_read.result()
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._show(overview, data)
         if refresh_seconds > 0:
             self._start_timer()
 
@@ -209,7 +224,8 @@ class Dashboard:
 
     def _show(self, view: View, data: Any) -> None:
         try:
-            view.render(data)
+            with hold():  # one message to the browser for all of the tab's changes
+                view.render(data)
         except Exception as exc:  # a rendering bug must not stop the other tabs refreshing
             logger.exception("the dashboard's %s tab failed to render", view.title)
             self._failed(exc)
@@ -268,6 +284,13 @@ class Dashboard:
             self._start_timer()
         else:
             self.stop()
+
+
+def _fill_future(future: concurrent.futures.Future[Any], fn: Callable[[], Any]) -> None:
+    try:
+        future.set_result(fn())
+    except BaseException as exc:  # handed to the waiting thread, which reports it
+        future.set_exception(exc)
 
 
 def build_dashboard(

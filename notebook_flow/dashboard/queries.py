@@ -119,16 +119,33 @@ class RunFilters:
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a table and the number of rows across all pages."""
+    """One page of a table and the number of rows across all pages.
+
+    ``window`` holds the rows of pages ``first``, ``first + 1``, ... when more than the page
+    was read (see ``Source.runs_page``); :meth:`page_of` cuts another page out of it.
+    """
 
     rows: pd.DataFrame
     total: int
     page: int
     page_size: int
+    window: pd.DataFrame | None = None
+    first: int = 0
 
     @property
     def pages(self) -> int:
         return max(1, math.ceil(self.total / self.page_size))
+
+    def page_of(self, page: int) -> Page | None:
+        """Page ``page`` from the rows already read, or None when they do not hold it all."""
+        if self.window is None or not 0 <= page < self.pages or page < self.first:
+            return None
+        start = (page - self.first) * self.page_size
+        wanted = min(self.page_size, self.total - page * self.page_size)
+        if start + wanted > len(self.window):
+            return None
+        rows = self.window.iloc[start : start + self.page_size].reset_index(drop=True)
+        return Page(rows, self.total, page, self.page_size, self.window, self.first)
 
 
 @dataclass(frozen=True)
@@ -270,9 +287,20 @@ class Source:
         return out
 
     def runs_page(
-        self, filters: RunFilters, *, page: int = 0, page_size: int = 50, sort: str = "newest"
+        self,
+        filters: RunFilters,
+        *,
+        page: int = 0,
+        page_size: int = 50,
+        sort: str = "newest",
+        ahead: int = 0,
+        behind: int = 0,
     ) -> Page:
         """One page of runs (newest first by default) and the filtered total, in one read.
+
+        ``ahead``/``behind`` more pages come in the same read (``Page.window``), so a view
+        can flip to them without reading the index again: the read costs about the same
+        for 50 rows or 300, since opening the file and sorting dominate.
 
         The total is a scalar subquery rather than ``count(*) OVER ()``: a window over every
         matching row would defeat DuckDB's top-N sort (3x slower at 100,000 runs).
@@ -280,18 +308,26 @@ class Source:
         where, params = filters.where()
         order = SORTS.get(sort, SORTS["newest"])
         page = max(0, int(page))
+        first = max(0, page - behind)
         sql = (
             f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
             f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?"
         )
-        df = self.query(sql, [*params, *params, page_size, page * page_size])
-        if df.empty and page > 0:  # the filter shrank the table below this page
-            total = self.count_runs(filters)
-            last = max(0, math.ceil(total / page_size) - 1)
-            if last < page:
-                return self.runs_page(filters, page=last, page_size=page_size, sort=sort)
-        total = int(df["_total"].iloc[0]) if not df.empty else 0
-        return Page(df.drop(columns="_total"), total, page, page_size)
+        limit = (page - first + 1 + ahead) * page_size
+        df = self.query(sql, [*params, *params, limit, first * page_size])
+        if not df.empty:
+            total = int(df["_total"].iloc[0])
+        else:  # nothing from ``first`` on: count, unless that is the very start
+            total = 0 if first == 0 else self.count_runs(filters)
+        last = max(0, math.ceil(total / page_size) - 1)
+        if page > last:  # the filter shrank the table below this page
+            return self.runs_page(
+                filters, page=last, page_size=page_size, sort=sort, ahead=ahead, behind=behind
+            )
+        window = df.drop(columns="_total")
+        start = (page - first) * page_size
+        rows = window.iloc[start : start + page_size].reset_index(drop=True)
+        return Page(rows, total, page, page_size, window=window, first=first)
 
     def count_runs(self, filters: RunFilters) -> int:
         where, params = filters.where()

@@ -210,6 +210,9 @@ def serve(
         "auth_provider": _make_auth_provider(token, f"notebook_flow_token_{chosen}", prefix),
         # Sessions of closed tabs go after a minute instead of Bokeh's default hour.
         "unused_session_lifetime_milliseconds": 60_000,
+        # Build one session before listening: the imports and Panel's model caches are then
+        # warm, and the first browser gets its page a second sooner.
+        "warm": True,
         "check_unused_sessions_milliseconds": 10_000,
     }
     serve_panel: Any = pn.serve  # untyped in Panel

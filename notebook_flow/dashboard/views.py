@@ -23,6 +23,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 import panel as pn  # noqa: TID253 - the dashboard package is imported only when used
+from panel.io import hold  # noqa: TID253
 
 from .queries import IN_FLIGHT, Overview, Page, RunFilters, Source
 
@@ -55,6 +56,10 @@ STATE_COLORS = {
 }
 STATES = list(STATE_COLORS)
 ALL = "(all)"
+#: The runs table reads this many pages ahead (and one behind) with each page, and flips
+#: through them from memory for this many seconds (auto-refresh reads them again anyway).
+READ_AHEAD = 4
+READ_AHEAD_SECONDS = 10.0
 PERIODS: dict[str, float | None] = {
     "any time": None,
     "last 15 minutes": 900,
@@ -431,6 +436,7 @@ class RunsView(View):
         super().__init__(source)
         self.page: Page | None = None
         self.run_ids: list[str] = []
+        self._cache: tuple[tuple[Any, ...], Page, float] | None = None
         self.task = pn.widgets.Select(label="Task", options=[ALL], value=ALL, width=180)
         self.states = pn.widgets.MultiChoice(label="State", options=STATES, width=260)
         self.notebook = pn.widgets.Select(label="Notebook", options=[ALL], value=ALL, width=200)
@@ -478,34 +484,62 @@ class RunsView(View):
             until=until,
         )
 
-    def load(self) -> dict[str, Any]:
-        choices = self.source.run_choices()
+    def _key(self) -> tuple[Any, ...]:
+        """What the rows read ahead depend on (not the page: flipping keeps them)."""
+        return (
+            self.task.value,
+            tuple(self.states.value),
+            self.notebook.value,
+            self.period.value,
+            self.range.value,
+            self.sort.value,
+            self.pager.page_size,
+        )
+
+    def _read(self) -> tuple[tuple[Any, ...], Page, float]:
+        key = self._key()
         page = self.source.runs_page(
             self.filters(),
             page=self.pager.page,
             page_size=self.pager.page_size,
             sort=self.sort.value,
+            ahead=READ_AHEAD,
+            behind=1,
         )
-        return {"choices": choices, "page": page}
+        return key, page, time.monotonic()
+
+    def load(self) -> dict[str, Any]:
+        return {"choices": self.source.run_choices(), "read": self._read()}
 
     def render(self, data: dict[str, Any]) -> None:
         choices = data["choices"]
-        self.task.options = [ALL, *choices["task"]]
-        self.notebook.options = [ALL, *choices["notebook"]]
-        self.show_page(data["page"])
+        with hold():
+            self.task.options = [ALL, *choices["task"]]
+            self.notebook.options = [ALL, *choices["notebook"]]
+            self._cache = data["read"]
+            self.show_page(self._cache[1])
 
     def load_page(self) -> None:
-        """Query and show the pager's current page (a filter, page or size change)."""
-        self.show_page(
-            self.source.runs_page(
-                self.filters(),
-                page=self.pager.page,
-                page_size=self.pager.page_size,
-                sort=self.sort.value,
-            )
-        )
+        """Show the pager's current page (after a filter, page or size change).
+
+        A page among those read ahead in the last few seconds comes from memory; any other
+        is one read of the index (with the pages around it).
+        """
+        if self._cache is not None:
+            key, window, at = self._cache
+            if key == self._key() and time.monotonic() - at < READ_AHEAD_SECONDS:
+                page = window.page_of(self.pager.page)
+                if page is not None:
+                    self.show_page(page)
+                    return
+        self._cache = self._read()
+        self.show_page(self._cache[1])
 
     def show_page(self, page: Page) -> None:
+        with hold():
+            self._show_page(page)
+
+    def _show_page(self, page: Page) -> None:
         self.page = page
         self.pager.show(page)
         df = page.rows
@@ -775,9 +809,10 @@ class CacheView(View):
 
     def load_page(self) -> None:
         task = None if self.task.value == ALL else self.task.value
-        self.show_page(
-            self.source.cache_page(task, page=self.pager.page, page_size=self.pager.page_size)
-        )
+        with hold():
+            self.show_page(
+                self.source.cache_page(task, page=self.pager.page, page_size=self.pager.page_size)
+            )
 
     def show_page(self, page: Page) -> None:
         self.page = page
