@@ -860,12 +860,14 @@ class CellRunner:
         shell = self.shell
         exc.filename = shell.compile.cache(code, shell.execution_count)
         show = shell.showsyntaxerror
+        undo: list[Callable[[], None]] = []
 
         def once(filename: str | None = None, running_compiled_code: bool = False) -> None:
-            shell.__dict__.pop("showsyntaxerror", None)
+            for step in undo:
+                step()
             show(filename)
 
-        shell.showsyntaxerror = once
+        _patch_instance(shell, "showsyntaxerror", once, undo)
         return exc
 
     # -- hit -------------------------------------------------------------------------------
