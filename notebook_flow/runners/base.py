@@ -1,0 +1,641 @@
+"""What every runner shares: the submit path, dependencies, concurrency limits, and the
+registry of in-flight runs.
+
+``submit`` does only in-memory work, so it stays in the tens of microseconds:
+
+1. bind the arguments (a bad call raises ``TypeError`` here, in the caller);
+2. find futures among the arguments and ``wait_for`` (dependencies);
+3. record the run PENDING through the metadata recorder's queue (never DuckDB itself);
+4. hand the submission to the journal writer thread (see ``journal.py``);
+5. dispatch it once its upstream runs are done and a concurrency slot is free.
+
+The run itself goes through the same call path as a direct call (``tasks._run_sync``):
+key → lookup → (lock) → run with retries and timeout → commit → record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from notebook_flow import _identity
+from notebook_flow.errors import TaskCancelledError
+from notebook_flow.futures import (
+    _SCALARS,
+    FutureList,
+    TaskFuture,
+    collect_futures,
+    resolve_futures,
+    unmapped,
+)
+from notebook_flow.metadata import RunEvent as _RunEvent
+from notebook_flow.states import RunState
+from notebook_flow.tasks import _Call, _run_async, _run_sync
+
+from .journal import journal_for
+
+if TYPE_CHECKING:
+    from notebook_flow.metadata import MetadataStore
+    from notebook_flow.storage import ResultStore
+    from notebook_flow.tasks import Task
+
+__all__ = [
+    "BaseRunner",
+    "RemoteConfig",
+    "Runner",
+    "WorkerCall",
+    "current_runner",
+    "execute",
+    "in_flight",
+    "remote_run",
+    "set_concurrency_limit",
+]
+
+logger = logging.getLogger("notebook_flow")
+
+_notebook_path = _identity.notebook_path
+_current_cell = _identity.current_cell
+
+_PENDING = RunState.PENDING
+_RUNNING = RunState.RUNNING
+_RETRYING = RunState.RETRYING
+_CACHED = RunState.CACHED
+_COMPLETED = RunState.COMPLETED
+_FAILED = RunState.FAILED
+_CANCELLED = RunState.CANCELLED
+
+
+# --------------------------------------------------------------------------- the call
+
+
+class WorkerCall(_Call):
+    """A ``_Call`` that reports its progress to its future (live state, time saved) and
+    honours cooperative cancellation. The call path itself is unchanged."""
+
+    __slots__ = ("_cell", "_future", "_notebook", "_saved")
+
+    def __init__(
+        self,
+        t: Task[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None = None,
+        future: TaskFuture[Any] | None = None,
+    ) -> None:
+        super().__init__(t, args, kwargs, run_id=run_id)
+        self._future = future
+        self._saved: float | None = None
+        # Constant for a run, so read once at submit rather than for each of its events.
+        self._notebook = _notebook_path()
+        self._cell = _current_cell()
+
+    def record(self, state: RunState, **fields: Any) -> None:
+        """The same event as ``_Call.record``; the metadata store is resolved once per
+        store (``config.get_metadata`` checks the store's folder on every call), since
+        this runs three times per submitted run."""
+        if state is _CACHED:
+            self._saved = fields.get("saved")
+        fut = self._future
+        if fut is not None:
+            if state is _RUNNING or state is _RETRYING:
+                fut._phase = state
+            elif state is _CACHED:
+                fut.saved = self._saved
+        t = self.task
+        try:
+            event = _RunEvent(
+                run_id=self.run_id,
+                task=t.name,
+                task_identity=t.identity,
+                key=self.key,
+                state=state,
+                at=time.time(),
+                notebook=self._notebook,
+                cell=self._cell,
+                tags=t.tags,
+                **fields,
+            )
+            _metadata(self.store).record_run(event)
+        except Exception:  # a metadata problem never fails a task (as in tasks.py)
+            logger.warning("could not record metadata for %s", self.store.url, exc_info=True)
+
+    def begin(self, why: str) -> contextvars.Token[Any]:
+        token = super().begin(why)
+        fut = self._future
+        if fut is not None and fut._cancel_requested and self.ctx is not None:
+            self.ctx.cancel_requested.set()  # cancel() arrived before the body started
+        return token
+
+    def should_retry(self, attempt: int, exc: BaseException) -> bool:
+        if isinstance(exc, TaskCancelledError):
+            return False
+        if self.ctx is not None and self.ctx.cancel_requested.is_set():
+            return False
+        return super().should_retry(attempt, exc)
+
+    def failed(self, attempt: int, exc: BaseException) -> None:
+        if isinstance(exc, TaskCancelledError):
+            self.record(_CANCELLED, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+        else:
+            super().failed(attempt, exc)
+
+    def rebind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Replace the arguments (futures resolved to their values)."""
+        bound = self.task._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        self.args = args
+        self.kwargs = kwargs
+        self.arguments = bound.arguments
+
+
+_metadata_cache: dict[int, tuple[ResultStore, MetadataStore]] = {}
+
+
+def _metadata(store: ResultStore) -> MetadataStore:
+    # Keyed by the store object (held, so its id cannot be reused); a reset of the
+    # settings creates new store objects, hence new entries.
+    entry = _metadata_cache.get(id(store))
+    if entry is None or entry[0] is not store:
+        from notebook_flow.config import get_metadata
+
+        if len(_metadata_cache) > 64:
+            _metadata_cache.clear()
+        entry = _metadata_cache[id(store)] = (store, get_metadata(store))
+    return entry[1]
+
+
+def _run_in_thread(call: _Call) -> Any:
+    if call.task.is_async:
+        return asyncio.run(_run_async(call))
+    return _run_sync(call)
+
+
+def resolve_arguments(fut: TaskFuture[Any]) -> None:
+    """Replace the futures among a run's arguments by their results.
+
+    Raises ``UpstreamFailedError`` naming a failed upstream (unless ``allow_failure``).
+    """
+    call = fut._call
+    assert isinstance(call, WorkerCall)
+    if fut._wait_for is not None:
+        resolve_futures(fut._wait_for)  # raises for a failed upstream; values unused
+    args = tuple(resolve_futures(a) for a in call.args)
+    kwargs = {k: resolve_futures(v) for k, v in call.kwargs.items()}
+    call.rebind(args, kwargs)
+
+
+def execute(fut: TaskFuture[Any]) -> None:
+    """Run a claimed future through the task's call path in this thread and complete it.
+
+    Never raises: whatever the run raises becomes the future's exception.
+    """
+    call = fut._call
+    assert isinstance(call, WorkerCall)
+    try:
+        if fut._upstream:
+            try:
+                resolve_arguments(fut)
+            except Exception as exc:
+                call.failed(1, exc)
+                raise
+        value = fut._context.run(_run_in_thread, call)
+    # A worker thread must survive anything a task body raises (even SystemExit): it
+    # all becomes the future's exception. KeyboardInterrupt only reaches the main thread.
+    except BaseException as exc:
+        state = _CANCELLED if isinstance(exc, TaskCancelledError) else _FAILED
+        fut._finish(state, None, exc)
+    else:
+        cached = call.ctx is None and call.key is not None
+        fut._finish(_CACHED if cached else _COMPLETED, value, None)
+
+
+# --------------------------------------------------------------------------- remote runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteConfig:
+    """The settings a worker process needs to reach the same store (travels with a run).
+
+    The signing key travels too, inside the cluster's own channel: a worker without it
+    could not sign or verify pickled results.
+    """
+
+    store: str
+    storage_options: dict[str, Any]
+    signing_key: bytes | None
+
+    @classmethod
+    def current(cls) -> RemoteConfig:
+        from notebook_flow.config import get_store, settings
+
+        s = settings()
+        return cls(get_store().url, dict(s.storage_options), s.signing_key)
+
+    def apply(self) -> None:
+        from notebook_flow.config import configure, settings
+
+        s = settings()
+        if (s.store, s.storage_options, s.signing_key) != (
+            self.store,
+            self.storage_options,
+            self.signing_key,
+        ):
+            configure(
+                store=self.store, storage_options=self.storage_options, signing_key=self.signing_key
+            )
+
+
+def remote_run(
+    task: Task[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    run_id: str,
+    config: RemoteConfig,
+) -> tuple[Any, str, float | None]:
+    """Run one call in a worker process (loky, Dask): returns ``(value, state, saved)``.
+
+    Events are flushed before returning, because pool processes may be stopped at any time.
+    """
+    from notebook_flow.config import get_metadata
+
+    config.apply()
+    call = WorkerCall(task, args, kwargs, run_id=run_id)
+    try:
+        value = _run_in_thread(call)
+    finally:
+        try:
+            get_metadata(call.store).flush(timeout=30)
+        except Exception:
+            logger.warning("could not flush run events in the worker process", exc_info=True)
+    state = _CACHED if call.ctx is None and call.key is not None else _COMPLETED
+    return value, state.value, call._saved
+
+
+def complete_remote(
+    fut: TaskFuture[Any], outcome: Any = None, error: BaseException | None = None
+) -> None:
+    """Finish ``fut`` with what a worker process returned (or raised)."""
+    if error is not None:
+        state = _CANCELLED if isinstance(error, TaskCancelledError) else _FAILED
+        fut._finish(state, None, error)
+        return
+    value, state_name, saved = outcome
+    fut.saved = saved
+    fut._finish(RunState(state_name), value, None)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+class _Limit:
+    """A concurrency limit: at most ``limit`` runs hold it; the others wait, parked."""
+
+    __slots__ = ("active", "limit", "name", "parked")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.active = 0
+        self.parked: deque[TaskFuture[Any]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<limit {self.name}: {self.active}/{self.limit}, {len(self.parked)} waiting>"
+
+
+_limits_lock = threading.Lock()
+_task_limits: dict[str, _Limit] = {}
+_tag_limits: dict[str, _Limit] = {}
+
+
+def set_concurrency_limit(tag: str, limit: int | None) -> None:
+    """At most ``limit`` runs of tasks tagged ``tag`` run at once in this process
+    (None removes the limit). Per-task limits use ``@task(max_concurrency=n)``.
+
+    >>> set_concurrency_limit("database", 2)                # doctest: +SKIP
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        from notebook_flow.errors import ConfigurationError
+
+        raise ConfigurationError(f"limit must be a positive int or None, got {limit!r}")
+    with _limits_lock:
+        current = _tag_limits.get(tag)
+        if limit is None:
+            _tag_limits.pop(tag, None)
+            if current is not None:
+                current.limit = 1 << 30  # release everything parked on it
+        elif current is None:
+            _tag_limits[tag] = _Limit(f"tag {tag!r}", limit)
+        else:
+            current.limit = limit
+    if current is not None:
+        _admit_parked((current,))
+
+
+def limits_for(task: Task[..., Any]) -> tuple[_Limit, ...]:
+    n = task.max_concurrency
+    if n is None and not _tag_limits:
+        return ()
+    found: list[_Limit] = []
+    with _limits_lock:
+        if n is not None:
+            limit = _task_limits.get(task.identity)
+            if limit is None:
+                limit = _task_limits[task.identity] = _Limit(f"task `{task.name}`", n)
+            limit.limit = n
+            found.append(limit)
+        for tag in task.tags:
+            limit = _tag_limits.get(tag)
+            if limit is not None:
+                found.append(limit)
+    return tuple(found)
+
+
+def _admit(fut: TaskFuture[Any], limits: tuple[_Limit, ...]) -> bool:
+    """Take a slot of every limit, or park the run on the first full one."""
+    with _limits_lock:
+        for limit in limits:
+            if limit.active >= limit.limit:
+                limit.parked.append(fut)
+                return False
+        for limit in limits:
+            limit.active += 1
+    fut._limits = limits  # held: released when the run finishes
+    return True
+
+
+def _release(limits: tuple[_Limit, ...]) -> None:
+    with _limits_lock:
+        for limit in limits:
+            limit.active -= 1
+    _admit_parked(limits)
+
+
+def _admit_parked(limits: tuple[_Limit, ...]) -> None:
+    for limit in limits:
+        while True:
+            with _limits_lock:
+                if not limit.parked or limit.active >= limit.limit:
+                    break
+                fut = limit.parked.popleft()
+            if fut._state is _PENDING and fut._runner is not None:
+                fut._runner._dispatch(fut)
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class Runner(Protocol):
+    """Where submitted runs execute: the embedded thread worker (default), a process
+    pool or a Dask cluster. Use one explicitly, or as a context manager::
+
+        with ProcessRunner(max_workers=2):
+            futs = crunch.map(chunks)
+    """
+
+    def submit(
+        self,
+        task: Task[..., Any],
+        /,
+        *args: Any,
+        wait_for: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture[Any]: ...
+    def map(
+        self,
+        task: Task[..., Any],
+        /,
+        *args: Any,
+        wait_for: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> FutureList: ...
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None: ...
+    def _dispatch(self, fut: TaskFuture[Any]) -> None: ...
+    def _try_inline(self, fut: TaskFuture[Any]) -> bool: ...
+
+
+_current: contextvars.ContextVar[BaseRunner | None] = contextvars.ContextVar(
+    "notebook_flow_runner", default=None
+)
+
+
+class BaseRunner:
+    """Submit, map, limits and the context-manager protocol over one method, ``_send``."""
+
+    _closed = False
+
+    def submit(
+        self,
+        task: Task[..., Any],
+        /,
+        *args: Any,
+        wait_for: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> TaskFuture[Any]:
+        """Submit one run of ``task``; returns its future at once."""
+        return submit_with(self, task, args, kwargs, wait_for)
+
+    def map(
+        self,
+        task: Task[..., Any],
+        /,
+        *args: Any,
+        wait_for: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> FutureList:
+        """Submit one run per element of the zipped iterables (``unmapped(x)``: constant)."""
+        return map_with(self, task, args, kwargs, wait_for)
+
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
+        """Stop accepting runs; cancel pending ones if asked; wait for the rest if asked."""
+        self._closed = True
+        mine = [f for f in in_flight() if f._runner is self]
+        if cancel_pending:
+            for fut in mine:
+                if fut._state is _PENDING:
+                    fut.cancel()
+        if wait:
+            for fut in mine:
+                fut.wait()
+
+    def _dispatch(self, fut: TaskFuture[Any]) -> None:
+        limits = limits_for(fut.task)
+        if limits and not _admit(fut, limits):
+            return
+        self._send(fut)
+
+    def _send(self, fut: TaskFuture[Any]) -> None:
+        raise NotImplementedError
+
+    def _try_inline(self, fut: TaskFuture[Any]) -> bool:
+        return False
+
+    def __enter__(self) -> BaseRunner:
+        self._token = _current.set(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
+
+
+def current_runner() -> BaseRunner:
+    """The runner ``task.submit`` uses here: the innermost ``with runner:``, else the
+    embedded thread worker (started on first use)."""
+    runner = _current.get()
+    if runner is not None:
+        return runner
+    from .thread import default_runner
+
+    return default_runner()
+
+
+# --------------------------------------------------------------------------- submit
+
+
+_inflight: dict[str, TaskFuture[Any]] = {}
+_copy_context = contextvars.copy_context
+
+
+def in_flight() -> list[TaskFuture[Any]]:
+    return list(_inflight.values())
+
+
+def submit_with(
+    runner: BaseRunner,
+    task: Task[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wait_for: Sequence[Any] | None,
+) -> TaskFuture[Any]:
+    """The submit path shared by all runners (in-memory work only)."""
+    if runner._closed:
+        raise RuntimeError("this runner was shut down; create a new one (or use the default)")
+    call = WorkerCall(task, args, kwargs)
+    run_id = call.run_id
+    fut: TaskFuture[Any] = TaskFuture(task, run_id, runner)
+    call._future = fut
+    fut._call = call
+    # The submitter's context travels with the run: its cell id, and in a kernel the
+    # parent header, so the task's prints land in the cell that submitted it.
+    fut._context = _copy_context()
+    found: dict[int, TaskFuture[Any]] | None = None
+    for value in args:
+        if type(value) not in _SCALARS:
+            found = {} if found is None else found
+            collect_futures(value, found)
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) not in _SCALARS:
+                found = {} if found is None else found
+                collect_futures(value, found)
+    waits: list[Any] | None = None
+    if wait_for:
+        found = {} if found is None else found
+        waits = list(wait_for)
+        collect_futures(waits, found)
+        fut._wait_for = waits
+    call.record(_PENDING)  # queued for the recorder thread; never waits for DuckDB
+    _inflight[run_id] = fut
+    journal_for(call.store).add(run_id, task, args, kwargs, waits, cell=call._cell)
+    if not found or fut._wire(tuple(found.values())):
+        runner._dispatch(fut)
+    return fut
+
+
+def map_with(
+    runner: BaseRunner,
+    task: Task[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wait_for: Sequence[Any] | None,
+) -> FutureList:
+    """Zip the iterable arguments and submit one run per element.
+
+    Iterables (lists, tuples, ranges, arrays, futures lists …) are mapped; strings, bytes,
+    dicts and non-iterables are passed unchanged to every run, as is ``unmapped(x)``.
+    """
+    columns: list[tuple[str | int, list[Any]]] = []
+    constants_args: list[Any] = list(args)
+    constants_kwargs = dict(kwargs)
+    for i, value in enumerate(args):
+        items = _as_mapped(value)
+        if items is not None:
+            columns.append((i, items))
+        elif isinstance(value, unmapped):
+            constants_args[i] = value.value
+    for name, value in kwargs.items():
+        items = _as_mapped(value)
+        if items is not None:
+            columns.append((name, items))
+        elif isinstance(value, unmapped):
+            constants_kwargs[name] = value.value
+    if not columns:
+        raise TypeError(
+            f"task `{task.name}`.map needs at least one iterable argument; "
+            "use .submit for a single run"
+        )
+    lengths = {len(items) for _, items in columns}
+    if len(lengths) > 1:
+        detail = ", ".join(f"{'argument ' + repr(k)}: {len(v)}" for k, v in columns)
+        raise ValueError(f"task `{task.name}`.map: iterables differ in length ({detail})")
+    out = FutureList()
+    append = out.append
+    positions = [(k, items) for k, items in columns]
+    for row in range(lengths.pop()):
+        a = list(constants_args)
+        kw = dict(constants_kwargs)
+        for k, items in positions:
+            if isinstance(k, int):
+                a[k] = items[row]
+            else:
+                kw[k] = items[row]
+        append(submit_with(runner, task, tuple(a), kw, wait_for))
+    return out
+
+
+def _as_mapped(value: Any) -> list[Any] | None:
+    if isinstance(value, (str, bytes, bytearray, dict, unmapped)) or type(value) is TaskFuture:
+        return None
+    if isinstance(value, Iterable):
+        return list(value)
+    return None
+
+
+# --------------------------------------------------------------------------- completion
+
+
+def _on_final(fut: TaskFuture[Any]) -> None:
+    _inflight.pop(fut.run_id, None)
+    limits = fut._limits
+    if limits:
+        fut._limits = ()
+        _release(limits)
+    call = fut._call
+    if call is not None:
+        journal_for(call.store).done(fut.run_id)
+
+
+TaskFuture._on_final = _on_final
+
+
+def _after_fork_in_child() -> None:
+    # Runs of the parent are not ours: their threads do not exist in the child.
+    _inflight.clear()
+    _task_limits.clear()
+    _tag_limits.clear()
+    global _limits_lock
+    _limits_lock = threading.Lock()
+    from notebook_flow import futures
+
+    futures._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

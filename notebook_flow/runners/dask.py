@@ -1,0 +1,95 @@
+"""A Dask distributed cluster as the runner.
+
+>>> from notebook_flow.runners import DaskRunner
+>>> with DaskRunner("tcp://scheduler:8786"):               # doctest: +SKIP
+...     futs = crunch.map(chunks)
+>>> with DaskRunner(n_workers=2):            # starts a LocalCluster  # doctest: +SKIP
+...     ...
+
+Each run goes through the full call path on a Dask worker against the same store, so the
+store must be reachable from the workers (a shared folder or an object store such as S3);
+its URL, options and signing key travel with the run. Upstream futures are resolved on
+the client, so their values travel through it. Results come back to the client too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from notebook_flow.futures import TaskFuture
+
+from .base import (
+    BaseRunner,
+    RemoteConfig,
+    WorkerCall,
+    complete_remote,
+    remote_run,
+    resolve_arguments,
+)
+
+__all__ = ["DaskRunner"]
+
+
+class DaskRunner(BaseRunner):
+    """Submit runs to a Dask cluster: a ``distributed.Client``, a scheduler address, or
+    nothing (a ``LocalCluster`` is started with ``cluster_kwargs`` and closed on
+    ``shutdown()``)."""
+
+    def __init__(self, client: Any = None, **cluster_kwargs: Any) -> None:
+        from distributed import Client
+
+        self._owned: list[Any] = []
+        if client is None:
+            from distributed import LocalCluster
+
+            cluster = LocalCluster(**cluster_kwargs)  # type: ignore[no-untyped-call]
+            client = Client(cluster)  # type: ignore[no-untyped-call]
+            self._owned = [client, cluster]
+        elif isinstance(client, str):
+            client = Client(client)  # type: ignore[no-untyped-call]
+            self._owned = [client]
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"<DaskRunner {self.client!r}>"
+
+    def _send(self, fut: TaskFuture[Any]) -> None:
+        if not fut._claim():
+            return
+        call = fut._call
+        assert isinstance(call, WorkerCall)
+        try:
+            if fut._upstream:
+                resolve_arguments(fut)
+            pending = self.client.submit(
+                remote_run,
+                fut.task,
+                call.args,
+                call.kwargs,
+                fut.run_id,
+                RemoteConfig.current(),
+                key=f"notebook_flow-{fut.task.name}-{fut.run_id}",
+                pure=False,
+            )
+        except Exception as exc:
+            call.failed(1, exc)
+            complete_remote(fut, error=exc)
+            return
+
+        def done(df: Any) -> None:
+            # Dask runs callbacks in a thread of its own, not on its event loop.
+            try:
+                outcome = df.result()
+            except BaseException as exc:
+                complete_remote(fut, error=exc)
+            else:
+                complete_remote(fut, outcome)
+
+        pending.add_done_callback(done)
+
+    def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
+        """Wait for this runner's runs, then close the client/cluster it started."""
+        super().shutdown(wait, cancel_pending=cancel_pending)
+        for obj in self._owned:
+            obj.close()
+        self._owned = []

@@ -1,0 +1,302 @@
+"""The embedded worker in a real ipykernel, driven through jupyter_client: live status
+messages, prints routed to the submitting cell, interrupts, and SIGKILL in the middle of a
+map (re-run the cell, or resume() without re-running it). Executions are counted with
+O_EXCL marker files; nothing here asserts a duration."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+jupyter_client = pytest.importorskip("jupyter_client")
+
+# numpy / pandas are imported up front: hashing and serializers read sys.modules and can
+# see a half-imported module while another thread (DuckDB's startup chore) imports it.
+HELPERS = textwrap.dedent(
+    """
+    import os, time
+    import numpy, pandas
+    import notebook_flow as nf
+
+    def mark(name):
+        folder = os.environ["MARKS"]
+        n = 0
+        while True:
+            try:
+                path = os.path.join(folder, f"{name}.{n}")
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return
+            except FileExistsError:
+                n += 1
+
+    def gate_open():
+        return os.path.exists(os.environ["GATE"])
+    """
+)
+
+WORK_CELL = textwrap.dedent(
+    """
+    @nf.task
+    def work(i):
+        mark(f"work-{i}")
+        if os.environ.get("BLOCK") and i >= 30:
+            while True:
+                time.sleep(0.05)
+        return i * 2
+
+    futs = work.map(range(100))
+    """
+)
+
+
+class Kernel:
+    """A kernel and its client; ``run`` executes a cell and returns its iopub messages."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        self.km, self.kc = jupyter_client.manager.start_new_kernel(
+            kernel_name="python3", env=env, cwd=str(cwd), startup_timeout=120
+        )
+        self.extra: list[dict[str, Any]] = []  # iopub messages seen outside run()
+
+    def run(self, code: str, timeout: float = 120, allow_error: bool = False) -> tuple[str, list]:
+        msg_id = self.kc.execute(code)
+        msgs = []
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.1))
+            if msg["parent_header"].get("msg_id") != msg_id:
+                self.extra.append(msg)
+                continue
+            msgs.append(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        reply = self.kc.get_shell_msg(timeout=timeout)
+        if not allow_error:
+            errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+            assert reply["content"]["status"] == "ok", errors
+        return msg_id, msgs
+
+    def drain(self, until, timeout: float = 120) -> list[dict[str, Any]]:
+        """Collect iopub messages until ``until(msg)`` is true for one (maybe seen already)."""
+        if any(until(m) for m in self.extra):
+            return self.extra
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=max(deadline - time.monotonic(), 0.1))
+            except queue.Empty:
+                seen = [
+                    (m["msg_type"], m["content"].get("data", {}).get("text/plain"))
+                    for m in self.extra[-8:]
+                ]
+                raise AssertionError(
+                    f"the expected iopub message never came; last: {seen}"
+                ) from None
+            self.extra.append(msg)
+            if until(msg):
+                return self.extra
+
+    def kill(self) -> None:
+        self.km.signal_kernel(signal.SIGKILL)
+        _wait_for(lambda: not self.km.is_alive(), "the kernel to die")
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        if self.km.is_alive():
+            self.km.shutdown_kernel(now=True)
+
+
+def _value(msgs: list) -> str:
+    [result] = [m for m in msgs if m["msg_type"] == "execute_result"]
+    return result["content"]["data"]["text/plain"]
+
+
+def _markers(folder: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in folder.iterdir():
+        name = p.name.rsplit(".", 1)[0]
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def _wait_for(predicate, what: str) -> None:
+    for _ in range(6000):
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def kernel_env(python_env, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    env = dict(python_env, MARKS=str(marks), GATE=str(tmp_path / "gate"), NOTEBOOK_FLOW_WORKERS="4")
+    env.pop("BLOCK", None)
+    return env
+
+
+def test_status_display_prints_and_interrupts(kernel_env, tmp_path):
+    k = Kernel(kernel_env, tmp_path)
+    try:
+        k.run(HELPERS)
+        submit_id, msgs = k.run(
+            textwrap.dedent(
+                """
+                from notebook_flow.cache_policies import NONE
+
+                @nf.task(cache_policy=NONE)
+                def slow(i):
+                    while not gate_open():
+                        time.sleep(0.01)
+                    print(f"task-print-{i}\\n", end="")  # one write: lines from threads stay whole
+                    mark(f"slow-{i}")
+                    return i
+
+                futs = slow.map(range(50))
+                futs
+                """
+            )
+        )
+        # The cell is done while every task still waits for the gate: none has finished.
+        assert not (tmp_path / "gate").exists() and not list((tmp_path / "marks").iterdir())
+        [shown] = [m for m in msgs if m["msg_type"] == "display_data"]
+        display_id = shown["content"]["transient"]["display_id"]
+        assert "<progress" in shown["content"]["data"]["text/html"]
+        assert "0/50 done" in shown["content"]["data"]["text/plain"]
+
+        waiter_id, msgs = k.run("open(os.environ['GATE'], 'w').close()\nsum(futs.result())")
+        assert _value(msgs) == str(sum(range(50)))
+
+        def prints() -> list[dict[str, Any]]:
+            return [
+                m
+                for m in msgs + k.extra
+                if m["msg_type"] == "stream" and "task-print-" in m["content"]["text"]
+            ]
+
+        def printed() -> list[str]:
+            return sorted(
+                re.findall(r"task-print-\d+", "".join(m["content"]["text"] for m in prints()))
+            )
+
+        def finished(m: dict[str, Any]) -> bool:
+            final = any(
+                x["msg_type"] == "update_display_data"
+                and "50/50 done" in x["content"]["data"]["text/plain"]
+                for x in k.extra
+            )
+            return final and len(printed()) == 50
+
+        k.drain(finished)
+        updates = [m for m in k.extra if m["msg_type"] == "update_display_data"]
+        assert all(m["content"]["transient"]["display_id"] == display_id for m in updates)
+        # Every print of a task lands in the cell that submitted it, not the one running.
+        assert printed() == sorted(f"task-print-{i}" for i in range(50))
+        assert {m["parent_header"]["msg_id"] for m in prints()} == {submit_id}
+
+        # One future shown: a live line that ends completed.
+        _, msgs = k.run("one = slow.submit(99)\none")
+        [line] = [m for m in msgs if m["msg_type"] == "display_data"]
+        k.extra.extend(msgs)  # an update may come before the cell's idle status
+        k.drain(
+            lambda m: (
+                m["msg_type"] in ("display_data", "update_display_data")
+                and m["content"]["transient"]["display_id"]
+                == line["content"]["transient"]["display_id"]
+                and "completed" in m["content"]["data"]["text/plain"]
+            )
+        )
+
+        # An interrupt stops the waiting cell, not the worker; the result is not lost.
+        os.unlink(tmp_path / "gate")
+        k.kc.execute("held = slow.submit(100)\nheld.result()")
+        _wait_for(lambda: _kernel_busy(k), "the cell to start")
+        k.km.interrupt_kernel()
+        k.drain(lambda m: m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt")
+        k.kc.get_shell_msg(timeout=60)
+        _, msgs = k.run("open(os.environ['GATE'], 'w').close()\nheld.result(timeout=60)")
+        assert _value(msgs) == "100"
+    finally:
+        k.close()
+
+
+def _kernel_busy(k: Kernel) -> bool:
+    try:
+        msg = k.kc.get_iopub_msg(timeout=0.05)
+    except queue.Empty:
+        return False
+    k.extra.append(msg)
+    return msg["msg_type"] == "execute_input"
+
+
+def _kill_in_the_middle(kernel_env, tmp_path) -> Path:
+    """Run the map of 100 in a kernel and SIGKILL it with runs 30..33 in flight."""
+    k = Kernel(dict(kernel_env, BLOCK="1"), tmp_path)
+    marks = tmp_path / "marks"
+    try:
+        k.run(HELPERS)
+        k.run(WORK_CELL)
+        from notebook_flow import config
+        from notebook_flow.runners.resume import read_journal
+
+        _wait_for(
+            lambda: sum(1 for p in marks.iterdir() if p.name.startswith("work-3")) >= 4,
+            "4 blocked runs",
+        )
+        folder = Path(config.get_store().local_dir("journal"))
+        pid = k.km.provisioner.process.pid
+        [journal] = [p for p in folder.iterdir() if f"_{pid}_" in p.name]
+        _wait_for(lambda: len(read_journal(str(journal)).done) >= 30, "30 finished runs journaled")
+        k.kill()
+    finally:
+        k.close()
+    before = _markers(marks)
+    assert sum(before.values()) == 34 and all(before[f"work-{i}"] == 1 for i in range(34))
+    return marks
+
+
+def test_sigkill_mid_map_then_rerun_the_cell(kernel_env, tmp_path):
+    marks = _kill_in_the_middle(kernel_env, tmp_path)
+    k = Kernel(kernel_env, tmp_path)
+    try:
+        k.run(HELPERS)
+        k.run(WORK_CELL)
+        _, msgs = k.run("r = futs.result(timeout=300); sum(r), futs.counts()['cached']")
+        assert _value(msgs) == f"({sum(i * 2 for i in range(100))}, 30)"
+    finally:
+        k.close()
+    after = _markers(marks)
+    assert [after[f"work-{i}"] for i in range(100)] == [
+        2 if 30 <= i < 34 else 1 for i in range(100)
+    ]
+
+
+def test_sigkill_mid_map_then_resume_without_rerunning(kernel_env, tmp_path):
+    marks = _kill_in_the_middle(kernel_env, tmp_path)
+    k = Kernel(kernel_env, tmp_path)
+    try:
+        k.run("from notebook_flow.runners import resume\nfuts = resume()")
+        _, msgs = k.run("r = futs.result(timeout=300); len(r), sum(r), futs.skipped")
+        assert _value(msgs) == f"(70, {sum(i * 2 for i in range(30, 100))}, [])"
+        # Resumed runs keyed exactly as the cell would: re-running it now is all hits.
+        k.run(HELPERS)
+        k.run(WORK_CELL)
+        _, msgs = k.run("futs.result(timeout=300); futs.counts()['cached']")
+        assert _value(msgs) == "100"
+    finally:
+        k.close()
+    after = _markers(marks)
+    assert [after[f"work-{i}"] for i in range(100)] == [
+        2 if 30 <= i < 34 else 1 for i in range(100)
+    ]
