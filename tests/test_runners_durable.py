@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import pandas  # noqa: F401
 import pytest
 
 import notebook_flow as nf
-from notebook_flow import config
-from notebook_flow.runners import resume, shutdown
+from notebook_flow import config, task
+from notebook_flow.cache_policies import NONE
+from notebook_flow.runners import journal, resume, shutdown
 from notebook_flow.runners.resume import read_journal
 
 SCRIPT = textwrap.dedent(
@@ -164,3 +166,34 @@ def test_resume_after_sigkill_runs_only_what_was_unfinished(tmp_path, python_env
     assert len(resume()) == 0
     folder = config.get_store().local_dir("journal")
     assert [n for n in os.listdir(folder) if f"_{os.getpid()}_" not in n] == []
+
+
+gate = threading.Event()
+
+
+@task(cache_policy=NONE)
+def held():
+    assert gate.wait(60)
+
+
+@task(cache_policy=NONE)
+def quick(i):
+    return i
+
+
+def test_journal_stays_small_and_keeps_only_live_runs(monkeypatch):
+    monkeypatch.setattr(journal, "_COMPACT_AT", 8192)
+    gate.clear()
+    live = held.submit()
+    try:
+        for _ in range(5):
+            quick.map(range(200)).result(timeout=60)
+        journal.flush()
+        path = journal.journal_for(config.get_store()).path
+        assert path is not None and os.path.getsize(path) < 4 * 8192
+        contents = read_journal(path)
+        submitted = [run_id for meta, _ in contents.batches for run_id, _, _ in meta]
+        assert set(submitted) - contents.done == {live.run_id}
+    finally:
+        gate.set()
+    live.result(timeout=60)

@@ -16,6 +16,7 @@ submissions), ``resume.py`` (:func:`resume`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ __all__ = [
     "submit_task",
 ]
 
+logger = logging.getLogger("notebook_flow")
+
 
 def submit_task(
     task: Task[..., Any],
@@ -93,22 +96,21 @@ def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
 
     Events and the journal are flushed, so ``history()`` shows the final states.
     """
-    from .journal import _journals, flush
+    from notebook_flow.config import get_metadata, get_store
 
+    from .journal import flush
+
+    stores = {id(f._call.store): f._call.store for f in in_flight() if f._call is not None}
     shutdown_default(wait, cancel_pending=cancel_pending)
     flush()
     if wait:
-        from notebook_flow.config import get_metadata
-
-        for journal in list(_journals.values()):
+        default = get_store()
+        stores.setdefault(id(default), default)
+        for store in stores.values():
             try:
-                get_metadata(journal.store).flush(timeout=30)
+                get_metadata(store).flush(timeout=30)
             except Exception:  # a metadata problem never fails a shutdown
-                import logging
-
-                logging.getLogger("notebook_flow").warning(
-                    "could not flush run events", exc_info=True
-                )
+                logger.warning("could not flush the run events of %s", store.url, exc_info=True)
 
 
 def __getattr__(name: str) -> Any:

@@ -20,6 +20,7 @@ import contextvars
 import dataclasses
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -61,8 +62,21 @@ __all__ = [
 
 logger = logging.getLogger("notebook_flow")
 
-_notebook_path = _identity.notebook_path
 _current_cell = _identity.current_cell
+_process = _identity.process
+_JPY_SESSION = os.environ.get("JPY_SESSION_NAME") or None
+
+
+def _notebook_path() -> str | None:
+    # The lookups of _identity.notebook_path(), through the namespace dict: a missing
+    # module attribute costs an AttributeError (~3 µs), and this runs on every submit.
+    namespace = getattr(sys.modules.get("__main__"), "__dict__", None) or {}
+    for name in ("__session__", "__vsc_ipynb_file__"):
+        value = namespace.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return _JPY_SESSION
+
 
 _PENDING = RunState.PENDING
 _RUNNING = RunState.RUNNING
@@ -110,6 +124,7 @@ class WorkerCall(_Call):
             elif state is _CACHED:
                 fut.saved = self._saved
         t = self.task
+        p = _process()
         try:
             event = _RunEvent(
                 run_id=self.run_id,
@@ -121,6 +136,10 @@ class WorkerCall(_Call):
                 notebook=self._notebook,
                 cell=self._cell,
                 tags=t.tags,
+                host=p.host,
+                pid=p.pid,
+                pid_start=p.start_time,
+                kernel=p.kernel,
                 **fields,
             )
             _metadata(self.store).record_run(event)

@@ -172,7 +172,7 @@ class Journal:
         self._fd: int | None = None
         self._failed = False
         self._tasks: weakref.WeakKeyDictionary[Task[..., Any], int] = weakref.WeakKeyDictionary()
-        self._task_ok: dict[int, bool] = {}
+        self._task_error: dict[int, str | None] = {}  # why a task could not be pickled
         self._static: list[bytes] = []  # header, task and lines frames (kept for compaction)
         self._lines_seen: set[str] = set()
         self._batches: dict[int, _Batch] = {}
@@ -245,8 +245,10 @@ class Journal:
         records = []
         for run_id, task, args, kwargs, wait_for, at, cell in subs:
             index = self._task_index(task, out)
-            if not self._task_ok[index]:
-                self._skip(run_id, task.name, "the task itself could not be pickled", out)
+            error = self._task_error[index]
+            if error is not None:
+                reason = f"the task cannot be pickled ({error}; check the globals it uses)"
+                self._skip(run_id, task.name, reason, out)
                 continue
             records.append((run_id, index, task.name, args, kwargs, wait_for, at, cell))
         if not records:
@@ -300,7 +302,7 @@ class Journal:
         index = self._tasks.get(task)
         if index is not None:
             return index
-        index = len(self._task_ok)
+        index = len(self._task_error)
         try:
             blob: bytes | None = _dumps_capped(task, 1 << 30)
             error = None
@@ -308,7 +310,7 @@ class Journal:
             blob, error = None, f"{type(exc).__name__}: {exc}"
             logger.info("task `%s` cannot be journaled: %s", task.name, error)
         self._tasks[task] = index
-        self._task_ok[index] = blob is not None
+        self._task_error[index] = error
         frame = _frame(
             _TASK, pickle.dumps((index, task.name, task.identity, blob, error), protocol=5)
         )
@@ -333,22 +335,26 @@ class Journal:
     def _open(self) -> int:
         if self._fd is not None:
             return self._fd
-        p = _identity.process()
-        folder = self.store.local_dir("journal")
-        host = re.sub(r"[^A-Za-z0-9.-]", "-", p.host)
-        self.path = os.path.join(folder, f"{host}_{p.pid}_{p.start_time or 0}_{p.session}{_SUFFIX}")
-        header = {
-            "host": p.host,
-            "pid": p.pid,
-            "start_time": p.start_time,
-            "kernel": p.kernel,
-            "notebook": _identity.notebook_path(),
-            "created": time.time(),
-        }
-        self._static.insert(0, _frame(_HEADER, pickle.dumps(header)))
+        if self.path is None:
+            p = _identity.process()
+            folder = self.store.local_dir("journal")
+            host = re.sub(r"[^A-Za-z0-9.-]", "-", p.host)
+            name = f"{host}_{p.pid}_{p.start_time or 0}_{p.session}{_SUFFIX}"
+            self.path = os.path.join(folder, name)
+            header = {
+                "host": p.host,
+                "pid": p.pid,
+                "start_time": p.start_time,
+                "kernel": p.kernel,
+                "notebook": _identity.notebook_path(),
+                "created": time.time(),
+            }
+            self._static.insert(0, _frame(_HEADER, pickle.dumps(header)))
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(fd, _MAGIC + self._static[0])
-        self._size = len(_MAGIC) + len(self._static[0])
+        if os.fstat(fd).st_size == 0:  # new (or removed meanwhile): header and task frames
+            start = b"".join([_MAGIC, *self._static])
+            os.write(fd, start)
+            self._size = len(start)
         self._fd = fd
         return fd
 
@@ -364,6 +370,8 @@ class Journal:
             self._size += len(data)
             if self._size > max(_COMPACT_AT, 4 * self._live_bytes):
                 self._compact()
+            if not self._run_batch and not self._unresumable:
+                self._close(remove=False)  # idle: no descriptor held between bursts
         except OSError as exc:
             self._failed = True
             logger.warning(
@@ -375,7 +383,7 @@ class Journal:
 
     def _compact(self) -> None:
         """Rewrite the journal with only what is still live (atomic rename)."""
-        assert self.path is not None and self._fd is not None
+        assert self.path is not None
         parts = [_MAGIC, *self._static]
         for batch in self._batches.values():
             parts.append(batch.frame)
@@ -393,8 +401,7 @@ class Journal:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._close(remove=False)
         self._size = len(data)
 
     def _close(self, remove: bool) -> None:

@@ -1,0 +1,161 @@
+"""The embedded worker: the submit() call, submit + result throughput (uncached and
+cached), and a map of 10,000 cached items — beside a bare ThreadPoolExecutor (the
+ceiling: no keys, no store, no events, no journal) measured in the same run.
+
+Prefect is not installed here; the issue's figure for it (Prefect 3.9 ≈ 190 tasks/s
+through ``.submit`` on this kind of machine) is quoted in the notes, not measured.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+PREFECT_NOTE = "Prefect 3.9 ≈ 190 tasks/s (quoted from issue #3, not measured: not installed)"
+N = 10_000
+
+
+def _setup(root: Path):
+    import notebook_flow as nf
+    from notebook_flow import config
+    from notebook_flow.cache_policies import INPUTS, NONE
+
+    config._reset_for_tests()
+    nf.configure(store=str(root / "nf"))
+
+    @nf.task(cache_policy=NONE)
+    def noop():
+        return None
+
+    @nf.task(cache_policy=INPUTS)
+    def ident(x):
+        return x
+
+    return noop, ident
+
+
+def _noop():
+    return None
+
+
+def _best_rate(fn, n: int, repeat: int = 3) -> float:
+    best = 0.0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+def _median_call_us(submit, n: int) -> float:
+    # Each call timed on its own: the median is the cost of the call; calls the GIL
+    # switch interval hands to a worker thread mid-way are the slow tail.
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        submit()
+        samples.append(clock() - t0)
+    return statistics.median(samples) / 1000
+
+
+def run() -> list[dict]:
+    from notebook_flow import config
+    from notebook_flow.runners import shutdown
+
+    root = Path(tempfile.mkdtemp(prefix="nf-bench-worker-"))
+    rows = []
+    pool = cf.ThreadPoolExecutor(8)
+    try:
+        noop, ident = _setup(root)
+        for i in range(N):  # warm: every later ident(i) is a cache hit
+            ident(i)
+        noop.submit().result()
+        shutdown(wait=True)
+        config.get_metadata().flush()
+
+        # -- the submit() call ------------------------------------------------------------
+        futs = []
+        ours = _median_call_us(lambda: futs.append(noop.submit()), 5000)
+        for f in futs:
+            f.result()
+        tpe = []
+        peer = _median_call_us(lambda: tpe.append(pool.submit(_noop)), 5000)
+        for f in tpe:
+            f.result()
+        rows.append(
+            {
+                "benchmark": "submit() call, no-op task",
+                "metric": "µs/call (median)",
+                "ours": ours,
+                "peers": {"ThreadPoolExecutor.submit µs": peer},
+                "target": "≤ 30 µs",
+                "ok": ours <= 30,
+            }
+        )
+
+        # -- submit + result throughput -----------------------------------------------------
+        def ours_uncached() -> None:
+            fs = [noop.submit() for _ in range(N)]
+            for f in fs:
+                f.result()
+
+        def ours_cached() -> None:
+            fs = [ident.submit(i) for i in range(N)]
+            for f in fs:
+                f.result()
+
+        def bare() -> None:
+            fs = [pool.submit(_noop) for _ in range(N)]
+            for f in fs:
+                f.result()
+
+        tpe_rate = _best_rate(bare, N)
+        for name, fn in (("uncached", ours_uncached), ("cached", ours_cached)):
+            rate = _best_rate(fn, N)
+            rows.append(
+                {
+                    "benchmark": f"submit + result, {N:,} no-op runs, {name}",
+                    "metric": "tasks/s",
+                    "ours": rate,
+                    "peers": {"bare ThreadPoolExecutor tasks/s": tpe_rate},
+                    "target": "≥ 20,000/s",
+                    "ok": rate >= 20_000,
+                    "notes": PREFECT_NOTE,
+                }
+            )
+
+        # -- map of cached items ------------------------------------------------------------------
+        items = list(range(N))
+        rate = _best_rate(lambda: ident.map(items).result(), N)
+        tpe_map = _best_rate(lambda: list(pool.map(_noop_one, items)), N)
+        rows.append(
+            {
+                "benchmark": f"map over {N:,} items, all cached",
+                "metric": "items/s",
+                "ours": rate,
+                "peers": {"ThreadPoolExecutor.map items/s": tpe_map},
+                "target": "≥ 20,000/s",
+                "ok": rate >= 20_000,
+            }
+        )
+        shutdown(wait=True)
+        config.get_metadata().flush()
+    finally:
+        pool.shutdown()
+        config._reset_for_tests()
+        shutil.rmtree(root, ignore_errors=True)
+    return rows
+
+
+def _noop_one(x):
+    return x
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
