@@ -80,6 +80,8 @@ def stop(proc: subprocess.Popen[str]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(20)
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def fill_store() -> None:
@@ -148,7 +150,7 @@ def test_standalone_dashboard_shows_runs_and_invalidates(browser, dashboard):
     try:
         page.goto(dashboard)
         runs_kpi = page.locator("#kpi-runs .nf-kpi-value")
-        expect(runs_kpi).to_have_text("12", timeout=30_000)
+        expect(runs_kpi).to_have_text("12", timeout=60_000)
         expect(page.locator("#kpi-hit-rate .nf-kpi-value")).to_have_text("33.3%")
         expect(page.locator("#kpi-failures .nf-kpi-value")).to_have_text("2")
         expect(page.locator("#kpi-storage")).to_contain_text("6 cached results")
@@ -162,33 +164,33 @@ def test_standalone_dashboard_shows_runs_and_invalidates(browser, dashboard):
 
         late(1)
         config.get_metadata(config.get_store()).flush(60)
-        expect(runs_kpi).to_have_text("13", timeout=30_000)
+        expect(runs_kpi).to_have_text("13", timeout=60_000)
 
         open_tab(page, "Runs")
         pager = page.locator(".nf-pager:visible")
-        expect(pager).to_have_attribute("data-total", "13", timeout=30_000)
+        expect(pager).to_have_attribute("data-total", "13", timeout=60_000)
         expect(page.locator(".tabulator-row:visible")).to_have_count(13)
         page.locator(".tabulator-row:visible").first.click()
-        expect(page.locator("#run-detail")).to_contain_text("Run detail", timeout=30_000)
+        expect(page.locator("#run-detail")).to_contain_text("Run detail", timeout=60_000)
         page.screenshot(path=str(SHOTS / "2-runs.png"), full_page=True)
 
         open_tab(page, "Timeline")
-        expect(page.get_by_text("runs on 1 kernel(s)/worker(s)")).to_be_visible(timeout=30_000)
+        expect(page.get_by_text("runs on 1 kernel(s)/worker(s)")).to_be_visible(timeout=60_000)
         page.wait_for_timeout(500)
         page.screenshot(path=str(SHOTS / "3-timeline.png"), full_page=True)
 
         open_tab(page, "Cache")
-        expect(pager).to_have_attribute("data-total", "7", timeout=30_000)
+        expect(pager).to_have_attribute("data-total", "7", timeout=60_000)
         rows = page.locator(".tabulator-row:visible")
         expect(rows).to_have_count(7)
         key = rows.first.locator(".tabulator-cell[tabulator-field='Key']").inner_text().strip()
         assert config.get_store().lookup(key) is not None
         rows.first.click()
         invalidate = page.get_by_role("button", name="Invalidate entry")
-        expect(invalidate).to_be_enabled(timeout=30_000)
+        expect(invalidate).to_be_enabled(timeout=60_000)
         invalidate.click()
         page.get_by_role("button", name="Confirm").click()
-        expect(pager).to_have_attribute("data-total", "6", timeout=30_000)
+        expect(pager).to_have_attribute("data-total", "6", timeout=60_000)
         expect(page.get_by_text("Invalidated 1 cached result(s).")).to_be_visible()
         assert config.get_store().lookup(key) is None
         assert key not in page.locator(".tabulator:visible").inner_text()
@@ -208,21 +210,21 @@ def test_standalone_dashboard_shows_runs_and_invalidates(browser, dashboard):
                     break
                 time.sleep(0.1)
             open_tab(page, "Locks")
-            expect(page.locator(".tabulator-row:visible")).not_to_have_count(0, timeout=30_000)
+            expect(page.locator(".tabulator-row:visible")).not_to_have_count(0, timeout=60_000)
             expect(page.locator(".tabulator:visible").first).to_contain_text("guarded")
             expect(page.locator(".tabulator:visible").nth(1)).to_contain_text("guarded")  # a wait
             page.screenshot(path=str(SHOTS / "5-locks.png"), full_page=True)
 
             open_tab(page, "Queue")  # the run holding the lock and the submitted one
             expect(page.locator("#queue-count")).to_have_attribute(
-                "data-count", "2", timeout=30_000
+                "data-count", "2", timeout=60_000
             )
             page.screenshot(path=str(SHOTS / "6-queue.png"), full_page=True)
         finally:
             GATE.set()
             holder.join(60)
             assert future.result(timeout=60) == 1
-        expect(page.locator("#queue-count")).to_have_attribute("data-count", "0", timeout=30_000)
+        expect(page.locator("#queue-count")).to_have_attribute("data-count", "0", timeout=60_000)
         assert not errors, errors
     finally:
         context.close()
@@ -250,8 +252,24 @@ def test_standalone_refuses_without_token_and_binds_loopback(browser, python_env
         assert response is not None and response.status == 403
         context.close()
 
-        from test_dashboard import _listening_addresses
-
         assert _listening_addresses(port) == {"127.0.0.1"}
     finally:
         stop(proc)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses with a socket listening on TCP ``port`` (/proc/net/tcp*)."""
+    found = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(name)
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                if len(address) == 8:
+                    found.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
+                else:
+                    found.add(address)
+    return found

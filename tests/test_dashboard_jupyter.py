@@ -25,8 +25,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -153,7 +151,7 @@ def test_dashboard_through_the_proxy_in_chromium(jupyter, filled_for_jupyter):
             expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=60_000)
             page.locator(".bk-tab", has_text="Runs").click()  # needs the websocket
             expect(page.locator(".nf-pager:visible")).to_have_attribute(
-                "data-total", "3", timeout=30_000
+                "data-total", "3", timeout=60_000
             )
             page.screenshot(path=str(shots / "7-jupyter-proxy.png"), full_page=True)
         finally:

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from notebook_flow.errors import MetadataError, NotebookFlowError
+from notebook_flow.errors import NotebookFlowError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -190,20 +190,13 @@ class Source:
     # -- plumbing ----------------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> pd.DataFrame:
-        """Run read-only SQL; a busy index is retried (waits), never shown as an error."""
-        delay = 0.05
-        for attempt in range(6):
-            try:
-                return self.meta.sql(sql, list(params))
-            except MetadataError as exc:
-                # Lock waits happen inside sql(); what reaches us is a timeout or a foreign
-                # process holding the file open: worth a few more tries before giving up.
-                if attempt == 5 or "cannot be used" in str(exc):
-                    raise
-                logger.debug("dashboard query retried after: %s", exc)
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        """Run read-only SQL on the index (``MetadataStore.sql``).
+
+        Contention is handled there: a read waits for the cross-process lock while kernels
+        write (and retries opening a file another program holds); what reaches the caller is
+        a ``MetadataError`` after that wait, which the app shows as "waiting", not as a failure.
+        """
+        return self.meta.sql(sql, list(params))
 
     # -- overview ----------------------------------------------------------------------------
 

@@ -305,7 +305,7 @@ class Confirm:
 
 TASK_COLUMNS = {
     "task": "Task", "calls": "Calls", "hits": "Hits", "misses": "Misses", "hit_pct": "Hit %",
-    "failures": "Failures", "mean_s": "Mean (s)", "p95_s": "p95 (s)", "saved": "Saved",
+    "failures": "Failures", "mean_ms": "Mean (ms)", "p95_ms": "p95 (ms)", "saved": "Saved",
     "last": "Last run",
 }  # fmt: skip
 
@@ -322,7 +322,17 @@ class OverviewView(View):
 
         self.totals: dict[str, Any] = {}
         self.kpis = html("", sizing_mode="stretch_width")
-        self.tasks = _table(value=self._no_tasks(), max_height=330, sortable=True)
+        self.tasks = _table(
+            value=self._no_tasks(),
+            max_height=330,
+            sortable=True,
+            header_tooltips={
+                "Misses": "calls of a cached task that did not hit (computed or failed)",
+                "Mean (ms)": "mean duration of the runs that computed",
+                "p95 (ms)": "95th percentile duration of the runs that computed",
+                "Saved": "time the cache hits saved",
+            },
+        )
         self.chart_source = ColumnDataSource({"t": [], "hits": [], "misses": [], "failures": []})
         fig = figure(
             x_axis_type="datetime",
@@ -361,7 +371,7 @@ class OverviewView(View):
         return _empty(
             list(TASK_COLUMNS.values()),
             ints=("Calls", "Hits", "Misses", "Failures"),
-            floats=("Hit %", "Mean (s)", "p95 (s)"),
+            floats=("Hit %", "Mean (ms)", "p95 (ms)"),
         )
 
     def load(self) -> Overview:
@@ -396,8 +406,8 @@ class OverviewView(View):
             rate_col = (tasks["hits"] / decided.where(decided > 0) * 100).round(1)
             self.tasks.value = tasks.assign(
                 hit_pct=rate_col,
-                mean_s=tasks["mean_s"].round(3),
-                p95_s=tasks["p95_s"].round(3),
+                mean_ms=(tasks["mean_s"] * 1000).round(1),
+                p95_ms=(tasks["p95_s"] * 1000).round(1),
                 saved=[fmt_seconds(s) for s in tasks["saved_s"]],
                 last=[fmt_time(x) for x in tasks["last_run"]],
             )[list(TASK_COLUMNS)].rename(columns=TASK_COLUMNS)

@@ -1,0 +1,100 @@
+"""The dashboard opened from a real kernel keeps refreshing while a cell is busy."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kernel]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+OPEN = """
+import notebook_flow
+from notebook_flow import task
+
+@task(name="in_kernel")
+def in_kernel(x):
+    return x + 1
+
+in_kernel(1); in_kernel(1)
+%load_ext notebook_flow
+%flow dashboard
+"""
+
+
+def _outputs(kc, code: str, timeout: float = 120) -> tuple[str, str]:
+    text: list[str] = []
+    html: list[str] = []
+    errors: list[str] = []
+
+    def hook(msg):
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            text.append(content["text"])
+        elif kind in ("display_data", "execute_result"):
+            html.append(content["data"].get("text/html", ""))
+            text.append(content["data"].get("text/plain", ""))
+        elif kind == "error":
+            errors.append("\n".join(content["traceback"]))
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    assert reply["content"]["status"] == "ok", errors
+    return "".join(text), "".join(html)
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package")
+def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(tmp_path: Path, isolated_store):
+    from jupyter_client.manager import KernelManager
+    from playwright.sync_api import expect, sync_playwright
+
+    env = dict(os.environ, NOTEBOOK_FLOW_STORE=str(isolated_store))
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        _, html = _outputs(kc, OPEN)
+        match = re.search(r'<iframe src="([^"]+)"', html)
+        assert match, html
+        url = match.group(1).replace("&amp;", "&")
+        assert url.startswith("http://127.0.0.1:") and "token=" in url
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.goto(url)
+                expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("2", timeout=60_000)
+                # A busy cell: it records a run, then keeps the kernel busy. The dashboard,
+                # served from a thread of that kernel, still answers and shows the new run.
+                busy = 30.0
+                started = time.monotonic()
+                kc.execute(
+                    "in_kernel(2)\n"
+                    "notebook_flow.config.get_metadata().flush(30)\n"
+                    f"import time; time.sleep({busy})"
+                )
+                expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=20_000)
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    assert r.status == 200
+                # Auto-refresh (every 5 s) showed the run before the cell finished.
+                assert time.monotonic() - started < busy - 2
+                assert not kc.shell_channel.msg_ready()  # no reply yet: still busy
+            finally:
+                browser.close()
+        km.interrupt_kernel()
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
