@@ -78,7 +78,8 @@ class Dashboard:
         threading.Thread(
             target=_fill_future, args=(first_read, self.source.overview), daemon=True
         ).start()
-        self.refresh_seconds = refresh_seconds
+        # 0 starts with auto-refresh off; ticking the box then refreshes every 5 s.
+        self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
         self.updated_at: float | None = None
         self.problem: str | None = None
         self._refreshing = False
@@ -101,7 +102,7 @@ class Dashboard:
 
         self.status = html("", css_classes=["nf-status"], margin=(14, 10))
         self.auto = pn.widgets.Checkbox(
-            label=f"auto-refresh every {refresh_seconds:g} s",
+            label=f"auto-refresh every {self.refresh_seconds:g} s",
             value=refresh_seconds > 0,
             margin=(16, 10),
         )
@@ -280,7 +281,7 @@ class Dashboard:
             self._callback = None
 
     def _auto_changed(self, event: Any) -> None:
-        if event.new and self.refresh_seconds > 0:
+        if event.new:
             self._start_timer()
         else:
             self.stop()

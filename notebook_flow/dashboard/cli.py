@@ -74,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from .serve import DashboardServer, serve
 
     def ready(server: DashboardServer) -> None:
-        print(f"notebook_flow dashboard for {store_url}\n  {server.url}\nPress Ctrl-C to stop.")
+        # Behind the Jupyter proxy the token stays out of the output (it lands in Jupyter's
+        # log); the proxy adds it to every request itself.
+        url = server.base_url if args.proxied else server.url
+        print(f"notebook_flow dashboard for {store_url}\n  {url}\nPress Ctrl-C to stop.")
         sys.stdout.flush()
 
     from notebook_flow.config import get_store
