@@ -453,3 +453,49 @@ def test_proxy_entry_for_jupyter_server_proxy():
     assert entry["launcher_entry"]["title"] == "notebook_flow"
     assert entry["launcher_entry"]["icon_path"].endswith("notebook_flow.svg")
     assert jupyter._jupyter_server_extension_points() == [{"module": "notebook_flow.jupyter"}]
+
+
+WRITER = """
+import os, sys, time
+import notebook_flow as nf
+
+@nf.task(name="writer")
+def write(i):
+    return i
+
+end = time.time() + float(sys.argv[1])
+n = 0
+while time.time() < end:
+    write(os.getpid() * 100_000 + n)
+    n += 1
+nf.config.get_metadata().flush(120)
+print(n)
+"""
+
+
+def test_refreshing_while_processes_write_never_fails(python_env, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    dash = _dashboard()
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), "4"], env=python_env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    refreshes = 0
+    try:
+        while any(w.poll() is None for w in writers):
+            dash.tabs.active = refreshes % 6
+            dash.refresh()
+            assert dash.problem is None, dash.problem
+            refreshes += 1
+    finally:
+        written = [int(w.communicate(timeout=120)[0].strip()) for w in writers]
+    dash.tabs.active = 0
+    dash.refresh()
+    assert refreshes > 3 and dash.problem is None
+    assert dash.overview.totals["runs"] == sum(written)
