@@ -32,17 +32,10 @@ from panel.io import hold  # noqa: TID253
 
 from notebook_flow.errors import MetadataError
 
+from .admin import CacheView, LocksView
 from .queries import Source
-from .views import (
-    CacheView,
-    LocksView,
-    OverviewView,
-    QueueView,
-    RunsView,
-    TimelineView,
-    View,
-    html,
-)
+from .views import OverviewView, QueueView, RunsView, TimelineView
+from .widgets import View, html
 
 if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
