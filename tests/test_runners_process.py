@@ -71,7 +71,7 @@ def dask_runner():
     pytest.importorskip("distributed")
     from notebook_flow.runners import DaskRunner
 
-    runner = DaskRunner(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None)
+    runner = DaskRunner(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0")
     yield runner
     runner.shutdown()
 
