@@ -9,9 +9,9 @@ this process, started on first use — unless a runner is active::
     with DaskRunner("tcp://scheduler:8786"):   # a Dask distributed cluster
         futs = crunch.map(chunks)
 
-Layout: ``base.py`` (the submit path, dependencies, limits), ``thread.py`` (the embedded
-worker), ``process.py`` and ``dask.py`` (other pools), ``journal.py`` (durable
-submissions), ``resume.py`` (:func:`resume`).
+Layout: ``base.py`` (the submit path, dependencies), ``limits.py`` (concurrency limits),
+``thread.py`` (the embedded worker), ``process.py`` and ``dask.py`` (other pools),
+``journal.py`` (durable submissions), ``resume.py`` (:func:`resume`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from .base import (
     current_runner,
     in_flight,
     map_with,
-    set_concurrency_limit,
     submit_with,
 )
+from .limits import set_concurrency_limit
 from .resume import Resumed, Unresumable, resume
 from .thread import ThreadRunner, shutdown_default
 

@@ -23,7 +23,6 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,6 +41,7 @@ from notebook_flow.states import RunState
 from notebook_flow.tasks import _Call, _run_async, _run_sync
 
 from .journal import journal_for
+from .limits import admit, limits_for, release
 
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
@@ -57,7 +57,6 @@ __all__ = [
     "execute",
     "in_flight",
     "remote_run",
-    "set_concurrency_limit",
 ]
 
 logger = logging.getLogger("notebook_flow")
@@ -311,103 +310,6 @@ def complete_remote(
     fut._finish(RunState(state_name), value, None)
 
 
-# --------------------------------------------------------------------------- limits
-
-
-class _Limit:
-    """A concurrency limit: at most ``limit`` runs hold it; the others wait, parked."""
-
-    __slots__ = ("active", "limit", "name", "parked")
-
-    def __init__(self, name: str, limit: int) -> None:
-        self.name = name
-        self.limit = limit
-        self.active = 0
-        self.parked: deque[TaskFuture[Any]] = deque()
-
-    def __repr__(self) -> str:
-        return f"<limit {self.name}: {self.active}/{self.limit}, {len(self.parked)} waiting>"
-
-
-_limits_lock = threading.Lock()
-_task_limits: dict[str, _Limit] = {}
-_tag_limits: dict[str, _Limit] = {}
-
-
-def set_concurrency_limit(tag: str, limit: int | None) -> None:
-    """At most ``limit`` runs of tasks tagged ``tag`` run at once in this process
-    (None removes the limit). Per-task limits use ``@task(max_concurrency=n)``.
-
-    >>> set_concurrency_limit("database", 2)                # doctest: +SKIP
-    """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        from notebook_flow.errors import ConfigurationError
-
-        raise ConfigurationError(f"limit must be a positive int or None, got {limit!r}")
-    with _limits_lock:
-        current = _tag_limits.get(tag)
-        if limit is None:
-            _tag_limits.pop(tag, None)
-            if current is not None:
-                current.limit = 1 << 30  # release everything parked on it
-        elif current is None:
-            _tag_limits[tag] = _Limit(f"tag {tag!r}", limit)
-        else:
-            current.limit = limit
-    if current is not None:
-        _admit_parked((current,))
-
-
-def limits_for(task: Task[..., Any]) -> tuple[_Limit, ...]:
-    n = task.max_concurrency
-    if n is None and not _tag_limits:
-        return ()
-    found: list[_Limit] = []
-    with _limits_lock:
-        if n is not None:
-            limit = _task_limits.get(task.identity)
-            if limit is None:
-                limit = _task_limits[task.identity] = _Limit(f"task `{task.name}`", n)
-            limit.limit = n
-            found.append(limit)
-        for tag in task.tags:
-            limit = _tag_limits.get(tag)
-            if limit is not None:
-                found.append(limit)
-    return tuple(found)
-
-
-def _admit(fut: TaskFuture[Any], limits: tuple[_Limit, ...]) -> bool:
-    """Take a slot of every limit, or park the run on the first full one."""
-    with _limits_lock:
-        for limit in limits:
-            if limit.active >= limit.limit:
-                limit.parked.append(fut)
-                return False
-        for limit in limits:
-            limit.active += 1
-    fut._limits = limits  # held: released when the run finishes
-    return True
-
-
-def _release(limits: tuple[_Limit, ...]) -> None:
-    with _limits_lock:
-        for limit in limits:
-            limit.active -= 1
-    _admit_parked(limits)
-
-
-def _admit_parked(limits: tuple[_Limit, ...]) -> None:
-    for limit in limits:
-        while True:
-            with _limits_lock:
-                if not limit.parked or limit.active >= limit.limit:
-                    break
-                fut = limit.parked.popleft()
-            if fut._state is _PENDING and fut._runner is not None:
-                fut._runner._dispatch(fut)
-
-
 # --------------------------------------------------------------------------- runners
 
 
@@ -486,7 +388,7 @@ class BaseRunner:
 
     def _dispatch(self, fut: TaskFuture[Any]) -> None:
         limits = limits_for(fut.task)
-        if limits and not _admit(fut, limits):
+        if limits and not admit(fut, limits):
             return
         self._send(fut)
 
@@ -635,7 +537,7 @@ def _on_final(fut: TaskFuture[Any]) -> None:
     limits = fut._limits
     if limits:
         fut._limits = ()
-        _release(limits)
+        release(limits)
     call = fut._call
     if call is not None:
         journal_for(call.store).done(fut.run_id)
@@ -647,10 +549,6 @@ TaskFuture._on_final = _on_final
 def _after_fork_in_child() -> None:
     # Runs of the parent are not ours: their threads do not exist in the child.
     _inflight.clear()
-    _task_limits.clear()
-    _tag_limits.clear()
-    global _limits_lock
-    _limits_lock = threading.Lock()
     from notebook_flow import futures
 
     futures._lock = threading.Lock()

@@ -29,7 +29,8 @@ from typing import Any
 
 from notebook_flow.futures import TaskFuture
 
-from .base import BaseRunner, execute, limits_for
+from .base import BaseRunner, execute
+from .limits import limits_for
 
 __all__ = ["ThreadRunner", "default_runner", "shutdown_default"]
 
