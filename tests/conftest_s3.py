@@ -41,8 +41,14 @@ def s3_server() -> Iterator[str]:
         endpoint = f"http://{host}:{port}"
         import s3fs
 
-        fs = s3fs.S3FileSystem(**s3_options(endpoint))
-        fs.mkdir(BUCKET)
+        # skip_instance_cache: s3fs caches filesystems by options, and every test module
+        # that imports this fixture starts its own server; exist_ok-style creation keeps a
+        # second server (or a rerun) from failing on a bucket that is already there.
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options(endpoint))
+        try:
+            fs.mkdir(BUCKET)
+        except FileExistsError:
+            pass
         yield endpoint
     finally:
         server.stop()
