@@ -25,6 +25,17 @@ def isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     config._reset_for_tests()
 
 
+@pytest.fixture(autouse=True)
+def _restore_main_module() -> Iterator[None]:
+    """An in-process IPython shell replaces sys.modules["__main__"] with its namespace
+    module (no __spec__); later tests that spawn processes (Dask's nanny, multiprocessing
+    spawn) then fail or hang. Put the real one back after every test."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
+
+
 @pytest.fixture
 def python_env(isolated_store: Path) -> dict[str, str]:
     """Environment for subprocesses: same interpreter path, same store, repo importable."""
