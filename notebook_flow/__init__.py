@@ -21,16 +21,23 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     "CachePolicy": "cache_policies",
+    "DaskRunner": "runners",
     "Explanation": "tasks",
     "FileLockManager": "locks",
+    "FutureList": "futures",
     "MemoryLockManager": "locks",
     "PostgresLockManager": "locks",
+    "ProcessRunner": "runners",
     "RedisLockManager": "locks",
     "ResultStore": "storage",
     "RunContext": "tasks",
     "RunState": "states",
     "Settings": "config",
     "Task": "tasks",
+    "TaskFuture": "futures",
+    "ThreadRunner": "runners",
+    "allow_failure": "futures",
+    "as_completed": "futures",
     "break_lock": "api",
     "cache_entries": "api",
     "configure": "config",
@@ -39,25 +46,38 @@ _EXPORTS: dict[str, str] = {
     "history": "api",
     "list_locks": "api",
     "rebuild_index": "api",
+    "resume": "runners",
+    "running": "runners",
+    "set_concurrency_limit": "runners",
     "settings": "config",
+    "shutdown": "runners",
     "stats": "api",
     "task": "tasks",
+    "unmapped": "futures",
+    "wait": "futures",
 }
 _SUBMODULES = ("cache_policies", "errors", "hashing", "locks", "serializers", "storage")
 
 __all__ = [
     "CachePolicy",
+    "DaskRunner",
     "Explanation",
     "FileLockManager",
+    "FutureList",
     "MemoryLockManager",
     "PostgresLockManager",
+    "ProcessRunner",
     "RedisLockManager",
     "ResultStore",
     "RunContext",
     "RunState",
     "Settings",
     "Task",
+    "TaskFuture",
+    "ThreadRunner",
     "__version__",
+    "allow_failure",
+    "as_completed",
     "break_lock",
     "cache_entries",
     "cache_policies",
@@ -71,12 +91,18 @@ __all__ = [
     "load_ipython_extension",
     "locks",
     "rebuild_index",
+    "resume",
+    "running",
     "serializers",
+    "set_concurrency_limit",
     "settings",
+    "shutdown",
     "stats",
     "storage",
     "task",
     "unload_ipython_extension",
+    "unmapped",
+    "wait",
 ]
 
 
@@ -114,7 +140,17 @@ if TYPE_CHECKING:
     from .api import break_lock, cache_entries, history, list_locks, rebuild_index, stats
     from .cache_policies import CachePolicy
     from .config import Settings, configure, settings
+    from .futures import FutureList, TaskFuture, allow_failure, as_completed, unmapped, wait
     from .locks import FileLockManager, MemoryLockManager, PostgresLockManager, RedisLockManager
+    from .runners import (
+        DaskRunner,
+        ProcessRunner,
+        ThreadRunner,
+        resume,
+        running,
+        set_concurrency_limit,
+        shutdown,
+    )
     from .states import RunState
     from .storage import ResultStore
     from .tasks import Explanation, RunContext, Task, current_run, exponential_backoff, task
