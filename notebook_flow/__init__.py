@@ -56,7 +56,15 @@ _EXPORTS: dict[str, str] = {
     "unmapped": "futures",
     "wait": "futures",
 }
-_SUBMODULES = ("cache_policies", "errors", "hashing", "locks", "serializers", "storage")
+_SUBMODULES = (
+    "cache_policies",
+    "dashboard",
+    "errors",
+    "hashing",
+    "locks",
+    "serializers",
+    "storage",
+)
 
 __all__ = [
     "CachePolicy",
@@ -83,6 +91,7 @@ __all__ = [
     "cache_policies",
     "configure",
     "current_run",
+    "dashboard",
     "errors",
     "exponential_backoff",
     "hashing",
@@ -136,7 +145,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 
 if TYPE_CHECKING:
-    from . import cache_policies, errors, hashing, locks, serializers, storage
+    from . import cache_policies, dashboard, errors, hashing, locks, serializers, storage
     from .api import break_lock, cache_entries, history, list_locks, rebuild_index, stats
     from .cache_policies import CachePolicy
     from .config import Settings, configure, settings
@@ -146,11 +155,11 @@ if TYPE_CHECKING:
         DaskRunner,
         ProcessRunner,
         ThreadRunner,
-        resume,
         running,
         set_concurrency_limit,
         shutdown,
     )
+    from .runners.resume import resume
     from .states import RunState
     from .storage import ResultStore
     from .tasks import Explanation, RunContext, Task, current_run, exponential_backoff, task
