@@ -5,11 +5,11 @@ Used as metadata on runs and as lock holder ids; never part of a cache key.
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from contextvars import ContextVar, Token
 
@@ -94,9 +94,19 @@ _process: ProcessIdentity | None = None
 def process() -> ProcessIdentity:
     """The current process's identity (cached, refreshed in a forked child)."""
     global _process
-    if _process is None or _process.pid != os.getpid():
+    if _process is None:
         _process = ProcessIdentity()
     return _process
+
+
+def _forget_process() -> None:
+    global _process
+    _process = None
+
+
+# A fork hook instead of an os.getpid() check per call: this runs on every run event.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_process)
 
 
 def _kernel_id() -> str | None:
@@ -148,23 +158,32 @@ def parse_holder(holder: str) -> dict[str, str | int | None]:
     }
 
 
-@functools.lru_cache(maxsize=1)
-def _env_notebook() -> str | None:
-    return os.environ.get("JPY_SESSION_NAME") or None
+_notebook: tuple[object, float, str | None] = (None, 0.0, None)
 
 
 def notebook_path() -> str | None:
     """The notebook this code runs in, when the frontend says so; never part of a key.
 
     Looks at ``__session__`` (JupyterLab/Notebook ≥ 7), ``__vsc_ipynb_file__`` (VS Code)
-    in the user namespace, then ``JPY_SESSION_NAME``.
+    in the user namespace, then ``JPY_SESSION_NAME``. Cached for a second per ``__main__``
+    module: it is read on every run event, and the frontend sets it once per kernel.
     """
+    global _notebook
     main = sys.modules.get("__main__")
+    cached_main, when, value = _notebook
+    now = time.monotonic()
+    if cached_main is main and now - when < 1.0:
+        return value
+    value = None
     for name in ("__session__", "__vsc_ipynb_file__"):
-        value = getattr(main, name, None)
-        if isinstance(value, str) and value:
-            return value
-    return _env_notebook()
+        found = getattr(main, name, None)
+        if isinstance(found, str) and found:
+            value = found
+            break
+    else:
+        value = os.environ.get("JPY_SESSION_NAME") or None
+    _notebook = (main, now, value)
+    return value
 
 
 _cell: ContextVar[str | None] = ContextVar("notebook_flow_cell", default=None)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import xxhash
 
 from .errors import CacheKeyError, ConfigurationError, UnhashableError, UnhashableInputError
+from .hashing import fingerprint
+from .sourcehash import source_components
 
 if TYPE_CHECKING:
     from .locks.base import LockManager
@@ -216,8 +218,6 @@ class Inputs(CachePolicy):
     exclude: frozenset[str] = frozenset()
 
     def compute_components(self, ctx: KeyContext) -> dict[str, str] | None:
-        from .hashing import fingerprint
-
         out: dict[str, str] = {}
         for name, value in ctx.arguments.items():
             if name in self.exclude:
@@ -259,8 +259,6 @@ class TaskSource(CachePolicy):
     """
 
     def compute_components(self, ctx: KeyContext) -> dict[str, str] | None:
-        from .sourcehash import source_components
-
         return source_components(ctx.task.fn, label=f"source of task `{ctx.task.name}`")
 
     def __repr__(self) -> str:

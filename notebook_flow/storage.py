@@ -339,6 +339,8 @@ class ResultStore:
         self._fs: AbstractFileSystem | None = fs
         self._pid = os.getpid()
         self.inline_limit = INLINE_LIMIT  # bytes; 0 keeps every payload in a file of its own
+        #: Deletes made through this object (in-process caches compare it to drop entries).
+        self.deletions = 0
 
     # -- configuration, pickling, connection -------------------------------------------
 
@@ -900,6 +902,7 @@ class ResultStore:
     def delete(self, key: str) -> bool:
         """Remove the entry for ``key`` (manifest first, then payload); False if absent."""
         key = validate_key(key)
+        self.deletions += 1
         rel = self._manifest_rel(key)
         try:
             data: bytes | None = self._read_bytes(rel)

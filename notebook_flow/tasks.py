@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from . import _identity
+from . import _identity, config
 from .cache_policies import DEFAULT, CachePolicy, KeyContext, combine_components
 from .errors import (
     CommitError,
@@ -49,6 +49,7 @@ from .errors import (
     StorageError,
     TaskTimeoutError,
 )
+from .metadata import CacheEntry, LockEvent, RunEvent
 from .states import RunState
 
 if TYPE_CHECKING:
@@ -82,10 +83,18 @@ _run_counter = itertools.count()
 def new_run_id() -> str:
     """A run id, unique across processes and hosts (64 random bits + a counter)."""
     global _run_prefix
-    pid = os.getpid()
-    if _run_prefix[0] != pid:  # re-seed in a forked child
-        _run_prefix = (pid, os.urandom(8).hex())
+    if not _run_prefix[1]:
+        _run_prefix = (0, os.urandom(8).hex())
     return f"{_run_prefix[1]}{next(_run_counter):016x}"
+
+
+def _reseed_run_ids() -> None:  # a forked child must not repeat its parent's ids
+    global _run_prefix
+    _run_prefix = (0, "")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed_run_ids)
 
 
 _NOT_SET: Any = object()
@@ -131,22 +140,33 @@ class _HotCache:
     what the next hit returns.
     """
 
-    def __init__(self, max_entries: int = 4096, max_size: int = 64 * 1024) -> None:
+    def __init__(
+        self, max_entries: int = 4096, max_size: int = 64 * 1024, recheck_after: float = 0.5
+    ) -> None:
         self.max_entries = max_entries
         self.max_size = max_size
-        self._entries: collections.OrderedDict[str, tuple[Any, Manifest, bool, Any]] = (
-            collections.OrderedDict()
-        )
+        self.recheck_after = recheck_after
+        self._entries: collections.OrderedDict[
+            tuple[str, str], tuple[Any, tuple[float, int], Manifest, bool, Any]
+        ] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, store: ResultStore, key: str) -> tuple[Manifest, Any] | None:
-        entry = self._entries.get(key)
+        slot = (store.url, key)  # the same key may live in several stores
+        entry = self._entries.get(slot)
         if entry is None:
             return None
-        stamp, manifest, pickled, payload = entry
-        if stamp != store.manifest_stamp(key):
-            self.discard(key)
-            return None
+        stamp, checked, manifest, pickled, payload = entry
+        now = time.monotonic()
+        if now - checked[0] > self.recheck_after or checked[1] != store.deletions:
+            # Re-validate against the manifest file at most every `recheck_after` seconds,
+            # and at once after a delete in this process: a key is content-addressed, so an
+            # entry another process replaced or deleted within that window still holds a
+            # correct result for the same inputs.
+            if stamp != store.manifest_stamp(key):
+                self.discard(slot)
+                return None
+            self._entries[slot] = (stamp, (now, store.deletions), manifest, pickled, payload)
         if pickled:
             import pickle
 
@@ -169,14 +189,16 @@ class _HotCache:
             except Exception:  # not picklable by reference in this process: don't keep it
                 return
         with self._lock:
-            self._entries[manifest.key] = (stamp, manifest, pickled, payload)
-            self._entries.move_to_end(manifest.key)
+            checked = (time.monotonic(), store.deletions)
+            slot = (store.url, manifest.key)
+            self._entries[slot] = (stamp, checked, manifest, pickled, payload)
+            self._entries.move_to_end(slot)
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
 
-    def discard(self, key: str) -> None:
+    def discard(self, slot: tuple[str, str]) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            self._entries.pop(slot, None)
 
     def clear(self) -> None:
         with self._lock:
@@ -618,8 +640,6 @@ def _expired_reason(manifest: Manifest) -> str:
 
 def _store_for(t: Task[Any, Any]) -> ResultStore:
     """The task's store, cached on the task until the settings change."""
-    from . import config
-
     cached = t._store_cache
     if cached is not None and cached[0] == config.generation:
         return cached[1]
@@ -632,9 +652,7 @@ def _store_for(t: Task[Any, Any]) -> ResultStore:
 def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -> None:
     """Hand an event to the metadata recorder; a metadata problem never fails a task."""
     try:
-        from .config import get_metadata
-
-        action(get_metadata(store))
+        action(config.get_metadata(store))
     except Exception:
         logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
@@ -689,8 +707,6 @@ class _Call:
     # -- events ------------------------------------------------------------------------------
 
     def record(self, state: RunState, **fields: Any) -> None:
-        from .metadata import RunEvent
-
         t = self.task
         event = RunEvent(
             run_id=self.run_id,
@@ -784,8 +800,6 @@ class _Call:
         s = settings()
 
         def on_event(event: str, info: dict[str, Any]) -> None:
-            from .metadata import LockEvent
-
             le = LockEvent(
                 key=self.key or "",
                 holder=str(info.get("holder", "")),
@@ -935,8 +949,6 @@ class _Call:
                 raise
             _crash_point("after_manifest")
             size = manifest.size
-            from .metadata import CacheEntry
-
             entry = CacheEntry(
                 key=manifest.key,
                 task=t.name,

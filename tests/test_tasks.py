@@ -442,3 +442,22 @@ def test_rebuild_index_from_manifests():
     assert nf.rebuild_index() == 2
     entries = nf.cache_entries()
     assert len(entries) == 2
+
+
+def test_in_process_hot_cache_is_per_store_and_copies_mutable_values(tmp_path):
+    @task
+    def listing(x):
+        calls.append(x)
+        return [x]
+
+    a = listing.with_options(result_storage=str(tmp_path / "a"))
+    b = listing.with_options(result_storage=str(tmp_path / "b"))
+    assert a(1) == [1] and a(1) == [1]
+    assert b(1) == [1]  # same key, another store: computed there, not served from memory
+    assert calls == [1, 1]
+    got = a(1)
+    got.append(99)  # mutating a returned value never changes what the next hit returns
+    assert a(1) == [1]
+    assert a.clear_cache() == 1
+    assert a(1) == [1]  # a delete in this process is seen at once
+    assert calls == [1, 1, 1]
