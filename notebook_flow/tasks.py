@@ -141,11 +141,17 @@ class _HotCache:
     """
 
     def __init__(
-        self, max_entries: int = 4096, max_size: int = 64 * 1024, recheck_after: float = 0.5
+        self,
+        max_entries: int = 65_536,
+        max_size: int = 64 * 1024,
+        max_bytes: int = 64 * 2**20,
+        recheck_after: float = 0.5,
     ) -> None:
         self.max_entries = max_entries
         self.max_size = max_size
+        self.max_bytes = max_bytes  # budget for the payloads kept (by their stored size)
         self.recheck_after = recheck_after
+        self._bytes = 0
         self._entries: collections.OrderedDict[
             tuple[str, str], tuple[Any, tuple[float, int], Manifest, bool, Any]
         ] = collections.OrderedDict()
@@ -191,18 +197,25 @@ class _HotCache:
         with self._lock:
             checked = (time.monotonic(), store.deletions)
             slot = (store.url, manifest.key)
+            old = self._entries.pop(slot, None)
+            if old is not None:
+                self._bytes -= old[2].size
             self._entries[slot] = (stamp, checked, manifest, pickled, payload)
-            self._entries.move_to_end(slot)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            self._bytes += manifest.size
+            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted[2].size
 
     def discard(self, slot: tuple[str, str]) -> None:
         with self._lock:
-            self._entries.pop(slot, None)
+            old = self._entries.pop(slot, None)
+            if old is not None:
+                self._bytes -= old[2].size
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._bytes = 0
 
 
 _hot = _HotCache()
@@ -948,6 +961,7 @@ class _Call:
                     exc.result = value  # type: ignore[attr-defined]
                 raise
             _crash_point("after_manifest")
+            _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
             size = manifest.size
             entry = CacheEntry(
                 key=manifest.key,
