@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench_storage import atomic_small_write_seconds
 
 
 def _best_per_call(fn, n: int, repeat: int = 5) -> float:
@@ -19,22 +21,6 @@ def _best_per_call(fn, n: int, repeat: int = 5) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / n)
     return best
-
-
-def _atomic_small_write(folder: Path, i: int) -> None:
-    tmp = folder / f".tmp-{i}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, b'{"value": 3}')
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, folder / f"file-{i}.json")
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def hit_overhead() -> dict:
@@ -99,12 +85,13 @@ def miss_overhead() -> dict:
         # folders (manifests/00..ff) exist. A brand-new shard costs an extra mkdir + fsync.
         for i in range(1, 1500):
             f(-i)
-        n = 200
-        ours = _best_per_call(lambda: f(next(counter)), n, repeat=3)
-        folder = root / "raw"
-        folder.mkdir()
-        raw_counter = iter(range(10**9))
-        raw = _best_per_call(lambda: _atomic_small_write(folder, next(raw_counter)), n, repeat=3)
+        samples = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            f(next(counter))
+            samples.append(time.perf_counter() - t0)
+        ours = statistics.median(samples)
+        raw = atomic_small_write_seconds(str(root), repeat=300)  # median, same disk
         config.get_metadata().flush()
         ratio = ours / raw
         return {
