@@ -23,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from notebook_flow import _identity
@@ -308,6 +308,23 @@ def complete_remote(
     value, state_name, saved = outcome
     fut.saved = saved
     fut._finish(RunState(state_name), value, None)
+
+
+def completer(fut: TaskFuture[Any]) -> Callable[[Any], None]:
+    """A done-callback for a concurrent.futures / Dask future running ``fut`` remotely.
+
+    (Dask runs such callbacks in a thread of its own, not on its event loop.)
+    """
+
+    def done(pending: Any) -> None:
+        try:
+            outcome = pending.result()
+        except BaseException as exc:  # the worker's exception, or the pool/cluster broke
+            complete_remote(fut, error=exc)
+        else:
+            complete_remote(fut, outcome)
+
+    return done
 
 
 # --------------------------------------------------------------------------- runners

@@ -23,6 +23,7 @@ from .base import (
     RemoteConfig,
     WorkerCall,
     complete_remote,
+    completer,
     remote_run,
     resolve_arguments,
 )
@@ -76,16 +77,7 @@ class DaskRunner(BaseRunner):
             complete_remote(fut, error=exc)
             return
 
-        def done(df: Any) -> None:
-            # Dask runs callbacks in a thread of its own, not on its event loop.
-            try:
-                outcome = df.result()
-            except BaseException as exc:
-                complete_remote(fut, error=exc)
-            else:
-                complete_remote(fut, outcome)
-
-        pending.add_done_callback(done)
+        pending.add_done_callback(completer(fut))
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Wait for this runner's runs, then close the client/cluster it started."""

@@ -28,6 +28,7 @@ from .base import (
     RemoteConfig,
     WorkerCall,
     complete_remote,
+    completer,
     remote_run,
     resolve_arguments,
 )
@@ -66,15 +67,7 @@ class ProcessRunner(BaseRunner):
             complete_remote(fut, error=exc)
             return
 
-        def done(cf: Any) -> None:
-            try:
-                outcome = cf.result()
-            except BaseException as exc:  # the worker's exception, or the pool broke
-                complete_remote(fut, error=exc)
-            else:
-                complete_remote(fut, outcome)
-
-        pending.add_done_callback(done)
+        pending.add_done_callback(completer(fut))
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Wait for this runner's runs; the loky pool itself is shared and reused."""
