@@ -21,7 +21,7 @@ import dataclasses
 import glob
 import inspect
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import xxhash
@@ -399,15 +399,6 @@ class CompoundPolicy(CachePolicy):
 
     def __repr__(self) -> str:
         return " + ".join(map(repr, self.policies))
-
-
-def policies_in(policy: CachePolicy) -> Iterable[CachePolicy]:
-    """The leaf policies of ``policy``."""
-    if isinstance(policy, CompoundPolicy):
-        for p in policy.policies:
-            yield from policies_in(p)
-    else:
-        yield policy
 
 
 NONE: CachePolicy = _NoCache()

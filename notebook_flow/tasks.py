@@ -35,7 +35,7 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -1117,10 +1117,3 @@ def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
     if options:
         raise ConfigurationError("use @task or @task(option=...), not task(fn, option=...)")
     return Task(__fn)
-
-
-def iter_tasks_in(namespace: dict[str, Any]) -> Iterator[Task[Any, Any]]:
-    """The tasks defined in a namespace (used by front ends)."""
-    for value in namespace.values():
-        if isinstance(value, Task):
-            yield value
