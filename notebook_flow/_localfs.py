@@ -6,6 +6,9 @@
 * ``mapped(file)``: a whole file as a read-only memory map, for hashing at memory speed.
 * A per-process memo of payloads already verified, keyed by file identity, so repeated
   loads of one memory-mapped array do not re-hash it.
+* ``seal_of(stat)``: that identity plus the boot it was taken in, written into the manifest
+  at commit, so that a later process on the same machine and boot can trust a payload
+  nobody has touched since without reading all of it.
 
 POSIX semantics are assumed (Linux, macOS); Windows may refuse to replace an open file.
 """
@@ -31,6 +34,7 @@ __all__ = [
     "makedirs_durable",
     "mapped",
     "remember_verified",
+    "seal_of",
     "verified_checksum",
     "write_atomic",
 ]
@@ -174,3 +178,29 @@ def forget_verified() -> None:
     """Clear the memo (tests and benchmarks: behave like a fresh process)."""
     with _verified_lock:
         _verified.clear()
+
+
+@functools.lru_cache(maxsize=1)
+def _boot_id() -> str | None:
+    """This boot of this machine (Linux); None where there is no such thing to read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot = f.read().strip()
+    except OSError:
+        return None
+    return boot or None
+
+
+def seal_of(st: os.stat_result) -> str | None:
+    """A payload file's identity as committed: boot, device, inode, size, mtime, ctime.
+
+    A load that finds the same seal may skip re-hashing the file. Writing to it, renaming
+    it, linking it or copying it elsewhere all change ctime or the inode, and no call sets
+    ctime back; the page cache is coherent within a boot, and after a reboot (when a power
+    cut could have torn a write, or the disk rotted) the boot differs, so the first load
+    verifies every byte again. None where there is no boot id (then loads always verify).
+    """
+    boot = _boot_id()
+    if boot is None:
+        return None
+    return f"{boot}:" + ":".join(map(str, file_identity(st)))

@@ -152,6 +152,7 @@ class Manifest:
     run_id: str
     fence: int | None = None
     inline: str | None = None  # base64 of a small payload kept in the manifest itself
+    seal: str | None = None  # the local payload file as committed: see _localfs.seal_of
 
     def expired(self, now: float | None = None) -> bool:
         """True when ``expires_at`` is set and has passed."""
@@ -161,8 +162,9 @@ class Manifest:
 
     def to_json(self) -> bytes:
         data = dataclasses.asdict(self)
-        if data["inline"] is None:  # format 1 as first written: no inline field
-            del data["inline"]
+        for optional in ("inline", "seal"):  # format 1 as first written had neither
+            if data[optional] is None:
+                del data[optional]
         return json.dumps(data, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -181,7 +183,7 @@ class Manifest:
                 f"{FORMAT_VERSION}; was it written by a newer version?)"
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        missing = [n for n, f in fields.items() if n not in raw and n not in ("fence", "inline")]
+        missing = [n for n, f in fields.items() if n not in raw and n not in _OPTIONAL_FIELDS]
         if missing:
             raise ValueError(f"missing fields {missing}")
         values: dict[str, Any] = {n: raw.get(n) for n in fields}
@@ -211,6 +213,7 @@ class Manifest:
             (not number(self.created_at) or not number(self.duration), "times"),
             (self.expires_at is not None and not number(self.expires_at), "expires_at"),
             (self.fence is not None and type(self.fence) is not int, "fence"),
+            (self.seal is not None and not isinstance(self.seal, str), "seal"),
             (
                 not isinstance(self.components, dict)
                 or not all(
@@ -223,6 +226,8 @@ class Manifest:
         if bad:
             raise ValueError(f"invalid {', '.join(bad)}")
 
+
+_OPTIONAL_FIELDS = ("fence", "inline", "seal")
 
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 INLINE_LIMIT = 16 * 1024
@@ -622,7 +627,8 @@ class ResultStore:
             st = os.fstat(f.fileno())
             identity = _localfs.file_identity(st)
             known = _localfs.verified_checksum(identity)
-            if known != manifest.checksum or mac is not None:
+            sealed = manifest.seal is not None and manifest.seal == _localfs.seal_of(st)
+            if mac is not None or (known != manifest.checksum and not sealed):
                 self._check(manifest, st.st_size, None)
                 # One pass over the mapped file feeds both digests; xxh3 runs at >10 GB/s.
                 with _localfs.mapped(f, st.st_size) as view:
@@ -630,6 +636,8 @@ class ResultStore:
                     if mac is not None:
                         mac.update(view)
                         verify_signature(mac, manifest.signature, what=self._what(manifest))
+                _localfs.remember_verified(identity, manifest.checksum)
+            elif known != manifest.checksum:
                 _localfs.remember_verified(identity, manifest.checksum)
             return self._deserialize(serializer, f, path, manifest)
 
@@ -726,13 +734,13 @@ class ResultStore:
         """
         key = validate_key(key)
         chosen = choose_serializer(value, serializer)
-        inline: str | None = None
+        inline = seal = None
         small = self._inline_payload(key, chosen, value)
         try:
             if small is not None:
                 rel, (size, checksum, signature, inline) = "", small
             else:
-                rel, size, checksum, signature = self._write_payload(key, chosen, value)
+                rel, size, checksum, signature, seal = self._write_payload(key, chosen, value)
         except SerializerDeclined as exc:
             if serializer is not None:
                 raise SerializationError(
@@ -741,7 +749,7 @@ class ResultStore:
                 ) from exc
             logger.debug("%s declined the result of %s (%s); pickling it", chosen.name, task, exc)
             chosen = _PICKLE
-            rel, size, checksum, signature = self._write_payload(key, chosen, value)
+            rel, size, checksum, signature, seal = self._write_payload(key, chosen, value)
 
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -759,6 +767,7 @@ class ResultStore:
             run_id=run_id,
             fence=fence,
             inline=inline,
+            seal=seal,
         )
         if before_manifest is not None:
             try:
@@ -820,7 +829,8 @@ class ResultStore:
 
     def _write_payload(
         self, key: str, serializer: Serializer, value: object
-    ) -> tuple[str, int, str, str | None]:
+    ) -> tuple[str, int, str, str | None, str | None]:
+        """Write the payload file: (relative path, size, checksum, signature, seal)."""
         signer = None
         if serializer.pickles and self.signing:
             try:
@@ -870,12 +880,15 @@ class ResultStore:
             raise CommitError(self._commit_failure(key, exc)) from exc
         assert sink is not None
         checksum = sink.hasher.hexdigest()
+        seal = None
         if self.is_local:
-            # We hashed these bytes as we wrote them: a load in this process needs no re-hash.
+            # We hashed these bytes as we wrote them: a later load needs no re-hash, in this
+            # process (the memo) or another one on this machine and boot (the seal).
             with contextlib.suppress(OSError):
-                identity = _localfs.file_identity(os.stat(self._path(rel)))
-                _localfs.remember_verified(identity, checksum)
-        return rel, sink.size, checksum, signer.hexdigest() if signer else None
+                st = os.stat(self._path(rel))
+                _localfs.remember_verified(_localfs.file_identity(st), checksum)
+                seal = _localfs.seal_of(st)
+        return rel, sink.size, checksum, signer.hexdigest() if signer else None, seal
 
     def _read_previous(self, key: str) -> Manifest | None:
         """The current manifest, whose payload the new commit replaces (quietly)."""

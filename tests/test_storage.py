@@ -183,9 +183,11 @@ class StorageContract:
         assert m.size == len(payload) and m.checksum == xxhash.xxh3_128_hexdigest(payload)
         on_disk = json.loads(raw_read(store, manifest_rel(KEY)))
         assert on_disk["checksum"] == m.checksum and on_disk["signature"] is None
-        assert set(on_disk) == {f.name for f in Manifest.__dataclass_fields__.values()} - {
-            "inline"  # written only for inline payloads
-        }
+        optional = {"inline"} | ({"seal"} if m.seal is None else set())
+        assert set(on_disk) == {f.name for f in Manifest.__dataclass_fields__.values()} - optional
+        # Only a local payload file is sealed (see test_sealed_payload_loads_without_rehash...)
+        sealable = store.is_local and _localfs.seal_of(os.stat(".")) is not None
+        assert (m.seal is not None) == sealable
         assert files(store) == [manifest_rel(KEY), m.payload]
 
     def test_lookup_missing_is_none(self, store: ResultStore) -> None:
@@ -560,10 +562,12 @@ def test_npy_is_memory_mapped_and_verified_once(
     )
     store.load(m)
     assert calls == []  # hashed while committing: this process knows the file is good
+    # A manifest from another boot (or machine): the first load verifies, then the memo.
+    foreign = dataclasses.replace(m, seal="another-boot" + m.seal[m.seal.index(":") :])
     _localfs.forget_verified()  # as in a fresh process
-    first = store.load(m)
+    first = store.load(foreign)
     assert isinstance(first, np.memmap) and not first.flags.writeable
-    assert store.load(m)[-1] == 99_999.0
+    assert store.load(foreign)[-1] == 99_999.0
     assert len(calls) == 1  # the second load trusted the per-process memo
     # Any change to the file (new ctime/mtime) invalidates the memo.
     path = Path(store._path(m.payload))
@@ -572,6 +576,42 @@ def test_npy_is_memory_mapped_and_verified_once(
     path.write_bytes(bytes(data))
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     with pytest.raises(PayloadCorruptError):
+        store.load(foreign)
+
+
+@pytest.mark.skipif(_localfs.seal_of(os.stat(".")) is None, reason="no boot id on this OS")
+def test_sealed_payload_loads_without_rehash_in_a_fresh_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest seals the payload file as committed: a later process on this machine
+    and boot maps it without reading every byte, unless the file changed since."""
+    store = ResultStore(str(tmp_path / "s"))
+    m = commit(store, KEY, np.arange(100_000, dtype=np.float64))
+    assert m.seal is not None and store.lookup(KEY) == m
+    calls: list[int] = []
+    real = xxhash.xxh3_128_hexdigest
+    monkeypatch.setattr(
+        storage_mod.xxhash, "xxh3_128_hexdigest", lambda b: calls.append(1) or real(b)
+    )
+    _localfs.forget_verified()  # as in a fresh process
+    assert store.load(m)[-1] == 99_999.0
+    assert calls == []
+    # Rewriting the same bytes in place moves ctime: the seal no longer matches, the bytes
+    # are verified (and found good); an altered byte is caught.
+    path = Path(store._path(m.payload))
+    good = path.read_bytes()
+    time.sleep(0.01)
+    with open(path, "r+b") as f:
+        f.write(good[:1])
+    _localfs.forget_verified()
+    assert store.load(m)[-1] == 99_999.0
+    assert calls == [1]
+    bad = bytearray(good)
+    bad[-1] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(bytes(bad))
+    _localfs.forget_verified()
+    with pytest.raises(PayloadCorruptError, match="checksum"):
         store.load(m)
 
 
