@@ -34,6 +34,7 @@ import collections
 import contextlib
 import json
 import logging
+import operator
 import os
 import re
 import sys
@@ -63,7 +64,7 @@ HEARTBEAT_INTERVAL = 60.0  # s between heartbeats while this process has runs in
 _LINGER = 0.25  # s the recorder waits after the first event, so bursts share a transaction
 _POLL = 0.01  # s between attempts at the file lock
 _MAX_BATCH = 20_000  # operations per transaction
-_MAX_PENDING = 200_000  # queued operations before new ones are dropped (with a warning)
+_MAX_PENDING = 200_000  # queued operations before producers wait for the recorder
 _MAX_ATTEMPTS = 5  # transient failures of one batch before it is dropped and reported
 _EXIT_FLUSH_TIMEOUT = 30.0
 
@@ -279,63 +280,86 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
-# Runs merge (in Python, inside the write transaction: read the batch's rows, fold, write
-# back): state-bound columns come from the winning transition, the others from the winner
-# when it has them, else from the loser. A final state beats a non-final one; among equals
-# the later transition wins (ties: the one written last). One SQL ON CONFLICT expression
-# doing the same took DuckDB 1.5 over a second to plan, per statement.
+# Runs fold in SQL, inside the write transaction: the batch's events and the rows already
+# stored for the same runs are grouped by run_id. State-bound columns come from the winning
+# transition, the others from the highest-ranked row that has them. A final state beats a
+# non-final one; among equals the later transition wins, and among ties the one written
+# last (stored rows rank below the batch, the batch in queue order). Done row by row in
+# Python this cost ~15 µs of GIL time per event on the recorder thread, which slowed every
+# other thread of the kernel; DuckDB runs the GROUP BY without holding the GIL.
 _STATE_BOUND = ("state", "updated", "ended", "error", "traceback")
 _MIN, _MAX = ("created", "started"), ("attempt",)
 _MERGED = tuple(c for c, _ in _RUNS if c not in (*_STATE_BOUND, *_MIN, *_MAX, "run_id"))
 
-
-def _is_final(state: object) -> bool:
-    return state not in _NON_FINAL
-
-
-def _merge_runs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """The Python twin of ``_UPSERT_RUNS``, used to fold one batch before the upsert."""
-    wins = (_is_final(new["state"]), new["updated"]) >= (_is_final(old["state"]), old["updated"])
-    first, second = (new, old) if wins else (old, new)
-    out = {c: first[c] for c in _STATE_BOUND}
-    out.update({c: first[c] if first[c] is not None else second[c] for c in _MERGED})
-    for c in _MIN:
-        out[c] = min((v for v in (old[c], new[c]) if v is not None), default=None)
-    out["attempt"] = max(old["attempt"], new["attempt"])
-    out["run_id"] = old["run_id"]
-    return out
+# A batch of run events as one Arrow table: the run_events columns (``time`` is the
+# event's ``at``), then ``tags`` and ``seq`` (queue order), read with one attrgetter per
+# event instead of a dict per row.
+_BATCH_COLUMNS: _Columns = (*_RUN_EVENTS, ("tags", "VARCHAR[]"), ("seq", "BIGINT"))
+_event_values = operator.attrgetter(*("at" if c == "time" else c for c, _ in _RUN_EVENTS), "tags")
 
 
-def _run_row(e: RunEvent) -> dict[str, Any]:
-    final = e.state in FINAL_STATES
-    return {
-        **_event_row(e),
-        "created": e.at,
-        "started": e.at if e.state is RunState.RUNNING else None,
-        "ended": e.at if final else None,
-        "tags": list(e.tags) or None,
-        "updated": e.at,
-    }
+def _rank(seq: str) -> str:
+    return f"{{'final': state NOT IN {_NON_FINAL_SQL}, 'updated': updated, 'seq': {seq}}}"
 
 
-def _event_row(e: RunEvent) -> dict[str, Any]:
-    return {
-        "run_id": e.run_id, "task": e.task, "task_identity": e.task_identity, "key": e.key,
-        "state": e.state.value, "time": e.at, "attempt": e.attempt, "duration": e.duration,
-        "saved": e.saved, "error": e.error, "traceback": e.traceback, "explain": e.explain,
-        "size": e.size, "inputs": e.inputs, "host": e.host, "pid": e.pid,
-        "pid_start": e.pid_start, "kernel": e.kernel, "notebook": e.notebook, "cell": e.cell,
-    }  # fmt: skip
+def _fold_runs_sql() -> str:
+    names = _names(_RUNS)
+    from_batch = ", ".join(
+        {
+            "created": "time",
+            "started": "CASE WHEN state = 'RUNNING' THEN time END",
+            "ended": f"CASE WHEN state NOT IN {_NON_FINAL_SQL} THEN time END",
+            "tags": "CASE WHEN len(tags) > 0 THEN tags END",
+            "updated": "time",
+        }.get(c, c)
+        + f" AS {c}"
+        for c, _ in _RUNS
+    )
+    aggregate = {c: f"arg_max_null({c}, rank)" for c in _STATE_BOUND}
+    aggregate.update({c: f"min({c})" for c in _MIN} | {c: f"max({c})" for c in _MAX})
+    # arg_max skips NULLs: the best-ranked value there is, for the merged columns.
+    folded = "run_id, " + ", ".join(
+        f"{aggregate.get(c, f'arg_max({c}, rank)')} AS {c}" for c, _ in _RUNS if c != "run_id"
+    )
+    return (
+        f"INSERT OR REPLACE INTO runs ({names}) SELECT {folded} FROM ("
+        f"SELECT {names}, {_rank('0')} AS rank FROM runs "
+        "WHERE run_id IN (SELECT run_id FROM _batch) UNION ALL "
+        f"SELECT {names}, {_rank('seq')} AS rank FROM (SELECT {from_batch}, seq FROM _batch)"
+        ") GROUP BY run_id"
+    )
+
+
+_FOLD_RUNS = _fold_runs_sql()
+
+
+def _batch_arrow(events: list[RunEvent]) -> Any:
+    """The batch's run events, columnar (see _BATCH_COLUMNS)."""
+    import pyarrow as pa
+
+    columns = list(zip(*map(_event_values, events), strict=True))
+    columns.append(range(1, len(events) + 1))  # type: ignore[arg-type]
+    schema = _schema(_BATCH_COLUMNS)
+    return pa.Table.from_arrays(
+        [pa.array(col, type=f.type) for col, f in zip(columns, schema, strict=True)],
+        schema=schema,
+    )
+
+
+def _schema(columns: _Columns) -> Any:
+    """The Arrow schema of a table's columns, with their exact types."""
+    import pyarrow as pa
+
+    types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64(),
+             "INTEGER": pa.int32(), "VARCHAR[]": pa.list_(pa.string())}  # fmt: skip
+    return pa.schema([(c, types[t.split(" ")[0]]) for c, t in columns])
 
 
 def _arrow(columns: _Columns, rows: Sequence[dict[str, Any]]) -> Any:
     """An Arrow table with the table's exact column types (all-NULL columns included)."""
     import pyarrow as pa
 
-    types = {"VARCHAR": pa.string(), "DOUBLE": pa.float64(), "BIGINT": pa.int64(),
-             "INTEGER": pa.int32(), "VARCHAR[]": pa.list_(pa.string())}  # fmt: skip
-    schema = pa.schema([(c, types[t.split(" ")[0]]) for c, t in columns])
-    return pa.table({c: [r.get(c) for r in rows] for c, _ in columns}, schema=schema)
+    return pa.table({c: [r.get(c) for r in rows] for c, _ in columns}, schema=_schema(columns))
 
 
 # -------------------------------------------------------------------------------- database
@@ -571,7 +595,7 @@ class _Recorder:
         self.lock_wait = self.lock_held = 0.0
         self._cond = threading.Condition()
         self._queue: collections.deque[_Op] = collections.deque()
-        self._enqueued = 0  # operations ever queued; the front of the queue is number done + 1
+        self._writing = 0  # operations taken off the queue by the transaction in progress
         self._done = 0  # operations written, or dropped and reported in _failures
         self._failures: list[tuple[int, int, BaseException]] = []  # (first, last, error)
         self._attempts = 0
@@ -586,27 +610,57 @@ class _Recorder:
         self.started_at = time.time()
 
     def put(self, op: _Op) -> None:
-        with self._cond:
-            if len(self._queue) >= _MAX_PENDING:
-                if not self._warned_full:
-                    self._warned_full = True
-                    logger.warning("Metadata queue for %s is full; dropping events", self.db.path)
-                return
-            if isinstance(op, RunEvent):
-                if op.state in FINAL_STATES:
-                    self._active.discard(op.run_id)
-                else:
-                    self._active.add(op.run_id)
-            self._queue.append(op)
-            self._enqueued += 1
-            if self._thread is None or not self._thread.is_alive():
+        # Without taking _cond: the queue and the set are thread-safe, and a worker thread
+        # that blocked on a lock the submitting thread held (three events per run) then
+        # waited a whole GIL switch interval (5 ms) to run again: 2x less throughput.
+        queue = self._queue
+        if len(queue) >= _MAX_PENDING and not self._wait_for_room():
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning(
+                    "The metadata recorder for %s wrote nothing for %gs and %d events wait; "
+                    "dropping new ones until it catches up",
+                    self.db.path,
+                    self.db.lock_timeout,
+                    len(queue),
+                )
+            return
+        if type(op) is RunEvent:
+            if op.state in FINAL_STATES:
+                self._active.discard(op.run_id)
+            else:
+                self._active.add(op.run_id)
+        queue.append(op)
+        # The recorder raises _sleeping before it looks at the queue, we append before we
+        # look at _sleeping: one of us sees the other, so no wake-up is lost. A recorder
+        # only ends when stopped with an empty queue; a lingering one stops lingering when
+        # a whole batch waits.
+        if self._sleeping or self._stop or self._thread is None or len(queue) == _MAX_BATCH:
+            with self._cond:
                 self._ensure_thread()
-            if self._sleeping:  # wake the recorder only when it waits for work: a notify
-                self._cond.notify_all()  # per event cost ~40 µs of thread switching
+                self._cond.notify_all()
+
+    def _wait_for_room(self) -> bool:
+        """Back-pressure: a producer far ahead of the database waits for the recorder (runs
+        slow down rather than lose their history). False if it made no room in time (e.g.
+        another process holds the metadata lock), or from the recorder thread itself."""
+        if threading.current_thread() is self._thread:
+            return False
+        with self._cond:
+            self._ensure_thread()
+            self._cond.notify_all()
+            return (
+                self._cond.wait_for(
+                    lambda: len(self._queue) < _MAX_PENDING or self._thread is None,
+                    self.db.lock_timeout,
+                )
+                and len(self._queue) < _MAX_PENDING
+            )
 
     def _ensure_thread(self) -> bool:
+        """A running recorder thread (the caller holds _cond); False when none can start."""
         if self._thread is not None and self._thread.is_alive():
-            return True
+            return True  # (a stopping one still writes what is queued before it ends)
         if _exiting.is_set():
             return False
         self._stop = False
@@ -621,7 +675,7 @@ class _Recorder:
     def flush(self, timeout: float | None, *, raise_errors: bool = True) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            target = self._enqueued
+            target = self._done + self._writing + len(self._queue)
             if self._done < target and not self._ensure_thread():
                 if threading.current_thread() is not threading.main_thread():
                     raise MetadataError(f"Not flushed to {self.db.path}: the interpreter exits")
@@ -667,21 +721,26 @@ class _Recorder:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stop:
-                    due = self._beat_due_in()
-                    if due is not None and due <= 0:
-                        break
-                    self._sleeping = True
-                    try:
+                try:
+                    while True:
+                        self._sleeping = True  # first, then look (see put())
+                        if self._queue or self._stop:
+                            break
+                        due = self._beat_due_in()
+                        if due is not None and due <= 0:
+                            break
                         self._cond.wait(due)
-                    finally:
-                        self._sleeping = False
+                finally:
+                    self._sleeping = False
                 if self._stop and not self._queue:
                     self._thread = None  # in the same critical section: put() starts a new one
                     return
                 if self._queue and not self._flush_waiters and not self._stop:
-                    self._cond.wait_for(
-                        lambda: self._flush_waiters > 0 or self._stop, timeout=_LINGER
+                    self._cond.wait_for(  # no lingering once a whole batch is waiting
+                        lambda: (
+                            self._flush_waiters > 0 or self._stop or len(self._queue) >= _MAX_BATCH
+                        ),
+                        timeout=_LINGER,
                     )
             try:
                 self._write_once()
@@ -699,12 +758,14 @@ class _Recorder:
                     batch = [
                         self._queue.popleft() for _ in range(min(len(self._queue), _MAX_BATCH))
                     ]
+                    self._writing = len(batch)
                     dedupe = self._dedupe
                 try:
                     self.db.write(deadline, lambda con: _write_batch(con, self, batch, dedupe))
                 except BaseException:
                     with self._cond:
                         self._queue.extendleft(reversed(batch))
+                        self._writing = 0
                     raise
         except Exception as exc:
             self._failed(exc, len(batch))
@@ -716,6 +777,7 @@ class _Recorder:
         )  # fmt: skip
         with self._cond:
             self._done += len(batch)
+            self._writing = 0
             self._attempts = 0
             self._dedupe = False
             self.batches += 1
@@ -751,16 +813,12 @@ def _write_batch(
     con: duckdb.DuckDBPyConnection, rec: _Recorder, batch: list[_Op], dedupe: bool
 ) -> None:
     """Write one batch inside an open transaction; order matters only among cache ops."""
-    runs: dict[str, dict[str, Any]] = {}
-    events: list[dict[str, Any]] = []
+    events: list[RunEvent] = []
     lock_events: list[LockEvent] = []
     cache_ops: list[CacheEntry | _Remove] = []
     for op in batch:
-        if isinstance(op, RunEvent):
-            row = _run_row(op)
-            old = runs.get(op.run_id)
-            runs[op.run_id] = row if old is None else _merge_runs(old, row)
-            events.append(_event_row(op))
+        if type(op) is RunEvent:
+            events.append(op)
         elif isinstance(op, LockEvent):
             lock_events.append(op)
         elif isinstance(op, (CacheEntry, _Remove)):
@@ -769,17 +827,8 @@ def _write_batch(
             count = _mark_crashed(con, rec.stale_after)
             if count:
                 logger.info("Marked %d runs of dead processes as crashed", count)
-    if runs:
-        _upsert_runs(con, runs)
     if events:
-        _append(
-            con,
-            "run_events",
-            _RUN_EVENTS,
-            events,
-            ("run_id", "state", "time", "attempt"),
-            dedupe=dedupe,
-        )
+        _write_run_events(con, events, dedupe=dedupe)
     _apply_cache_ops(con, cache_ops)
     if lock_events:
         _apply_lock_events(con, lock_events, dedupe)
@@ -793,16 +842,17 @@ def _write_batch(
     )  # fmt: skip
 
 
-def _upsert_runs(con: duckdb.DuckDBPyConnection, runs: dict[str, dict[str, Any]]) -> None:
-    names = _names(_RUNS)
-    con.register("_runs", _arrow(_RUNS, list(runs.values())))
-    for old in _rows(
-        con.execute(f"SELECT {names} FROM runs WHERE run_id IN (SELECT run_id FROM _runs)")
-    ):
-        runs[old["run_id"]] = _merge_runs(old, runs[old["run_id"]])
-    con.register("_runs", _arrow(_RUNS, list(runs.values())))
-    con.execute(f"INSERT OR REPLACE INTO runs ({names}) SELECT {names} FROM _runs")
-    con.unregister("_runs")
+def _write_run_events(
+    con: duckdb.DuckDBPyConnection, events: list[RunEvent], *, dedupe: bool
+) -> None:
+    """Append the events to run_events and fold them into runs (see _FOLD_RUNS)."""
+    con.register("_batch", _batch_arrow(events))
+    try:
+        key = ("run_id", "state", "time", "attempt")
+        _insert_from(con, "_batch", "run_events", _RUN_EVENTS, key, dedupe=dedupe)
+        con.execute(_FOLD_RUNS)
+    finally:
+        con.unregister("_batch")
 
 
 def _append(
@@ -816,13 +866,29 @@ def _append(
 ) -> None:
     """Append rows; when a retry may repeat an earlier commit, skip rows already there."""
     con.register("_rows", _arrow(columns, rows))
+    try:
+        _insert_from(con, "_rows", table, columns, natural_key, dedupe=dedupe)
+    finally:
+        con.unregister("_rows")
+
+
+def _insert_from(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    table: str,
+    columns: _Columns,
+    natural_key: tuple[str, ...],
+    *,
+    dedupe: bool,
+) -> None:
+    """INSERT the rows of a registered ``source``; with ``dedupe`` (a retry may repeat an
+    earlier commit) only those whose ``natural_key`` is not in ``table`` yet."""
     where = ""
     if dedupe:
         match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM b.{c}" for c in natural_key)
         where = f" WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})"
     names = _names(columns)
-    con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM _rows b{where}")
-    con.unregister("_rows")
+    con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {source} b{where}")
 
 
 def _entry_row(e: CacheEntry) -> dict[str, Any]:

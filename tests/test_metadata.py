@@ -521,6 +521,31 @@ def test_record_never_waits_for_the_database(store, path):
     assert len(store.history()) == 100
 
 
+def test_a_full_queue_slows_producers_down_instead_of_losing_events(path, monkeypatch, caplog):
+    """Back-pressure: past _MAX_PENDING queued events a producer waits for the recorder;
+    only when the recorder makes no room within lock_timeout are new events dropped."""
+    monkeypatch.setattr(metadata, "_MAX_PENDING", 10)
+    store = MetadataStore(path, lock_timeout=0.5)
+    held = filelock.FileLock(path + ".lock", thread_local=False)
+    held.acquire()
+    release = threading.Timer(0.3, held.release)
+    release.start()
+    t0 = time.monotonic()
+    for i in range(30):  # the 11th waits until the lock is released and the queue drains
+        store.record_run(ev(f"r{i}", RunState.CACHED, T0))
+    assert time.monotonic() - t0 >= 0.25
+    store.flush()
+    assert len(store.history()) == 30  # nothing lost
+    # A recorder that cannot write for lock_timeout: producers stop waiting and drop.
+    with held:
+        for i in range(30, 41):  # ten fit; the eleventh waits 0.5 s, then is dropped
+            store.record_run(ev(f"r{i}", RunState.CACHED, T0))
+    assert "dropping new ones" in caplog.text
+    store.flush()
+    assert sorted(store.history(limit=100)["run_id"]) == sorted(f"r{i}" for i in range(40))
+    store.close()
+
+
 def test_lock_timeout_names_the_lock_file(path):
     held = filelock.FileLock(path + ".lock", thread_local=False)
     os.makedirs(os.path.dirname(path))
