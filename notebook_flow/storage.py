@@ -4,6 +4,7 @@ Layout under the store's root::
 
     results/<key[:2]>/<key>-<unique>.<ext>     payloads (a new unique name on every commit)
     manifests/<key[:2]>/<key>.json             the commit point: names payload, size, checksum
+    manifests/GENERATION                       rewritten after a manifest is deleted or replaced
     metadata.duckdb, locks/, ...               local stores only (remote: a per-URL cache dir)
 
 The commit protocol, and why it is crash-safe:
@@ -15,7 +16,8 @@ The commit protocol, and why it is crash-safe:
 2. ``before_manifest()`` runs (the lock's fencing check); if it raises, the payload is
    removed and nothing is committed.
 3. The manifest is replaced atomically (same temp/fsync/rename dance, or one PUT).
-4. The payload the previous manifest named is deleted.
+4. The payload the previous manifest named is deleted, and (if there was one) the
+   generation file rewritten, so that other processes' in-memory caches look again.
 
 A reader trusts only a manifest, and verifies size and checksum before handing out a value,
 so a crash at any instant leaves the old result or the new one, never a torn one. Payload
@@ -302,6 +304,11 @@ class _HashingSink(io.RawIOBase):
 
 # ---------------------------------------------------------------------------- the store
 
+#: Rewritten by any process after it deletes or replaces a manifest (see generation()).
+_GENERATION_REL = "manifests/GENERATION"
+#: url → deletes and replacements made by this process (any ResultStore object of it).
+_generations: dict[str, int] = {}
+
 
 class ResultStore:
     """Task results in a folder or bucket: ``lookup`` → ``load`` on a hit, ``commit`` after a run.
@@ -344,8 +351,6 @@ class ResultStore:
         self._fs: AbstractFileSystem | None = fs
         self._pid = os.getpid()
         self.inline_limit = INLINE_LIMIT  # bytes; 0 keeps every payload in a file of its own
-        #: Deletes made through this object (in-process caches compare it to drop entries).
-        self.deletions = 0
 
     # -- configuration, pickling, connection -------------------------------------------
 
@@ -541,6 +546,44 @@ class ResultStore:
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def changes_here(self) -> int:
+        """Deletes and replacements of manifests this process made in this store (through
+        any ResultStore object of its URL); in-process caches compare it, see generation_stamp.
+        """
+        return _generations.get(self.url, 0)
+
+    def generation_stamp(self) -> tuple[int, int, int] | None:
+        """The stat stamp of the store's generation file, which every process rewrites after
+        it deletes or replaces a manifest (local stores; None elsewhere, or before the first
+        such change). A commit of a new key changes nothing: nobody holds a result for it.
+        """
+        if not self.is_local:
+            return None
+        try:
+            st = os.stat(os.path.join(self._root, _GENERATION_REL))
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+    def _changed(self) -> None:
+        """A manifest was deleted or replaced: tell in-process caches and other processes'."""
+        _generations[self.url] = _generations.get(self.url, 0) + 1
+        if not self.is_local:
+            return
+        path = os.path.join(self._root, _GENERATION_REL)
+        head, tail = os.path.split(path)
+        tmp = os.path.join(head, f".{tail}.{secrets.token_hex(4)}.tmp")  # remove_orphans: temp
+        try:
+            # A new inode each time: the stamp changes whatever the clock's granularity. No
+            # fsync: the file only signals processes running now.
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()} {time.time_ns()}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            logger.debug("could not update %s: %s", path, exc)
 
     def lookup(self, key: str) -> Manifest | None:
         """The manifest committed for ``key``, or None.
@@ -788,8 +831,10 @@ class ResultStore:
             if isinstance(exc, Exception):
                 raise CommitError(self._commit_failure(key, exc)) from exc
             raise
-        if previous is not None and previous.payload != rel:
-            self._remove_quietly(previous.payload)
+        if previous is not None:
+            self._changed()
+            if previous.payload != rel:
+                self._remove_quietly(previous.payload)
         return manifest
 
     def _inline_payload(
@@ -914,8 +959,12 @@ class ResultStore:
 
     def delete(self, key: str) -> bool:
         """Remove the entry for ``key`` (manifest first, then payload); False if absent."""
-        key = validate_key(key)
-        self.deletions += 1
+        deleted = self._delete(validate_key(key))
+        if deleted:
+            self._changed()
+        return deleted
+
+    def _delete(self, key: str) -> bool:
         rel = self._manifest_rel(key)
         try:
             data: bytes | None = self._read_bytes(rel)
@@ -935,9 +984,13 @@ class ResultStore:
     def clear(self, task: str | None = None) -> int:
         """Delete every entry (or only those of ``task``); returns how many were deleted."""
         count = 0
-        for manifest in list(self.iter_manifests()):
-            if (task is None or manifest.task == task) and self.delete(manifest.key):
-                count += 1
+        try:
+            for manifest in list(self.iter_manifests()):
+                if (task is None or manifest.task == task) and self._delete(manifest.key):
+                    count += 1
+        finally:
+            if count:
+                self._changed()
         return count
 
     def remove_orphans(self, older_than: float = 3600.0) -> list[str]:

@@ -133,11 +133,18 @@ def _immutable(value: Any, depth: int = 0) -> bool:
 class _HotCache:
     """Small results this process loaded recently, so a repeated hit costs microseconds.
 
-    Only local stores (an entry is trusted while its manifest file's stat stamp is
-    unchanged, so a commit or a delete by any process invalidates it) and only payloads
-    up to ``max_size`` bytes. Immutable values are returned as they are; anything else is
-    kept pickled and unpickled on every hit, so mutating a returned value never changes
-    what the next hit returns.
+    Only local stores and only payloads up to ``max_size`` bytes. Immutable values are
+    returned as they are; anything else is kept pickled and unpickled on every hit, so
+    mutating a returned value never changes what the next hit returns.
+
+    An entry is trusted while its store's generation (``ResultStore.changes_here``, and
+    ``generation_stamp``: the file every process rewrites after it deletes or replaces a
+    manifest) is the one it was last checked against; the file is read at most every
+    ``recheck_after`` seconds per store. When the generation moved, each entry re-checks its
+    own manifest's stat stamp once. A commit of a new key leaves entries alone (a key is
+    content-addressed). One stat per store and period, instead of one per hit: a system
+    call on the hit path let other threads take the GIL, which cost the embedded worker
+    more than half its throughput.
     """
 
     def __init__(
@@ -152,10 +159,23 @@ class _HotCache:
         self.max_bytes = max_bytes  # budget for the payloads kept (by their stored size)
         self.recheck_after = recheck_after
         self._bytes = 0
+        # (store url, key) → (manifest stamp, generation checked, manifest, pickled, payload)
         self._entries: collections.OrderedDict[
-            tuple[str, str], tuple[Any, tuple[float, int], Manifest, bool, Any]
+            tuple[str, str], tuple[Any, Any, Manifest, bool, Any]
         ] = collections.OrderedDict()
+        # store url → (when its generation was read, that generation)
+        self._generations: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
+
+    def _generation(self, store: ResultStore) -> Any:
+        """(changes here, generation file stamp) of ``store``; the stamp read at most every
+        ``recheck_after`` seconds, and at once after a change made in this process."""
+        now = time.monotonic()
+        here = store.changes_here()
+        seen = self._generations.get(store.url)
+        if seen is None or seen[1][0] != here or now - seen[0] > self.recheck_after:
+            seen = self._generations[store.url] = (now, (here, store.generation_stamp()))
+        return seen[1]
 
     def get(self, store: ResultStore, key: str) -> tuple[Manifest, Any] | None:
         slot = (store.url, key)  # the same key may live in several stores
@@ -163,16 +183,12 @@ class _HotCache:
         if entry is None:
             return None
         stamp, checked, manifest, pickled, payload = entry
-        now = time.monotonic()
-        if now - checked[0] > self.recheck_after or checked[1] != store.deletions:
-            # Re-validate against the manifest file at most every `recheck_after` seconds,
-            # and at once after a delete in this process: a key is content-addressed, so an
-            # entry another process replaced or deleted within that window still holds a
-            # correct result for the same inputs.
+        generation = self._generation(store)
+        if checked != generation:
             if stamp != store.manifest_stamp(key):
                 self.discard(slot)
                 return None
-            self._entries[slot] = (stamp, (now, store.deletions), manifest, pickled, payload)
+            self._entries[slot] = (stamp, generation, manifest, pickled, payload)
         if pickled:
             import pickle
 
@@ -182,6 +198,7 @@ class _HotCache:
     def put(self, store: ResultStore, manifest: Manifest, value: Any) -> None:
         if manifest.size > self.max_size or not store.is_local:
             return
+        generation = self._generation(store)
         stamp = store.manifest_stamp(manifest.key)
         if stamp is None:
             return
@@ -195,12 +212,11 @@ class _HotCache:
             except Exception:  # not picklable by reference in this process: don't keep it
                 return
         with self._lock:
-            checked = (time.monotonic(), store.deletions)
             slot = (store.url, manifest.key)
             old = self._entries.pop(slot, None)
             if old is not None:
                 self._bytes -= old[2].size
-            self._entries[slot] = (stamp, checked, manifest, pickled, payload)
+            self._entries[slot] = (stamp, generation, manifest, pickled, payload)
             self._bytes += manifest.size
             while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
@@ -215,6 +231,7 @@ class _HotCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._generations.clear()
             self._bytes = 0
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -464,3 +467,67 @@ def test_in_process_hot_cache_is_per_store_and_copies_mutable_values(tmp_path):
     assert a.clear_cache() == 1
     assert a(1) == [1]  # a delete in this process is seen at once
     assert calls == [1, 1, 1]
+
+
+_samples = iter(range(1000))
+
+
+def test_hot_cache_sees_deletes_and_replacements_by_other_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, python_env: dict[str, str]
+) -> None:
+    """Hits are served from memory without a system call; another process's delete or
+    replacement rewrites the store's generation file, which this process reads at most
+    every recheck_after seconds (here: always), and a delete through another ResultStore
+    object in this process is seen at once."""
+    from notebook_flow.storage import ResultStore
+    from notebook_flow.tasks import _hot
+
+    root = tmp_path / "store"
+
+    @task(result_storage=str(root))
+    def sample(x):
+        return next(_samples)
+
+    def in_other_process(code: str) -> str:
+        code = (
+            f"from notebook_flow.storage import ResultStore\ns = ResultStore({str(root)!r})\n"
+            + code
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=python_env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    first = sample(1)
+    assert sample(1) == first  # hit (from memory)
+    generation = root / "manifests" / "GENERATION"
+    assert not generation.exists()  # commits of new keys leave it alone
+    stats: list[str] = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    assert sample(1) == first
+    assert stats == []  # within the period: not even a stat
+    monkeypatch.setattr(os, "stat", real_stat)
+
+    monkeypatch.setattr(_hot, "recheck_after", 0.0)
+    assert in_other_process("print(s.clear())") == "1"
+    assert generation.exists()
+    second = sample(1)
+    assert second != first  # recomputed: the other process's delete was seen
+
+    # Another object of the same store in this process: seen at once, whatever the period.
+    monkeypatch.setattr(_hot, "recheck_after", 3600.0)
+    assert sample(1) == second
+    assert ResultStore(str(root)).clear() == 1
+    third = sample(1)
+    assert third not in (first, second)
+
+    # A replacement (e.g. refresh_cache) by another process is a new generation too.
+    monkeypatch.setattr(_hot, "recheck_after", 0.0)
+    in_other_process(
+        f"m = s.lookup({sample.cache_key(1)!r})\n"
+        "s.commit(m.key, -1, task=m.task, components=m.components, run_id='other', "
+        "duration=1.0, expires_at=None)\n"
+    )
+    assert sample(1) == -1
