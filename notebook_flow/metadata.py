@@ -62,6 +62,7 @@ LOCK_TIMEOUT = 120.0  # s to wait for the cross-process lock before a MetadataEr
 STALE_AFTER = 600.0  # s without a heartbeat after which another host's run counts as crashed
 HEARTBEAT_INTERVAL = 60.0  # s between heartbeats while this process has runs in flight
 _LINGER = 0.25  # s the recorder waits after the first event, so bursts share a transaction
+_IDLE_CHECKPOINT = 1.0  # s without writes before the recorder checkpoints the WAL
 _POLL = 0.01  # s between attempts at the file lock
 _MAX_BATCH = 20_000  # operations per transaction
 _MAX_PENDING = 200_000  # queued operations before producers wait for the recorder
@@ -383,6 +384,9 @@ class _Database:
         self.lock_timeout = lock_timeout
         self._mutex = threading.Lock()  # one session per process at a time
         self._file_lock: filelock.BaseFileLock | None = None  # made by the first session
+        # Writes leave their changes in the WAL (closing skips the checkpoint, which cost
+        # each ~20-50 ms); the recorder checkpoints once the process has been idle a while.
+        self.dirty = False
 
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[float]:
@@ -519,22 +523,46 @@ class _Database:
             raise
         logger.debug("Migrated %s from schema version %d to %d", self.path, current, latest)
 
-    def write(self, deadline: float, body: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
-        """open → migrate → BEGIN → body → COMMIT → close; the caller holds :meth:`locked`."""
+    def write(
+        self,
+        deadline: float,
+        body: Callable[[duckdb.DuckDBPyConnection], Any],
+        after_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    ) -> Any:
+        """open → migrate → BEGIN → body → COMMIT → after_commit → close; the caller holds
+        :meth:`locked`. ``after_commit`` (a read on the same connection) must not raise."""
         import duckdb
 
         con = self._connect(read_only=False, deadline=deadline)
         try:
+            con.execute("PRAGMA disable_checkpoint_on_shutdown")  # see self.dirty
             self._migrate(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 result = body(con)
                 con.execute("COMMIT")
+                self.dirty = True
             except BaseException:
                 with contextlib.suppress(Exception):
                     con.execute("ROLLBACK")
                 raise
+            if after_commit is not None:
+                after_commit(con)
             return result
+        except duckdb.Error as exc:
+            raise self._error(exc) from exc
+        finally:
+            self._close(con)
+
+    def checkpoint(self, deadline: float) -> None:
+        """Move the WAL into the database file (readers then need not replay it); the caller
+        holds :meth:`locked`."""
+        import duckdb
+
+        con = self._connect(read_only=False, deadline=deadline)
+        try:
+            con.execute("CHECKPOINT")
+            self.dirty = False
         except duckdb.Error as exc:
             raise self._error(exc) from exc
         finally:
@@ -578,6 +606,9 @@ class _Database:
 # -------------------------------------------------------------------------------- recorder
 
 
+_NOT_WRITTEN = object()  # _Recorder._write_once: the batch was not written
+
+
 class _Recorder:
     """The queue and daemon thread that write one file's operations for this process."""
 
@@ -586,6 +617,13 @@ class _Recorder:
         # registers a threading exit hook, refused once the interpreter shuts down: a final
         # flush at exit would fail. Importing it now (stdlib, ~1 ms) makes that a no-op.
         import concurrent.futures.thread  # noqa: F401
+
+        # Import what the recorder thread needs here, in the thread that records first: an
+        # import in a background thread, while this one runs Python, waits a GIL switch
+        # interval after each of its hundreds of file reads (~40 ms became ~600 ms).
+        import duckdb  # noqa: F401
+        import filelock  # noqa: F401
+        import pyarrow  # noqa: F401
 
         self.db = db
         self.stale_after = stale_after
@@ -607,6 +645,7 @@ class _Recorder:
         self._warned_full = False
         self._thread: threading.Thread | None = None
         self._sleeping = False  # the recorder waits for work (put() must notify)
+        self._final_checkpoint = False  # a stopping recorder checkpoints once before it ends
         self.started_at = time.time()
 
     def put(self, op: _Op) -> None:
@@ -657,13 +696,17 @@ class _Recorder:
                 and len(self._queue) < _MAX_PENDING
             )
 
+    def pending(self) -> int:
+        """Operations queued or being written."""
+        return len(self._queue) + self._writing
+
     def _ensure_thread(self) -> bool:
         """A running recorder thread (the caller holds _cond); False when none can start."""
         if self._thread is not None and self._thread.is_alive():
             return True  # (a stopping one still writes what is queued before it ends)
         if _exiting.is_set():
             return False
-        self._stop = False
+        self._stop = self._final_checkpoint = False
         thread = threading.Thread(target=self._loop, name="notebook_flow-metadata", daemon=True)
         try:
             thread.start()
@@ -727,14 +770,32 @@ class _Recorder:
                         if self._queue or self._stop:
                             break
                         due = self._beat_due_in()
+                        idle = self._checkpoint_due_in()
+                        if idle is not None and idle <= 0:
+                            break
                         if due is not None and due <= 0:
                             break
-                        self._cond.wait(due)
+                        self._cond.wait(
+                            min((t for t in (due, idle) if t is not None), default=None)
+                        )
                 finally:
                     self._sleeping = False
-                if self._stop and not self._queue:
+                stopping = self._stop and not self._queue
+                idle = self._checkpoint_due_in()
+                checkpoint = (
+                    not self._queue
+                    and idle is not None
+                    and (idle <= 0 or (stopping and not self._final_checkpoint))
+                )
+                self._final_checkpoint |= checkpoint and stopping  # tried once, not forever
+                if stopping and not checkpoint:
                     self._thread = None  # in the same critical section: put() starts a new one
                     return
+            if checkpoint:
+                self._checkpoint()
+                continue
+            with self._cond:
+                # Linger so that a burst shares one transaction.
                 if self._queue and not self._flush_waiters and not self._stop:
                     self._cond.wait_for(  # no lingering once a whole batch is waiting
                         lambda: (
@@ -748,7 +809,45 @@ class _Recorder:
                 logger.exception("The metadata recorder for %s failed", self.db.path)
                 time.sleep(1.0)
 
-    def _write_once(self) -> None:
+    def _checkpoint_due_in(self) -> float | None:
+        """Seconds until the WAL should be checkpointed (None: nothing to checkpoint)."""
+        if not self.db.dirty:
+            return None
+        return self._last_beat + _IDLE_CHECKPOINT - time.time()
+
+    def _checkpoint(self) -> None:
+        try:
+            with self.db.locked() as deadline:
+                self.db.checkpoint(deadline)
+        except Exception as exc:  # the WAL stays; readers replay it, the next idle retries
+            logger.debug("Checkpointing %s failed: %s", self.db.path, exc)
+            with self._cond:
+                self._last_beat = time.time()
+
+    def write_then_read(self, read: Callable[[duckdb.DuckDBPyConnection], Any]) -> Any:
+        """Write everything queued, then ``read`` on the same connection after the commit:
+        one session where flush() and then a read-only session open the file twice (each
+        open and close costs ~10-50 ms). Returns _NOT_WRITTEN if the write failed (the
+        caller then flushes and reads as usual); raises what ``read`` raises."""
+        while len(self._queue) > _MAX_BATCH:
+            if self._write_once() is _NOT_WRITTEN:
+                return _NOT_WRITTEN
+        outcome: list[tuple[bool, Any]] = []
+
+        def capture(con: duckdb.DuckDBPyConnection) -> None:
+            try:
+                outcome.append((True, read(con)))
+            except Exception as exc:  # raised below, once the batch is accounted for
+                outcome.append((False, exc))
+
+        if self._write_once(capture) is _NOT_WRITTEN or not outcome:
+            return _NOT_WRITTEN
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
+
+    def _write_once(self, after_commit: Callable[[Any], None] | None = None) -> object:
         batch: list[_Op] = []
         began = time.perf_counter()
         try:
@@ -761,7 +860,9 @@ class _Recorder:
                     self._writing = len(batch)
                     dedupe = self._dedupe
                 try:
-                    self.db.write(deadline, lambda con: _write_batch(con, self, batch, dedupe))
+                    self.db.write(
+                        deadline, lambda con: _write_batch(con, self, batch, dedupe), after_commit
+                    )
                 except BaseException:
                     with self._cond:
                         self._queue.extendleft(reversed(batch))
@@ -769,7 +870,7 @@ class _Recorder:
                     raise
         except Exception as exc:
             self._failed(exc, len(batch))
-            return
+            return _NOT_WRITTEN
         end = time.perf_counter()
         logger.debug(
             "Wrote %d metadata operations to %s in %.1f ms (after %.1f ms waiting for the lock)",
@@ -785,6 +886,7 @@ class _Recorder:
             self.lock_held += end - locked
             self._last_beat = time.time()
             self._cond.notify_all()
+        return None
 
     def _failed(self, exc: Exception, size: int) -> None:
         with self._cond:
@@ -1320,8 +1422,26 @@ class MetadataStore:
 
     # -- reads (flush this process's queue first, so users see their own runs)
 
-    def _read(self, query: str, params: Sequence[Any] = (), fetch: Any = None) -> Any:
+    def _read(
+        self, query: str, params: Sequence[Any] = (), fetch: Any = None, *, ours: bool = True
+    ) -> Any:
+        """Run ``query`` after this process's queued events are written. Our own queries
+        (``ours``) run in the session that writes them, when there are any; user SQL always
+        runs on a read-only connection."""
         rec = self._recorder()
+        if ours and rec.pending() and threading.current_thread() is not rec._thread:
+            import duckdb
+
+            def read(con: duckdb.DuckDBPyConnection) -> Any:
+                cur = con.execute(query, list(params))
+                return cur.df() if fetch is None else fetch(cur)
+
+            try:
+                result = rec.write_then_read(read)
+            except duckdb.Error as exc:
+                raise rec.db._error(exc) from exc
+            if result is not _NOT_WRITTEN:
+                return result
         rec.flush(self.lock_timeout, raise_errors=False)
         with rec.db.locked(self.lock_timeout) as deadline:
             return rec.db.read(deadline, query, params, fetch)
@@ -1440,5 +1560,5 @@ class MetadataStore:
 
         >>> store.sql("SELECT task, count(*) AS n FROM runs GROUP BY task")  # doctest: +SKIP
         """
-        df: pd.DataFrame = self._read(query, params)
+        df: pd.DataFrame = self._read(query, params, ours=False)
         return df

@@ -343,8 +343,13 @@ class ResultStore:
         if self._explicit_key is not None and not self._explicit_key:
             raise ConfigurationError("signing_key is empty; pass None to disable signing")
         self._key_from_env = self._explicit_key is None and signing_key_from_env() is not None
-        fs, root = self._connect(url)
-        self.is_local: bool = _is_local_fs(fs)
+        fs: AbstractFileSystem | None
+        if "://" not in url and "::" not in url:  # a plain path: no fsspec needed (~30 ms)
+            fs, root = None, os.path.expanduser(url)
+            self.is_local: bool = True
+        else:
+            fs, root = self._connect(url)
+            self.is_local = _is_local_fs(fs)
         self.local_root: str | None = os.path.abspath(root) if self.is_local else None
         self.url: str = self.local_root if self.local_root is not None else url.rstrip("/")
         self._root = self.local_root if self.local_root is not None else root.rstrip("/")

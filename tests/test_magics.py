@@ -49,6 +49,8 @@ def test_load_ext_is_fast_and_imports_nothing_heavy(python_env: dict[str, str]) 
     code = (
         "import sys, time\n"
         "from IPython.core.interactiveshell import InteractiveShell\n"
+        "import notebook_flow.magics as m\n"
+        "m._preload_in_background = lambda: None  # what the call itself imports\n"
         "sh = InteractiveShell.instance()\n"
         "t0 = time.perf_counter()\n"
         "sh.extension_manager.load_extension('notebook_flow')\n"
@@ -63,6 +65,31 @@ def test_load_ext_is_fast_and_imports_nothing_heavy(python_env: dict[str, str]) 
     # Timing is reported by benchmarks/bench_resume.py; here only that nothing heavy loads.
     assert float(out[0]) >= 0
     assert out[1] == "[]"
+
+
+def test_load_ext_preloads_in_the_background_and_exits_cleanly(
+    python_env: dict[str, str],
+) -> None:
+    """The first task run's imports (DuckDB...) happen in a side thread; a process that
+    exits at once still exits cleanly (a daemon thread inside an import would abort it)."""
+    load = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "InteractiveShell.instance().extension_manager.load_extension('notebook_flow')\n"
+    )
+    quick = subprocess.run(
+        [sys.executable, "-c", load], env=python_env, capture_output=True, text=True
+    )
+    assert quick.returncode == 0, quick.stderr
+    wait = (
+        "import sys, threading\n"
+        "[t.join() for t in threading.enumerate() if t.name == 'notebook_flow-preload']\n"
+        "print(sorted(m for m in ('duckdb', 'notebook_flow.cells') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", load + wait], env=python_env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['duckdb', 'notebook_flow.cells']"
 
 
 def test_load_unload_reload(shell: Any) -> None:

@@ -578,12 +578,12 @@ def test_transient_write_failure_is_retried(store, monkeypatch):
     real = metadata._Database.write
     calls = []
 
-    def flaky(self, deadline, body):
+    def flaky(self, deadline, body, *after_commit):
         calls.append(1)
         if len(calls) == 1:
-            real(self, deadline, body)  # committed, but the caller sees an error
+            real(self, deadline, body, *after_commit)  # committed, but the caller sees an error
             raise MetadataError("disk hiccup")
-        return real(self, deadline, body)
+        return real(self, deadline, body, *after_commit)
 
     monkeypatch.setattr(metadata._Database, "write", flaky)
     store.record_run(ev("r1", RunState.RUNNING, T0))
@@ -592,6 +592,36 @@ def test_transient_write_failure_is_retried(store, monkeypatch):
     assert len(calls) == 2
     assert len(store.events()) == 1  # the retry skipped rows the first commit wrote
     assert len(store.lock_events()) == 1
+
+
+def test_a_read_writes_pending_events_in_the_same_session(store, monkeypatch):
+    """stats()/history() with events queued: one read-write session writes them and then
+    reads (no second, read-only open); user SQL still gets a read-only connection."""
+    store.record_run(ev("r0", RunState.COMPLETED, T0))
+    store.flush()
+    opened: list[bool] = []
+    real = metadata._Database._connect
+
+    def connect(self, *, read_only, deadline):
+        opened.append(read_only)
+        return real(self, read_only=read_only, deadline=deadline)
+
+    monkeypatch.setattr(metadata._Database, "_connect", connect)
+    store.record_run(ev("r1", RunState.CACHED, T0 + 1, saved=2.0))
+    assert store.stats()["hits"] == 1
+    assert opened == [False]
+    opened.clear()
+    store.record_run(ev("r2", RunState.CACHED, T0 + 2))
+    assert len(store.sql("SELECT * FROM runs")) == 3
+    assert opened == [False, True]  # flushed, then read on a read-only connection
+    with pytest.raises(MetadataError, match="read-only"):
+        store.sql("DELETE FROM runs")
+    # A failing read in the writing session: the events are written all the same.
+    store.record_run(ev("r3", RunState.CACHED, T0 + 3))
+    with pytest.raises(MetadataError):
+        store._read("SELECT * FROM no_such_table")
+    assert store._recorder().pending() == 0
+    assert len(store.history()) == 4
 
 
 def test_threads_share_one_store(store):
