@@ -624,6 +624,29 @@ def test_a_read_writes_pending_events_in_the_same_session(store, monkeypatch):
     assert len(store.history()) == 4
 
 
+def test_writes_leave_the_wal_to_an_idle_checkpoint(path, monkeypatch):
+    """A write session closes without checkpointing (~20-50 ms saved per transaction);
+    the recorder checkpoints once the process has been idle, and when it stops."""
+    monkeypatch.setattr(metadata, "_IDLE_CHECKPOINT", 0.3)
+    store = MetadataStore(path)
+    wal = path + ".wal"
+    store.record_run(ev("r1", RunState.CACHED, T0))
+    store.flush()
+    assert os.path.exists(wal)  # committed, still in the WAL
+    assert len(store.history()) == 1  # readers see it (DuckDB replays the WAL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(wal) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(wal)
+    monkeypatch.setattr(metadata, "_IDLE_CHECKPOINT", 3600.0)
+    store.record_run(ev("r2", RunState.CACHED, T0))
+    store.flush()
+    assert os.path.exists(wal)
+    store.close()  # stops the recorder, which checkpoints on its way out
+    assert not os.path.exists(wal)
+    assert len(MetadataStore(path).history()) == 2
+
+
 def test_threads_share_one_store(store):
     def work(n):
         for i in range(50):
