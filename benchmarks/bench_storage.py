@@ -41,30 +41,31 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def atomic_small_write(folder: Path, i: int) -> float:
+    """Seconds of one durable small write: tmp + write + fsync + rename + dir fsync."""
+    t0 = time.perf_counter()
+    tmp = folder / f".f{i}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b'{"value": 3}')
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, folder / f"f{i}.json")
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return time.perf_counter() - t0
+
+
 def atomic_small_write_seconds(directory: str | None = None, repeat: int = 30) -> float:
-    """Median seconds of one durable small write: tmp + write + fsync + rename + dir fsync."""
+    """Median seconds of one durable small write (see atomic_small_write)."""
     folder = Path(tempfile.mkdtemp(prefix="nf-fsync-", dir=directory))
     try:
-
-        def one(i: int) -> float:
-            t0 = time.perf_counter()
-            tmp = folder / f".f{i}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.write(fd, b'{"value": 3}')
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, folder / f"f{i}.json")
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            return time.perf_counter() - t0
-
-        one(-1)  # warm-up: the first fsync in a fresh folder also flushes its creation
-        return _median(one, repeat)
+        atomic_small_write(folder, -1)  # warm-up: the first fsync also flushes the mkdir
+        return _median(lambda i: atomic_small_write(folder, i), repeat)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
