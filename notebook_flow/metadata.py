@@ -63,6 +63,7 @@ STALE_AFTER = 600.0  # s without a heartbeat after which another host's run coun
 HEARTBEAT_INTERVAL = 60.0  # s between heartbeats while this process has runs in flight
 _LINGER = 0.25  # s the recorder waits after the first event, so bursts share a transaction
 _IDLE_CHECKPOINT = 1.0  # s without writes before the recorder checkpoints the WAL
+_WAL_KEEP = 256 * 1024  # bytes of WAL a write session may leave (each open replays it)
 _POLL = 0.01  # s between attempts at the file lock
 _MAX_BATCH = 20_000  # operations per transaction
 _MAX_PENDING = 200_000  # queued operations before producers wait for the recorder
@@ -535,7 +536,8 @@ class _Database:
 
         con = self._connect(read_only=False, deadline=deadline)
         try:
-            con.execute("PRAGMA disable_checkpoint_on_shutdown")  # see self.dirty
+            if self._wal_size() <= _WAL_KEEP:  # else this close checkpoints (bounded WAL)
+                con.execute("PRAGMA disable_checkpoint_on_shutdown")  # see self.dirty
             self._migrate(con)
             con.execute("BEGIN TRANSACTION")
             try:
@@ -553,6 +555,12 @@ class _Database:
             raise self._error(exc) from exc
         finally:
             self._close(con)
+
+    def _wal_size(self) -> int:
+        try:
+            return os.path.getsize(self.path + ".wal")
+        except OSError:
+            return 0
 
     def checkpoint(self, deadline: float) -> None:
         """Move the WAL into the database file (readers then need not replay it); the caller
