@@ -1142,6 +1142,7 @@ class CellRunner:
         if cell.store is None:
             return
         from .metadata import RunEvent
+        from .tasks import _metadata_for
 
         event = RunEvent(
             run_id=cell.run_id,
@@ -1156,15 +1157,16 @@ class CellRunner:
             inputs=", ".join(cell.inputs) or None,
             **fields,
         )
-        _to_metadata(cell.store, lambda m: m.record_run(event))
+        _metadata_for(cell.store, lambda m: m.record_run(event))
 
     def _index(self, cell: _Cell, manifest: Manifest) -> None:
         from .metadata import CacheEntry
+        from .tasks import _metadata_for
 
         entry = CacheEntry.from_manifest(manifest, task_identity=cell.identity)
         entry = dataclasses.replace(entry, task=cell.name)
         assert cell.store is not None
-        _to_metadata(cell.store, lambda m: m.record_cache_entry(entry))
+        _metadata_for(cell.store, lambda m: m.record_cache_entry(entry))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1249,16 +1251,6 @@ def unstorable(variables: dict[str, Any]) -> list[tuple[str, str, str]]:
         except Exception as exc:
             bad.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
     return bad
-
-
-def _to_metadata(store: ResultStore, action: Callable[[Any], None]) -> None:
-    """Hand an event to the metadata recorder; a metadata problem never fails a cell."""
-    try:
-        from .config import get_metadata
-
-        action(get_metadata(store))
-    except Exception:
-        logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
 
 def _note(text: str) -> None:

@@ -38,6 +38,7 @@ from notebook_flow.errors import LockTimeout
 __all__ = [
     "Acquisition",
     "Attempt",
+    "BackoffAcquire",
     "LockInfo",
     "LockManager",
     "acquire_with_backoff",
@@ -238,6 +239,46 @@ def acquire_with_backoff(
             raise LockTimeout(timeout_message(key, attempt.other, timeout, manager))
         sleep(_pause(delay, attempt.other, remaining))
         delay = min(delay * BACKOFF_FACTOR, backoff_max)
+
+
+class BackoffAcquire:
+    """``acquire``/``acquire_info`` for a manager that can try once without waiting.
+
+    A subclass provides ``_try(key, holder, lease) -> Attempt`` and the ``_label`` it
+    names itself by in messages; ``_sleep`` and ``_backoff_max`` tune the waiting (the
+    memory manager wakes on a release instead of sleeping out its pause).
+    """
+
+    _backoff_max = BACKOFF_MAX
+
+    @property
+    def _label(self) -> str:
+        raise NotImplementedError
+
+    def _try(self, key: str, holder: str, lease: float) -> Attempt:
+        raise NotImplementedError
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def acquire_info(
+        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
+    ) -> Acquisition | None:
+        """Take the lock and say how: waited seconds, recovered holder, fence."""
+        return acquire_with_backoff(
+            lambda: self._try(key, holder, lease),
+            key=key,
+            timeout=timeout,
+            manager=self._label,
+            sleep=self._sleep,
+            backoff_max=self._backoff_max,
+        )
+
+    def acquire(
+        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
+    ) -> bool:
+        """Take the lock (``timeout`` None: wait forever; 0: try once)."""
+        return self.acquire_info(key, holder, timeout=timeout, lease=lease) is not None
 
 
 def wait_until_released(holder_of: Callable[[], LockInfo | None], timeout: float | None) -> bool:

@@ -41,10 +41,9 @@ from notebook_flow import _identity
 from notebook_flow.errors import LockError
 
 from .base import (
-    Acquisition,
     Attempt,
+    BackoffAcquire,
     LockInfo,
-    acquire_with_backoff,
     holder_process_dead,
     pid_scope,
     wait_until_released,
@@ -69,7 +68,7 @@ class _GuardBusy(Exception):
     """The key's guard is held by another process or thread right now."""
 
 
-class FileLockManager:
+class FileLockManager(BackoffAcquire):
     """Locks as files under ``directory``, for the processes of one machine (or NFS).
 
     >>> import tempfile
@@ -238,20 +237,6 @@ class FileLockManager:
             return Attempt(None, self._info(key, record) if record is not None else None)
         except OSError as exc:
             raise LockError(f"could not lock {key!r} in {self.directory}: {exc}") from exc
-
-    def acquire_info(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> Acquisition | None:
-        """Take the lock and say how: waited seconds, recovered holder, fence."""
-        return acquire_with_backoff(
-            lambda: self._try(key, holder, lease), key=key, timeout=timeout, manager=self._label
-        )
-
-    def acquire(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> bool:
-        """Take the lock (``timeout`` None: wait forever; 0: try once)."""
-        return self.acquire_info(key, holder, timeout=timeout, lease=lease) is not None
 
     # -- holding -----------------------------------------------------------------------------
 

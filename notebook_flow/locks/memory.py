@@ -23,10 +23,9 @@ from typing import Any
 from notebook_flow.errors import LockError
 
 from .base import (
-    Acquisition,
     Attempt,
+    BackoffAcquire,
     LockInfo,
-    acquire_with_backoff,
     wait_until_released,
 )
 
@@ -82,7 +81,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class MemoryLockManager:
+class MemoryLockManager(BackoffAcquire):
     """Locks for the threads of one process (a kernel and its worker threads).
 
     >>> m = MemoryLockManager()
@@ -106,6 +105,8 @@ class MemoryLockManager:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.name = state["name"]
         self._table = _table(self.name)
+
+    _backoff_max = 0.05  # a release wakes the waiters (_sleep); this only bounds a miss
 
     @property
     def _label(self) -> str:
@@ -131,25 +132,6 @@ class MemoryLockManager:
     def _sleep(self, seconds: float) -> None:
         with self._table.cond:
             self._table.cond.wait(seconds)
-
-    def acquire_info(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> Acquisition | None:
-        """Take the lock and say how: waited seconds, recovered holder, fence."""
-        return acquire_with_backoff(
-            lambda: self._try(key, holder, lease),
-            key=key,
-            timeout=timeout,
-            manager=self._label,
-            sleep=self._sleep,
-            backoff_max=0.05,
-        )
-
-    def acquire(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> bool:
-        """Take the lock (``timeout`` None: wait forever; 0: try once)."""
-        return self.acquire_info(key, holder, timeout=timeout, lease=lease) is not None
 
     # -- holding -----------------------------------------------------------------------------
 

@@ -40,10 +40,9 @@ from typing import TYPE_CHECKING, Any
 from notebook_flow.errors import ConfigurationError, LockError
 
 from .base import (
-    Acquisition,
     Attempt,
+    BackoffAcquire,
     LockInfo,
-    acquire_with_backoff,
     wait_until_released,
 )
 
@@ -127,7 +126,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class PostgresLockManager:
+class PostgresLockManager(BackoffAcquire):
     """Locks in PostgreSQL: advisory locks that die with their session.
 
     >>> m = PostgresLockManager("postgresql://app@db/app")      # doctest: +SKIP
@@ -374,20 +373,6 @@ class PostgresLockManager:
             return
         if ended:
             logger.warning("lock %r: ended the session of a holder whose lease had expired", key)
-
-    def acquire_info(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> Acquisition | None:
-        """Take the lock and say how: waited seconds, recovered holder, fence."""
-        return acquire_with_backoff(
-            lambda: self._try(key, holder, lease), key=key, timeout=timeout, manager=self._label
-        )
-
-    def acquire(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> bool:
-        """Take the lock (``timeout`` None: wait forever; 0: try once)."""
-        return self.acquire_info(key, holder, timeout=timeout, lease=lease) is not None
 
     # -- holding -----------------------------------------------------------------------------
 

@@ -28,10 +28,9 @@ from notebook_flow import _identity
 from notebook_flow.errors import LockError
 
 from .base import (
-    Acquisition,
     Attempt,
+    BackoffAcquire,
     LockInfo,
-    acquire_with_backoff,
     holder_process_dead,
     pid_scope,
     wait_until_released,
@@ -100,7 +99,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class RedisLockManager:
+class RedisLockManager(BackoffAcquire):
     """Locks in Redis, shared by every process and machine that reaches the server.
 
     >>> m = RedisLockManager(host="localhost")            # doctest: +SKIP
@@ -281,20 +280,6 @@ class RedisLockManager:
             # Same host, holder process gone: take over now instead of waiting out its lease.
             return self._try(key, holder, lease, dead_value=_text(value))
         return Attempt(None, current)
-
-    def acquire_info(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> Acquisition | None:
-        """Take the lock and say how: waited seconds, recovered holder, fence."""
-        return acquire_with_backoff(
-            lambda: self._try(key, holder, lease), key=key, timeout=timeout, manager=self._label
-        )
-
-    def acquire(
-        self, key: str, holder: str, *, timeout: float | None = None, lease: float = 30.0
-    ) -> bool:
-        """Take the lock (``timeout`` None: wait forever; 0: try once)."""
-        return self.acquire_info(key, holder, timeout=timeout, lease=lease) is not None
 
     # -- holding -----------------------------------------------------------------------------
 

@@ -310,11 +310,24 @@ def complete_remote(
     fut._finish(RunState(state_name), value, None)
 
 
-def completer(fut: TaskFuture[Any]) -> Callable[[Any], None]:
-    """A done-callback for a concurrent.futures / Dask future running ``fut`` remotely.
-
-    (Dask runs such callbacks in a thread of its own, not on its event loop.)
-    """
+def send_remote(fut: TaskFuture[Any], submit: Callable[..., Any]) -> None:
+    """Run a claimable ``fut`` in a worker process: ``submit(remote_run, *args)`` hands it
+    to a pool or cluster and returns its concurrent.futures / Dask future, whose result
+    completes ``fut`` (Dask runs done-callbacks in a thread of its own, not its loop)."""
+    if not fut._claim():
+        return
+    call = fut._call
+    assert isinstance(call, WorkerCall)
+    try:
+        if fut._upstream:
+            resolve_arguments(fut)
+        pending = submit(
+            remote_run, fut.task, call.args, call.kwargs, fut.run_id, RemoteConfig.current()
+        )
+    except Exception as exc:
+        call.failed(1, exc)
+        complete_remote(fut, error=exc)
+        return
 
     def done(pending: Any) -> None:
         try:
@@ -324,7 +337,7 @@ def completer(fut: TaskFuture[Any]) -> Callable[[Any], None]:
         else:
             complete_remote(fut, outcome)
 
-    return done
+    pending.add_done_callback(done)
 
 
 # --------------------------------------------------------------------------- runners

@@ -18,15 +18,7 @@ from typing import Any
 
 from notebook_flow.futures import TaskFuture
 
-from .base import (
-    BaseRunner,
-    RemoteConfig,
-    WorkerCall,
-    complete_remote,
-    completer,
-    remote_run,
-    resolve_arguments,
-)
+from .base import BaseRunner, send_remote
 
 __all__ = ["DaskRunner"]
 
@@ -55,29 +47,12 @@ class DaskRunner(BaseRunner):
         return f"<DaskRunner {self.client!r}>"
 
     def _send(self, fut: TaskFuture[Any]) -> None:
-        if not fut._claim():
-            return
-        call = fut._call
-        assert isinstance(call, WorkerCall)
-        try:
-            if fut._upstream:
-                resolve_arguments(fut)
-            pending = self.client.submit(
-                remote_run,
-                fut.task,
-                call.args,
-                call.kwargs,
-                fut.run_id,
-                RemoteConfig.current(),
-                key=f"notebook_flow-{fut.task.name}-{fut.run_id}",
-                pure=False,
-            )
-        except Exception as exc:
-            call.failed(1, exc)
-            complete_remote(fut, error=exc)
-            return
-
-        pending.add_done_callback(completer(fut))
+        send_remote(
+            fut,
+            lambda fn, *args: self.client.submit(
+                fn, *args, key=f"notebook_flow-{fut.task.name}-{fut.run_id}", pure=False
+            ),
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Wait for this runner's runs, then close the client/cluster it started."""

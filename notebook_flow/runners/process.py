@@ -23,15 +23,7 @@ from typing import Any
 
 from notebook_flow.futures import TaskFuture
 
-from .base import (
-    BaseRunner,
-    RemoteConfig,
-    WorkerCall,
-    complete_remote,
-    completer,
-    remote_run,
-    resolve_arguments,
-)
+from .base import BaseRunner, send_remote
 
 __all__ = ["ProcessRunner"]
 
@@ -52,22 +44,7 @@ class ProcessRunner(BaseRunner):
         return get_reusable_executor(max_workers=self.max_workers, timeout=self.idle_timeout)
 
     def _send(self, fut: TaskFuture[Any]) -> None:
-        if not fut._claim():
-            return
-        call = fut._call
-        assert isinstance(call, WorkerCall)
-        try:
-            if fut._upstream:
-                resolve_arguments(fut)
-            pending = self._executor().submit(
-                remote_run, fut.task, call.args, call.kwargs, fut.run_id, RemoteConfig.current()
-            )
-        except Exception as exc:
-            call.failed(1, exc)
-            complete_remote(fut, error=exc)
-            return
-
-        pending.add_done_callback(completer(fut))
+        send_remote(fut, lambda fn, *args: self._executor().submit(fn, *args))
 
     def shutdown(self, wait: bool = True, *, cancel_pending: bool = False) -> None:
         """Wait for this runner's runs; the loky pool itself is shared and reused."""
