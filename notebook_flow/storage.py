@@ -677,8 +677,10 @@ class ResultStore:
             st = os.fstat(f.fileno())
             identity = _localfs.file_identity(st)
             known = _localfs.verified_checksum(identity)
-            sealed = manifest.seal is not None and manifest.seal == _localfs.seal_of(st)
-            if mac is not None or (known != manifest.checksum and not sealed):
+            if mac is not None or (
+                known != manifest.checksum
+                and (manifest.seal is None or manifest.seal != _localfs.seal_of(st))
+            ):
                 self._check(manifest, st.st_size, None)
                 # One pass over the mapped file feeds both digests; xxh3 runs at >10 GB/s.
                 with _localfs.mapped(f, st.st_size) as view:
@@ -686,8 +688,7 @@ class ResultStore:
                     if mac is not None:
                         mac.update(view)
                         verify_signature(mac, manifest.signature, what=self._what(manifest))
-                _localfs.remember_verified(identity, manifest.checksum)
-            elif known != manifest.checksum:
+            if known != manifest.checksum:  # verified now, or sealed at commit
                 _localfs.remember_verified(identity, manifest.checksum)
             return self._deserialize(serializer, f, path, manifest)
 
