@@ -777,15 +777,12 @@ class _Recorder:
                         self._sleeping = True  # first, then look (see put())
                         if self._queue or self._stop:
                             break
-                        due = self._beat_due_in()
-                        idle = self._checkpoint_due_in()
-                        if idle is not None and idle <= 0:
-                            break
+                        # A heartbeat or an idle checkpoint may fall due before new work.
+                        dues = [self._beat_due_in(), self._checkpoint_due_in()]
+                        due = min((t for t in dues if t is not None), default=None)
                         if due is not None and due <= 0:
                             break
-                        self._cond.wait(
-                            min((t for t in (due, idle) if t is not None), default=None)
-                        )
+                        self._cond.wait(due)
                 finally:
                     self._sleeping = False
                 stopping = self._stop and not self._queue
