@@ -291,7 +291,6 @@ SCHEMA_VERSION = max(_MIGRATIONS)
 # other thread of the kernel; DuckDB runs the GROUP BY without holding the GIL.
 _STATE_BOUND = ("state", "updated", "ended", "error", "traceback")
 _MIN, _MAX = ("created", "started"), ("attempt",)
-_MERGED = tuple(c for c, _ in _RUNS if c not in (*_STATE_BOUND, *_MIN, *_MAX, "run_id"))
 
 # A batch of run events as one Arrow table: the run_events columns (``time`` is the
 # event's ``at``), then ``tags`` and ``seq`` (queue order), read with one attrgetter per
@@ -536,14 +535,15 @@ class _Database:
 
         con = self._connect(read_only=False, deadline=deadline)
         try:
-            if self._wal_size() <= _WAL_KEEP:  # else this close checkpoints (bounded WAL)
+            keep_wal = self._wal_size() <= _WAL_KEEP  # else this close checkpoints
+            if keep_wal:
                 con.execute("PRAGMA disable_checkpoint_on_shutdown")  # see self.dirty
             self._migrate(con)
             con.execute("BEGIN TRANSACTION")
             try:
                 result = body(con)
                 con.execute("COMMIT")
-                self.dirty = True
+                self.dirty = keep_wal  # the close checkpoints otherwise
             except BaseException:
                 with contextlib.suppress(Exception):
                     con.execute("ROLLBACK")
