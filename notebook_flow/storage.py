@@ -306,7 +306,7 @@ class _HashingSink(io.RawIOBase):
 
 # ---------------------------------------------------------------------------- the store
 
-#: Rewritten by any process after it deletes or replaces a manifest (see generation()).
+#: Rewritten by any process after it deletes or replaces a manifest (see generation_stamp()).
 _GENERATION_REL = "manifests/GENERATION"
 #: url → deletes and replacements made by this process (any ResultStore object of it).
 _generations: dict[str, int] = {}
