@@ -194,7 +194,22 @@ class ParquetSerializer:
         import pyarrow.parquet as pq
 
         source: Any = local_path if local_path is not None else _buffer_reader(file, pa)
-        return _table_to_frame(pq.read_table(source, memory_map=local_path is not None))
+        parquet = pq.ParquetFile(source, memory_map=local_path is not None)
+        meta = parquet.metadata
+        if meta.num_rows * meta.num_columns > _SMALL_FRAME_CELLS:
+            # Large: the dataset reader's parallel column reads are ~25% faster.
+            if local_path is None:
+                source.seek(0)
+            table = pq.read_table(source, memory_map=local_path is not None)
+            return _table_to_frame(table)
+        # Small (most task results): one thread, no dataset layer, ~3x faster (0.3 vs 0.9
+        # ms for 720 rows); pyarrow.dataset is not even imported.
+        return _table_to_frame(parquet.read(use_threads=False), use_threads=False)
+
+
+# Above this many values (rows x columns) a Parquet payload is read with pyarrow's threads.
+# Measured: 300k values load alike either way; 30k load ~3x faster on one thread.
+_SMALL_FRAME_CELLS = 250_000
 
 
 def _frame_to_table(value: object) -> pa.Table:
@@ -294,12 +309,12 @@ def _same_layout(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     )
 
 
-def _table_to_frame(table: pa.Table) -> object:
+def _table_to_frame(table: pa.Table, *, use_threads: bool = True) -> object:
     import pandas as pd
 
     raw = (table.schema.metadata or {}).get(_FRAME_META)
     extra: dict[str, Any] = json.loads(raw) if raw else {}
-    frame = table.to_pandas()
+    frame = table.to_pandas(use_threads=use_threads)
     freq = extra.get("index_freq")
     if freq is not None and isinstance(frame.index, (pd.DatetimeIndex, pd.TimedeltaIndex)):
         frame.index = type(frame.index)(frame.index, freq=freq)

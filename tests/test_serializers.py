@@ -327,6 +327,25 @@ def test_parquet_memory_maps_local_files(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(roundtrip(df, "parquet", tmp_path), df)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("rows", [10, 200_000])  # one thread / pyarrow's threaded reader
+@pytest.mark.parametrize("local", [False, True])
+def test_parquet_small_and_large_frames_load_alike(rows: int, local: bool, tmp_path: Path) -> None:
+    from notebook_flow import serializers
+
+    index = pd.date_range("2026-01-01", periods=rows, freq="min", name="t")
+    df = pd.DataFrame(
+        {"x": np.arange(rows, dtype="float64"), "s": pd.array(["a", "b"] * (rows // 2), "str")},
+        index=index,
+    )
+    df.attrs = {"unit": "m"}
+    assert (rows * 3 > serializers._SMALL_FRAME_CELLS) == (rows > 10)  # both paths are taken
+    out = roundtrip(df, "parquet", tmp_path if local else None)
+    pd.testing.assert_frame_equal(out, df, check_exact=True, check_freq=True)  # type: ignore[arg-type]
+    assert out.attrs == df.attrs  # type: ignore[attr-defined]
+    series = roundtrip(df["x"], "parquet", tmp_path if local else None)
+    pd.testing.assert_series_equal(series, df["x"], check_exact=True, check_freq=True)  # type: ignore[arg-type]
+
+
 def test_arrow_round_trips(tmp_path: Path) -> None:
     table = pa.table({"a": [1, 2], "d": pa.array(["x", "y"]).dictionary_encode()})
     table = table.replace_schema_metadata({"k": "v"})
