@@ -135,7 +135,8 @@ class _HotCache:
 
     Only local stores and only payloads up to ``max_size`` bytes. Immutable values are
     returned as they are; anything else is kept pickled and unpickled on every hit, so
-    mutating a returned value never changes what the next hit returns.
+    mutating a returned value never changes what the next hit returns, and is kept only
+    from the second time it is stored or loaded here.
 
     An entry is trusted while its store's generation (``ResultStore.changes_here``, and
     ``generation_stamp``: the file every process rewrites after it deletes or replaces a
@@ -163,6 +164,7 @@ class _HotCache:
         self._entries: collections.OrderedDict[
             tuple[str, str], tuple[Any, Any, Manifest, bool, Any]
         ] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[str, str], bool] = collections.OrderedDict()
         # store url → (when its generation was read, that generation)
         self._generations: dict[str, tuple[float, Any]] = {}
         self._lock = threading.Lock()
@@ -198,12 +200,23 @@ class _HotCache:
     def put(self, store: ResultStore, manifest: Manifest, value: Any) -> None:
         if manifest.size > self.max_size or not store.is_local:
             return
+        pickled = not _immutable(value)
+        payload = value
+        slot = (store.url, manifest.key)
+        if pickled and slot not in self._entries:
+            # Admit a value that must be copied (pickled) only the second time this process
+            # stores or loads it: a resumed notebook loads most results once, and pickling
+            # each (~1 ms for a small DataFrame under a busy GIL) would buy nothing.
+            with self._lock:
+                if self._seen.pop(slot, None) is None:
+                    self._seen[slot] = True
+                    while len(self._seen) > self.max_entries:
+                        self._seen.popitem(last=False)
+                    return
         generation = self._generation(store)
         stamp = store.manifest_stamp(manifest.key)
         if stamp is None:
             return
-        pickled = not _immutable(value)
-        payload = value
         if pickled:
             import pickle
 
@@ -212,7 +225,6 @@ class _HotCache:
             except Exception:  # not picklable by reference in this process: don't keep it
                 return
         with self._lock:
-            slot = (store.url, manifest.key)
             old = self._entries.pop(slot, None)
             if old is not None:
                 self._bytes -= old[2].size
@@ -231,6 +243,7 @@ class _HotCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._seen.clear()
             self._generations.clear()
             self._bytes = 0
 

@@ -469,6 +469,33 @@ def test_in_process_hot_cache_is_per_store_and_copies_mutable_values(tmp_path):
     assert calls == [1, 1, 1]
 
 
+def test_hot_cache_copies_a_mutable_value_only_once_it_is_used_again(tmp_path):
+    """A value the hot cache would have to pickle is admitted the second time it passes
+    (commit then hit, or two loads); an immutable one at once."""
+    from notebook_flow.storage import ResultStore
+    from notebook_flow.tasks import _hot
+
+    store = ResultStore(str(tmp_path / "s"))
+
+    @task(result_storage=store)
+    def listing(x):
+        return [x]
+
+    @task(result_storage=store)
+    def text(x):
+        return str(x)
+
+    def kept(t, x):
+        return (store.url, t.cache_key(x)) in _hot._entries
+
+    assert listing(1) == [1] and not kept(listing, 1)  # committed: seen once
+    assert listing(1) == [1] and kept(listing, 1)  # loaded again: admitted
+    assert text(1) == "1" and kept(text, 1)  # immutable: no copy needed, kept at once
+    _hot.clear()
+    assert listing(1) == [1] and not kept(listing, 1)  # as in a resumed kernel: one load
+    assert listing(1) == [1] and kept(listing, 1)
+
+
 _samples = iter(range(1000))
 
 
