@@ -23,6 +23,9 @@ import pytest
 from notebook_flow import _identity, metadata
 from notebook_flow.errors import MetadataError
 from notebook_flow.metadata import CacheEntry, LockEvent, MetadataStore, RunEvent
+from notebook_flow.metadata import database as metadata_database
+from notebook_flow.metadata import recorder as metadata_recorder
+from notebook_flow.metadata import registry as metadata_registry
 from notebook_flow.states import RunState
 
 T0 = 1_700_000_000.0
@@ -410,7 +413,7 @@ def test_crashed_runs_are_marked_on_first_use(path):
     with MetadataStore(path, auto_mark_crashed=False) as first:
         first.record_run(ev("dead", RunState.RUNNING, T0, pid=pid, pid_start=start))
     # A fresh process would do this on its first use; simulate with a fresh registry.
-    metadata._registry.pop(os.path.abspath(path), None)
+    metadata_registry._registry.pop(os.path.abspath(path), None)
     with MetadataStore(path) as second:
         assert one(second, "dead").state == "CRASHED"
 
@@ -456,9 +459,12 @@ def test_zero_byte_file_is_replaced(path):
 def test_migrations_run_in_order_once(path, monkeypatch):
     with MetadataStore(path, auto_mark_crashed=False) as store:
         store.record_run(ev("r1", RunState.COMPLETED, T0))
-    migrations = {**metadata._MIGRATIONS, 2: ("ALTER TABLE runs ADD COLUMN extra VARCHAR",)}
-    monkeypatch.setattr(metadata, "_MIGRATIONS", migrations)
-    metadata._registry.pop(os.path.abspath(path), None)
+    migrations = {
+        **metadata_database._MIGRATIONS,
+        2: ("ALTER TABLE runs ADD COLUMN extra VARCHAR",),
+    }
+    monkeypatch.setattr(metadata_database, "_MIGRATIONS", migrations)
+    metadata_registry._registry.pop(os.path.abspath(path), None)
     with MetadataStore(path, auto_mark_crashed=False) as store:
         assert store.sql("SELECT version FROM schema_version ORDER BY 1").version.tolist() == [1, 2]
         assert store.sql("SELECT run_id, extra FROM runs").extra.isna().all()
@@ -524,7 +530,7 @@ def test_record_never_waits_for_the_database(store, path):
 def test_a_full_queue_slows_producers_down_instead_of_losing_events(path, monkeypatch, caplog):
     """Back-pressure: past _MAX_PENDING queued events a producer waits for the recorder;
     only when the recorder makes no room within lock_timeout are new events dropped."""
-    monkeypatch.setattr(metadata, "_MAX_PENDING", 10)
+    monkeypatch.setattr(metadata_recorder, "_MAX_PENDING", 10)
     store = MetadataStore(path, lock_timeout=0.5)
     held = filelock.FileLock(path + ".lock", thread_local=False)
     held.acquire()
@@ -627,7 +633,7 @@ def test_a_read_writes_pending_events_in_the_same_session(store, monkeypatch):
 def test_writes_leave_the_wal_to_an_idle_checkpoint(path, monkeypatch):
     """A write session closes without checkpointing (~20-50 ms saved per transaction);
     the recorder checkpoints once the process has been idle, and when it stops."""
-    monkeypatch.setattr(metadata, "_IDLE_CHECKPOINT", 0.3)
+    monkeypatch.setattr(metadata_recorder, "_IDLE_CHECKPOINT", 0.3)
     store = MetadataStore(path)
     wal = path + ".wal"
     store.record_run(ev("r1", RunState.CACHED, T0))
@@ -638,7 +644,7 @@ def test_writes_leave_the_wal_to_an_idle_checkpoint(path, monkeypatch):
     while os.path.exists(wal) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(wal)
-    monkeypatch.setattr(metadata, "_IDLE_CHECKPOINT", 3600.0)
+    monkeypatch.setattr(metadata_recorder, "_IDLE_CHECKPOINT", 3600.0)
     store.record_run(ev("r2", RunState.CACHED, T0))
     store.flush()
     assert os.path.exists(wal)

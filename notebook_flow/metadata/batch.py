@@ -1,0 +1,264 @@
+"""What one recorder transaction writes: run events, cache ops, lock events, crash marks.
+
+Every function here runs inside an open write transaction (``_Database.write``) and is
+idempotent, so a batch whose commit is in doubt can be written again (``dedupe``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from notebook_flow import _identity
+from notebook_flow.metadata.records import CacheEntry, LockEvent, RunEvent, _Op, _Remove
+from notebook_flow.metadata.schema import (
+    _CACHE_ENTRIES,
+    _FOLD_RUNS,
+    _LOCK_EVENTS,
+    _LOCKS,
+    _NON_FINAL_SQL,
+    _PROCESSES,
+    _RUN_EVENTS,
+    _arrow,
+    _batch_arrow,
+    _Columns,
+    _names,
+)
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from notebook_flow.metadata.recorder import _Recorder
+
+logger = logging.getLogger("notebook_flow")
+
+
+def _write_batch(
+    con: duckdb.DuckDBPyConnection, rec: _Recorder, batch: list[_Op], dedupe: bool
+) -> None:
+    """Write one batch inside an open transaction; order matters only among cache ops."""
+    events: list[RunEvent] = []
+    lock_events: list[LockEvent] = []
+    cache_ops: list[CacheEntry | _Remove] = []
+    for op in batch:
+        if type(op) is RunEvent:
+            events.append(op)
+        elif isinstance(op, LockEvent):
+            lock_events.append(op)
+        elif isinstance(op, (CacheEntry, _Remove)):
+            cache_ops.append(op)
+        else:
+            count = _mark_crashed(con, rec.stale_after)
+            if count:
+                logger.info("Marked %d runs of dead processes as crashed", count)
+    if events:
+        _write_run_events(con, events, dedupe=dedupe)
+    _apply_cache_ops(con, cache_ops)
+    if lock_events:
+        _apply_lock_events(con, lock_events, dedupe)
+    me = _identity.process()
+    con.execute(
+        f"INSERT INTO processes ({_names(_PROCESSES)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (process_id) "
+        "DO UPDATE SET last_seen = greatest(processes.last_seen, excluded.last_seen)",
+        [f"{me.host}:{me.pid}:{me.start_time or 0}", me.host, me.pid, me.start_time, me.kernel,
+         rec.started_at, time.time()],
+    )  # fmt: skip
+
+
+def _write_run_events(
+    con: duckdb.DuckDBPyConnection, events: list[RunEvent], *, dedupe: bool
+) -> None:
+    """Append the events to run_events and fold them into runs (see _FOLD_RUNS)."""
+    con.register("_batch", _batch_arrow(events))
+    try:
+        key = ("run_id", "state", "time", "attempt")
+        _insert_from(con, "_batch", "run_events", _RUN_EVENTS, key, dedupe=dedupe)
+        con.execute(_FOLD_RUNS)
+    finally:
+        con.unregister("_batch")
+
+
+def _append(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    columns: _Columns,
+    rows: list[dict[str, Any]],
+    natural_key: tuple[str, ...],
+    *,
+    dedupe: bool,
+) -> None:
+    """Append rows; when a retry may repeat an earlier commit, skip rows already there."""
+    con.register("_rows", _arrow(columns, rows))
+    try:
+        _insert_from(con, "_rows", table, columns, natural_key, dedupe=dedupe)
+    finally:
+        con.unregister("_rows")
+
+
+def _insert_from(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    table: str,
+    columns: _Columns,
+    natural_key: tuple[str, ...],
+    *,
+    dedupe: bool,
+) -> None:
+    """INSERT the rows of a registered ``source``; with ``dedupe`` (a retry may repeat an
+    earlier commit) only those whose ``natural_key`` is not in ``table`` yet."""
+    where = ""
+    if dedupe:
+        match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM b.{c}" for c in natural_key)
+        where = f" WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})"
+    names = _names(columns)
+    con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {source} b{where}")
+
+
+def _entry_row(e: CacheEntry) -> dict[str, Any]:
+    return {
+        "key": e.key, "task": e.task, "task_identity": e.task_identity, "size": e.size,
+        "created_at": e.created_at, "expires_at": e.expires_at, "duration": e.duration,
+        "serializer": e.serializer, "payload": e.payload,
+        "components": json.dumps(e.components, sort_keys=True), "run_id": e.run_id,
+    }  # fmt: skip
+
+
+def _apply_cache_ops(con: duckdb.DuckDBPyConnection, ops: list[CacheEntry | _Remove]) -> None:
+    pending: dict[str, CacheEntry] = {}
+
+    def put() -> None:
+        if pending:
+            con.register(
+                "_entries", _arrow(_CACHE_ENTRIES, [_entry_row(e) for e in pending.values()])
+            )
+            con.execute(
+                f"INSERT OR REPLACE INTO cache_entries ({_names(_CACHE_ENTRIES)}) "
+                f"SELECT {_names(_CACHE_ENTRIES)} FROM _entries"
+            )
+            con.unregister("_entries")
+            pending.clear()
+
+    for op in ops:
+        if isinstance(op, CacheEntry):
+            pending[op.key] = op
+            continue
+        put()  # a removal applies to what was recorded before it
+        if op.keys is not None:
+            con.register("_keys", _arrow((("key", "VARCHAR"),), [{"key": k} for k in op.keys]))
+            con.execute("DELETE FROM cache_entries WHERE key IN (SELECT key FROM _keys)")
+            con.unregister("_keys")
+        elif op.task is not None:
+            con.execute(
+                "DELETE FROM cache_entries WHERE task = ? OR task_identity = ?", [op.task, op.task]
+            )
+        else:
+            con.execute("DELETE FROM cache_entries")
+    put()
+
+
+def _apply_lock_events(
+    con: duckdb.DuckDBPyConnection, events: list[LockEvent], dedupe: bool
+) -> None:
+    rows = [
+        {"key": e.key, "holder": e.holder, "event": e.event, "time": e.at, "manager": e.manager,
+         "lease_expires": e.lease_expires, "waited": e.waited, "task": e.task}
+        for e in events
+    ]  # fmt: skip
+    _append(
+        con, "lock_events", _LOCK_EVENTS, rows, ("key", "holder", "event", "time"), dedupe=dedupe
+    )
+    # The current lock table keeps, per key, the holder of the latest acquisition or renewal
+    # unless that holder gave the lock up since. Every release in the batch is applied, not
+    # only the latest event: "A released, B acquired, B released" must remove A's row too.
+    last: dict[str, LockEvent] = {}
+    acquired: dict[tuple[str, str], float] = {}
+    gone: list[LockEvent] = []
+    for e in sorted(events, key=lambda e: e.at):
+        if e.event in ("waited", "renew_failed"):
+            continue
+        if e.event in ("acquired", "recovered"):
+            acquired[(e.key, e.holder)] = e.at
+        if e.event in ("acquired", "recovered", "renewed"):
+            last[e.key] = e
+        else:  # released, lost, broken
+            gone.append(e)
+            held = last.get(e.key)
+            if held is not None and (e.event == "broken" or held.holder == e.holder):
+                del last[e.key]
+    for e in gone:
+        if e.event == "broken":
+            con.execute("DELETE FROM locks WHERE key = ? AND updated <= ?", [e.key, e.at])
+        else:  # released, lost
+            con.execute(
+                "DELETE FROM locks WHERE key = ? AND holder = ? AND updated <= ?",
+                [e.key, e.holder, e.at],
+            )
+    for e in last.values():
+        if e.event in ("acquired", "recovered", "renewed"):
+            con.execute(
+                f"INSERT INTO locks ({_names(_LOCKS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET "
+                "acquired = CASE WHEN excluded.holder = locks.holder "
+                "THEN least(locks.acquired, excluded.acquired) ELSE excluded.acquired END, "
+                "holder = excluded.holder, lease_expires = excluded.lease_expires, "
+                "manager = excluded.manager, task = coalesce(excluded.task, locks.task), "
+                "updated = excluded.updated WHERE excluded.updated >= locks.updated",
+                [e.key, e.holder, acquired.get((e.key, e.holder), e.at), e.lease_expires,
+                 e.manager, e.task, e.at],
+            )  # fmt: skip
+
+
+def _process_dead(
+    host: str | None, pid: int | None, start: int | None, seen: float, stale: float
+) -> bool:
+    if host == _identity.process().host:
+        return pid is None or not _identity.pid_alive(int(pid), start)
+    return seen < time.time() - stale  # another host: only its heartbeat tells
+
+
+def _mark_crashed(con: duckdb.DuckDBPyConnection, stale_after: float) -> int:
+    """Mark runs in flight whose process is dead as CRASHED; drop their stale lock records."""
+    rows = con.execute(
+        "SELECT r.run_id, r.state, r.host, r.pid, r.pid_start, "
+        "greatest(r.updated, coalesce(p.last_seen, r.updated)) "
+        "FROM runs r LEFT JOIN processes p ON p.host = r.host AND p.pid = r.pid "
+        "AND p.pid_start IS NOT DISTINCT FROM r.pid_start "
+        f"WHERE r.state IN {_NON_FINAL_SQL}"
+    ).fetchall()
+    now = time.time()
+    dead = [
+        {"run_id": run_id, "error": f"Process {pid} on {host} ended while the run was {state}"}
+        for run_id, state, host, pid, start, seen in rows
+        if _process_dead(host, pid, start, seen or 0.0, stale_after)
+    ]
+    if dead:
+        con.register("_dead", _arrow((("run_id", "VARCHAR"), ("error", "VARCHAR")), dead))
+        con.execute(
+            f"INSERT INTO run_events ({_names(_RUN_EVENTS)}) SELECT r.run_id, r.task, "
+            "r.task_identity, r.key, 'CRASHED', ?, r.attempt, NULL, NULL, d.error, NULL, NULL, "
+            "NULL, NULL, r.host, r.pid, "
+            "r.pid_start, r.kernel, r.notebook, r.cell FROM runs r JOIN _dead d USING (run_id) "
+            f"WHERE r.state IN {_NON_FINAL_SQL}",
+            [now],
+        )
+        con.execute(
+            "UPDATE runs SET state = 'CRASHED', ended = ?, updated = ?, error = d.error "
+            f"FROM _dead d WHERE runs.run_id = d.run_id AND runs.state IN {_NON_FINAL_SQL}",
+            [now, now],
+        )
+    for key, holder, lease in con.execute(
+        "SELECT key, holder, lease_expires FROM locks"
+    ).fetchall():
+        h = _identity.parse_holder(holder)
+        if "raw" in h:
+            continue
+        seen = lease if lease is not None else 0.0
+        host, pid, start = h["host"], h["pid"], h["start_time"]
+        if _process_dead(
+            str(host), int(pid or 0), start if isinstance(start, int) else None, seen, stale_after
+        ):
+            con.execute("DELETE FROM locks WHERE key = ? AND holder = ?", [key, holder])
+    return len(dead)

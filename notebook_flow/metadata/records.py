@@ -1,0 +1,152 @@
+"""The records of the metadata index: run events, lock events and cache entries.
+
+Callers build them and hand them to :class:`~notebook_flow.metadata.MetadataStore`, whose
+recorder queues them (with the internal ``_Remove`` and ``_MarkCrashed`` operations) and
+writes them in batches (:mod:`notebook_flow.metadata.batch`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from notebook_flow import _identity
+from notebook_flow.states import RunState
+
+__all__ = ["CacheEntry", "LockEvent", "LockEventKind", "RunEvent"]
+
+
+def _host() -> str:
+    return _identity.process().host
+
+
+def _pid() -> int:
+    return _identity.process().pid
+
+
+def _pid_start() -> int | None:
+    return _identity.process().start_time
+
+
+def _kernel() -> str | None:
+    return _identity.process().kernel
+
+
+@dataclass(slots=True)  # not frozen: a frozen init costs ~4 µs more, on every cache hit
+class RunEvent:
+    """One state transition of a run; the process fields default to the current process.
+
+    >>> RunEvent("r1", "load", "load-id", None, RunState.RUNNING, 0.0).state
+    <RunState.RUNNING: 'RUNNING'>
+    """
+
+    run_id: str
+    task: str
+    task_identity: str
+    key: str | None
+    state: RunState
+    at: float
+    attempt: int = 1
+    duration: float | None = None
+    saved: float | None = None  # seconds a cache hit saved
+    error: str | None = None
+    traceback: str | None = None
+    explain: str | None = None
+    size: int | None = None
+    inputs: str | None = None  # short JSON summary
+    notebook: str | None = None
+    cell: str | None = None
+    tags: tuple[str, ...] = ()
+    host: str = field(default_factory=_host)
+    pid: int = field(default_factory=_pid)
+    pid_start: int | None = field(default_factory=_pid_start)
+    kernel: str | None = field(default_factory=_kernel)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, RunState):
+            object.__setattr__(self, "state", RunState(self.state))
+        if not isinstance(self.tags, tuple):
+            object.__setattr__(self, "tags", tuple(self.tags))
+
+
+LockEventKind = Literal[
+    "acquired", "waited", "released", "recovered", "broken", "renewed", "renew_failed", "lost"
+]
+
+
+@dataclass(frozen=True)
+class LockEvent:
+    """Something that happened to a lock; ``holder`` is the holder the event is about.
+
+    >>> LockEvent("k", "host:1:2:3", "acquired", 0.0, "file").event
+    'acquired'
+    """
+
+    key: str
+    holder: str
+    event: LockEventKind
+    at: float
+    manager: str
+    lease_expires: float | None = None
+    waited: float | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.event not in get_args(LockEventKind):
+            raise ValueError(
+                f"unknown lock event {self.event!r}; use one of {get_args(LockEventKind)}"
+            )
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """The index record of one committed result (mirrors the store's manifest).
+
+    >>> CacheEntry("0" * 32, "load", "load-id", 10, 0.0, None, 1.5, "json", "p", {}).size
+    10
+    """
+
+    key: str
+    task: str
+    task_identity: str
+    size: int
+    created_at: float
+    expires_at: float | None
+    duration: float
+    serializer: str
+    payload: str
+    components: dict[str, str]
+    run_id: str | None = None
+
+    @classmethod
+    def from_manifest(
+        cls, manifest: Any, *, task_identity: str | None = None, size: int | None = None
+    ) -> CacheEntry:
+        """Build an entry from a ``storage.Manifest`` (or any object with its fields)."""
+        identity = task_identity or getattr(manifest, "task_identity", None) or manifest.task
+        return cls(
+            key=manifest.key,
+            task=manifest.task,
+            task_identity=identity,
+            size=int(manifest.size if size is None else size),
+            created_at=float(manifest.created_at),
+            expires_at=manifest.expires_at,
+            duration=float(manifest.duration),
+            serializer=manifest.serializer,
+            payload=manifest.payload,
+            components=dict(manifest.components),
+            run_id=getattr(manifest, "run_id", None),
+        )
+
+
+@dataclass(frozen=True)
+class _Remove:
+    keys: tuple[str, ...] | None
+    task: str | None
+
+
+class _MarkCrashed:
+    """Queued once per process and file: mark runs of dead processes crashed."""
+
+
+_Op = RunEvent | CacheEntry | LockEvent | _Remove | _MarkCrashed

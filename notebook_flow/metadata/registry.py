@@ -1,0 +1,77 @@
+"""Per-process state of the metadata layer: the recorder registry and its exit/fork hooks.
+
+This module holds the only copies of that state. ``_after_fork_in_child`` rebinds
+``_registry``, ``_registry_lock`` and ``_exiting``, so other modules read them through the
+module (``registry._registry``), never through a ``from ... import`` of the name.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from notebook_flow.metadata.recorder import _Recorder
+
+logger = logging.getLogger("notebook_flow")
+
+_EXIT_FLUSH_TIMEOUT = 30.0
+
+# Set by the exit hook once this process's queues are flushed. A daemon thread still inside
+# DuckDB when the interpreter finalizes is unwound through C++ frames and aborts the whole
+# process ("terminate called without an active exception"), so from then on only the main
+# thread may open the file; other threads park (they are daemons and vanish at exit).
+_exiting = threading.Event()
+
+# One recorder per (process, file): a registry of per-process resources, not a user-facing
+# singleton. A forked child starts with an empty registry, so it never writes (twice) what
+# its parent had queued, and never touches locks or threads copied in an unknown state.
+_registry: dict[str, _Recorder] = {}
+_registry_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _registry, _registry_lock, _exiting
+    _registry = {}
+    _registry_lock = threading.Lock()
+    _exiting = threading.Event()
+    # multiprocessing's forked children leave through os._exit(), skipping atexit; its own
+    # exit hook still runs finalizers, so flush from there.
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is not None:
+        mp_util.Finalize(None, _flush_all_at_exit, exitpriority=100)
+
+
+class _Exiting(Exception):
+    pass
+
+
+def _may_open() -> bool:
+    return not _exiting.is_set() or threading.current_thread() is threading.main_thread()
+
+
+def _park_if_exiting() -> None:
+    if not _may_open():
+        threading.Event().wait()  # forever: see _exiting
+
+
+def _flush_all_at_exit() -> None:
+    recorders = list(_registry.values())
+    for rec in recorders:
+        try:
+            rec.flush(_EXIT_FLUSH_TIMEOUT, raise_errors=False)
+        except Exception as exc:
+            logger.warning("Metadata for %s not written at exit: %s", rec.db.path, exc)
+        rec.stop(timeout=5.0)
+    _exiting.set()
+    for rec in recorders:  # sessions other threads began before the flag was set
+        rec.db.drain(timeout=_EXIT_FLUSH_TIMEOUT)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_flush_all_at_exit)
