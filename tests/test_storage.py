@@ -44,6 +44,8 @@ from notebook_flow.storage import (
     StorageWarning,
     validate_key,
 )
+from notebook_flow.storage import payload as payload_mod
+from notebook_flow.storage import store as store_mod
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "0123456789abcdef0123456789abcdef"
@@ -157,7 +159,7 @@ class StorageContract:
     def _payload_files(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """The contract exercises the payload-file protocol; inline payloads are tested
         on their own below (TestInlinePayloads)."""
-        monkeypatch.setattr(storage_mod, "INLINE_LIMIT", 0)
+        monkeypatch.setattr(store_mod, "INLINE_LIMIT", 0)  # read by ResultStore()
 
     # -- roundtrips -----------------------------------------------------------------------
 
@@ -560,7 +562,7 @@ def test_npy_is_memory_mapped_and_verified_once(
     calls: list[int] = []
     real = xxhash.xxh3_128_hexdigest
     monkeypatch.setattr(
-        storage_mod.xxhash, "xxh3_128_hexdigest", lambda b: calls.append(1) or real(b)
+        payload_mod.xxhash, "xxh3_128_hexdigest", lambda b: calls.append(1) or real(b)
     )
     store.load(m)
     assert calls == []  # hashed while committing: this process knows the file is good
@@ -593,7 +595,7 @@ def test_sealed_payload_loads_without_rehash_in_a_fresh_process(
     calls: list[int] = []
     real = xxhash.xxh3_128_hexdigest
     monkeypatch.setattr(
-        storage_mod.xxhash, "xxh3_128_hexdigest", lambda b: calls.append(1) or real(b)
+        payload_mod.xxhash, "xxh3_128_hexdigest", lambda b: calls.append(1) or real(b)
     )
     _localfs.forget_verified()  # as in a fresh process
     assert store.load(m)[-1] == 99_999.0

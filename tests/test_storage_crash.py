@@ -31,9 +31,9 @@ BIG = 200 * 2**20  # bytes
 def _payload_files(monkeypatch: pytest.MonkeyPatch) -> None:
     """These crash points are about payload files: keep even small values out of the
     manifest (inline payloads commit in a single write and have no such window)."""
-    from notebook_flow import storage
+    from notebook_flow.storage import store
 
-    monkeypatch.setattr(storage, "INLINE_LIMIT", 0)
+    monkeypatch.setattr(store, "INLINE_LIMIT", 0)  # read by ResultStore()
 
 
 def commit(store: ResultStore, value: object) -> Manifest:

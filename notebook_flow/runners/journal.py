@@ -16,7 +16,7 @@ then on the submission survives the death of the process (SIGKILL, OOM, kernel r
 after the ``fdatasync`` it survives a power loss too. A process killed inside that
 window loses the last few milliseconds of submissions; re-running the cell recovers
 them, since runs whose results were committed are cache hits. Results themselves are
-durable when their manifest is committed (``storage.py``), independently of the journal.
+durable when their manifest is committed (``storage/``), independently of the journal.
 
 Which runs cannot be resumed, and why (``resume()`` lists them in ``.skipped``):
 
