@@ -39,9 +39,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from notebook_flow import hashing
 from notebook_flow.errors import ConfigurationError, UnhashableError
-from notebook_flow.hashing import fingerprint, register_fingerprint
+from notebook_flow.hashing import arrays, core, dispatch, fingerprint, register_fingerprint
 
 fp = fingerprint
 
@@ -327,7 +326,7 @@ def test_fingerprint_hook() -> None:
 
 
 def test_register_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hashing, "_REGISTRY", {})
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})
     with pytest.raises(UnhashableError):
         fp(Connection("db://a"))
     register_fingerprint(Connection, lambda c: ("conn", c.url))
@@ -341,11 +340,11 @@ def test_register_fingerprint(monkeypatch: pytest.MonkeyPatch) -> None:
         register_fingerprint(dict, lambda d: 0)
     with pytest.raises(ConfigurationError):
         register_fingerprint("nope", lambda d: 0)  # type: ignore[arg-type]
-    hashing._RESOLVED.clear()
+    core._RESOLVED.clear()
 
 
 def test_failing_reducer_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hashing, "_REGISTRY", {})
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})
 
     def broken(c: Connection) -> object:
         raise RuntimeError("boom")
@@ -355,11 +354,11 @@ def test_failing_reducer_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         fp({"c": Connection("x")})
     assert info.value.path == "['c']"
     assert isinstance(info.value.__cause__, RuntimeError)
-    hashing._RESOLVED.clear()
+    core._RESOLVED.clear()
 
 
 def test_nested_calls_from_reducers_share_the_walk(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hashing, "_REGISTRY", {})
+    monkeypatch.setattr(dispatch, "_REGISTRY", {})
     # A reducer may call fingerprint() itself; cycles through it still terminate and
     # errors inside it still report the full path.
     register_fingerprint(Connection, lambda c: fingerprint(c.url))
@@ -370,9 +369,9 @@ def test_nested_calls_from_reducers_share_the_walk(monkeypatch: pytest.MonkeyPat
     with pytest.raises(UnhashableError) as info:
         fp([node])
     assert info.value.path == "[0]['k']"
-    assert hashing._local.ctx is None  # the walk state is reset after an error
+    assert core._local.ctx is None  # the walk state is reset after an error
     assert fp(1) == fp(1)
-    hashing._RESOLVED.clear()
+    core._RESOLVED.clear()
 
 
 def test_threads_hash_independently() -> None:
@@ -503,7 +502,7 @@ def test_non_contiguous_arrays_equal_their_contiguous_copy(monkeypatch: pytest.M
     views = [a.T, a[::3, 1::2], a[:, 5], np.asfortranarray(a), np.broadcast_to(a[0], (7, 100))]
     for view in views:
         assert fp(view) == fp(np.ascontiguousarray(view))
-    monkeypatch.setattr(hashing, "_CHUNK", 256)  # the slab-by-slab copy path
+    monkeypatch.setattr(arrays, "_CHUNK", 256)  # the slab-by-slab copy path
     for view in [*views, a[::2].T[::-1]]:
         assert fp(view) == fp(np.ascontiguousarray(view))
 
@@ -836,7 +835,7 @@ def test_polars() -> None:
 
 def test_fast_path_types_need_no_resolution() -> None:
     for value in (None, True, 1, 1.0, "a", b"a", (1,), [1], {1: 2}, {1}, frozenset()):
-        assert type(value) in hashing._EXACT
+        assert type(value) in core._EXACT
 
 
 def test_heavy_libraries_are_not_imported() -> None:
