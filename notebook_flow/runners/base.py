@@ -142,7 +142,7 @@ class WorkerCall(_Call):
                 **fields,
             )
             _metadata(self.store).record_run(event)
-        except Exception:  # a metadata problem never fails a task (as in tasks.py)
+        except Exception:  # a metadata problem never fails a task (as in tasks/call.py)
             logger.warning("could not record metadata for %s", self.store.url, exc_info=True)
 
     def begin(self, why: str) -> contextvars.Token[Any]:

@@ -1,0 +1,527 @@
+"""One call of a task, top to bottom: key → lookup → (lock → re-check) → run with retries →
+commit → record.
+
+:class:`_Call` holds the state of one invocation and one method per step; :func:`_run_sync`
+and :func:`_run_async` chain the steps (the embedded worker runs ``_run_sync`` on a
+subclass that also reports to its future). A failed *read* degrades to a miss; a failed
+*commit* raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import random
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+from notebook_flow import _identity, config
+from notebook_flow.cache_policies import KeyContext, combine_components
+from notebook_flow.errors import (
+    CommitError,
+    ConfigurationError,
+    PayloadCorruptError,
+    SerializationError,
+    StorageError,
+    TaskTimeoutError,
+)
+from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
+from notebook_flow.states import RunState
+
+from .context import RunContext, _current_run, new_run_id
+from .explain import _expired_reason, diff_components
+from .hot import _hot
+
+if TYPE_CHECKING:
+    from notebook_flow.metadata import MetadataStore
+    from notebook_flow.storage import ResultStore
+
+    from .definition import Task
+
+logger = logging.getLogger("notebook_flow")
+
+_MISS: Any = object()  # sentinel: "no usable cached result"
+
+RetryDelay = float | int | Sequence[float | int] | Callable[[int], Sequence[float | int]]
+
+
+# --------------------------------------------------------------------------- crash points
+
+# Fault injection for the crash-matrix tests: NOTEBOOK_FLOW_CRASH_AT=<point> SIGKILLs this
+# process at that point of the miss path (after_lock, after_payload, after_manifest,
+# before_release). Read once at import; one string comparison per point when unset.
+_CRASH_AT = os.environ.get("NOTEBOOK_FLOW_CRASH_AT") or None
+
+
+def _crash_point(name: str) -> None:
+    if name == _CRASH_AT:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def exponential_backoff(backoff_factor: float) -> Callable[[int], list[float]]:
+    """Retry delays ``factor * 2**n`` for ``retry_delay_seconds`` (as in Prefect).
+
+    >>> exponential_backoff(10)(3)
+    [10.0, 20.0, 40.0]
+    """
+    if backoff_factor < 0:
+        raise ConfigurationError("backoff_factor must be >= 0")
+    # A lambda named by the package, as when this was tasks.py: a task passed as an argument
+    # is keyed with its options, this function's result among them.
+    delays = lambda retries: [float(backoff_factor) * 2**n for n in range(retries)]  # noqa: E731
+    delays.__module__ = "notebook_flow.tasks"
+    return delays
+
+
+def _delays(retries: int, spec: RetryDelay) -> list[float]:
+    if callable(spec):
+        spec = spec(retries)
+    if isinstance(spec, (int, float)):
+        values = [float(spec)] * retries
+    else:
+        values = [float(v) for v in spec]
+        if not values:
+            values = [0.0]
+        values += [values[-1]] * (retries - len(values))  # last delay repeats
+    if any(v < 0 for v in values):
+        raise ConfigurationError(f"retry delays must be >= 0, got {values!r}")
+    return values
+
+
+# --------------------------------------------------------------------------- store and metadata
+
+
+def _store_for(t: Task[Any, Any]) -> ResultStore:
+    """The task's store, cached on the task until the settings change."""
+    cached = t._store_cache
+    if cached is not None and cached[0] == config.generation:
+        return cached[1]
+    storage = t.cache_policy.key_storage or t.result_storage
+    store = config.get_store(storage)  # type: ignore[arg-type]
+    t._store_cache = (config.generation, store)
+    return store
+
+
+def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -> None:
+    """Hand an event to the metadata recorder; a metadata problem never fails a task."""
+    try:
+        action(config.get_metadata(store))
+    except Exception:
+        logger.warning("could not record metadata for %s", store.url, exc_info=True)
+
+
+# --------------------------------------------------------------------------- one call
+
+
+class _Call:
+    """The state of one invocation: arguments, key, store, run id, timings."""
+
+    __slots__ = (
+        "args",
+        "arguments",
+        "components",
+        "ctx",
+        "key",
+        "kwargs",
+        "run_id",
+        "started",
+        "store",
+        "task",
+    )
+
+    def __init__(
+        self,
+        t: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        run_id: str | None = None,
+    ) -> None:
+        self.task = t
+        self.args = args
+        self.kwargs = kwargs
+        self.arguments = t._bind(args, kwargs)
+        self.run_id = run_id or new_run_id()
+        self.started = time.time()
+        self.key: str | None = None
+        self.components: dict[str, str] | None = None
+        self.store = _store_for(t)
+        self.ctx: RunContext | None = None
+
+    def compute_key(self) -> str | None:
+        t = self.task
+        components = t.cache_policy.compute_components(KeyContext(t, self.arguments))
+        self.components = components
+        if components is None:
+            self.key = None
+        else:
+            self.key = combine_components(t.cache_namespace or t.identity, components)
+        return self.key
+
+    # -- events ------------------------------------------------------------------------------
+
+    def record(self, state: RunState, **fields: Any) -> None:
+        t = self.task
+        event = RunEvent(
+            run_id=self.run_id,
+            task=t.name,
+            task_identity=t.identity,
+            key=self.key,
+            state=state,
+            at=time.time(),
+            notebook=_identity.notebook_path(),
+            cell=_identity.current_cell(),
+            tags=t.tags,
+            **fields,
+        )
+        _metadata_for(self.store, lambda m: m.record_run(event))
+
+    def inputs_summary(self) -> str:
+        if not self.arguments:
+            return "{}"
+        out: dict[str, str] = {}
+        for name, value in self.arguments.items():
+            out[name] = _short_repr(value)
+        return json.dumps(out)
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def lookup(self) -> Any:
+        """The cached value for this call's key, or _MISS (logging why on a miss)."""
+        t = self.task
+        key = self.key
+        if key is None or t.refresh_cache:
+            return _MISS
+        t0 = time.perf_counter()
+        if not t.persist_result:
+            value = t._memory.get(key, _MISS)
+            if value is not _MISS:
+                self.record(RunState.CACHED, duration=time.perf_counter() - t0)
+            return value
+        hot = _hot.get(self.store, key)
+        manifest = hot[0] if hot is not None else self.store.lookup(key)
+        if manifest is None:
+            return _MISS
+        if hot is not None:
+            value = hot[1]
+        if manifest.expired():
+            self.explain_miss([_expired_reason(manifest)])
+            return _MISS
+        if hot is None:
+            try:
+                value = self.store.load(manifest)
+            except (PayloadCorruptError, SerializationError, StorageError) as exc:
+                logger.warning(
+                    "task `%s`: the stored result for key %s cannot be used (%s); recomputing",
+                    t.name,
+                    key,
+                    exc,
+                )
+                return _MISS
+            _hot.put(self.store, manifest, value)
+        elapsed = time.perf_counter() - t0
+        t._last_components = self.components
+        self.record(
+            RunState.CACHED,
+            duration=elapsed,
+            saved=max(manifest.duration - elapsed, 0.0),
+            size=manifest.size,
+        )
+        return value
+
+    def explain_miss(self, reasons: list[str] | None = None) -> str:
+        if reasons is None:
+            from notebook_flow.config import settings
+
+            if not settings().log_misses or self.components is None:
+                return ""
+            reference = self.task._reference_components(self.store)
+            reasons = diff_components(reference, self.components)
+        text = "; ".join(reasons)
+        logger.info("task `%s`: cache miss: %s", self.task.name, text)
+        return text
+
+    # -- locking -----------------------------------------------------------------------------
+
+    def locked(self) -> contextlib.AbstractContextManager[Any]:
+        """A lock on the key for SERIALIZABLE policies, else a no-op."""
+        t = self.task
+        policy = t.cache_policy
+        if self.key is None or policy.isolation_level != "SERIALIZABLE":
+            return contextlib.nullcontext()
+        from notebook_flow.config import settings
+        from notebook_flow.locks import default_lock_manager_for, hold
+
+        manager = policy.lock_manager or default_lock_manager_for(self.store)
+        s = settings()
+
+        def on_event(event: str, info: dict[str, Any]) -> None:
+            le = LockEvent(
+                key=self.key or "",
+                holder=str(info.get("holder", "")),
+                event=event,  # type: ignore[arg-type]
+                at=time.time(),
+                manager=type(manager).__name__,
+                lease_expires=info.get("lease_expires"),
+                waited=info.get("waited"),
+                task=t.name,
+            )
+            _metadata_for(self.store, lambda m: m.record_lock_event(le))
+
+        return hold(
+            manager,
+            self.key,
+            _identity.holder_id(self.run_id),
+            lease=s.lock_lease,
+            timeout=t.lock_timeout if t.lock_timeout is not None else s.lock_timeout,
+            on_event=on_event,
+        )
+
+    # -- running -----------------------------------------------------------------------------
+
+    def retry_delay(self, attempt: int) -> float:
+        t = self.task
+        delay = _delays(t.retries, t.retry_delay_seconds)[attempt - 1]
+        if t.retry_jitter_factor:
+            f = t.retry_jitter_factor
+            delay = max(0.0, random.uniform(delay * (1 - f), delay * (1 + f)))
+        return delay
+
+    def should_retry(self, attempt: int, exc: BaseException) -> bool:
+        t = self.task
+        if attempt > t.retries or not isinstance(exc, Exception):
+            return False
+        if t.retry_condition_fn is not None and self.ctx is not None:
+            try:
+                return bool(t.retry_condition_fn(t, self.ctx, exc))
+            except Exception:
+                logger.warning(
+                    "retry_condition_fn of `%s` raised; not retrying", t.name, exc_info=True
+                )
+                return False
+        return True
+
+    def call_body_sync(self) -> Any:
+        t = self.task
+        if t.timeout_seconds is None:
+            return t.fn(*self.args, **self.kwargs)
+        # A thread we can stop waiting for; the body itself cannot be killed, so it is told
+        # to stop through the run context (cooperative) and abandoned as a daemon thread.
+        box: dict[str, Any] = {}
+        context = contextvars.copy_context()
+
+        def target() -> None:
+            try:
+                box["value"] = context.run(t.fn, *self.args, **self.kwargs)
+            except BaseException as exc:
+                box["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"notebook_flow-{t.name}", daemon=True)
+        worker.start()
+        worker.join(t.timeout_seconds)
+        if worker.is_alive():
+            if self.ctx is not None:
+                self.ctx.cancel_requested.set()
+            raise TaskTimeoutError(
+                f"task `{t.name}` ran longer than timeout_seconds={t.timeout_seconds}; the body "
+                "was told to stop (check notebook_flow.current_run().cancelled()) and abandoned"
+            )
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+    async def call_body_async(self) -> Any:
+        t = self.task
+        coro = cast(Awaitable[Any], t.fn(*self.args, **self.kwargs))
+        if t.timeout_seconds is None:
+            return await coro
+        try:
+            return await asyncio.wait_for(coro, t.timeout_seconds)
+        except asyncio.TimeoutError:
+            raise TaskTimeoutError(
+                f"task `{t.name}` ran longer than timeout_seconds={t.timeout_seconds}"
+            ) from None
+
+    def begin(self, why: str) -> contextvars.Token[RunContext | None]:
+        self.ctx = RunContext(self.run_id, self.task, self.key)
+        self.record(RunState.RUNNING, explain=why or None, inputs=self.inputs_summary())
+        return _current_run.set(self.ctx)
+
+    def failed(self, attempt: int, exc: BaseException) -> None:
+        state = RunState.FAILED if isinstance(exc, Exception) else RunState.CANCELLED
+        self.record(
+            state,
+            attempt=attempt,
+            duration=time.time() - self.started,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        )
+
+    def retrying(self, attempt: int, exc: BaseException, delay: float) -> None:
+        logger.info(
+            "task `%s` failed on attempt %d (%s: %s); retrying in %.3g s",
+            self.task.name,
+            attempt,
+            type(exc).__name__,
+            exc,
+            delay,
+        )
+        self.record(RunState.RETRYING, attempt=attempt, error=f"{type(exc).__name__}: {exc}")
+
+    # -- commit ------------------------------------------------------------------------------
+
+    def commit(self, value: Any, duration: float, attempt: int, lease: Any) -> None:
+        """Persist the result (payload first, manifest last), then record COMPLETED."""
+        t = self.task
+        size: int | None = None
+        if self.key is not None and t.persist_result:
+            expires_at = (
+                time.time() + t.cache_expiration.total_seconds() if t.cache_expiration else None
+            )
+            lease_check = getattr(lease, "check", None)
+
+            def check() -> None:  # the fencing point: refuse to commit after a lost lease
+                if lease_check is not None:
+                    lease_check()
+                _crash_point("after_payload")
+
+            try:
+                manifest = self.store.commit(
+                    self.key,
+                    value,
+                    task=t.identity,
+                    components=self.components or {},
+                    run_id=self.run_id,
+                    duration=duration,
+                    expires_at=expires_at,
+                    serializer=t.result_serializer,
+                    before_manifest=check,
+                    fence=getattr(lease, "fence", None),
+                )
+            except Exception as exc:
+                self.failed(attempt, exc)
+                if isinstance(exc, CommitError):
+                    exc.result = value  # type: ignore[attr-defined]
+                raise
+            _crash_point("after_manifest")
+            _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
+            size = manifest.size
+            entry = CacheEntry(
+                key=manifest.key,
+                task=t.name,
+                task_identity=t.identity,
+                size=manifest.size,
+                created_at=manifest.created_at,
+                expires_at=manifest.expires_at,
+                duration=duration,
+                serializer=manifest.serializer,
+                payload=manifest.payload,
+                components=dict(manifest.components),
+                run_id=self.run_id,
+            )
+            _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
+        elif self.key is not None:
+            t._memory[self.key] = value
+        t._last_components = self.components
+        self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)):
+        return f"{type(value).__name__}{tuple(shape)!r}"
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --------------------------------------------------------------------------- the call path
+
+
+def _run_sync(call: _Call) -> Any:
+    """Key → lookup → (lock → re-check) → run with retries → commit → record."""
+    if call.compute_key() is not None:
+        value = call.lookup()
+        if value is not _MISS:
+            return value
+    why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
+    with call.locked() as lease:
+        if lease is not None:
+            _crash_point("after_lock")
+            value = call.lookup()  # the holder before us may have committed it
+            if value is not _MISS:
+                return value
+        token = call.begin(why)
+        try:
+            attempt = 1
+            while True:
+                call.ctx.attempt = attempt  # type: ignore[union-attr]
+                t0 = time.perf_counter()
+                try:
+                    value = call.call_body_sync()
+                    break
+                except BaseException as exc:
+                    if not call.should_retry(attempt, exc):
+                        call.failed(attempt, exc)
+                        raise
+                    delay = call.retry_delay(attempt)
+                    call.retrying(attempt, exc, delay)
+                    time.sleep(delay)
+                    attempt += 1
+            call.commit(value, time.perf_counter() - t0, attempt, lease)
+            _crash_point("before_release")
+        finally:
+            _current_run.reset(token)
+    return value
+
+
+async def _run_async(call: _Call) -> Any:
+    """The same path for ``async def`` tasks; blocking steps run in a thread."""
+    if call.compute_key() is not None:
+        value = await asyncio.to_thread(call.lookup)
+        if value is not _MISS:
+            return value
+    why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
+    from notebook_flow.locks.threaded import held_in_thread
+
+    # Not on the loop's executor: waiters filled it while the holder needed it to commit.
+    async with held_in_thread(call.locked()) as lease:
+        if lease is not None:
+            value = await asyncio.to_thread(call.lookup)
+            if value is not _MISS:
+                return value
+        token = call.begin(why)
+        try:
+            attempt = 1
+            while True:
+                call.ctx.attempt = attempt  # type: ignore[union-attr]
+                t0 = time.perf_counter()
+                try:
+                    value = await call.call_body_async()
+                    break
+                except BaseException as exc:
+                    if not call.should_retry(attempt, exc):
+                        call.failed(attempt, exc)
+                        raise
+                    delay = call.retry_delay(attempt)
+                    call.retrying(attempt, exc, delay)
+                    await asyncio.sleep(delay)
+                    attempt += 1
+            duration = time.perf_counter() - t0
+            await asyncio.to_thread(call.commit, value, duration, attempt, lease)
+        finally:
+            _current_run.reset(token)
+    return value

@@ -1,0 +1,411 @@
+"""``Task`` and ``@task``: a task's options (checked once, at definition), how it pickles,
+and its public methods. Calling a task hands over to the call path in :mod:`.call`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from notebook_flow.cache_policies import DEFAULT, CachePolicy
+from notebook_flow.errors import ConfigurationError
+
+from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
+from .explain import Explanation, _expired_reason, diff_components
+from .hot import _hot
+
+if TYPE_CHECKING:
+    from notebook_flow.locks.base import LockManager
+    from notebook_flow.serializers import Serializer
+    from notebook_flow.storage import ResultStore
+
+    from .context import RunContext
+
+logger = logging.getLogger("notebook_flow")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NOT_SET: Any = object()
+
+# --------------------------------------------------------------------------- the Task
+
+
+class Task(Generic[P, R]):
+    """A function with durable, cached results. Create one with :func:`task`.
+
+    Calling the task runs it inline with caching; ``.fn`` is the raw function,
+    ``.cache_key(...)`` shows the key of a call, ``.explain(...)`` why it would miss,
+    ``.clear_cache()`` removes its results.
+    """
+
+    __notebook_flow_task__ = True
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        cache_policy: CachePolicy | None = _NOT_SET,
+        cache_expiration: timedelta | float | None = None,
+        refresh_cache: bool = False,
+        persist_result: bool = True,
+        retries: int = 0,
+        retry_delay_seconds: RetryDelay = 0,
+        retry_jitter_factor: float | None = None,
+        retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool]
+        | None = None,
+        timeout_seconds: float | None = None,
+        result_serializer: str | Serializer | None = None,
+        result_storage: str | ResultStore | None = None,
+        tags: Sequence[str] | None = None,
+        cache_namespace: str | None = None,
+        lock_manager: LockManager | None = None,
+        isolation_level: str | None = None,
+        lock_timeout: float | None = None,
+        max_concurrency: int | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise ConfigurationError(f"@task needs a function, got {type(fn).__name__}")
+        if isinstance(fn, Task):
+            fn = fn.fn
+        self.fn: Callable[P, R] = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        qualname = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
+        self.name: str = name or qualname
+        module = getattr(fn, "__module__", None) or "__main__"
+        # Identity namespaces keys: stable across restarts (module + qualified name, or the
+        # explicit name), never id() or a cell number.
+        self.identity: str = f"{module}:{name or qualname}"
+        if cache_policy is _NOT_SET:
+            cache_policy = DEFAULT
+        elif cache_policy is None:
+            from notebook_flow.cache_policies import NONE
+
+            cache_policy = NONE
+        if not isinstance(cache_policy, CachePolicy):
+            raise ConfigurationError(
+                f"cache_policy must be a CachePolicy (INPUTS, TASK_SOURCE, …), got {cache_policy!r}"
+            )
+        if lock_manager is not None or isolation_level is not None:
+            cache_policy = cache_policy.configure(
+                lock_manager=lock_manager,
+                isolation_level=isolation_level,  # type: ignore[arg-type]
+            )
+        self.cache_policy: CachePolicy = cache_policy
+        self.cache_expiration = _as_timedelta(cache_expiration)
+        self.refresh_cache = bool(refresh_cache)
+        self.persist_result = bool(persist_result)
+        if not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"retries must be an int >= 0, got {retries!r}")
+        self.retries = retries
+        self.retry_delay_seconds = retry_delay_seconds
+        _delays(retries, retry_delay_seconds)  # validate now, not on the first failure
+        if retry_jitter_factor is not None and retry_jitter_factor < 0:
+            raise ConfigurationError("retry_jitter_factor must be >= 0")
+        self.retry_jitter_factor = retry_jitter_factor
+        self.retry_condition_fn = retry_condition_fn
+        if timeout_seconds is not None and timeout_seconds <= 0:
+            raise ConfigurationError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
+        self.timeout_seconds = timeout_seconds
+        if result_serializer is not None and isinstance(result_serializer, str):
+            from notebook_flow.serializers import get_serializer
+
+            get_serializer(result_serializer)  # raises a clear error for unknown names
+        self.result_serializer = result_serializer
+        self.result_storage = result_storage
+        self.tags: tuple[str, ...] = tuple(tags or ())
+        self.cache_namespace = cache_namespace
+        self.lock_timeout = lock_timeout
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigurationError("max_concurrency must be >= 1")
+        self.max_concurrency = max_concurrency
+        self._signature = inspect.signature(fn)
+        # Plain positional-or-keyword parameters (the common case) bind without
+        # inspect.Signature.bind, which costs ~5 µs of the cache-hit budget.
+        params = list(self._signature.parameters.values())
+        self._simple_names: tuple[str, ...] | None = None
+        self._simple_defaults: dict[str, Any] = {}
+        if all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params):
+            self._simple_names = tuple(p.name for p in params)
+            self._simple_defaults = {
+                p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            }
+        self._last_components: dict[str, str] | None = None
+        self._memory: dict[str, Any] = {}  # results of persist_result=False tasks
+        self._store_cache: tuple[int, ResultStore] | None = None
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Bound arguments with defaults applied, in signature order."""
+        names = self._simple_names
+        if names is not None and len(args) <= len(names):
+            arguments = dict(zip(names, args, strict=False))
+            rest = names[len(args) :]
+            for name in rest:
+                if name in kwargs:
+                    arguments[name] = kwargs[name]
+                elif name in self._simple_defaults:
+                    arguments[name] = self._simple_defaults[name]
+                else:
+                    break  # a missing argument: inspect says so below
+            else:
+                if all(k in rest for k in kwargs):  # no unknown or duplicated keywords
+                    return arguments
+        try:  # the general case, and every error message, come from inspect
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task `{self.name}`: {exc}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    # -- options ---------------------------------------------------------------------------
+
+    def _options(self) -> dict[str, Any]:
+        return {
+            "name": self.name if self.identity.endswith(":" + self.name) else None,
+            "cache_policy": self.cache_policy,
+            "cache_expiration": self.cache_expiration,
+            "refresh_cache": self.refresh_cache,
+            "persist_result": self.persist_result,
+            "retries": self.retries,
+            "retry_delay_seconds": self.retry_delay_seconds,
+            "retry_jitter_factor": self.retry_jitter_factor,
+            "retry_condition_fn": self.retry_condition_fn,
+            "timeout_seconds": self.timeout_seconds,
+            "result_serializer": self.result_serializer,
+            "result_storage": self.result_storage,
+            "tags": self.tags,
+            "cache_namespace": self.cache_namespace,
+            "lock_timeout": self.lock_timeout,
+            "max_concurrency": self.max_concurrency,
+        }
+
+    def with_options(self, **changes: Any) -> Task[P, R]:
+        """A copy with some options changed: ``load.with_options(refresh_cache=True)``."""
+        options = self._options()
+        options["name"] = self.name
+        unknown = set(changes) - set(options) - {"lock_manager", "isolation_level"}
+        if unknown:
+            raise ConfigurationError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+        options.update(changes)
+        return Task(self.fn, **options)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A module-level task is found again by name; anything else (cells, closures)
+        # travels by value with its function (cloudpickle pickles __main__ by value).
+        module = getattr(self.fn, "__module__", None)
+        qualname = getattr(self.fn, "__qualname__", "")
+        if (
+            module
+            and module != "__main__"
+            and "<locals>" not in qualname
+            and _resolve(module, qualname) is self
+        ):
+            return (_task_by_reference, (module, qualname))
+        return (_task_from_options, (self.fn, self._options()))
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} policy={self.cache_policy!r}>"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        # Decorating a method: bind like a function would.
+        if instance is None:
+            return self
+        return functools.partial(self, instance)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @overload
+    def __call__(
+        self: Task[P, Coroutine[Any, Any, R]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]: ...
+    @overload
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the task inline with caching (for an async task: a coroutine to await)."""
+        call = _Call(self, args, kwargs)
+        if self.is_async:
+            return _run_async(call)
+        return _run_sync(call)
+
+    def submit(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        """Run the task on the embedded background worker; returns a ``TaskFuture`` at once.
+
+        Futures among the arguments (also inside lists and dicts) are resolved first;
+        ``wait_for=[...]`` orders without passing data.
+        """
+        from notebook_flow.runners import submit_task
+
+        return submit_task(self, args, kwargs, wait_for=wait_for)
+
+    def map(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
+        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant."""
+        from notebook_flow.runners import map_task
+
+        return map_task(self, args, kwargs, wait_for=wait_for)
+
+    def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str | None:
+        """The cache key this call would use (None: the task runs uncached).
+
+        >>> add.cache_key(1, 2)  # doctest: +SKIP
+        '5b1e0a…'
+        """
+        return _Call(self, args, kwargs).compute_key()
+
+    def explain(self, *args: P.args, **kwargs: P.kwargs) -> Explanation:
+        """Why this call would hit or miss, against the task's latest stored result.
+
+        >>> print(clean.explain(df))  # doctest: +SKIP
+        task `clean`: miss
+          - source of helper `normalize` changed
+        """
+        call = _Call(self, args, kwargs)
+        key = call.compute_key()
+        if key is None:
+            return Explanation(self.name, None, "uncached", ("the cache policy computes no key",))
+        assert call.components is not None
+        if not self.persist_result:
+            status = "hit" if key in self._memory else "miss"
+            return Explanation(self.name, key, status, ("results are kept in memory only",))
+        manifest = call.store.lookup(key)
+        if manifest is not None:
+            if manifest.expired():
+                return Explanation(self.name, key, "expired", (_expired_reason(manifest),))
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.created_at))
+            return Explanation(
+                self.name, key, "hit", (f"result computed {when} in {manifest.duration:.3g} s",)
+            )
+        reference = self._reference_components(call.store)
+        return Explanation(
+            self.name, key, "miss", tuple(diff_components(reference, call.components))
+        )
+
+    def clear_cache(self) -> int:
+        """Remove every stored result of this task; returns how many were removed."""
+        self._memory.clear()
+        _hot.clear()
+        store = _store_for(self)
+        removed = 0
+        keys: list[str] = []
+        for manifest in store.iter_manifests():
+            if manifest.task == self.identity and store.delete(manifest.key):
+                removed += 1
+                keys.append(manifest.key)
+        if keys:
+            _metadata_for(store, lambda m: m.remove_cache_entries(keys))
+        self._last_components = None
+        return removed
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _reference_components(self, store: ResultStore) -> dict[str, str] | None:
+        """The components of this task's latest result: this process's memory, else DuckDB."""
+        if self._last_components is not None:
+            return self._last_components
+        try:
+            from notebook_flow.config import get_metadata
+
+            entry = get_metadata(store).latest_entry(self.identity)
+        except Exception:
+            logger.debug("no metadata for explain()", exc_info=True)
+            return None
+        if entry is None:
+            return None
+        comps = entry.get("components")
+        if isinstance(comps, str):
+            comps = json.loads(comps)
+        return dict(comps) if comps else None
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    import importlib
+    import sys
+
+    obj: Any = sys.modules.get(module)
+    try:
+        if obj is None:
+            obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return obj
+
+
+def _task_by_reference(module: str, qualname: str) -> Task[Any, Any]:
+    obj = _resolve(module, qualname)
+    if not isinstance(obj, Task):
+        raise ConfigurationError(
+            f"cannot find task {module}.{qualname} in this process; make the module importable "
+            "here (same code on every worker) or define the task in the notebook"
+        )
+    return obj
+
+
+def _task_from_options(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
+    return Task(fn, **options)
+
+
+def _as_timedelta(value: timedelta | float | None) -> timedelta | None:
+    if value is None or isinstance(value, timedelta):
+        if value is not None and value.total_seconds() <= 0:
+            raise ConfigurationError("cache_expiration must be positive")
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return timedelta(seconds=value)
+    raise ConfigurationError(
+        f"cache_expiration must be a timedelta or positive seconds, got {value!r}"
+    )
+
+
+# --------------------------------------------------------------------------- the decorator
+
+
+@overload
+def task(__fn: Callable[P, R]) -> Task[P, R]: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    cache_policy: CachePolicy | None = ...,
+    cache_expiration: timedelta | float | None = None,
+    refresh_cache: bool = False,
+    persist_result: bool = True,
+    retries: int = 0,
+    retry_delay_seconds: RetryDelay = 0,
+    retry_jitter_factor: float | None = None,
+    retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool] | None = None,
+    timeout_seconds: float | None = None,
+    result_serializer: str | Serializer | None = None,
+    result_storage: str | ResultStore | None = None,
+    tags: Sequence[str] | None = None,
+    cache_namespace: str | None = None,
+    lock_manager: LockManager | None = None,
+    isolation_level: str | None = None,
+    lock_timeout: float | None = None,
+    max_concurrency: int | None = None,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
+    """Turn a function into a cached, durable :class:`Task`.
+
+    >>> @task
+    ... def load(path): ...
+    >>> @task(cache_policy=INPUTS, cache_expiration=timedelta(hours=1), retries=3)
+    ... def extract(day): ...
+
+    By default results persist to the configured store and the key is ``INPUTS +
+    TASK_SOURCE``, so a call hits across kernel restarts whenever the arguments and the
+    code (including the helpers it calls) are unchanged.
+    """
+    if __fn is None:
+        return lambda fn: Task(fn, **options)
+    if options:
+        raise ConfigurationError("use @task or @task(option=...), not task(fn, option=...)")
+    return Task(__fn)
