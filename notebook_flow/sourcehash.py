@@ -113,6 +113,12 @@ _CLASS_SKIP: Final = frozenset(
         "_abc_impl",
         "__protocol_attrs__",
         "__non_callable_proto_members__",
+        # pydantic's compiled schema, validator and serializer: derived from the fields,
+        # annotations, config and validators hashed above, but they embed per-process ids,
+        # so hashing them gave a pydantic class a new fingerprint in every process.
+        "__pydantic_core_schema__",
+        "__pydantic_validator__",
+        "__pydantic_serializer__",
     }
 )
 _DATACLASS_PARAMS: Final = (
@@ -288,6 +294,9 @@ def _compute_class_fingerprint(cls: type) -> str:
             continue
         if members and name.startswith("_") and name.endswith("_") and not name.startswith("__"):
             continue  # enum machinery (_member_map_, _value2member_map_, ...)
+        if name == "__pydantic_decorators__":
+            parts.append(f"{name}={_pydantic_decorators_part(attr)}")
+            continue
         parts.append(f"{name}={_attr_part(attr)}")
     for name, member in members.items():
         parts.append(f"member {name}={definition_value(member.value)}")
@@ -315,6 +324,26 @@ def _compute_class_fingerprint(cls: type) -> str:
                 f"{getattr(field, 'compare', None)}{getattr(field, 'kw_only', None)}"
             )
     return hash_parts(*parts)
+
+
+_ADDRESS: Final = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _pydantic_decorators_part(infos: object) -> str:
+    """pydantic's validators/serializers by what they apply to (fields, mode); their
+    functions are hashed as class members. Not by value: each entry names its class by id."""
+    parts = []
+    kinds = getattr(type(infos), "__dataclass_fields__", None) or getattr(infos, "__dict__", {})
+    for kind in sorted(kinds):
+        entries = getattr(infos, kind, None)
+        if not isinstance(entries, dict):
+            continue
+        for name, decorator in sorted(entries.items()):
+            # e.g. FieldValidatorDecoratorInfo(fields=('a',), mode='after', ...); any
+            # object address in it is dropped.
+            info = _ADDRESS.sub("", repr(getattr(decorator, "info", None)))
+            parts.append(f"{kind}.{name}:{info}")
+    return ";".join(parts)
 
 
 def _field_default(value: object) -> str:

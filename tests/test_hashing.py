@@ -293,6 +293,29 @@ def test_pydantic_models() -> None:
     assert fp(Loose(a=1, b=2)) != fp(Loose(a=1, b=3))
 
 
+def test_pydantic_classes_are_hashed_by_their_definition_and_validators() -> None:
+    from notebook_flow.sourcehash import class_fingerprint
+
+    def define(field: str, body: str) -> type:
+        ns: dict[str, object] = {"pydantic": pydantic, "__name__": "__main__"}
+        code = (
+            "class Order(pydantic.BaseModel):\n"
+            "    a: int\n"
+            "    b: int = 0\n"
+            f"    @pydantic.field_validator({field!r})\n"
+            "    @classmethod\n"
+            "    def check(cls, v):\n"
+            f"        return {body}\n"
+        )
+        exec(compile(code, "<cell>", "exec"), ns)  # a class defined in a notebook cell
+        return ns["Order"]  # type: ignore[return-value]
+
+    same = class_fingerprint(define("a", "v")), class_fingerprint(define("a", "v"))
+    assert same[0] == same[1]  # pydantic's per-class schema objects (ids inside) are ignored
+    assert class_fingerprint(define("b", "v")) != same[0]  # validates another field
+    assert class_fingerprint(define("a", "abs(v)")) != same[0]  # validator body edited
+
+
 class Pair(typing.NamedTuple):
     left: int
     right: str
@@ -939,7 +962,7 @@ def test_arrow_chunking_property(items: list[str | None], cuts: list[int]) -> No
 
 CORPUS = r"""
 import dataclasses, datetime, decimal, json, sys, uuid
-import numpy as np, pandas as pd, pyarrow as pa, polars as pl
+import numpy as np, pandas as pd, pyarrow as pa, polars as pl, pydantic
 from notebook_flow.hashing import fingerprint
 
 @dataclasses.dataclass
@@ -947,6 +970,15 @@ class Item:
     name: str
     tags: frozenset
     qty: int = 1
+
+class Order(pydantic.BaseModel):  # pydantic builds per-process schema objects for it
+    item: str
+    qty: int = 1
+
+    @pydantic.field_validator("qty")
+    @classmethod
+    def positive(cls, v: int) -> int:
+        return max(v, 1)
 
 words = [f"w{i}" for i in range(40)]
 corpus = {
@@ -971,6 +1003,8 @@ corpus = {
     "arrow": pa.table({"a": [1, None, 3], "s": ["x", None, "z"], "l": [[1], [], None]}),
     "polars": pl.DataFrame({"a": [1, 2], "s": ["x", None]}),
     "dataclass": Item("bolt", frozenset(words[:5])),
+    "pydantic": Order(item="nut", qty=3),
+    "pydantic-class": Order,
     "types": (int, str, np.float64, pd.DataFrame),
 }
 result = {name: fingerprint(value) for name, value in corpus.items()}
