@@ -796,7 +796,7 @@ def test_singledispatch_and_library_wrappers_reach_user_code() -> None:
 def test_unhashable_global_warns_once(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sourcehash, "_warned", set())
+    monkeypatch.setattr(sourcehash.walk, "_warned", set())  # where _warn_unhashable reads it
     nb = Notebook().run("""
         import threading
         LOCK = threading.Lock()
@@ -829,8 +829,10 @@ def test_repeated_calls_are_served_from_the_cache(monkeypatch: pytest.MonkeyPatc
     )
     first = source_components(nb["g"])
     calls = []
-    real = sourcehash._compute
-    monkeypatch.setattr(sourcehash, "_compute", lambda root: calls.append(root) or real(root))
+    real = sourcehash.components._compute  # patched where _entry() reads it
+    monkeypatch.setattr(
+        sourcehash.components, "_compute", lambda root: calls.append(root) or real(root)
+    )
     for _ in range(5):
         assert source_components(nb["g"]) == first
         function_fingerprint(nb["g"])
