@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _kernels import connect, execute_ok, start_kernel
 
 pytestmark = [pytest.mark.kernel]
 
@@ -32,40 +33,21 @@ in_kernel(1); in_kernel(1)
 """
 
 
-def _outputs(kc, code: str, timeout: float = 120) -> tuple[str, str]:
-    text: list[str] = []
-    html: list[str] = []
-    errors: list[str] = []
-
-    def hook(msg):
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            text.append(content["text"])
-        elif kind in ("display_data", "execute_result"):
-            html.append(content["data"].get("text/html", ""))
-            text.append(content["data"].get("text/plain", ""))
-        elif kind == "error":
-            errors.append("\n".join(content["traceback"]))
-
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-    assert reply["content"]["status"] == "ok", errors
-    return "".join(text), "".join(html)
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package")
 def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(tmp_path: Path, isolated_store):
-    from jupyter_client.manager import KernelManager
     from playwright.sync_api import expect, sync_playwright
 
     env = dict(os.environ, NOTEBOOK_FLOW_STORE=str(isolated_store))
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
+    km = start_kernel(env, tmp_path)
     try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        _, html = _outputs(kc, OPEN)
+        kc = connect(km)
+        shown = execute_ok(kc, OPEN, timeout=120)
+        html = "".join(
+            m["content"]["data"].get("text/html", "")
+            for m in shown
+            if m["msg_type"] in ("display_data", "execute_result")
+        )
         match = re.search(r'<iframe src="([^"]+)"', html)
         assert match, html
         url = match.group(1).replace("&amp;", "&")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _kernels
 import pytest
 
 pytestmark = pytest.mark.kernel
@@ -41,22 +42,14 @@ def _nf_mark(name):
 '''
 
 
-class Kernel:
+class Kernel(_kernels.Kernel):
     """A real IPython kernel with the test's store, and a way to run code in it."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        from jupyter_client.manager import KernelManager
-
-        self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(env=env, cwd=str(cwd), stderr=subprocess.DEVNULL)
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        super().__init__(env, cwd, stderr=subprocess.DEVNULL)
 
     def run(self, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        outputs: list[dict[str, Any]] = []
-        reply = self.kc.execute_interactive(code, output_hook=outputs.append, timeout=timeout)
-        return reply["content"], outputs
+        return _kernels.execute(self.kc, code, timeout)
 
     def ok(self, code: str) -> list[dict[str, Any]]:
         content, outputs = self.run(code)
@@ -85,10 +78,6 @@ class Kernel:
         while self.km.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.close()
-
-    def close(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
 
 
 def shown(messages: list[dict[str, Any]]) -> list[tuple[Any, ...]]:

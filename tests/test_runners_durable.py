@@ -9,13 +9,13 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 # Imported up front: a worker thread's commit (serializers' accepts()) can otherwise see
 # a half-imported pandas while the main thread imports it for history() (reported).
 import pandas  # noqa: F401
 import pytest
+from _marks import MARK, count_marks, wait_for
 
 import notebook_flow as nf
 from notebook_flow import config, task
@@ -23,76 +23,55 @@ from notebook_flow.cache_policies import NONE
 from notebook_flow.runners import journal, resume, shutdown
 from notebook_flow.runners.resume import read_journal
 
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, threading, time
-    import notebook_flow as nf
-    from notebook_flow.cache_policies import INPUTS, NONE
+SCRIPT = (
+    textwrap.dedent(
+        """
+        import os, sys, threading, time
+        import notebook_flow as nf
+        from notebook_flow.cache_policies import INPUTS, NONE
+        """
+    )
+    + MARK
+    + textwrap.dedent(
+        """
+        @nf.task(cache_policy=INPUTS)
+        def work(i):
+            mark(f"work-{i}")
+            if os.environ.get("BLOCK") and i >= 30:
+                while True:
+                    time.sleep(0.05)
+            return i * 2
 
-    def mark(name):
-        folder = os.environ["MARKS"]
-        n = 0
-        while True:
-            try:
-                path = os.path.join(folder, f"{name}.{n}")
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return
-            except FileExistsError:
-                n += 1
+        @nf.task(cache_policy=NONE)
+        def plus_one(x):
+            mark(f"plus-{x}")
+            return x + 1
 
-    @nf.task(cache_policy=INPUTS)
-    def work(i):
-        mark(f"work-{i}")
-        if os.environ.get("BLOCK") and i >= 30:
-            while True:
-                time.sleep(0.05)
-        return i * 2
+        @nf.task(cache_policy=NONE)
+        def total(values):
+            mark("total")
+            return sum(values)
 
-    @nf.task(cache_policy=NONE)
-    def plus_one(x):
-        mark(f"plus-{x}")
-        return x + 1
+        @nf.task(cache_policy=NONE)
+        def holds(lock):
+            return 1
 
-    @nf.task(cache_policy=NONE)
-    def total(values):
-        mark("total")
-        return sum(values)
-
-    @nf.task(cache_policy=NONE)
-    def holds(lock):
-        return 1
-
-    early = work.submit(-1)
-    early.result()
-    futs = work.map(range(100))
-    after = plus_one.submit(futs[40])
-    both = total.submit([early, futs[50]])
-    nope = holds.submit(threading.Lock(), wait_for=[futs[99]])
-    for f in futs[:30]:
-        f.result()
-    # The PENDING events reach DuckDB in the recorder's next batch; make that "now" so the
-    # test can check they turn CRASHED (the journal is awaited by the test itself).
-    nf.config.get_metadata().flush()
-    print("ready", flush=True)
-    time.sleep(600)
-    """
+        early = work.submit(-1)
+        early.result()
+        futs = work.map(range(100))
+        after = plus_one.submit(futs[40])
+        both = total.submit([early, futs[50]])
+        nope = holds.submit(threading.Lock(), wait_for=[futs[99]])
+        for f in futs[:30]:
+            f.result()
+        # The PENDING events reach DuckDB in the recorder's next batch; make that "now" so the
+        # test can check they turn CRASHED (the journal is awaited by the test itself).
+        nf.config.get_metadata().flush()
+        print("ready", flush=True)
+        time.sleep(600)
+        """
+    )
 )
-
-
-def _markers(folder: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for p in folder.iterdir():
-        name = p.name.rsplit(".", 1)[0]
-        out[name] = out.get(name, 0) + 1
-    return out
-
-
-def _wait_for(predicate, what: str) -> None:
-    for _ in range(3000):
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(autouse=True)
@@ -120,19 +99,19 @@ def test_resume_after_sigkill_runs_only_what_was_unfinished(tmp_path, python_env
         assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
         # The four workers are stuck in runs 30..33: the map is half done. The writer
         # thread journals within milliseconds; wait for it (an event, not a duration).
-        _wait_for(
+        wait_for(
             lambda: sum(1 for p in marks.iterdir() if p.name.startswith("work-3")) >= 4,
             "4 blocked runs",
         )
         folder = Path(config.get_store().local_dir("journal"))
         [journal] = [p for p in folder.iterdir() if f"_{proc.pid}_" in p.name]
-        _wait_for(
+        wait_for(
             lambda: len(read_journal(str(journal)).done) >= 31, "the journal of 31 finished runs"
         )
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-    before = _markers(marks)
+    before = count_marks(marks)
     assert sum(v for k, v in before.items() if k.startswith("work-")) == 35
 
     monkeypatch.setenv("MARKS", str(marks))
@@ -145,7 +124,7 @@ def test_resume_after_sigkill_runs_only_what_was_unfinished(tmp_path, python_env
     assert results["plus_one"] == [81]
     assert results["total"] == [-2 + 100]  # its finished upstream was re-submitted: a hit
 
-    after = _markers(marks)
+    after = count_marks(marks)
     for i in range(100):  # unfinished runs executed (again); finished ones never again
         assert after.get(f"work-{i}") == (2 if 30 <= i < 34 else 1), i
     assert after["work--1"] == 1 and after["plus-80"] == 1 and after["total"] == 1

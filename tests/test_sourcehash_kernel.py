@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _kernels import connect, last_json_line, run_cell, start_kernel
 
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT = 60
 
 HELPER_CELL = """
 THRESHOLD = 3
@@ -50,23 +50,8 @@ print(json.dumps(sorted(source_components(timed))) if not log.getvalue() else lo
 """
 
 
-def run_cell(kc: Any, code: str) -> str:
-    out: list[str] = []
-    errors: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            errors.append("\n".join(msg["content"]["traceback"]))
-
-    reply = kc.execute_interactive(code, timeout=TIMEOUT, output_hook=hook)
-    assert reply["content"]["status"] == "ok", errors
-    return "".join(out)
-
-
 def show(kc: Any) -> dict[str, Any]:
-    return json.loads(run_cell(kc, SHOW_CELL).strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return last_json_line(kc, SHOW_CELL)  # type: ignore[no-any-return]
 
 
 def notebook(kc: Any, helper: str = HELPER_CELL, task: str = TASK_CELL) -> dict[str, Any]:
@@ -77,23 +62,13 @@ def notebook(kc: Any, helper: str = HELPER_CELL, task: str = TASK_CELL) -> dict[
 
 @pytest.fixture
 def kernel(tmp_path: Path) -> Iterator[Any]:
-    from jupyter_client.manager import KernelManager
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
+    km = start_kernel(env, tmp_path)
     try:
         yield km
     finally:
         km.shutdown_kernel(now=True)
-
-
-def connect(km: Any) -> Any:
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=TIMEOUT)
-    return kc
 
 
 def test_components_survive_a_restart_and_an_edit_names_its_helper(kernel: Any) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from _kernels import connect, last_json_line, start_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -26,58 +26,30 @@ print(json.dumps({{"value": square(4), "key": square.cache_key(4)}}))
 """
 
 
-def run_cell(kc, code: str, timeout: float = 60) -> str:
-    out: list[str] = []
-    errors: list[str] = []
-
-    def hook(msg):
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            errors.append("\n".join(msg["content"]["traceback"]))
-
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
-    assert reply["content"]["status"] == "ok", errors
-    return "".join(out)
-
-
 def test_cell_task_hits_after_kernel_restart(tmp_path: Path, isolated_store: Path):
-    from jupyter_client.manager import KernelManager
-
     markers = tmp_path / "markers"
     markers.mkdir()
     env = dict(os.environ, NOTEBOOK_FLOW_STORE=str(isolated_store))
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel(env=env, cwd=str(tmp_path))
+    km = start_kernel(env, tmp_path)
     try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        first = json.loads(run_cell(kc, CELL.format(markers=str(markers))).strip().splitlines()[-1])
+        kc = connect(km)
+        first = last_json_line(kc, CELL.format(markers=str(markers)))
         assert first["value"] == 160
         assert len(list(markers.iterdir())) == 1
         kc.stop_channels()
 
         km.restart_kernel(now=True)
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        second = json.loads(
-            run_cell(kc, CELL.format(markers=str(markers))).strip().splitlines()[-1]
-        )
+        kc = connect(km)
+        second = last_json_line(kc, CELL.format(markers=str(markers)))
         assert second == first
         assert len(list(markers.iterdir())) == 1  # the restarted kernel loaded, not recomputed
 
         # Editing a comment in the cell keeps the key; editing the helper changes it.
         commented = CELL.replace("return v * 10", "return v * 10  # ten times")
-        third = json.loads(
-            run_cell(kc, commented.format(markers=str(markers))).strip().splitlines()[-1]
-        )
+        third = last_json_line(kc, commented.format(markers=str(markers)))
         assert third["key"] == first["key"]
         changed = CELL.replace("return v * 10", "return v * 11")
-        fourth = json.loads(
-            run_cell(kc, changed.format(markers=str(markers))).strip().splitlines()[-1]
-        )
+        fourth = last_json_line(kc, changed.format(markers=str(markers)))
         assert fourth["key"] != first["key"] and fourth["value"] == 176
         assert len(list(markers.iterdir())) == 2
         kc.stop_channels()

@@ -14,34 +14,31 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _kernels
 import pytest
+from _marks import MARK, count_marks, wait_for
 
 pytestmark = pytest.mark.kernel
 
-jupyter_client = pytest.importorskip("jupyter_client")
+pytest.importorskip("jupyter_client")
 
 # numpy / pandas are imported up front: hashing and serializers read sys.modules and can
 # see a half-imported module while another thread (DuckDB's startup chore) imports it.
-HELPERS = textwrap.dedent(
-    """
-    import os, time
-    import numpy, pandas
-    import notebook_flow as nf
-
-    def mark(name):
-        folder = os.environ["MARKS"]
-        n = 0
-        while True:
-            try:
-                path = os.path.join(folder, f"{name}.{n}")
-                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return
-            except FileExistsError:
-                n += 1
-
-    def gate_open():
-        return os.path.exists(os.environ["GATE"])
-    """
+HELPERS = (
+    textwrap.dedent(
+        """
+        import os, time
+        import numpy, pandas
+        import notebook_flow as nf
+        """
+    )
+    + MARK
+    + textwrap.dedent(
+        """
+        def gate_open():
+            return os.path.exists(os.environ["GATE"])
+        """
+    )
 )
 
 WORK_CELL = textwrap.dedent(
@@ -59,13 +56,11 @@ WORK_CELL = textwrap.dedent(
 )
 
 
-class Kernel:
+class Kernel(_kernels.Kernel):
     """A kernel and its client; ``run`` executes a cell and returns its iopub messages."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.km, self.kc = jupyter_client.manager.start_new_kernel(
-            kernel_name="python3", env=env, cwd=str(cwd), startup_timeout=120
-        )
+        super().__init__(env, cwd, ready_timeout=120)
         self.extra: list[dict[str, Any]] = []  # iopub messages seen outside run()
 
     def run(self, code: str, timeout: float = 120, allow_error: bool = False) -> tuple[str, list]:
@@ -108,33 +103,12 @@ class Kernel:
 
     def kill(self) -> None:
         self.km.signal_kernel(signal.SIGKILL)
-        _wait_for(lambda: not self.km.is_alive(), "the kernel to die")
-
-    def close(self) -> None:
-        self.kc.stop_channels()
-        if self.km.is_alive():
-            self.km.shutdown_kernel(now=True)
+        wait_for(lambda: not self.km.is_alive(), "the kernel to die", timeout=120)
 
 
 def _value(msgs: list) -> str:
     [result] = [m for m in msgs if m["msg_type"] == "execute_result"]
     return result["content"]["data"]["text/plain"]
-
-
-def _markers(folder: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for p in folder.iterdir():
-        name = p.name.rsplit(".", 1)[0]
-        out[name] = out.get(name, 0) + 1
-    return out
-
-
-def _wait_for(predicate, what: str) -> None:
-    for _ in range(6000):
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -221,7 +195,7 @@ def test_status_display_prints_and_interrupts(kernel_env, tmp_path):
         # An interrupt stops the waiting cell, not the worker; the result is not lost.
         os.unlink(tmp_path / "gate")
         k.kc.execute("held = slow.submit(100)\nheld.result()")
-        _wait_for(lambda: _kernel_busy(k), "the cell to start")
+        wait_for(lambda: _kernel_busy(k), "the cell to start", timeout=120)
         k.km.interrupt_kernel()
         k.drain(lambda m: m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt")
         k.kc.get_shell_msg(timeout=60)
@@ -250,18 +224,23 @@ def _kill_in_the_middle(kernel_env, tmp_path) -> Path:
         from notebook_flow import config
         from notebook_flow.runners.resume import read_journal
 
-        _wait_for(
+        wait_for(
             lambda: sum(1 for p in marks.iterdir() if p.name.startswith("work-3")) >= 4,
             "4 blocked runs",
+            timeout=120,
         )
         folder = Path(config.get_store().local_dir("journal"))
         pid = k.km.provisioner.process.pid
         [journal] = [p for p in folder.iterdir() if f"_{pid}_" in p.name]
-        _wait_for(lambda: len(read_journal(str(journal)).done) >= 30, "30 finished runs journaled")
+        wait_for(
+            lambda: len(read_journal(str(journal)).done) >= 30,
+            "30 finished runs journaled",
+            timeout=120,
+        )
         k.kill()
     finally:
         k.close()
-    before = _markers(marks)
+    before = count_marks(marks)
     assert sum(before.values()) == 34 and all(before[f"work-{i}"] == 1 for i in range(34))
     return marks
 
@@ -276,7 +255,7 @@ def test_sigkill_mid_map_then_rerun_the_cell(kernel_env, tmp_path):
         assert _value(msgs) == f"({sum(i * 2 for i in range(100))}, 30)"
     finally:
         k.close()
-    after = _markers(marks)
+    after = count_marks(marks)
     assert [after[f"work-{i}"] for i in range(100)] == [
         2 if 30 <= i < 34 else 1 for i in range(100)
     ]
@@ -296,7 +275,7 @@ def test_sigkill_mid_map_then_resume_without_rerunning(kernel_env, tmp_path):
         assert _value(msgs) == "100"
     finally:
         k.close()
-    after = _markers(marks)
+    after = count_marks(marks)
     assert [after[f"work-{i}"] for i in range(100)] == [
         2 if 30 <= i < 34 else 1 for i in range(100)
     ]
