@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +35,25 @@ def _restore_main_module() -> Iterator[None]:
     yield
     if main is not None and sys.modules.get("__main__") is not main:
         sys.modules["__main__"] = main
+
+
+@pytest.fixture
+def shell() -> Iterator[Any]:
+    """The in-process IPython shell, reset, with the extension loaded (history off)."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    if InteractiveShell.initialized():
+        sh = InteractiveShell.instance()
+    else:
+        config = Config()
+        config.HistoryManager.enabled = False
+        sh = InteractiveShell.instance(config=config)
+    sh.reset(new_session=False)
+    sh.extension_manager.load_extension("notebook_flow")
+    yield sh
+    sh.extension_manager.unload_extension("notebook_flow")
+    sh.reset(new_session=False)
 
 
 @pytest.fixture

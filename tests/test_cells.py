@@ -6,7 +6,6 @@ real kernels are in ``test_magics_kernel.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -126,24 +125,6 @@ def test_parse_duration_rejects(text: str) -> None:
 
 
 # --------------------------------------------------------------------------- keys, in a shell
-
-
-@pytest.fixture
-def shell() -> Iterator[Any]:
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        sh = InteractiveShell.instance()
-    else:
-        config = Config()
-        config.HistoryManager.enabled = False
-        sh = InteractiveShell.instance(config=config)
-    sh.reset(new_session=False)
-    sh.extension_manager.load_extension("notebook_flow")
-    yield sh
-    sh.extension_manager.unload_extension("notebook_flow")
-    sh.reset(new_session=False)
 
 
 def run(sh: Any, code: str) -> Any:

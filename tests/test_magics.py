@@ -8,29 +8,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-
-@pytest.fixture
-def shell() -> Iterator[Any]:
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    if InteractiveShell.initialized():
-        sh = InteractiveShell.instance()
-    else:
-        config = Config()
-        config.HistoryManager.enabled = False
-        sh = InteractiveShell.instance(config=config)
-    sh.reset(new_session=False)
-    sh.extension_manager.load_extension("notebook_flow")
-    yield sh
-    sh.extension_manager.unload_extension("notebook_flow")
-    sh.reset(new_session=False)
 
 
 def runner(sh: Any) -> Any:
