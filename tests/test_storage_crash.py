@@ -61,6 +61,19 @@ def child(root: Path, body: str) -> subprocess.Popen[str]:
     )
 
 
+def killed_child(root: Path, body: str) -> None:
+    """Run ``body`` in a child (see ``child``) and check that it died of SIGKILL."""
+    proc = child(root, body)
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+
+
+def store_with_old(tmp_path: Path) -> tuple[Path, ResultStore, Manifest]:
+    """A store in ``tmp_path`` whose result for ``KEY`` is the committed value "old"."""
+    root = tmp_path / "store"
+    store = ResultStore(str(root))
+    return root, store, commit(store, "old")
+
+
 def leftovers(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob(".*.tmp"))
 
@@ -88,9 +101,7 @@ def assert_recovers(store: ResultStore, root: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_while_writing_a_200mb_payload(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    store = ResultStore(str(root))
-    old = commit(store, "old")
+    root, store, old = store_with_old(tmp_path)
     proc = child(
         root,
         f"""
@@ -131,11 +142,8 @@ def test_sigkill_while_writing_a_200mb_payload(tmp_path: Path) -> None:
 
 def test_sigkill_before_manifest(tmp_path: Path) -> None:
     """Killed after the payload is durable, before the manifest: an orphan payload."""
-    root = tmp_path / "store"
-    store = ResultStore(str(root))
-    old = commit(store, "old")
-    proc = child(root, "commit(np.arange(10), before_manifest=lambda: os.kill(os.getpid(), 9))")
-    assert proc.wait(timeout=120) == -signal.SIGKILL
+    root, store, old = store_with_old(tmp_path)
+    killed_child(root, "commit(np.arange(10), before_manifest=lambda: os.kill(os.getpid(), 9))")
     assert store.lookup(KEY) == old and store.load(old) == "old"
     assert len(payloads(root)) == 2  # old + orphan
     assert store.remove_orphans(older_than=3600) == []  # might be a commit in flight
@@ -144,10 +152,8 @@ def test_sigkill_before_manifest(tmp_path: Path) -> None:
 
 def test_sigkill_before_manifest_rename(tmp_path: Path) -> None:
     """Killed with the new manifest written to its temp file but not renamed into place."""
-    root = tmp_path / "store"
-    store = ResultStore(str(root))
-    old = commit(store, "old")
-    proc = child(
+    root, store, old = store_with_old(tmp_path)
+    killed_child(
         root,
         """
         real_replace = os.replace
@@ -159,7 +165,6 @@ def test_sigkill_before_manifest_rename(tmp_path: Path) -> None:
         commit(np.arange(10))
         """,
     )
-    assert proc.wait(timeout=120) == -signal.SIGKILL
     assert any(p.startswith("manifests/") for p in leftovers(root))
     assert store.lookup(KEY) == old
     assert list(store.iter_manifests()) == [old]
@@ -169,10 +174,8 @@ def test_sigkill_before_manifest_rename(tmp_path: Path) -> None:
 
 def test_sigkill_before_old_payload_removed(tmp_path: Path) -> None:
     """Killed after the new manifest landed, before the old payload was deleted."""
-    root = tmp_path / "store"
-    store = ResultStore(str(root))
-    old = commit(store, "old")
-    proc = child(
+    root, store, old = store_with_old(tmp_path)
+    killed_child(
         root,
         f"""
         real_unlink = os.unlink
@@ -184,7 +187,6 @@ def test_sigkill_before_old_payload_removed(tmp_path: Path) -> None:
         commit(np.arange(10))
         """,
     )
-    assert proc.wait(timeout=120) == -signal.SIGKILL
     current = store.lookup(KEY)
     assert current is not None and current.run_id == "child"
     np.testing.assert_array_equal(store.load(current), np.arange(10))
