@@ -9,11 +9,9 @@ import argparse
 import asyncio
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from _net import http_status, listening_addresses
 
 import notebook_flow as nf
 from notebook_flow import config, task
@@ -330,24 +328,14 @@ def server(filled):
     s.stop()
 
 
-def _get(url: str, headers: dict[str, str] | None = None) -> int:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers or {}), timeout=60
-        ) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_server_wants_the_token(server):
     assert server.url.startswith("http://127.0.0.1:") and "token=" in server.url
-    assert _get(server.url) == 200
-    assert _get(server.base_url) == 403
-    assert _get(server.base_url + "?token=wrong") == 403
-    assert _get(server.base_url, {"X-Notebook-Flow-Token": server.token}) == 200
+    assert http_status(server.url) == 200
+    assert http_status(server.base_url) == 403
+    assert http_status(server.base_url + "?token=wrong") == 403
+    assert http_status(server.base_url, {"X-Notebook-Flow-Token": server.token}) == 200
     cookie = f"notebook_flow_token_{server.port}={server.token}"
-    assert _get(server.base_url, {"Cookie": cookie}) == 200
+    assert http_status(server.base_url, {"Cookie": cookie}) == 200
 
 
 def test_websocket_needs_token_and_own_origin(server):
@@ -376,28 +364,8 @@ def test_server_listens_on_loopback_only(server):
     from notebook_flow.dashboard.serve import LOOPBACK
 
     assert LOOPBACK == "127.0.0.1"
-    listening = _listening_addresses(server.port)
+    listening = listening_addresses(server.port)
     assert listening == {"127.0.0.1"}, listening
-
-
-def _listening_addresses(port: int) -> set[str]:
-    """Local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp{,6})."""
-    found = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        path = Path(name)
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            address, _, hex_port = local.partition(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                if len(address) == 8:
-                    raw = bytes.fromhex(address)[::-1]
-                    found.add(".".join(str(b) for b in raw))
-                else:
-                    found.add(address)
-    return found
 
 
 # -- entry points ---------------------------------------------------------------------------
@@ -425,7 +393,7 @@ def test_module_is_callable_and_show_reuses_its_server(filled):
 
     first = dashboard()  # notebook_flow.dashboard(): a threaded server for the kernel
     try:
-        assert first.alive() and _get(first.url) == 200
+        assert first.alive() and http_status(first.url) == 200
         assert "<iframe" in first._repr_html_() and first.token in first._repr_html_()
         assert dashboard.show() is first
     finally:

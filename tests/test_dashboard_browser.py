@@ -12,12 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _net import http_status, listening_addresses
 
 from notebook_flow import config, task
 from notebook_flow.cache_policies import INPUTS
@@ -230,46 +229,20 @@ def test_standalone_dashboard_shows_runs_and_invalidates(browser, dashboard):
         context.close()
 
 
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return int(r.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
-
-
 def test_standalone_refuses_without_token_and_binds_loopback(browser, python_env):
     proc, url = start_dashboard(python_env)
     try:
         base, _, token = url.partition("?token=")
         port = int(base.rsplit(":", 1)[1].strip("/"))
         assert base.startswith("http://127.0.0.1:")
-        assert _status(base) == 403
-        assert _status(base + "?token=" + "x" * len(token)) == 403
+        assert http_status(base) == 403
+        assert http_status(base + "?token=" + "x" * len(token)) == 403
         context = browser.new_context()
         page = context.new_page()
         response = page.goto(base)
         assert response is not None and response.status == 403
         context.close()
 
-        assert _listening_addresses(port) == {"127.0.0.1"}
+        assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         stop(proc)
-
-
-def _listening_addresses(port: int) -> set[str]:
-    """Local IPv4/IPv6 addresses with a socket listening on TCP ``port`` (/proc/net/tcp*)."""
-    found = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        path = Path(name)
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            address, _, hex_port = local.partition(":")
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
-                if len(address) == 8:
-                    found.add(".".join(str(b) for b in bytes.fromhex(address)[::-1]))
-                else:
-                    found.add(address)
-    return found
