@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +79,33 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped on CI (not allowed): {reason}"
+
+
+@pytest.fixture
+def run_history_held(
+    isolated_store: Path, python_env: dict[str, str]
+) -> Iterator[Callable[[], None]]:
+    """Another process holds the store's metadata lock (a long write, a paused kernel);
+    calling the fixture's value releases it early."""
+    isolated_store.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import filelock, sys, time\n"
+        "lock = filelock.FileLock(sys.argv[1])\n"  # referenced: collected, it would unlock
+        "lock.acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    lock = str(isolated_store / "metadata.duckdb.lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, lock], stdout=subprocess.PIPE, text=True, env=python_env
+    )
+
+    def release() -> None:
+        holder.kill()
+        holder.wait()
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield release
+    finally:
+        release()

@@ -287,6 +287,17 @@ def test_expired_result_is_recomputed(shell: Any) -> None:
     assert last.status == "computed" and "expired" in last.reasons[0]
 
 
+@pytest.mark.usefixtures("run_history_held")
+def test_a_cell_miss_does_not_wait_for_a_run_history_another_process_holds(shell: Any) -> None:
+    """The miss explanation waits ~1 s at most for the index, not its 120 s lock_timeout."""
+    shell.run_cell("%%task\nanswer = 6 * 7\n")
+    last = runner(shell).last
+    assert last.status == "computed" and shell.user_ns["answer"] == 42
+    assert list(last.reasons) == [
+        "reason not looked up: the run history is busy (another process holds it)"
+    ]
+
+
 def test_lock_option(shell: Any) -> None:
     cell = "%%task --lock\nlocked_value = 5\n"
     shell.run_cell(cell)

@@ -758,3 +758,48 @@ def test_replayed_batch_is_deduplicated(store):
     store._write_now(lambda con: metadata._write_batch(con, rec, list(events), True))
     assert len(store.events()) == 2
     assert one(store, "r1").state == "COMPLETED"
+
+
+def test_history_a_process_could_not_write_before_exiting_is_kept_for_the_next_session(
+    run_history_held, python_env, isolated_store
+):
+    """Another process holds the index (a paused kernel) while one exits: its queued events
+    go to a spill file, and the next session anywhere writes them, each exactly once even if
+    a file is seen twice (a session that died between commit and removal)."""
+    import notebook_flow as nf
+
+    code = textwrap.dedent(
+        """
+        import notebook_flow as nf
+        from notebook_flow.metadata import registry
+        registry._EXIT_FLUSH_TIMEOUT = 0.5
+
+        @nf.task
+        def double(x):
+            return 2 * x
+
+        print(sum(double(i) for i in range(3)))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=python_env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "6", out.stderr
+    folder = isolated_store / "metadata.duckdb.spill"
+    (kept,) = folder.glob("*.json")
+    shutil.copy(kept, folder / f"again-{kept.name}")
+    run_history_held()  # the other process lets go
+    runs = nf.history()
+    assert sorted(runs.state) == ["COMPLETED"] * 3
+    assert sorted(runs.task) == ["double"] * 3
+    assert not list(folder.glob("*.json"))
+
+
+def test_an_unreadable_spill_file_is_set_aside_not_lost(isolated_store):
+    import notebook_flow as nf
+
+    folder = isolated_store / "metadata.duckdb.spill"
+    folder.mkdir(parents=True)
+    (folder / "host-1-2.json").write_text("[{not json")
+    assert nf.history().empty
+    assert (folder / "host-1-2.json.broken").read_text() == "[{not json"

@@ -558,3 +558,22 @@ def test_hot_cache_sees_deletes_and_replacements_by_other_processes(
         "duration=1.0, expires_at=None)\n"
     )
     assert sample(1) == -1
+
+
+@pytest.mark.usefixtures("run_history_held")
+def test_a_miss_does_not_wait_for_a_run_history_another_process_holds(caplog):
+    """The miss log line looks up the task's latest entry, waiting ~1 s at most: another
+    process's session (or a paused kernel holding it) must not hold up the computation
+    for the index's lock_timeout (120 s)."""
+
+    @task
+    def double(x):
+        return 2 * x
+
+    done: list[int] = []
+    with caplog.at_level(logging.INFO, logger="notebook_flow"):
+        caller = threading.Thread(target=lambda: done.append(double(21)), daemon=True)
+        caller.start()
+        caller.join(60)  # liveness, not speed: it waited the full 120 s before
+        assert done == [42]
+    assert "cache miss: reason not looked up: the run history is busy" in caplog.text

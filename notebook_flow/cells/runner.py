@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from notebook_flow import _identity
 from notebook_flow.cache_policies import combine_components
 from notebook_flow.errors import (
+    MetadataError,
     PayloadCorruptError,
     SerializationError,
     StorageError,
@@ -413,7 +414,7 @@ class CellRunner:
         return refs or [f"identity:{cell.identity}"]
 
     def _explain_miss(self, cell: _Cell) -> None:
-        from notebook_flow.tasks import diff_components
+        from notebook_flow.tasks.explain import BUSY_REASON, EXPLAIN_WAIT, diff_components
 
         if cell.options.refresh:
             cell.reasons = ["--refresh was given"]
@@ -421,15 +422,20 @@ class CellRunner:
         if cell.reasons:  # expired or unreadable: already said
             return
         reference = next((self._seen[r] for r in self._refs(cell) if r in self._seen), None)
+        busy = False
         if reference is None:
             try:
                 from notebook_flow.config import get_metadata
 
-                entry = get_metadata(cell.store).latest_entry(cell.identity)
+                entry = get_metadata(cell.store).latest_entry(cell.identity, timeout=EXPLAIN_WAIT)
                 reference = entry["components"] if entry else None
+            except MetadataError:  # another process holds the index: don't wait for it
+                busy = True
             except Exception:  # the index is a convenience here; never fail the cell
                 logger.debug("no metadata for explaining a miss", exc_info=True)
-        if reference is None:
+        if busy:
+            cell.reasons = [BUSY_REASON]
+        elif reference is None:
             cell.reasons = ["no earlier result of this cell's code was found"]
         else:
             cell.reasons = diff_components(reference, cell.components)

@@ -48,6 +48,7 @@ class _Database:
         self.lock_timeout = lock_timeout
         self._mutex = threading.Lock()  # one session per process at a time
         self._file_lock: filelock.BaseFileLock | None = None  # made by the first session
+        self._in_session = False  # a thread holds the file lock (see drain())
         # Writes leave their changes in the WAL (closing skips the checkpoint, which cost
         # each ~20-50 ms); the recorder checkpoints once the process has been idle a while.
         self.dirty = False
@@ -83,10 +84,13 @@ class _Database:
             except filelock.Timeout as exc:
                 raise self._timeout_error(timeout) from exc
             try:
+                # Flag first, then look (drain() sets the exit flag, then looks at this one).
+                self._in_session = True
                 if not _may_open():  # the exit hook ran while we waited for the lock
                     raise _Exiting
                 yield deadline
             finally:
+                self._in_session = False
                 file_lock.release()
         except _Exiting:
             pass
@@ -95,9 +99,11 @@ class _Database:
         _park_if_exiting()
 
     def drain(self, timeout: float) -> None:
-        """Wait for a session in flight (in any thread) to end."""
-        if self._mutex.acquire(timeout=timeout):
-            self._mutex.release()
+        """Wait for a session in flight (in any thread) to end. A thread still waiting for
+        the file lock is not waited for: once the exit flag is set, it opens nothing."""
+        deadline = time.monotonic() + timeout
+        while self._in_session and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _timeout_error(self, timeout: float) -> MetadataError:
         return MetadataError(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow.errors import MetadataError
-from notebook_flow.metadata import registry
+from notebook_flow.metadata import registry, spill
 from notebook_flow.metadata.batch import _write_batch
 from notebook_flow.metadata.database import _Database, _PermanentError
 from notebook_flow.metadata.records import RunEvent, _Op
@@ -176,6 +176,23 @@ class _Recorder:
                     f"{lost} metadata events were lost: {failed[-1][2]}"
                 ) from failed[-1][2]
 
+    def spill_queue(self) -> str | None:
+        """At exit, when the index stayed locked: keep the queued events in a spill file
+        (see :mod:`~notebook_flow.metadata.spill`); returns its path."""
+        with self._cond:
+            ops = [self._queue.popleft() for _ in range(len(self._queue))]
+            if not ops:
+                return None
+            try:
+                path = spill.write(self.db.path, ops)
+            except Exception as exc:
+                self._queue.extendleft(reversed(ops))
+                logger.error("Cannot keep the unwritten run history of %s: %s", self.db.path, exc)
+                return None
+            self._done += len(ops)
+            self._cond.notify_all()
+        return path
+
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
             self._stop = True
@@ -284,10 +301,17 @@ class _Recorder:
                     ]
                     self._writing = len(batch)
                     dedupe = self._dedupe
+                # What processes that exited while the index was held could not write.
+                spilled_files, spilled = spill.take(self.db.path)
+
+                def body(con: duckdb.DuckDBPyConnection) -> None:
+                    if spilled:
+                        _write_batch(con, self, spilled, True)
+                    _write_batch(con, self, batch, dedupe)
+
                 try:
-                    self.db.write(
-                        deadline, lambda con: _write_batch(con, self, batch, dedupe), after_commit
-                    )
+                    self.db.write(deadline, body, after_commit)
+                    spill.remove(spilled_files)
                 except BaseException:
                     with self._cond:
                         self._queue.extendleft(reversed(batch))

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("notebook_flow")
 
-_EXIT_FLUSH_TIMEOUT = 30.0
+# How long an exiting process waits for the index before it spills what is left (spill.py).
+_EXIT_FLUSH_TIMEOUT = 10.0
 
 # Set by the exit hook once this process's queues are flushed. A daemon thread still inside
 # DuckDB when the interpreter finalizes is unwound through C++ frames and aborts the whole
@@ -65,7 +66,17 @@ def _flush_all_at_exit() -> None:
         try:
             rec.flush(_EXIT_FLUSH_TIMEOUT, raise_errors=False)
         except Exception as exc:
-            logger.warning("Metadata for %s not written at exit: %s", rec.db.path, exc)
+            kept = rec.spill_queue()
+            if kept is not None:
+                logger.warning(
+                    "The metadata index %s stayed locked (%s); the run history not written yet "
+                    "is kept in %s for the next session",
+                    rec.db.path,
+                    exc,
+                    kept,
+                )
+            else:
+                logger.warning("Metadata for %s not written at exit: %s", rec.db.path, exc)
         rec.stop(timeout=5.0)
     _exiting.set()
     for rec in recorders:  # sessions other threads began before the flag was set

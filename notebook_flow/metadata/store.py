@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow.errors import MetadataError
-from notebook_flow.metadata import registry
+from notebook_flow.metadata import registry, spill
 from notebook_flow.metadata.batch import _entry_row, _mark_crashed
 from notebook_flow.metadata.database import _Database
 from notebook_flow.metadata.recorder import _NOT_WRITTEN, _Recorder
@@ -263,7 +263,8 @@ class MetadataStore:
         (``ours``) run in the session that writes them, when there are any; user SQL always
         runs on a read-only connection."""
         rec = self._recorder()
-        if ours and rec.pending() and threading.current_thread() is not rec._thread:
+        waiting = rec.pending() or spill.any_waiting(rec.db.path)
+        if ours and waiting and threading.current_thread() is not rec._thread:
             import duckdb
 
             def read(con: duckdb.DuckDBPyConnection) -> Any:
@@ -332,16 +333,24 @@ class MetadataStore:
         df = self._read(query + " ORDER BY created_at DESC, key", params)
         return _with_datetimes(df, ("created_at", "expires_at"))
 
-    def latest_entry(self, task_identity: str) -> dict[str, Any] | None:
+    def latest_entry(
+        self, task_identity: str, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """The newest cache entry of a task, with ``components`` as a dict (for explain()).
 
-        Times are epoch seconds here.
+        Times are epoch seconds here. With ``timeout``: what is written already, waiting at
+        most that long for the index (raises MetadataError after): the miss log line must
+        never hold up a computation behind another process's session.
         """
-        rows = self._read(
-            "SELECT * FROM cache_entries WHERE task_identity = ? ORDER BY created_at DESC LIMIT 1",
-            [task_identity],
-            _rows,
+        query = (
+            "SELECT * FROM cache_entries WHERE task_identity = ? ORDER BY created_at DESC LIMIT 1"
         )
+        if timeout is None:
+            rows = self._read(query, [task_identity], _rows)
+        else:
+            db = self._recorder().db
+            with db.locked(timeout) as deadline:
+                rows = db.read(deadline, query, [task_identity], _rows)
         if not rows:
             return None
         entry: dict[str, Any] = rows[0]

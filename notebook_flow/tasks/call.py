@@ -27,6 +27,7 @@ from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
     CommitError,
     ConfigurationError,
+    MetadataError,
     PayloadCorruptError,
     SerializationError,
     StorageError,
@@ -36,7 +37,7 @@ from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState
 
 from .context import RunContext, _current_run, new_run_id
-from .explain import _expired_reason, diff_components
+from .explain import BUSY_REASON, EXPLAIN_WAIT, _expired_reason, diff_components
 from .hot import _hot
 
 if TYPE_CHECKING:
@@ -246,8 +247,12 @@ class _Call:
 
             if not settings().log_misses or self.components is None:
                 return ""
-            reference = self.task._reference_components(self.store)
-            reasons = diff_components(reference, self.components)
+            try:
+                reference = self.task._reference_components(self.store, timeout=EXPLAIN_WAIT)
+            except MetadataError:
+                reasons = [BUSY_REASON]
+            else:
+                reasons = diff_components(reference, self.components)
         text = "; ".join(reasons)
         logger.info("task `%s`: cache miss: %s", self.task.name, text)
         return text

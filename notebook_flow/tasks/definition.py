@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from notebook_flow.cache_policies import DEFAULT, CachePolicy
-from notebook_flow.errors import ConfigurationError
+from notebook_flow.errors import ConfigurationError, MetadataError
 
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
@@ -305,14 +305,23 @@ class Task(Generic[P, R]):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _reference_components(self, store: ResultStore) -> dict[str, str] | None:
-        """The components of this task's latest result: this process's memory, else DuckDB."""
+    def _reference_components(
+        self, store: ResultStore, *, timeout: float | None = None
+    ) -> dict[str, str] | None:
+        """The components of this task's latest result: this process's memory, else DuckDB.
+
+        With ``timeout`` (the miss log line), a MetadataError says the index was busy."""
         if self._last_components is not None:
             return self._last_components
         try:
             from notebook_flow.config import get_metadata
 
-            entry = get_metadata(store).latest_entry(self.identity)
+            entry = get_metadata(store).latest_entry(self.identity, timeout=timeout)
+        except MetadataError:
+            if timeout is not None:
+                raise
+            logger.debug("no metadata for explain()", exc_info=True)
+            return None
         except Exception:
             logger.debug("no metadata for explain()", exc_info=True)
             return None

@@ -29,6 +29,13 @@ class Explanation:
         )
 
 
+# The log line on a miss looks up the latest entry in the run history, waiting at most this
+# long: another process may hold the index (a long write, a paused kernel), and a log line
+# must never hold up a computation.
+EXPLAIN_WAIT = 1.0
+BUSY_REASON = "reason not looked up: the run history is busy (another process holds it)"
+
+
 def diff_components(old: dict[str, str] | None, new: dict[str, str]) -> list[str]:
     """Human reasons for the difference between two component maps."""
     if old is None:
