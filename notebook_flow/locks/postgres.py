@@ -25,6 +25,7 @@ connection; released connections are kept for reuse (up to ``IDLE_CONNECTIONS``)
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -124,6 +125,22 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _close_at_exit() -> None:
+    """Close this process's connections (idle, and any still holding a lock: the server
+    drops its advisory locks, as it would when the process dies), rather than leave them
+    to the garbage collector, which warns about each."""
+    with _pools_lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    for pool in pools:
+        for conn in [*pool.idle, *(h.conn for h in pool.held.values())]:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+atexit.register(_close_at_exit)
 
 
 class PostgresLockManager(BackoffAcquire):
