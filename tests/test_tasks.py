@@ -577,3 +577,28 @@ def test_a_miss_does_not_wait_for_a_run_history_another_process_holds(caplog):
         caller.join(60)  # liveness, not speed: it waited the full 120 s before
         assert done == [42]
     assert "cache miss: reason not looked up: the run history is busy" in caplog.text
+
+
+def test_a_timed_out_body_keeps_its_key_locked_until_it_really_ends():
+    """timeout_seconds gives up waiting for a body it cannot stop; with SERIALIZABLE, no one
+    else may start the same key while that body still runs."""
+    from notebook_flow.errors import TaskTimeoutError
+    from notebook_flow.locks import MemoryLockManager
+
+    manager = MemoryLockManager()
+    go_on, ended = threading.Event(), threading.Event()
+
+    @task(cache_policy=INPUTS.configure(lock_manager=manager), timeout_seconds=0.2)
+    def slow(x):
+        go_on.wait(60)
+        ended.set()
+        return x
+
+    key = slow.cache_key(1)
+    with pytest.raises(TaskTimeoutError):
+        slow(1)
+    assert not ended.is_set()
+    assert manager.is_locked(key)  # the abandoned body still runs: its key stays taken
+    go_on.set()
+    assert ended.wait(30)
+    assert manager.wait_for_release(key, timeout=30)

@@ -16,10 +16,11 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from notebook_flow import _identity, config
@@ -130,6 +131,7 @@ class _Call:
     """The state of one invocation: arguments, key, store, run id, timings."""
 
     __slots__ = (
+        "abandoned",
         "args",
         "arguments",
         "components",
@@ -159,6 +161,7 @@ class _Call:
         self.components: dict[str, str] | None = None
         self.store = _store_for(t)
         self.ctx: RunContext | None = None
+        self.abandoned: list[threading.Thread] | None = None  # bodies timeout_seconds left
 
     def compute_key(self) -> str | None:
         t = self.task
@@ -338,6 +341,9 @@ class _Call:
         if worker.is_alive():
             if self.ctx is not None:
                 self.ctx.cancel_requested.set()
+            if self.abandoned is None:
+                self.abandoned = []
+            self.abandoned.append(worker)  # the key's lock outlives it (_locked_past_abandoned)
             raise TaskTimeoutError(
                 f"task `{t.name}` ran longer than timeout_seconds={t.timeout_seconds}; the body "
                 "was told to stop (check notebook_flow.current_run().cancelled()) and abandoned"
@@ -456,6 +462,50 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 # --------------------------------------------------------------------------- the call path
 
 
+@contextlib.contextmanager
+def _locked_past_abandoned(call: _Call) -> Iterator[Any]:
+    """``call.locked()``, released only once no body this call abandoned still runs.
+
+    ``timeout_seconds`` stops waiting for a body it cannot stop; while that body runs, no
+    one else may start the same key (SERIALIZABLE). A daemon thread waits for it and then
+    releases (the lease is renewed meanwhile); if the process dies first, the lock goes
+    with it as usual."""
+    cm = call.locked()
+    lease = cm.__enter__()
+    try:
+        yield lease
+    except BaseException:
+        if not _release_later(call, cm, lease):
+            cm.__exit__(*sys.exc_info())
+        raise
+    if not _release_later(call, cm, lease):
+        cm.__exit__(None, None, None)
+
+
+def _release_later(call: _Call, cm: contextlib.AbstractContextManager[Any], lease: Any) -> bool:
+    alive = [t for t in call.abandoned or () if t.is_alive()]
+    if lease is None or not alive:
+        return False
+
+    def release() -> None:
+        for thread in alive:
+            thread.join()
+        try:
+            cm.__exit__(None, None, None)
+        except Exception:
+            logger.warning("releasing the lock of `%s` failed", call.task.name, exc_info=True)
+
+    logger.info(
+        "task `%s`: its timed-out body still runs; key %s stays locked until it ends",
+        call.task.name,
+        call.key,
+    )
+    threading.Thread(
+        target=release, name=f"notebook_flow-release-{call.task.name}", daemon=True
+    ).start()
+    return True
+
+
 def _run_sync(call: _Call) -> Any:
     """Key → lookup → (lock → re-check) → run with retries → commit → record."""
     if call.compute_key() is not None:
@@ -463,7 +513,7 @@ def _run_sync(call: _Call) -> Any:
         if value is not _MISS:
             return value
     why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
-    with call.locked() as lease:
+    with _locked_past_abandoned(call) as lease:
         if lease is not None:
             _crash_point("after_lock")
             value = call.lookup()  # the holder before us may have committed it
