@@ -38,9 +38,12 @@ if cfg.get("host"):
     _identity.process().host = cfg["host"]  # pretend to run on another machine
 manager = pickle.loads(base64.b64decode(cfg["manager"]))
 holder = _identity.holder_id("child-run")
-on_event = lambda event, info: print("EVENT", event, flush=True)
+def say(*words):  # one write per line: the heartbeat thread reports events concurrently
+    sys.stdout.write(" ".join(map(str, words)) + "\\n")
+    sys.stdout.flush()
+on_event = lambda event, info: say("EVENT", event)
 with hold(manager, cfg["key"], holder, lease=cfg["lease"], on_event=on_event) as lease:
-    print("ACQUIRED", lease.fence, flush=True)
+    say("ACQUIRED", lease.fence)
     if cfg["mode"] == "sleep":
         time.sleep(3600)
     while True:  # "watch": what the task layer does before committing
@@ -48,10 +51,10 @@ with hold(manager, cfg["key"], holder, lease=cfg["lease"], on_event=on_event) as
         try:
             lease.check()
         except LeaseLostError:
-            print("LOST", flush=True)
-            print("RENEW", manager.renew(cfg["key"], holder, cfg["lease"]), flush=True)
+            say("LOST")
+            say("RENEW", manager.renew(cfg["key"], holder, cfg["lease"]))
             break
-print("EXIT", flush=True)
+say("EXIT")
 """
 
 
