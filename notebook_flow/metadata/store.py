@@ -257,28 +257,39 @@ class MetadataStore:
     # -- reads (flush this process's queue first, so users see their own runs)
 
     def _read(
-        self, query: str, params: Sequence[Any] = (), fetch: Any = None, *, ours: bool = True
+        self,
+        query: str,
+        params: Sequence[Any] = (),
+        fetch: Any = None,
+        *,
+        ours: bool = True,
+        wait: float | None = None,
     ) -> Any:
         """Run ``query`` after this process's queued events are written. Our own queries
         (``ours``) run in the session that writes them, when there are any; user SQL always
-        runs on a read-only connection."""
+        runs on a read-only connection. With ``wait``: only what is written already, waiting
+        at most that long for the index (MetadataError after)."""
         rec = self._recorder()
-        waiting = rec.pending() or spill.any_waiting(rec.db.path)
-        if ours and waiting and threading.current_thread() is not rec._thread:
-            import duckdb
+        if wait is None:
+            if (
+                ours
+                and threading.current_thread() is not rec._thread
+                and (rec.pending() or spill.any_waiting(rec.db.path))
+            ):
+                import duckdb
 
-            def read(con: duckdb.DuckDBPyConnection) -> Any:
-                cur = con.execute(query, list(params))
-                return cur.df() if fetch is None else fetch(cur)
+                def read(con: duckdb.DuckDBPyConnection) -> Any:
+                    cur = con.execute(query, list(params))
+                    return cur.df() if fetch is None else fetch(cur)
 
-            try:
-                result = rec.write_then_read(read)
-            except duckdb.Error as exc:
-                raise rec.db._error(exc) from exc
-            if result is not _NOT_WRITTEN:
-                return result
-        rec.flush(self.lock_timeout, raise_errors=False)
-        with rec.db.locked(self.lock_timeout) as deadline:
+                try:
+                    result = rec.write_then_read(read)
+                except duckdb.Error as exc:
+                    raise rec.db._error(exc) from exc
+                if result is not _NOT_WRITTEN:
+                    return result
+            rec.flush(self.lock_timeout, raise_errors=False)
+        with rec.db.locked(self.lock_timeout if wait is None else wait) as deadline:
             return rec.db.read(deadline, query, params, fetch)
 
     def history(
@@ -342,15 +353,12 @@ class MetadataStore:
         most that long for the index (raises MetadataError after): the miss log line must
         never hold up a computation behind another process's session.
         """
-        query = (
-            "SELECT * FROM cache_entries WHERE task_identity = ? ORDER BY created_at DESC LIMIT 1"
+        rows = self._read(
+            "SELECT * FROM cache_entries WHERE task_identity = ? ORDER BY created_at DESC LIMIT 1",
+            [task_identity],
+            _rows,
+            wait=timeout,
         )
-        if timeout is None:
-            rows = self._read(query, [task_identity], _rows)
-        else:
-            db = self._recorder().db
-            with db.locked(timeout) as deadline:
-                rows = db.read(deadline, query, [task_identity], _rows)
         if not rows:
             return None
         entry: dict[str, Any] = rows[0]

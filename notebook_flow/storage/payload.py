@@ -125,31 +125,31 @@ def inline_payload(
         return None
     data = buf.getvalue()
     signature = None
-    if serializer.pickles and store.signing:
-        try:
-            signing_key = store._signing_key()
-        except SignatureError as exc:
-            raise CommitError(str(exc)) from exc
-        assert signing_key is not None
-        signer = new_signer(signing_key, key, serializer.name)
+    signer = _signer(store, key, serializer)
+    if signer is not None:
         signer.update(data)
         signature = signer.hexdigest()
     checksum = xxhash.xxh3_128_hexdigest(data)
     return len(data), checksum, signature, base64.b64encode(data).decode("ascii")
 
 
+def _signer(store: ResultStore, key: str, serializer: Serializer) -> Any:
+    """An HMAC signer for a pickled payload of a signing store, else None."""
+    if not (serializer.pickles and store.signing):
+        return None
+    try:
+        signing_key = store._signing_key()
+    except SignatureError as exc:
+        raise CommitError(str(exc)) from exc
+    assert signing_key is not None
+    return new_signer(signing_key, key, serializer.name)
+
+
 def write_payload(
     store: ResultStore, key: str, serializer: Serializer, value: object
 ) -> tuple[str, int, str, str | None, str | None]:
     """Write the payload file: (relative path, size, checksum, signature, seal)."""
-    signer = None
-    if serializer.pickles and store.signing:
-        try:
-            signing_key = store._signing_key()
-        except SignatureError as exc:
-            raise CommitError(str(exc)) from exc
-        assert signing_key is not None
-        signer = new_signer(signing_key, key, serializer.name)
+    signer = _signer(store, key, serializer)
     rel = f"results/{key[:2]}/{key}-{secrets.token_hex(8)}{serializer.extension}"
     sink: _HashingSink | None = None
 

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import sys
 import threading
 import time
 import traceback
@@ -470,28 +469,22 @@ def _locked_past_abandoned(call: _Call) -> Iterator[Any]:
     one else may start the same key (SERIALIZABLE). A daemon thread waits for it and then
     releases (the lease is renewed meanwhile); if the process dies first, the lock goes
     with it as usual."""
-    cm = call.locked()
-    lease = cm.__enter__()
-    try:
-        yield lease
-    except BaseException:
-        if not _release_later(call, cm, lease):
-            cm.__exit__(*sys.exc_info())
-        raise
-    if not _release_later(call, cm, lease):
-        cm.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:
+        lease = stack.enter_context(call.locked())
+        try:
+            yield lease
+        finally:
+            alive = [t for t in call.abandoned or () if t.is_alive()]
+            if lease is not None and alive:
+                _release_after(alive, stack.pop_all(), call)
 
 
-def _release_later(call: _Call, cm: contextlib.AbstractContextManager[Any], lease: Any) -> bool:
-    alive = [t for t in call.abandoned or () if t.is_alive()]
-    if lease is None or not alive:
-        return False
-
+def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, call: _Call) -> None:
     def release() -> None:
-        for thread in alive:
+        for thread in bodies:
             thread.join()
         try:
-            cm.__exit__(None, None, None)
+            held.close()
         except Exception:
             logger.warning("releasing the lock of `%s` failed", call.task.name, exc_info=True)
 
@@ -503,7 +496,6 @@ def _release_later(call: _Call, cm: contextlib.AbstractContextManager[Any], leas
     threading.Thread(
         target=release, name=f"notebook_flow-release-{call.task.name}", daemon=True
     ).start()
-    return True
 
 
 def _run_sync(call: _Call) -> Any:
