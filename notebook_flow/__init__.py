@@ -55,6 +55,7 @@ _EXPORTS: dict[str, str] = {
     "task": "tasks",
     "unmapped": "futures",
     "wait": "futures",
+    "wait_for_commits": "api",
 }
 _SUBMODULES = (
     "cache_policies",
@@ -112,6 +113,7 @@ __all__ = [
     "unload_ipython_extension",
     "unmapped",
     "wait",
+    "wait_for_commits",
 ]
 
 
@@ -146,7 +148,15 @@ def unload_ipython_extension(ipython: Any) -> None:
 
 if TYPE_CHECKING:
     from . import cache_policies, dashboard, errors, hashing, locks, serializers, storage
-    from .api import break_lock, cache_entries, history, list_locks, rebuild_index, stats
+    from .api import (
+        break_lock,
+        cache_entries,
+        history,
+        list_locks,
+        rebuild_index,
+        stats,
+        wait_for_commits,
+    )
     from .cache_policies import CachePolicy
     from .config import Settings, configure, settings
     from .futures import FutureList, TaskFuture, allow_failure, as_completed, unmapped, wait

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import get_metadata, get_store
 from .errors import ConfigurationError
+from .storage import behind
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -22,7 +23,35 @@ if TYPE_CHECKING:
     from .locks.base import LockManager
     from .storage import ResultStore
 
-__all__ = ["break_lock", "cache_entries", "history", "list_locks", "rebuild_index", "stats"]
+__all__ = [
+    "break_lock",
+    "cache_entries",
+    "history",
+    "list_locks",
+    "rebuild_index",
+    "stats",
+    "wait_for_commits",
+]
+
+
+def _settled(store: str | ResultStore | None) -> ResultStore:
+    """The store, once this process's background commits to it have finished (so that what
+    the index says includes every result a call has already returned)."""
+    s = get_store(store)
+    behind.flush(s.url)
+    return s
+
+
+def wait_for_commits(timeout: float | None = None) -> bool:
+    """Wait until the results this process is still committing in the background are
+    durable; False if ``timeout`` seconds passed first.
+
+    Large array results are committed on a background thread after the call returns (see
+    ``configure(background_commits=...)``). Reading the history, stats or the store already
+    waits for them; call this before copying the store folder or ending the process by
+    other means than a normal exit (which waits too).
+    """
+    return behind.flush(timeout=timeout)
 
 
 def history(
@@ -37,7 +66,7 @@ def history(
     ``task`` filters by task name, ``since`` by start time (datetime, epoch seconds or an
     ISO string), ``limit`` caps the rows.
     """
-    s = get_store(store)
+    s = _settled(store)
     return get_metadata(s).history(task=task, since=since, limit=limit)
 
 
@@ -45,13 +74,13 @@ def cache_entries(
     task: str | None = None, *, store: str | ResultStore | None = None
 ) -> pd.DataFrame:
     """The stored results (key, task, size, created, expires, component hashes)."""
-    s = get_store(store)
+    s = _settled(store)
     return get_metadata(s).cache_entries(task=task)
 
 
 def stats(*, store: str | ResultStore | None = None) -> dict[str, Any]:
     """Totals: runs, hits, misses, failures, hit rate, time saved (s), bytes stored."""
-    s = get_store(store)
+    s = _settled(store)
     return get_metadata(s).stats()
 
 

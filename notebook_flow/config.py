@@ -43,6 +43,7 @@ class Settings:
     lock_lease: float = 30.0
     lock_timeout: float | None = None
     log_misses: bool = True
+    background_commits: bool = True
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -100,6 +101,7 @@ def configure(
     lock_lease: float | None = None,
     lock_timeout: float | None = None,
     log_misses: bool | None = None,
+    background_commits: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
@@ -136,6 +138,12 @@ def configure(
         changes["lock_timeout"] = float(lock_timeout)
     if log_misses is not None:
         changes["log_misses"] = bool(log_misses)
+    if background_commits is not None:
+        if not isinstance(background_commits, bool):
+            raise ConfigurationError(
+                f"background_commits must be True or False, got {background_commits!r}"
+            )
+        changes["background_commits"] = background_commits
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

@@ -38,6 +38,7 @@ from notebook_flow.futures import (
 )
 from notebook_flow.metadata import RunEvent as _RunEvent
 from notebook_flow.states import RunState
+from notebook_flow.storage import behind
 from notebook_flow.tasks import _Call, _run_async, _run_sync
 
 from .journal import journal_for
@@ -286,9 +287,12 @@ def remote_run(
 
     config.apply()
     call = WorkerCall(task, args, kwargs, run_id=run_id)
+    # Durable before returning: the pool may stop this process as soon as it has returned.
+    token = behind.foreground.set(True)
     try:
         value = _run_in_thread(call)
     finally:
+        behind.foreground.reset(token)
         try:
             get_metadata(call.store).flush(timeout=30)
         except Exception:

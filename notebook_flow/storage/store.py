@@ -41,7 +41,7 @@ from notebook_flow.serializers import (
     verify_signature,
 )
 
-from . import files, payload
+from . import behind, files, payload
 from .manifest import _PAYLOAD_RE, FORMAT_VERSION, Manifest, _is_manifest_rel, validate_key
 
 if TYPE_CHECKING:
@@ -298,6 +298,7 @@ class ResultStore:
         ``StorageWarning`` and treated as missing: a bad file never crashes a task.
         """
         key = validate_key(key)
+        behind.wait_key(self.url, key)
         rel = self._manifest_rel(key)
         try:
             data = files.read_bytes(self, rel)
@@ -359,6 +360,7 @@ class ResultStore:
 
     def iter_manifests(self) -> Iterator[Manifest]:
         """Every valid manifest in the store (invalid ones are skipped with a warning)."""
+        behind.flush(self.url)
         rels = [rel for rel, _mtime in files.list_files(self, "manifests") if _is_manifest_rel(rel)]
         if self.is_local:
             for rel in sorted(rels):
@@ -414,6 +416,7 @@ class ResultStore:
         payload is removed and its exception propagates unchanged.
         """
         key = validate_key(key)
+        behind.wait_key(self.url, key)  # after this process's pending commit of the key
         chosen = choose_serializer(value, serializer)
         inline = seal = None
         small = payload.inline_payload(self, key, chosen, value)
@@ -501,7 +504,9 @@ class ResultStore:
 
     def delete(self, key: str) -> bool:
         """Remove the entry for ``key`` (manifest first, then payload); False if absent."""
-        deleted = self._delete(validate_key(key))
+        key = validate_key(key)
+        behind.wait_key(self.url, key)
+        deleted = self._delete(key)
         if deleted:
             self._changed()
         return deleted

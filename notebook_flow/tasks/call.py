@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 import traceback
@@ -35,6 +36,7 @@ from notebook_flow.errors import (
 )
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState
+from notebook_flow.storage import behind
 
 from .context import RunContext, _current_run, new_run_id
 from .explain import BUSY_REASON, EXPLAIN_WAIT, _expired_reason, diff_components
@@ -461,8 +463,25 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 # --------------------------------------------------------------------------- the call path
 
 
+class _Held:
+    """The key's lock for one call (``lease`` None when the policy takes none), which the
+    call may hand to a background commit (``hand_off``) instead of releasing it itself."""
+
+    __slots__ = ("handed_off", "lease", "stack")
+
+    def __init__(self, lease: Any, stack: contextlib.ExitStack) -> None:
+        self.lease = lease
+        self.stack = stack
+        self.handed_off = False
+
+    def hand_off(self) -> contextlib.ExitStack:
+        """The lock, to be released by whoever closes the returned stack."""
+        self.handed_off = True
+        return self.stack.pop_all()
+
+
 @contextlib.contextmanager
-def _locked_past_abandoned(call: _Call) -> Iterator[Any]:
+def _locked_past_abandoned(call: _Call) -> Iterator[_Held]:
     """``call.locked()``, released only once no body this call abandoned still runs.
 
     ``timeout_seconds`` stops waiting for a body it cannot stop; while that body runs, no
@@ -470,13 +489,23 @@ def _locked_past_abandoned(call: _Call) -> Iterator[Any]:
     releases (the lease is renewed meanwhile); if the process dies first, the lock goes
     with it as usual."""
     with contextlib.ExitStack() as stack:
-        lease = stack.enter_context(call.locked())
+        held = _Held(stack.enter_context(call.locked()), stack)
         try:
-            yield lease
+            yield held
         finally:
             alive = [t for t in call.abandoned or () if t.is_alive()]
-            if lease is not None and alive:
+            if not held.handed_off and held.lease is not None and alive:
                 _release_after(alive, stack.pop_all(), call)
+
+
+def _release_when_done(call: _Call, lease: Any, held: contextlib.ExitStack) -> None:
+    """Release a handed-off lock now, or (on a thread) once the bodies this call abandoned
+    end."""
+    alive = [t for t in call.abandoned or () if t.is_alive()]
+    if lease is not None and alive:
+        _release_after(alive, held, call)
+    else:
+        held.close()
 
 
 def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, call: _Call) -> None:
@@ -498,6 +527,67 @@ def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, c
     ).start()
 
 
+def _background_eligible(t: Task[Any, Any], value: Any) -> bool:
+    """A large array of plain values, stored as ``npy``: a copy snapshots it exactly."""
+    np = sys.modules.get("numpy")
+    if np is None or type(value) is not np.ndarray:
+        return False
+    if value.dtype.hasobject or value.nbytes < behind.MIN_BYTES:
+        return False
+    serializer = t.result_serializer
+    name = serializer if serializer is None or isinstance(serializer, str) else serializer.name
+    return name in (None, "npy")
+
+
+def _commit_in_background(
+    call: _Call, value: Any, duration: float, attempt: int, held: _Held
+) -> bool:
+    """Hand the commit of a large array result to the committer thread, with the key's
+    lock and what follows the commit (see ``storage/behind.py``); False when the caller
+    must commit it: not such a result, background commits off, in a worker process, or
+    over the memory budget. The committed bytes are a snapshot taken here, so the caller
+    may change its array at once."""
+    t = call.task
+    key = call.key
+    if key is None or not t.persist_result or not _background_eligible(t, value):
+        return False
+    if behind.foreground.get() or not config.settings().background_commits:
+        return False
+    job = behind.reserve(call.store.url, key, value.nbytes)
+    if job is None:
+        return False
+    try:
+        snapshot = value.copy(order="K")
+    except MemoryError:
+        behind.cancel(job)
+        return False
+    lease = held.lease
+    lock = held.hand_off()
+    context = contextvars.copy_context()  # the run's notebook, cell and context vars
+
+    def commit() -> None:
+        try:
+            context.run(call.commit, snapshot, duration, attempt, lease)
+            _crash_point("before_release")
+        except Exception as exc:  # recorded FAILED by commit(); the caller has its value
+            logger.warning(
+                "task `%s` returned its result, but storing it failed (%s: %s); "
+                "the next call with the same key computes it again",
+                t.name,
+                type(exc).__name__,
+                exc,
+            )
+        finally:
+            _release_when_done(call, lease, lock)
+
+    try:
+        behind.start(job, commit)
+    except BaseException:
+        behind.cancel(job)
+        commit()  # in the foreground after all (it also releases the lock)
+    return True
+
+
 def _run_sync(call: _Call) -> Any:
     """Key → lookup → (lock → re-check) → run with retries → commit → record."""
     if call.compute_key() is not None:
@@ -505,7 +595,8 @@ def _run_sync(call: _Call) -> Any:
         if value is not _MISS:
             return value
     why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
-    with _locked_past_abandoned(call) as lease:
+    with _locked_past_abandoned(call) as held:
+        lease = held.lease
         if lease is not None:
             _crash_point("after_lock")
             value = call.lookup()  # the holder before us may have committed it
@@ -528,8 +619,10 @@ def _run_sync(call: _Call) -> Any:
                     call.retrying(attempt, exc, delay)
                     time.sleep(delay)
                     attempt += 1
-            call.commit(value, time.perf_counter() - t0, attempt, lease)
-            _crash_point("before_release")
+            duration = time.perf_counter() - t0
+            if not _commit_in_background(call, value, duration, attempt, held):
+                call.commit(value, duration, attempt, lease)
+                _crash_point("before_release")
         finally:
             _current_run.reset(token)
     return value
