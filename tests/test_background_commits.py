@@ -156,6 +156,18 @@ def test_small_object_over_budget_or_switched_off_commit_in_the_foreground(
     assert nf.wait_for_commits(timeout=60)
 
 
+def test_an_async_task_commits_in_the_foreground(isolated_store: Path):
+    import asyncio
+
+    @nf.task
+    async def produce(seed: int) -> np.ndarray:
+        return np.zeros(BIG)
+
+    asyncio.run(produce(1))
+    assert behind.pending_count() == 0
+    assert _manifest(isolated_store, produce.cache_key(1)).exists()
+
+
 def test_configure_rejects_a_non_bool():
     with pytest.raises(nf.errors.ConfigurationError, match="background_commits must be"):
         nf.configure(background_commits="yes")  # type: ignore[arg-type]

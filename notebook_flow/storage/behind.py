@@ -209,19 +209,14 @@ def pending_count() -> int:
     return _committer.count()
 
 
-_exit_hook_registered = False
-
-
 def _register_exit_hook() -> None:
-    """Register the exit flush after the metadata recorder's own hook, so that it runs
-    first (atexit is last-in, first-out): the jobs still record their events."""
-    global _exit_hook_registered
-    if _exit_hook_registered:
-        return
-    import notebook_flow.metadata.registry  # noqa: F401  (registers its atexit hook)
+    """(Re-)register the exit flush as the newest hook, so that it runs before the hooks
+    its jobs still need (atexit is last-in, first-out): the metadata recorder's exit flush,
+    the lock managers' connection pools."""
+    import notebook_flow.metadata.registry  # noqa: F401  (registers its atexit hook first)
 
+    atexit.unregister(_flush_at_exit)
     atexit.register(_flush_at_exit)
-    _exit_hook_registered = True
 
 
 def _flush_at_exit() -> None:

@@ -558,11 +558,12 @@ def _commit_in_background(
         return False
     try:
         snapshot = value.copy(order="K")
-    except MemoryError:
+    except BaseException as exc:  # (a reservation must never be left behind: waiters)
         behind.cancel(job)
-        return False
+        if isinstance(exc, MemoryError):
+            return False
+        raise
     lease = held.lease
-    lock = held.hand_off()
     context = contextvars.copy_context()  # the run's notebook, cell and context vars
 
     def commit() -> None:
@@ -578,13 +579,19 @@ def _commit_in_background(
                 exc,
             )
         finally:
-            _release_when_done(call, lease, lock)
+            try:
+                _release_when_done(call, lease, lock)
+            except Exception:  # (its lease then expires, as for a dead holder)
+                logger.warning("releasing the lock of `%s` failed", t.name, exc_info=True)
 
+    lock = held.hand_off()
     try:
         behind.start(job, commit)
-    except BaseException:
+    except BaseException as exc:
         behind.cancel(job)
         commit()  # in the foreground after all (it also releases the lock)
+        if not isinstance(exc, Exception):
+            raise
     return True
 
 
