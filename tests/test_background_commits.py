@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from _kernels import connect, last_json_line, start_kernel
 from _marks import MARK, count_marks
+from conftest_s3 import s3_options, s3_server, unique_s3_url  # noqa: F401  (fixture)
 
 import notebook_flow as nf
 from notebook_flow.storage import behind, payload
@@ -154,6 +155,27 @@ def test_small_object_over_budget_or_switched_off_commit_in_the_foreground(
     nf.configure(background_commits=True)
     assert not committed_at_return("in the background")
     assert nf.wait_for_commits(timeout=60)
+
+
+def test_a_background_commit_to_object_storage(
+    s3_server: str,  # noqa: F811
+    held_commits: threading.Event,
+):
+    url = unique_s3_url()
+    nf.configure(store=url, storage_options=s3_options(s3_server))
+
+    @nf.task
+    def produce(seed: int) -> np.ndarray:
+        return np.full(BIG, float(seed))
+
+    value = produce(4)
+    key = produce.cache_key(4)
+    assert behind.pending_count() == 1
+    value[:] = 0.0
+    held_commits.set()
+    manifest = nf.ResultStore(url, storage_options=s3_options(s3_server)).lookup(key)
+    assert manifest is not None  # (lookup waited for the pending commit)
+    assert float(nf.config.get_store().load(manifest)[0]) == 4.0
 
 
 def test_an_async_task_commits_in_the_foreground(isolated_store: Path):
