@@ -20,7 +20,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from .futures import FutureList, TaskFuture, _seconds, describe
+from .futures import FutureList, TaskFuture, describe
+from .futures.future import _seconds
 from .states import RunState
 
 if TYPE_CHECKING:

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from notebook_flow import _identity
 from notebook_flow.errors import TaskCancelledError
 from notebook_flow.futures import (
-    _SCALARS,
     FutureList,
     TaskFuture,
     collect_futures,
     resolve_futures,
     unmapped,
 )
+from notebook_flow.futures.arguments import _SCALARS
 from notebook_flow.metadata import RunEvent as _RunEvent
 from notebook_flow.states import RunState
 from notebook_flow.storage import behind
@@ -583,9 +583,9 @@ TaskFuture._on_final = _on_final
 def _after_fork_in_child() -> None:
     # Runs of the parent are not ours: their threads do not exist in the child.
     _inflight.clear()
-    from notebook_flow import futures
+    from notebook_flow.futures import future
 
-    futures._lock = threading.Lock()
+    future._lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
-from notebook_flow.futures import FutureList, TaskFuture, _rebuild, allow_failure, unmapped
+from notebook_flow.futures import FutureList, TaskFuture, allow_failure, unmapped
+from notebook_flow.futures.arguments import _rebuild
 from notebook_flow.runners.journal import (
     _DONE,
     _FRAME,

@@ -1,14 +1,4 @@
-"""Futures of submitted runs: :class:`TaskFuture`, :class:`FutureList`, :func:`wait`,
-:func:`as_completed`, and the argument markers :class:`unmapped` and :class:`allow_failure`.
-
->>> fut = load.submit("a.csv")           # returns at once            # doctest: +SKIP
->>> fut.result(timeout=60)               # blocks; raises the task's own error  # doctest: +SKIP
->>> futs = clean.map(paths, unmapped(cfg))                            # doctest: +SKIP
->>> done, not_done = wait(futs, timeout=10)                           # doctest: +SKIP
-
-The names follow :mod:`concurrent.futures` (``result``, ``exception``, ``done``,
-``cancel``, ``add_done_callback``, ``wait``, ``as_completed``); a future is also awaitable
-(``await fut`` in a notebook cell).
+"""TaskFuture: the handle of one submitted run (state, result, callbacks, awaitable).
 
 Completion is lean on purpose (the worker completes tens of thousands of futures a
 second): one process-wide lock guards every state change for a few instructions, and a
@@ -19,32 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from .errors import TaskCancelledError, UpstreamFailedError
-from .states import FINAL_STATES, RunState
+from notebook_flow.errors import TaskCancelledError
+from notebook_flow.states import FINAL_STATES, RunState
 
 if TYPE_CHECKING:
-    from .tasks import Task, _Call
-
-__all__ = [
-    "DoneAndNotDone",
-    "FutureList",
-    "TaskFuture",
-    "allow_failure",
-    "as_completed",
-    "unmapped",
-    "wait",
-]
+    from notebook_flow.tasks import Task, _Call
 
 logger = logging.getLogger("notebook_flow")
 
 R = TypeVar("R")
-T = TypeVar("T")
 
 _lock = threading.Lock()  # guards the state of every future (held for a few instructions)
 _allocate_gate = threading.Lock
@@ -388,246 +366,5 @@ def _seconds(value: float) -> str:
     return f"{value / 60:.1f} min"
 
 
-# --------------------------------------------------------------------------- argument markers
-
-
-class unmapped(Generic[T]):
-    """Pass a value unchanged to every run of ``task.map``.
-
-    >>> clean.map(paths, unmapped(config))                  # doctest: +SKIP
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: T) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return f"unmapped({self.value!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (unmapped, (self.value,))
-
-
-class allow_failure(Generic[T]):
-    """Run the downstream task even if this upstream future fails or is cancelled.
-
-    The downstream receives the upstream's result, or its exception object if it failed.
-
-    >>> report.submit(allow_failure(fetch.submit(url)))      # doctest: +SKIP
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: T) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return f"allow_failure({self.value!r})"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (allow_failure, (self.value,))
-
-
-_CONTAINERS = (list, tuple, dict, set, frozenset)
-
-
-def collect_futures(obj: Any, out: dict[int, TaskFuture[Any]]) -> None:
-    """Add the futures found in ``obj`` (also inside lists, tuples, sets, dicts) to ``out``."""
-    cls = type(obj)
-    if cls is TaskFuture:
-        out[id(obj)] = obj
-    elif cls is allow_failure:
-        collect_futures(obj.value, out)
-    elif isinstance(obj, _CONTAINERS):
-        items = obj.values() if isinstance(obj, dict) else obj
-        for item in items:
-            if type(item) in _SCALARS:
-                continue
-            collect_futures(item, out)
-
-
-_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
-
-
-def resolve_futures(obj: Any, allowed: bool = False) -> Any:
-    """``obj`` with every future replaced by its result (containers rebuilt as needed).
-
-    A failed or cancelled upstream raises :class:`UpstreamFailedError` naming it, unless
-    it is wrapped in :class:`allow_failure` (then its exception object is passed on).
-    """
-    cls = type(obj)
-    if cls is TaskFuture:
-        exc = obj._exc
-        if exc is None:
-            return obj._value
-        if allowed:
-            return exc
-        raise UpstreamFailedError(
-            f"upstream run {obj.run_id[:8]} of task `{obj.task.name}` "
-            f"{obj._state.value.lower()}: {type(exc).__name__}: {exc}; wrap the future in "
-            "allow_failure(...) to run anyway"
-        ) from exc
-    if cls is allow_failure:
-        return resolve_futures(obj.value, True)
-    if isinstance(obj, _CONTAINERS):
-        if isinstance(obj, dict):
-            values = {k: resolve_futures(v, allowed) for k, v in obj.items()}
-            if all(values[k] is v for k, v in obj.items()):
-                return obj
-            return _rebuild(obj, values)
-        items = [resolve_futures(v, allowed) for v in obj]
-        if all(a is b for a, b in zip(items, obj, strict=True)):
-            return obj
-        return _rebuild(obj, items)
-    return obj
-
-
-def _rebuild(original: Any, items: Any) -> Any:
-    cls = type(original)
-    if hasattr(original, "_fields"):  # namedtuple
-        return cls(*items)
-    try:
-        return cls(items)
-    except TypeError:  # a container subclass with another constructor: plain type
-        for base in _CONTAINERS:
-            if isinstance(original, base):
-                return base(items)
-        raise
-
-
-# --------------------------------------------------------------------------- many futures
-
-
-class FutureList(list[TaskFuture[Any]]):
-    """The futures of ``task.map(...)``: a list with ``result()``, ``wait()`` and a live
-    progress bar when shown in a notebook cell.
-
-    >>> futs = square.map(range(10))                        # doctest: +SKIP
-    >>> futs.result()                                       # doctest: +SKIP
-    [0, 1, 4, 9, ...]
-    """
-
-    def result(self, timeout: float | None = None) -> list[Any]:
-        """Every result in order; raises the first failure (in list order)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        out = []
-        for fut in self:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            out.append(fut.result(remaining))
-        return out
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for all; False if ``timeout`` passed first."""
-        return not wait(self, timeout).not_done
-
-    def done(self) -> bool:
-        return all(f.done() for f in self)
-
-    def cancel(self) -> int:
-        """Cancel every run that has not finished; returns how many were cancelled or flagged."""
-        return sum(1 for f in self if f.cancel())
-
-    def counts(self) -> dict[str, int]:
-        """How many runs are pending, running, completed, cached, failed."""
-        out = {"pending": 0, "running": 0, "completed": 0, "cached": 0, "failed": 0}
-        for fut in self:
-            state = fut._state
-            if state is _PENDING:
-                out["pending"] += 1
-            elif state is _RUNNING:
-                out["running"] += 1
-            elif state is RunState.COMPLETED:
-                out["completed"] += 1
-            elif state is RunState.CACHED:
-                out["cached"] += 1
-            else:
-                out["failed"] += 1
-        return out
-
-    def __repr__(self) -> str:
-        c = self.counts()
-        names = sorted({f.task.name for f in self})
-        what = ", ".join(f"`{n}`" for n in names[:3]) + (", …" if len(names) > 3 else "")
-        parts = ", ".join(f"{v} {k}" for k, v in c.items() if v) or "empty"
-        return f"<FutureList of {len(self)} runs of {what or 'nothing'}: {parts}>"
-
-    def _ipython_display_(self) -> None:
-        from .notebook import show_futures
-
-        show_futures(self)
-
-
-class DoneAndNotDone(NamedTuple):
-    done: set[TaskFuture[Any]]
-    not_done: set[TaskFuture[Any]]
-
-
-ReturnWhen = Literal["ALL_COMPLETED", "FIRST_COMPLETED", "FIRST_EXCEPTION"]
-
-
-def wait(
-    futures: Iterable[TaskFuture[Any]],
-    timeout: float | None = None,
-    return_when: ReturnWhen = "ALL_COMPLETED",
-) -> DoneAndNotDone:
-    """Wait for futures like :func:`concurrent.futures.wait`; returns ``(done, not_done)``.
-
-    >>> done, not_done = wait(futs, timeout=30)             # doctest: +SKIP
-    """
-    fs = list(dict.fromkeys(futures))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    if return_when == "ALL_COMPLETED":
-        for fut in fs:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
-            if not fut.wait(remaining):
-                break
-    else:
-        if return_when not in ("FIRST_COMPLETED", "FIRST_EXCEPTION"):
-            raise ValueError(f"return_when must be one of {ReturnWhen}, got {return_when!r}")
-        for fut in as_completed(fs, timeout, _stop_on_timeout=True):
-            if return_when == "FIRST_COMPLETED" or fut._state in _FAILED_STATES:
-                break
-    done = {f for f in fs if f._state in _FINAL}
-    return DoneAndNotDone(done, set(fs) - done)
-
-
-def as_completed(
-    futures: Iterable[TaskFuture[Any]],
-    timeout: float | None = None,
-    *,
-    _stop_on_timeout: bool = False,
-) -> Iterator[TaskFuture[Any]]:
-    """Yield futures as they finish (those already done first).
-
-    Raises :class:`TimeoutError` if they are not all done within ``timeout`` seconds.
-
-    >>> for fut in as_completed(futs):                      # doctest: +SKIP
-    ...     print(fut.result())
-    """
-    fs = list(dict.fromkeys(futures))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    finished: queue.SimpleQueue[TaskFuture[Any]] = queue.SimpleQueue()
-    pending = 0
-    for fut in fs:
-        if fut._state in _FINAL:
-            yield fut
-        else:
-            pending += 1
-            fut.add_done_callback(finished.put)
-    while pending:
-        remaining = None if deadline is None else deadline - time.monotonic()
-        try:
-            if remaining is not None and remaining <= 0:
-                raise queue.Empty
-            fut = finished.get(timeout=remaining)
-        except queue.Empty:
-            if _stop_on_timeout:
-                return
-            raise TimeoutError(
-                f"{pending} of {len(fs)} futures unfinished after {timeout} s"
-            ) from None
-        pending -= 1
-        yield fut
+# Pickles and fingerprints name the class where it was first defined: notebook_flow.futures.
+TaskFuture.__module__ = "notebook_flow.futures"

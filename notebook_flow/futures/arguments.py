@@ -1,0 +1,123 @@
+"""Argument markers (:class:`unmapped`, :class:`allow_failure`) and the futures among a
+run's arguments: found (``collect_futures``) and replaced by their results
+(``resolve_futures``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from notebook_flow.errors import UpstreamFailedError
+
+from .future import TaskFuture
+
+T = TypeVar("T")
+
+
+class unmapped(Generic[T]):
+    """Pass a value unchanged to every run of ``task.map``.
+
+    >>> clean.map(paths, unmapped(config))                  # doctest: +SKIP
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"unmapped({self.value!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (unmapped, (self.value,))
+
+
+class allow_failure(Generic[T]):
+    """Run the downstream task even if this upstream future fails or is cancelled.
+
+    The downstream receives the upstream's result, or its exception object if it failed.
+
+    >>> report.submit(allow_failure(fetch.submit(url)))      # doctest: +SKIP
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"allow_failure({self.value!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (allow_failure, (self.value,))
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def collect_futures(obj: Any, out: dict[int, TaskFuture[Any]]) -> None:
+    """Add the futures found in ``obj`` (also inside lists, tuples, sets, dicts) to ``out``."""
+    cls = type(obj)
+    if cls is TaskFuture:
+        out[id(obj)] = obj
+    elif cls is allow_failure:
+        collect_futures(obj.value, out)
+    elif isinstance(obj, _CONTAINERS):
+        items = obj.values() if isinstance(obj, dict) else obj
+        for item in items:
+            if type(item) in _SCALARS:
+                continue
+            collect_futures(item, out)
+
+
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
+
+
+def resolve_futures(obj: Any, allowed: bool = False) -> Any:
+    """``obj`` with every future replaced by its result (containers rebuilt as needed).
+
+    A failed or cancelled upstream raises :class:`UpstreamFailedError` naming it, unless
+    it is wrapped in :class:`allow_failure` (then its exception object is passed on).
+    """
+    cls = type(obj)
+    if cls is TaskFuture:
+        exc = obj._exc
+        if exc is None:
+            return obj._value
+        if allowed:
+            return exc
+        raise UpstreamFailedError(
+            f"upstream run {obj.run_id[:8]} of task `{obj.task.name}` "
+            f"{obj._state.value.lower()}: {type(exc).__name__}: {exc}; wrap the future in "
+            "allow_failure(...) to run anyway"
+        ) from exc
+    if cls is allow_failure:
+        return resolve_futures(obj.value, True)
+    if isinstance(obj, _CONTAINERS):
+        if isinstance(obj, dict):
+            values = {k: resolve_futures(v, allowed) for k, v in obj.items()}
+            if all(values[k] is v for k, v in obj.items()):
+                return obj
+            return _rebuild(obj, values)
+        items = [resolve_futures(v, allowed) for v in obj]
+        if all(a is b for a, b in zip(items, obj, strict=True)):
+            return obj
+        return _rebuild(obj, items)
+    return obj
+
+
+def _rebuild(original: Any, items: Any) -> Any:
+    cls = type(original)
+    if hasattr(original, "_fields"):  # namedtuple
+        return cls(*items)
+    try:
+        return cls(items)
+    except TypeError:  # a container subclass with another constructor: plain type
+        for base in _CONTAINERS:
+            if isinstance(original, base):
+                return base(items)
+        raise
+
+
+# Pickles and fingerprints name the classes where they were first defined.
+unmapped.__module__ = allow_failure.__module__ = "notebook_flow.futures"
