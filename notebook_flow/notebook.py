@@ -21,8 +21,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .futures import FutureList, TaskFuture, describe
-from .futures.future import _seconds
 from .states import RunState
+from .states import format_seconds as _seconds
 
 if TYPE_CHECKING:
     from IPython.display import DisplayHandle

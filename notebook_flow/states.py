@@ -1,10 +1,10 @@
-"""Run states and the records that describe a run's transitions."""
+"""Run states, and how a run's durations read in the lines that report it."""
 
 from __future__ import annotations
 
 import enum
 
-__all__ = ["FINAL_STATES", "RunState"]
+__all__ = ["FINAL_STATES", "RunState", "format_seconds"]
 
 
 class RunState(str, enum.Enum):
@@ -34,3 +34,16 @@ class RunState(str, enum.Enum):
 FINAL_STATES = frozenset(
     {RunState.COMPLETED, RunState.CACHED, RunState.FAILED, RunState.CRASHED, RunState.CANCELLED}
 )
+
+
+def format_seconds(value: float) -> str:
+    """A duration as the notebook lines show it.
+
+    >>> format_seconds(0.25), format_seconds(42), format_seconds(600)
+    ('250 ms', '42.0 s', '10.0 min')
+    """
+    if value < 1:
+        return f"{value * 1000:.0f} ms"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{value / 60:.1f} min"

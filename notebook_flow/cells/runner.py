@@ -26,6 +26,7 @@ from notebook_flow.errors import (
     UnhashableError,
 )
 from notebook_flow.states import RunState
+from notebook_flow.states import format_seconds as _seconds
 
 from .analysis import CellAnalysis, _bound_by_import, analyze_cell
 from .capture import _Capture, _patch_instance, replay
@@ -573,11 +574,3 @@ def _when(epoch: float) -> str:
     if time.strftime("%Y-%m-%d", time.localtime(epoch)) == time.strftime("%Y-%m-%d"):
         return "today " + time.strftime("%H:%M:%S", time.localtime(epoch))
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))
-
-
-def _seconds(value: float) -> str:
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"

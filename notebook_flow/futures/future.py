@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from notebook_flow.errors import TaskCancelledError
 from notebook_flow.states import FINAL_STATES, RunState
+from notebook_flow.states import format_seconds as _seconds
 
 if TYPE_CHECKING:
     from notebook_flow.tasks import Task, _Call
@@ -356,14 +357,6 @@ def describe(fut: TaskFuture[Any]) -> str:
     if exc is not None and state is not RunState.CACHED:
         text += f": {type(exc).__name__}: {exc}"
     return text
-
-
-def _seconds(value: float) -> str:
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"
 
 
 # Pickles and fingerprints name the class where it was first defined: notebook_flow.futures.
