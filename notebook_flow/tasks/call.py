@@ -321,6 +321,21 @@ class _Call:
                 return False
         return True
 
+    def start_attempt(self, attempt: int) -> float:
+        """Number the attempt in the run context; its start on the perf counter."""
+        self.ctx.attempt = attempt  # type: ignore[union-attr]
+        return time.perf_counter()
+
+    def after_failure(self, attempt: int, exc: BaseException) -> float | None:
+        """The delay before the next attempt (recorded RETRYING), or None when the run has
+        failed for good (recorded FAILED; the caller re-raises)."""
+        if not self.should_retry(attempt, exc):
+            self.failed(attempt, exc)
+            return None
+        delay = self.retry_delay(attempt)
+        self.retrying(attempt, exc, delay)
+        return delay
+
     def call_body_sync(self) -> Any:
         t = self.task
         if t.timeout_seconds is None:
@@ -613,19 +628,15 @@ def _run_sync(call: _Call) -> Any:
         try:
             attempt = 1
             while True:
-                call.ctx.attempt = attempt  # type: ignore[union-attr]
-                t0 = time.perf_counter()
+                t0 = call.start_attempt(attempt)
                 try:
                     value = call.call_body_sync()
                     break
                 except BaseException as exc:
-                    if not call.should_retry(attempt, exc):
-                        call.failed(attempt, exc)
+                    if (delay := call.after_failure(attempt, exc)) is None:
                         raise
-                    delay = call.retry_delay(attempt)
-                    call.retrying(attempt, exc, delay)
-                    time.sleep(delay)
-                    attempt += 1
+                time.sleep(delay)
+                attempt += 1
             duration = time.perf_counter() - t0
             if not _commit_in_background(call, value, duration, attempt, held):
                 call.commit(value, duration, attempt, lease)
@@ -654,19 +665,15 @@ async def _run_async(call: _Call) -> Any:
         try:
             attempt = 1
             while True:
-                call.ctx.attempt = attempt  # type: ignore[union-attr]
-                t0 = time.perf_counter()
+                t0 = call.start_attempt(attempt)
                 try:
                     value = await call.call_body_async()
                     break
                 except BaseException as exc:
-                    if not call.should_retry(attempt, exc):
-                        call.failed(attempt, exc)
+                    if (delay := call.after_failure(attempt, exc)) is None:
                         raise
-                    delay = call.retry_delay(attempt)
-                    call.retrying(attempt, exc, delay)
-                    await asyncio.sleep(delay)
-                    attempt += 1
+                await asyncio.sleep(delay)
+                attempt += 1
             duration = time.perf_counter() - t0
             await asyncio.to_thread(call.commit, value, duration, attempt, lease)
         finally:
