@@ -166,6 +166,27 @@ def test_retries_with_delays_list_and_condition():
     assert len(seen) == 1
 
 
+def test_async_task_retries_then_succeeds_or_fails_as_itself():
+    attempts: list[int] = []
+
+    @task(retries=2, retry_delay_seconds=0, cache_policy=NONE, name="aflaky")
+    async def aflaky(fail_times: int) -> str:
+        attempts.append(fail_times)
+        await asyncio.sleep(0)
+        if len(attempts) <= fail_times:
+            raise ConnectionError(f"attempt {len(attempts)}")
+        return "ok"
+
+    assert asyncio.run(aflaky(2)) == "ok"
+    assert len(attempts) == 3
+    attempts.clear()
+    with pytest.raises(ConnectionError, match="attempt 3"):
+        asyncio.run(aflaky(5))  # retries exhausted: the task's own exception
+    assert len(attempts) == 3
+    states = flushed_history(task="aflaky")["state"].astype(str).tolist()
+    assert sorted(states) == ["COMPLETED", "FAILED"]
+
+
 def test_exponential_backoff_and_jitter():
     assert nf.exponential_backoff(2)(4) == [2.0, 4.0, 8.0, 16.0]
     t = task(retries=3, retry_delay_seconds=nf.exponential_backoff(0.001), retry_jitter_factor=0.5)(
