@@ -180,6 +180,17 @@ def test_future_list_helpers():
     assert FutureList(futs[:2]).result() == [0, 1]
 
 
+def test_displays_outside_a_kernel_print_the_status(capsys):
+    futs = FutureList(make(run_id=f"{i:032x}") for i in range(2))
+    complete(futs[0], 0)
+    complete(futs[1], exc=ValueError("bad"))
+    futs[0]._ipython_display_()
+    futs._ipython_display_()
+    out = capsys.readouterr().out
+    assert "`noop` 00000000 completed" in out
+    assert "2/2 done (1 ran, 0 cached, 1 failed)" in out and "ValueError: bad" in out
+
+
 def test_await_a_future_from_another_thread():
     fut = make()
 

@@ -255,7 +255,7 @@ class TaskFuture(Generic[R]):
         return f"<TaskFuture {describe(self)}>"
 
     def _ipython_display_(self) -> None:
-        from .notebook import show_future
+        from notebook_flow.notebook import show_future
 
         show_future(self)
 

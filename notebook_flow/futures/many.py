@@ -68,7 +68,7 @@ class FutureList(list[TaskFuture[Any]]):
         return f"<FutureList of {len(self)} runs of {what or 'nothing'}: {parts}>"
 
     def _ipython_display_(self) -> None:
-        from .notebook import show_futures
+        from notebook_flow.notebook import show_futures
 
         show_futures(self)
 
