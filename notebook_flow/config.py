@@ -206,7 +206,11 @@ def wait_startup(store: ResultStore | None = None, timeout: float = 60.0) -> Non
 
 
 def _reset_for_tests() -> None:
-    """Forget settings and cached stores (used by the test suite)."""
+    """Forget settings and cached stores (used by the test suite), once the background
+    commits into them have finished."""
+    from .storage import behind
+
+    behind.flush(timeout=120)
     global _settings, generation
     with _lock:
         generation += 1
