@@ -128,6 +128,26 @@ def test_reading_history_waits_for_pending_commits(held_commits: threading.Event
     assert len(nf.cache_entries(task=produce.name)) == 1
 
 
+def test_submitted_runs_commit_in_the_background_and_shutdown_waits(
+    isolated_store: Path, held_commits: threading.Event
+):
+    @nf.task
+    def produce(seed: int) -> np.ndarray:
+        return np.full(BIG, float(seed))
+
+    fut = produce.submit(6)
+    assert float(fut.result(timeout=60)[0]) == 6.0  # the future is done before the commit
+    assert behind.pending_count() == 1
+    stopper = threading.Thread(target=nf.shutdown)
+    stopper.start()
+    stopper.join(0.3)
+    assert stopper.is_alive()  # shutdown(wait=True) waits for the pending commit
+    held_commits.set()
+    stopper.join(60)
+    assert not stopper.is_alive()
+    assert _manifest(isolated_store, produce.cache_key(6)).exists()
+
+
 def test_small_object_over_budget_or_switched_off_commit_in_the_foreground(
     isolated_store: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -94,9 +94,11 @@ def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
     """Stop the embedded worker: wait for in-flight runs (``wait``), or cancel the ones
     not started (``cancel_pending``). The next ``submit`` starts a fresh worker.
 
-    Events and the journal are flushed, so ``history()`` shows the final states.
+    Events and the journal are flushed, so ``history()`` shows the final states; with
+    ``wait``, so are the results still being committed in the background.
     """
     from notebook_flow.config import get_metadata, get_store
+    from notebook_flow.storage import behind
 
     from .journal import flush
 
@@ -104,6 +106,7 @@ def shutdown(wait: bool = True, *, cancel_pending: bool = False) -> None:
     shutdown_default(wait, cancel_pending=cancel_pending)
     flush()
     if wait:
+        behind.flush()
         default = get_store()
         stores.setdefault(id(default), default)
         for store in stores.values():
