@@ -452,23 +452,20 @@ class CellRunner:
     def _record(self, cell: _Cell, state: RunState, **fields: Any) -> None:
         if cell.store is None:
             return
-        from notebook_flow.metadata import RunEvent
-        from notebook_flow.tasks import _metadata_for
+        from notebook_flow.tasks.call import _record_run
 
-        event = RunEvent(
-            run_id=cell.run_id,
-            task=cell.name,
-            task_identity=cell.identity,
-            key=cell.key,
+        inputs = ", ".join(cell.inputs) or None
+        _record_run(
+            cell.store,
+            cell.run_id,
+            cell.name,
+            cell.identity,
+            cell.key,
             state=state,
-            at=time.time(),
-            notebook=_identity.notebook_path(),
-            cell=_identity.current_cell(),
             tags=("cell",),
-            inputs=", ".join(cell.inputs) or None,
+            inputs=inputs,
             **fields,
         )
-        _metadata_for(cell.store, lambda m: m.record_run(event))
 
     def _index(self, cell: _Cell, manifest: Manifest) -> None:
         from notebook_flow.metadata import CacheEntry

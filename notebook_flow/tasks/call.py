@@ -125,6 +125,35 @@ def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -
         logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
 
+def _record_run(
+    store: ResultStore,
+    run_id: str,
+    name: str,
+    identity: str,
+    key: str | None,
+    *,
+    state: RunState,
+    tags: tuple[str, ...],
+    **fields: Any,
+) -> None:
+    """Record one state of a run made in this process, in the notebook cell running now
+    (task calls and ``%%task`` cells; the embedded worker builds its events itself, with the
+    process fields resolved once per run)."""
+    event = RunEvent(
+        run_id=run_id,
+        task=name,
+        task_identity=identity,
+        key=key,
+        state=state,
+        at=time.time(),
+        notebook=_identity.notebook_path(),
+        cell=_identity.current_cell(),
+        tags=tags,
+        **fields,
+    )
+    _metadata_for(store, lambda m: m.record_run(event))
+
+
 # --------------------------------------------------------------------------- one call
 
 
@@ -178,19 +207,16 @@ class _Call:
 
     def record(self, state: RunState, **fields: Any) -> None:
         t = self.task
-        event = RunEvent(
-            run_id=self.run_id,
-            task=t.name,
-            task_identity=t.identity,
-            key=self.key,
+        _record_run(
+            self.store,
+            self.run_id,
+            t.name,
+            t.identity,
+            self.key,
             state=state,
-            at=time.time(),
-            notebook=_identity.notebook_path(),
-            cell=_identity.current_cell(),
             tags=t.tags,
             **fields,
         )
-        _metadata_for(self.store, lambda m: m.record_run(event))
 
     def inputs_summary(self) -> str:
         if not self.arguments:
