@@ -94,20 +94,7 @@ def rebuild_index(*, store: str | ResultStore | None = None) -> int:
 
     s = get_store(store)
     entries = (
-        CacheEntry(
-            key=m.key,
-            task=m.task.split(":", 1)[-1],
-            task_identity=m.task,
-            size=m.size,
-            created_at=m.created_at,
-            expires_at=m.expires_at,
-            duration=m.duration,
-            serializer=m.serializer,
-            payload=m.payload,
-            components=dict(m.components),
-            run_id=m.run_id,
-        )
-        for m in s.iter_manifests()
+        CacheEntry.from_manifest(m, task=m.task.split(":", 1)[-1]) for m in s.iter_manifests()
     )
     return get_metadata(s).rebuild(entries)
 

@@ -471,8 +471,7 @@ class CellRunner:
         from notebook_flow.metadata import CacheEntry
         from notebook_flow.tasks import _metadata_for
 
-        entry = CacheEntry.from_manifest(manifest, task_identity=cell.identity)
-        entry = dataclasses.replace(entry, task=cell.name)
+        entry = CacheEntry.from_manifest(manifest, task=cell.name, task_identity=cell.identity)
         assert cell.store is not None
         _metadata_for(cell.store, lambda m: m.record_cache_entry(entry))
 

@@ -120,13 +120,19 @@ class CacheEntry:
 
     @classmethod
     def from_manifest(
-        cls, manifest: Any, *, task_identity: str | None = None, size: int | None = None
+        cls,
+        manifest: Any,
+        *,
+        task: str | None = None,
+        task_identity: str | None = None,
+        size: int | None = None,
     ) -> CacheEntry:
-        """Build an entry from a ``storage.Manifest`` (or any object with its fields)."""
+        """Build an entry from a ``storage.Manifest`` (or any object with its fields);
+        ``task`` is the task's display name (default: the manifest's ``task``)."""
         identity = task_identity or getattr(manifest, "task_identity", None) or manifest.task
         return cls(
             key=manifest.key,
-            task=manifest.task,
+            task=manifest.task if task is None else task,
             task_identity=identity,
             size=int(manifest.size if size is None else size),
             created_at=float(manifest.created_at),

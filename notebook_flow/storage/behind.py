@@ -122,10 +122,8 @@ class _Committer:
                 self._thread.start()
             self._cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
-        self._finish(job)
-
-    def _finish(self, job: Job) -> None:
+    def finish(self, job: Job) -> None:
+        """Forget ``job`` (done, failed or never started) and wake its waiters."""
         with self._cond:
             if self._pending.get((job.url, job.key)) is job:
                 del self._pending[(job.url, job.key)]
@@ -146,7 +144,7 @@ class _Committer:
             except BaseException:  # the job reports its own failures; this is a last resort
                 logger.warning("a background commit of key %s failed", job.key, exc_info=True)
             finally:
-                self._finish(job)
+                self.finish(job)
 
     def on_thread(self) -> bool:
         return threading.current_thread() is self._thread
@@ -185,7 +183,7 @@ def start(job: Job, run: Callable[[], None]) -> None:
 
 def cancel(job: Job) -> None:
     """Give a reservation back unused."""
-    _committer.cancel(job)
+    _committer.finish(job)
 
 
 def wait_key(url: str, key: str, timeout: float | None = None) -> None:

@@ -470,19 +470,7 @@ class _Call:
             _crash_point("after_manifest")
             _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
             size = manifest.size
-            entry = CacheEntry(
-                key=manifest.key,
-                task=t.name,
-                task_identity=t.identity,
-                size=manifest.size,
-                created_at=manifest.created_at,
-                expires_at=manifest.expires_at,
-                duration=duration,
-                serializer=manifest.serializer,
-                payload=manifest.payload,
-                components=dict(manifest.components),
-                run_id=self.run_id,
-            )
+            entry = CacheEntry.from_manifest(manifest, task=t.name)
             _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
         elif self.key is not None:
             t._memory[self.key] = value
@@ -534,15 +522,19 @@ def _locked_past_abandoned(call: _Call) -> Iterator[_Held]:
         try:
             yield held
         finally:
-            alive = [t for t in call.abandoned or () if t.is_alive()]
-            if not held.handed_off and held.lease is not None and alive:
+            if not held.handed_off and held.lease is not None and (alive := _still_running(call)):
                 _release_after(alive, stack.pop_all(), call)
+
+
+def _still_running(call: _Call) -> list[threading.Thread]:
+    """The bodies this call abandoned (``timeout_seconds``) that have not ended yet."""
+    return [t for t in call.abandoned or () if t.is_alive()]
 
 
 def _release_when_done(call: _Call, lease: Any, held: contextlib.ExitStack) -> None:
     """Release a handed-off lock now, or (on a thread) once the bodies this call abandoned
     end."""
-    alive = [t for t in call.abandoned or () if t.is_alive()]
+    alive = _still_running(call)
     if lease is not None and alive:
         _release_after(alive, held, call)
     else:
