@@ -75,11 +75,26 @@ class Kernel(_kernels.Kernel):
             msgs.append(msg)
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 break
-        reply = self.kc.get_shell_msg(timeout=timeout)
+        reply = self.reply(msg_id, timeout)
         if not allow_error:
             errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
             assert reply["content"]["status"] == "ok", errors
         return msg_id, msgs
+
+    def reply(self, msg_id: str, timeout: float = 120) -> dict[str, Any]:
+        """The shell reply to request ``msg_id``, skipping replies to other requests.
+
+        The shell channel can hold replies nobody waits for: on a loaded machine
+        ``wait_for_ready`` sends a ``kernel_info_request`` every second until one is
+        answered, and the answers to the others arrive later. Taking the next reply
+        whatever it answers shifts every later one by a request (the flake of issue 14:
+        a cell's reply was its predecessor's).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 0.1))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply
 
     def drain(self, until, timeout: float = 120) -> list[dict[str, Any]]:
         """Collect iopub messages until ``until(msg)`` is true for one (maybe seen already)."""
@@ -194,24 +209,28 @@ def test_status_display_prints_and_interrupts(kernel_env, tmp_path):
 
         # An interrupt stops the waiting cell, not the worker; the result is not lost.
         os.unlink(tmp_path / "gate")
-        k.kc.execute("held = slow.submit(100)\nheld.result()")
-        wait_for(lambda: _kernel_busy(k), "the cell to start", timeout=120)
+        k.run("held = slow.submit(100)")
+        # The cell says when it is about to wait, and only then comes the interrupt: sent
+        # at its execute_input, it could land in the submit (no `held`) or in IPython's
+        # code around the cell (ipykernel then sends no reply at all).
+        waiting = k.kc.execute("print('waiting', flush=True)\nheld.result()")
+        k.drain(lambda m: _of(m, waiting, "stream") and "waiting" in m["content"]["text"])
         k.km.interrupt_kernel()
-        k.drain(lambda m: m["msg_type"] == "error" and m["content"]["ename"] == "KeyboardInterrupt")
-        k.kc.get_shell_msg(timeout=60)
+        k.drain(lambda m: _of(m, waiting, "error") and m["content"]["ename"] == "KeyboardInterrupt")
+        assert k.reply(waiting)["content"]["ename"] == "KeyboardInterrupt"
+        # After an error, ipykernel aborts the execute requests queued behind it until it
+        # reaches its "stop aborting" marker; it is past it once the cell's idle status is
+        # out. A cell sent earlier could be answered "aborted".
+        k.drain(lambda m: _of(m, waiting, "status") and m["content"]["execution_state"] == "idle")
         _, msgs = k.run("open(os.environ['GATE'], 'w').close()\nheld.result(timeout=60)")
         assert _value(msgs) == "100"
     finally:
         k.close()
 
 
-def _kernel_busy(k: Kernel) -> bool:
-    try:
-        msg = k.kc.get_iopub_msg(timeout=0.05)
-    except queue.Empty:
-        return False
-    k.extra.append(msg)
-    return msg["msg_type"] == "execute_input"
+def _of(msg: dict[str, Any], msg_id: str, msg_type: str) -> bool:
+    """Whether ``msg`` is a ``msg_type`` message of the request ``msg_id``."""
+    return msg["msg_type"] == msg_type and msg["parent_header"].get("msg_id") == msg_id
 
 
 def _kill_in_the_middle(kernel_env, tmp_path) -> Path:
