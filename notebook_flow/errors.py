@@ -5,6 +5,7 @@ Every error is a ``NotebookFlowError``; where a built-in fits, it is inherited t
 
     NotebookFlowError
     ├── ConfigurationError (ValueError)      bad option, bad store URL, bad policy
+    ├── MissingExtraError (ImportError)      an optional backend's package is not installed
     ├── CacheKeyError (TypeError)            a cache key could not be computed
     │   └── UnhashableError                  a value has no stable fingerprint
     │       └── UnhashableInputError         ... and it is a task argument (names it)
@@ -36,6 +37,7 @@ __all__ = [
     "LockError",
     "LockTimeout",
     "MetadataError",
+    "MissingExtraError",
     "NotebookFlowError",
     "PayloadCorruptError",
     "SerializationError",
@@ -56,6 +58,10 @@ class NotebookFlowError(Exception):
 
 class ConfigurationError(NotebookFlowError, ValueError):
     """An option, store URL or cache policy is invalid."""
+
+
+class MissingExtraError(NotebookFlowError, ImportError):
+    """An optional backend needs a package that is not installed; names the extra."""
 
 
 class CacheKeyError(NotebookFlowError, TypeError):

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from notebook_flow._extras import require
 from notebook_flow.errors import ConfigurationError, LockError
 
 from .base import (
@@ -155,6 +156,7 @@ class PostgresLockManager(BackoffAcquire):
     """
 
     def __init__(self, dsn: str, *, table: str = "notebook_flow_locks") -> None:
+        require("psycopg", "PostgresLockManager")
         if not _TABLE.fullmatch(table):
             raise ConfigurationError(f"table name {table!r} must match {_TABLE.pattern}")
         self.dsn = dsn

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
+from notebook_flow._extras import require
 from notebook_flow.errors import LockError
 
 from .base import (
@@ -125,6 +126,7 @@ class RedisLockManager(BackoffAcquire):
         prefix: str = "notebook_flow",
         **kwargs: Any,
     ) -> None:
+        require("redis", "RedisLockManager")
         self.host = host
         self.port = port
         self.db = db

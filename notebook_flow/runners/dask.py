@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from notebook_flow._extras import require
 from notebook_flow.futures import TaskFuture
 
 from .base import BaseRunner, send_remote
@@ -29,6 +30,7 @@ class DaskRunner(BaseRunner):
     ``shutdown()``)."""
 
     def __init__(self, client: Any = None, **cluster_kwargs: Any) -> None:
+        require("distributed", "DaskRunner")
         from distributed import Client
 
         self._owned: list[Any] = []
