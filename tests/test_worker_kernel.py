@@ -233,6 +233,47 @@ def _of(msg: dict[str, Any], msg_id: str, msg_type: str) -> bool:
     return msg["msg_type"] == msg_type and msg["parent_header"].get("msg_id") == msg_id
 
 
+def test_concurrent_task_prints_reach_the_cell_whole(kernel_env, tmp_path):
+    """Four workers print piece by piece at once: the cell gets whole lines (issue 14:
+    ``'working onworking on 10\\n'`` then ``' 7\\n'``)."""
+    k = Kernel(kernel_env, tmp_path)
+    try:
+        k.run(HELPERS)
+        cell, msgs = k.run(
+            textwrap.dedent(
+                """
+                import sys
+                from notebook_flow.cache_policies import NONE
+
+                @nf.task(cache_policy=NONE)
+                def chatty(i):
+                    for j in range(15):
+                        sys.stdout.write(f"task {i} ")
+                        time.sleep(0.001)
+                        print("line", j)
+                    sys.stdout.write(f"tail of {i}")  # no line break: written at the end
+                    return i
+
+                futs = chatty.map(range(8))
+                sum(futs.result())
+                """
+            )
+        )
+        assert _value(msgs) == str(sum(range(8)))
+        text = "".join(
+            m["content"]["text"]
+            for m in msgs + k.extra
+            if _of(m, cell, "stream") and m["content"]["name"] == "stdout"
+        )
+        # Nothing but whole lines and whole tails, each exactly once.
+        assert re.fullmatch(r"(task \d line \d+\n|tail of \d)+", text), text
+        for i in range(8):
+            assert re.findall(rf"task {i} line (\d+)", text) == [str(j) for j in range(15)]
+            assert text.count(f"tail of {i}") == 1
+    finally:
+        k.close()
+
+
 def _kill_in_the_middle(kernel_env, tmp_path) -> Path:
     """Run the map of 100 in a kernel and SIGKILL it with runs 30..33 in flight."""
     k = Kernel(dict(kernel_env, BLOCK="1"), tmp_path)

@@ -43,6 +43,7 @@ from notebook_flow.tasks import _Call, _run_async, _run_sync
 
 from .journal import journal_for
 from .limits import admit, limits_for, release
+from .output import task_output
 
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
@@ -192,9 +193,10 @@ def _metadata(store: ResultStore) -> MetadataStore:
 
 
 def _run_in_thread(call: _Call) -> Any:
-    if call.task.is_async:
-        return asyncio.run(_run_async(call))
-    return _run_sync(call)
+    with task_output():  # in a kernel, the run's printed lines reach its cell whole
+        if call.task.is_async:
+            return asyncio.run(_run_async(call))
+        return _run_sync(call)
 
 
 def resolve_arguments(fut: TaskFuture[Any]) -> None:
