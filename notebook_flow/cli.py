@@ -3,17 +3,19 @@
 .. code-block:: text
 
     notebook-flow run NOTEBOOK.ipynb [-p name=value ...] [--store URL] [--output OUT.ipynb]
-    notebook-flow history [TASK] [-n N]        recent runs, newest first
-    notebook-flow stats                        hits, misses, time saved, bytes stored
+    notebook-flow history [TASK] [-n N]        recent runs, newest first, with attempts
+    notebook-flow stats                        hits, misses, hit rate, time saved, bytes stored
     notebook-flow clear TASK | --expired | --all [-y]
     notebook-flow gc                           expired results and leftovers of crashed writes
     notebook-flow dashboard ...                (added by notebook_flow.dashboard.cli)
     notebook-flow locks ...                    (added by notebook_flow.locks.cli)
 
 ``run`` executes a notebook headless in a fresh kernel with the extension loaded, prints a
-line per cell (computed / cached / ran / failed, time) and writes the executed notebook.
-Run it again after a crash or Ctrl-C and it resumes: finished ``%%task`` cells and tasks
-load from the store.
+line per cell and writes the executed notebook. A ``%%task`` cell is *cached* (restored
+from the store) or *computed*; another cell *ran*, or is *reused* when every task it ran
+came from the store (with how many task results were reused and the time saved). The last
+line sums up the cells and task results reused and the seconds saved. Run it again after a
+crash or Ctrl-C and it resumes: finished ``%%task`` cells and tasks load from the store.
 
 Every command takes ``--store URL``; the default is ``NOTEBOOK_FLOW_STORE`` or
 ``.notebook_flow`` in the *current* directory (also for the notebook's kernel, which runs
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import math
 import os
 import re
 import sys
@@ -35,6 +38,8 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from .states import MIN_SAVING, format_seconds
 
 if TYPE_CHECKING:
     from .storage import ResultStore
@@ -48,6 +53,13 @@ __all__ = ["EXTENSIONS", "clear_entries", "main", "run_notebook"]
 EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
+}
+
+#: What ``notebook-flow --help`` says of each command in :data:`EXTENSIONS` (its module is
+#: not imported to list it).
+EXTENSION_HELP: dict[str, str] = {
+    "dashboard": "serve the dashboard on 127.0.0.1 (prints its URL, with a secret token)",
+    "locks": "the locks held now; --break KEY removes a stuck holder's lock",
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -95,17 +107,108 @@ def _parse_parameter(text: str) -> tuple[str, Any]:
     return name, value
 
 
-def _cell_status(cell: Any) -> str:
+def _cell_status(cell: Any, tally: dict[str, Any]) -> str:
+    """cached / computed for a ``%%task`` cell; reused / ran for another cell."""
     for out in cell.get("outputs", []):
         badge = out.get("metadata", {}).get("notebook_flow", {})
         if isinstance(badge, dict) and badge.get("badge") == "cached":
             return "cached"
-    return "computed" if cell.source.lstrip().startswith("%%task") else "ran"
+    if cell.source.lstrip().startswith("%%task"):
+        return "computed"
+    runs, hits = tally.get("task_runs", 0), tally.get("task_hits", 0)
+    return "reused" if runs and hits == runs else "ran"
 
 
 def _first_line(source: str, width: int = 48) -> str:
-    line = next((ln.strip() for ln in source.splitlines() if ln.strip()), "")
+    """The cell's first line of code: not a cell magic (``%%task --name x``), a comment or
+    a blank line (the magic line itself when there is nothing else)."""
+    lines = [ln.strip() for ln in source.splitlines() if ln.strip()]
+    code = [ln for ln in lines if not ln.startswith(("%%", "#"))]
+    line = (code or lines or [""])[0]
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def run_tally(since: float) -> str:
+    """In the notebook's kernel: what this process ran since ``since`` (epoch seconds), as
+    JSON: task runs, task results reused (hits) and seconds they saved, and the seconds the
+    ``%%task`` cells restored from the store saved. ``notebook-flow run`` asks after each
+    cell (a silent user expression), so a plain cell that maps a task shows its hits too.
+
+    >>> run_tally(time.time() - 60)  # doctest: +SKIP
+    '{"task_runs": 14, "task_hits": 14, "task_saved": 20.1, "cell_saved": 0.0}'
+    """
+    import json
+
+    from .metadata import registry
+
+    tally: dict[str, Any] = {"task_runs": 0, "task_hits": 0, "task_saved": 0.0}
+    tally["cell_saved"] = 0.0
+    if not registry._registry:  # nothing recorded in this process: no task or cell ran
+        return json.dumps(tally)
+    from .api import history
+
+    runs = history(since=since)
+    runs = runs[runs["pid"] == os.getpid()]
+    is_cell = runs["tags"].map(_is_cell_run).astype(bool)
+    hits = runs["state"] == "CACHED"
+    saved = runs["saved"].fillna(0.0)
+    tally["task_runs"] = int((~is_cell).sum())
+    tally["task_hits"] = int((hits & ~is_cell).sum())
+    tally["task_saved"] = float(saved[hits & ~is_cell].sum())
+    tally["cell_saved"] = float(saved[hits & is_cell].sum())
+    return json.dumps(tally)
+
+
+def _is_cell_run(tags: Any) -> bool:
+    """Whether a run's ``tags`` (a list, or NULL → NA) mark a ``%%task`` cell's run."""
+    if isinstance(tags, str):
+        return tags == "cell"
+    try:
+        return "cell" in list(tags)
+    except TypeError:  # NA: a run without tags
+        return False
+
+
+def _ask_tally(client: Any, since: float) -> dict[str, Any]:
+    """:func:`run_tally` in the kernel of ``client`` ({} when the kernel cannot say)."""
+    import json
+
+    kc = client.kc
+    expression = f"__import__('notebook_flow.cli', fromlist=['_']).run_tally({since!r})"
+    try:
+        msg_id = kc.execute(
+            "", silent=True, store_history=False, user_expressions={"t": expression}
+        )
+        reply = client.wait_for_reply(msg_id)
+        answer = reply["content"]["user_expressions"]["t"]
+        if answer.get("status") != "ok":
+            return {}
+        tally: dict[str, Any] = json.loads(ast.literal_eval(answer["data"]["text/plain"]))
+    except Exception:  # a kernel without notebook_flow, or one that died: no tally
+        return {}
+    return tally
+
+
+def _tally_note(tally: dict[str, Any]) -> str | None:
+    runs, hits = tally.get("task_runs", 0), tally.get("task_hits", 0)
+    if not hits:
+        return None
+    note = f"{hits} of {runs} task results from the store"
+    if tally.get("task_saved", 0.0) >= MIN_SAVING:
+        note += f", saved {format_seconds(tally['task_saved'])}"
+    return note
+
+
+def _summary(counts: dict[str, int], reused_cells: int, task_hits: int, saved: float) -> str:
+    """``3 ran, 4 cached · from the store: 4 cells and 14 task results, 20.1 s saved``."""
+    text = ", ".join(f"{v} {k}" for k, v in counts.items())
+    if reused_cells or task_hits:
+        parts = [f"{n} {what}{'' if n == 1 else 's'}" for n, what in (
+            (reused_cells, "cell"), (task_hits, "task result")) if n]  # fmt: skip
+        text += f" · from the store: {' and '.join(parts)}"
+        if saved >= MIN_SAVING:
+            text += f", {format_seconds(saved)} saved"
+    return text
 
 
 def run_notebook(
@@ -154,6 +257,7 @@ def run_notebook(
     code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
     echo(f"notebook-flow run {path}  (kernel {kernel_name}, store {store_url})")
     counts: dict[str, int] = {}
+    reused_cells, task_hits, saved = 0, 0, 0.0
     rc = 0
     t_start = time.perf_counter()
     # The kernel's own log (start-up chatter, a crash's last words) goes to a file, shown
@@ -169,12 +273,15 @@ def run_notebook(
                     nb.metadata["language_info"] = info["content"]["language_info"]
                 for n, index in enumerate(code_cells, 1):
                     cell = nb.cells[index]
-                    t0 = time.perf_counter()
+                    t0, since = time.perf_counter(), time.time()
                     error: list[str] = []
+                    tally: dict[str, Any] = {}
                     try:
                         count = client.code_cells_executed + 1
                         client.execute_cell(cell, index, execution_count=count)
-                        status = _cell_status(cell)
+                        elapsed = time.perf_counter() - t0
+                        tally = _ask_tally(client, since)
+                        status = _cell_status(cell, tally)
                     except CellExecutionError as exc:
                         status, rc = "failed", 1
                         error = [_ANSI.sub("", str(exc)).strip().splitlines()[-1]]
@@ -185,12 +292,20 @@ def run_notebook(
                         status, rc = "kernel died", 1
                         error = ["the kernel process exited (crash, out of memory, or killed)"]
                         error += _tail(kernel_log)
+                    if status in ("failed", "timed out", "kernel died"):
+                        elapsed = time.perf_counter() - t0
                     counts[status] = counts.get(status, 0) + 1
+                    reused_cells += status in ("cached", "reused")
+                    task_hits += tally.get("task_hits", 0)
+                    saved += tally.get("task_saved", 0.0) + tally.get("cell_saved", 0.0)
                     echo(
                         f"  [{n:>{len(str(len(code_cells)))}}/{len(code_cells)}] cell "
-                        f"{index + 1:<3} {status:<11} {time.perf_counter() - t0:7.2f} s  "
+                        f"{index + 1:<3} {status:<11} {elapsed:7.2f} s  "
                         f"{_first_line(cell.source)}"
                     )
+                    note = _tally_note(tally)
+                    if note:
+                        echo(f"{'':>{len(str(len(code_cells))) * 2 + 6}}↳ {note}")
                     if rc:
                         for line in error:
                             echo(f"    {line}")
@@ -201,7 +316,7 @@ def run_notebook(
             echo("  interrupted: what finished is stored; run the same command again to resume")
         finally:
             nbformat.write(nb, output)  # type: ignore[no-untyped-call]
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items())
+    summary = _summary(counts, reused_cells, task_hits, saved)
     verdict = "done" if rc == 0 else "stopped"
     echo(
         f"{verdict}: {sum(counts.values())}/{len(code_cells)} cells in "
@@ -285,9 +400,87 @@ def _cmd_history(args: argparse.Namespace) -> int:
     if df.empty:
         print("no runs recorded in", store.url)
         return 0
-    columns = [c for c in ("created", "task", "state", "duration", "saved", "error") if c in df]
-    print(df[columns].to_string(index=False, max_colwidth=60))
+    print(format_history(df).to_string(index=False))
     return 0
+
+
+def format_history(df: Any) -> Any:
+    """The run history as people read it: local times, durations in ms / s / min, and how
+    many attempts a run took (``2`` for a run that failed once and was retried).
+
+    Shared by ``notebook-flow history`` and ``%flow history``.
+    """
+    out = df[[c for c in ("created", "task", "state") if c in df]].copy()
+    if "created" in out:
+        created = out["created"].dt.tz_convert(None) if out["created"].dt.tz else out["created"]
+        out["created"] = created.dt.strftime("%Y-%m-%d %H:%M:%S")
+    if "attempt" in df:
+        out["attempts"] = df["attempt"].map(lambda n: "" if _missing(n) else str(int(n)))
+    if "duration" in df:
+        out["duration"] = df["duration"].map(lambda v: "" if _missing(v) else format_seconds(v))
+    if "saved" in df:
+        out["saved"] = df["saved"].map(
+            lambda v: "" if _missing(v) or v < MIN_SAVING else format_seconds(v)
+        )
+    if "error" in df:
+        out["error"] = df["error"].map(lambda e: "" if not isinstance(e, str) else _clip(e, 60))
+    return out
+
+
+def _missing(value: Any) -> bool:
+    """None or NaN (a column of numbers from DuckDB has NaN where SQL had NULL)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def format_stats(stats: dict[str, Any], store_url: str) -> str:
+    """``stats()`` as people read it: counts, a percentage, a duration and a size.
+
+    >>> print(format_stats({"runs": 10, "hits": 7, "misses": 3, "failures": 0,
+    ...     "crashed": 0, "in_flight": 0, "hit_rate": 0.7, "time_saved": 83.2,
+    ...     "bytes_stored": 3_400_000, "entries": 12, "tasks": 4}, ".notebook_flow"))
+    store       .notebook_flow
+    runs        10 (7 hits, 3 misses, 0 failed, 0 crashed)
+    hit rate    70.0%
+    time saved  83.2 s
+    stored      12 results of 4 tasks and cells, 3.4 MB
+    """
+    rate = stats.get("hit_rate")
+    runs = (
+        f"{stats['runs']} ({stats['hits']} hits, {stats['misses']} misses, "
+        f"{stats['failures']} failed, {stats['crashed']} crashed"
+    )
+    if stats.get("in_flight"):
+        runs += f", {stats['in_flight']} running"
+    rows = [
+        ("store", store_url),
+        ("runs", runs + ")"),
+        ("hit rate", "n/a (no cached task ran yet)" if rate is None else f"{rate:.1%}"),
+        ("time saved", format_seconds(stats["time_saved"])),
+        (
+            "stored",
+            f"{stats['entries']} results of {stats['tasks']} tasks and cells, "
+            f"{format_size(stats['bytes_stored'])}",
+        ),
+    ]
+    return "\n".join(f"{name:<11} {value}" for name, value in rows)
+
+
+def format_size(n: float) -> str:
+    """Bytes in B / kB / MB / GB (powers of 1000, as ``ls -h --si`` and pip print them).
+
+    >>> format_size(512), format_size(3_400_000)
+    ('512 B', '3.4 MB')
+    """
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
@@ -295,8 +488,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     store = _store(args)
     wait_startup(store)
-    for key, value in get_metadata(store).stats().items():
-        print(f"{key:>13}: {value}")
+    print(format_stats(get_metadata(store).stats(), store.url))
     return 0
 
 
@@ -368,11 +560,25 @@ def _unavailable(name: str, module_name: str) -> int:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only the extension module of ``command`` is imported."""
     parser = argparse.ArgumentParser(
-        prog="notebook-flow", description="Cached, durable notebooks: run, resume, inspect."
+        prog="notebook-flow",
+        description="Cached, durable notebooks: run, resume, inspect.",
+        epilog=(
+            "Every command takes --store URL (default: $NOTEBOOK_FLOW_STORE or "
+            "./.notebook_flow). `notebook-flow COMMAND --help` lists a command's options."
+        ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="execute a notebook headless; re-running resumes from the store")
+    p = sub.add_parser(
+        "run",
+        help="execute a notebook in a fresh kernel; running it again resumes from the store",
+        description=(
+            "Execute NOTEBOOK headless with notebook_flow loaded, one line per cell "
+            "(cached / computed / reused / ran / failed, time, task results reused), and "
+            "write the executed notebook. Run it again after a failure, a crash or Ctrl-C: "
+            "finished %%%%task cells and task results load from the store."
+        ),
+    )
     p.add_argument("notebook", help="the .ipynb file")
     p.add_argument(
         "-p",
@@ -391,17 +597,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _add_store_option(p)
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("history", help="recent runs, newest first")
+    p = sub.add_parser(
+        "history", help="recent runs, newest first: state, attempts, duration, time saved"
+    )
     p.add_argument("task", nargs="?", help="only this task or named cell")
     p.add_argument("-n", "--limit", type=int, default=30)
     _add_store_option(p)
     p.set_defaults(func=_cmd_history)
 
-    p = sub.add_parser("stats", help="hits, misses, time saved, bytes stored")
+    p = sub.add_parser("stats", help="runs, hits, misses, hit rate, time saved, bytes stored")
     _add_store_option(p)
     p.set_defaults(func=_cmd_stats)
 
-    p = sub.add_parser("clear", help="remove stored results")
+    p = sub.add_parser("clear", help="remove stored results: one task's, the expired, or all")
     p.add_argument("task", nargs="?", help="a task or %%%%task --name")
     p.add_argument("--expired", action="store_true", help="only the expired results")
     p.add_argument("--all", action="store_true", help="every result in the store")
@@ -423,8 +631,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name in EXTENSIONS:
         if name == command:
             _load_extension(name, sub)
-        else:
-            placeholder = sub.add_parser(name, help=f"see `notebook-flow {name} --help`")
+        else:  # listed in --help without importing its module
+            module = EXTENSIONS[name].partition(":")[0]
+            placeholder = sub.add_parser(name, help=EXTENSION_HELP.get(name, f"(from {module})"))
             placeholder.set_defaults(func=None)
     return parser
 

@@ -200,7 +200,8 @@ class FlowMagics(Magics):
             else:
                 raise UsageError("usage: %flow history [TASK] [-n N]")
         runs = history(task=task, limit=limit)
-        columns = ["created", "task", "state", "duration", "saved", "error", "explain", "cell"]
+        columns = ["created", "task", "state", "attempt", "duration", "saved", "error"]
+        columns += ["explain", "cell"]  # attempt: 3 for a run that failed twice, then ran
         return runs[[c for c in columns if c in runs.columns]]
 
     def _flow_stats(self, rest: list[str]) -> None:

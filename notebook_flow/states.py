@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["FINAL_STATES", "RunState", "format_seconds"]
+__all__ = ["FINAL_STATES", "MIN_SAVING", "RunState", "format_seconds"]
 
 
 class RunState(str, enum.Enum):
@@ -34,6 +34,11 @@ class RunState(str, enum.Enum):
 FINAL_STATES = frozenset(
     {RunState.COMPLETED, RunState.CACHED, RunState.FAILED, RunState.CRASHED, RunState.CANCELLED}
 )
+
+
+#: Seconds saved below which a hit's saving is not mentioned (badges, run summaries): a
+#: trivial cell "saved 0 ms" is noise, not news.
+MIN_SAVING = 0.05
 
 
 def format_seconds(value: float) -> str:

@@ -41,6 +41,18 @@ def statuses(stdout: str) -> dict[str, str]:
     return out
 
 
+def notes(stdout: str) -> dict[str, str]:
+    """``{first line of the cell: its ↳ note}`` (task results reused by a cell)."""
+    out, last = {}, None
+    for line in stdout.splitlines():
+        match = re.match(r"^  \[[ \d]+/\d+\] cell \d+\s+(.+?)\s+\d+\.\d+ s  (.*)$", line)
+        if match:
+            last = match.group(2).strip()
+        elif line.strip().startswith("↳") and last is not None:
+            out[last] = line.strip()[1:].strip()
+    return out
+
+
 def write_notebook(path: Path, *sources: str, tags: dict[int, list[str]] | None = None) -> Path:
     import nbformat
 
@@ -66,13 +78,21 @@ def test_quickstart_runs_and_resumes(tmp_path: Path, python_env: dict[str, str])
     args = ["run", str(NOTEBOOKS / "quickstart.ipynb"), *small, "--output", str(out)]
     first = notebook_flow(python_env, *args)
     assert first.returncode == 0, first.stdout + first.stderr
-    computed = [k for k, v in statuses(first.stdout).items() if k.startswith("%%task")]
-    assert len(computed) == 4 and all(statuses(first.stdout)[k] == "computed" for k in computed)
+    computed = [k for k, v in statuses(first.stdout).items() if v == "computed"]
+    assert len(computed) == 4  # the %%task cells, listed by their first line of code
+    assert not any(k.startswith("%%") for k in statuses(first.stdout))
+    fetch = 'days = pd.date_range("2026-11-01", periods=DAYS…'
+    assert statuses(first.stdout)[fetch] == "ran"
 
     second = notebook_flow(python_env, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     assert all(statuses(second.stdout)[k] == "cached" for k in computed)
-    assert re.search(r"done: (\d+)/\1 cells", second.stdout)
+    # The .map cell ran no task: every result came from the store, and the run says so.
+    assert statuses(second.stdout)[fetch] == "reused"
+    assert notes(second.stdout)[fetch].startswith("3 of 3 task results from the store")
+    assert re.search(
+        r"done: (\d+)/\1 cells .* from the store: 5 cells and 3 task results", second.stdout
+    )
 
     nb = nbformat.read(out, as_version=4)
     mimes = {
@@ -94,9 +114,9 @@ def test_resume_notebook_dies_then_resumes(tmp_path: Path, python_env: dict[str,
     second = notebook_flow(python_env, *args)
     assert second.returncode == 0, second.stdout + second.stderr
     got = statuses(second.stdout)
-    assert got["%%task --name stage-1"] == "cached"
-    assert got["%%task --name stage-2"] == "cached"
-    assert got["%%task --name stage-3"] == "computed"
+    assert got["walk1 = simulate(1, STAGE_SECONDS)"] == "cached"
+    assert got["walk2 = walk1 + simulate(2, STAGE_SECONDS)"] == "cached"
+    assert got["walk3 = walk2 + simulate(3, STAGE_SECONDS)"] == "computed"
 
 
 @pytest.mark.kernel
@@ -183,7 +203,10 @@ def test_history_stats_clear_gc(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["history", "double", "-n", "1"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2  # header + 1 run
     assert cli.main(["stats"]) == 0
-    assert "hits: 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"^runs +4 \(1 hits, 3 misses, 0 failed, 0 crashed\)$", out, re.M), out
+    assert re.search(r"^hit rate +25\.0%$", out, re.M), out
+    assert re.search(r"^stored +3 results of 2 tasks and cells, \d+ B$", out, re.M), out
 
     time.sleep(0.05)
     assert cli.main(["gc"]) == 0
@@ -217,3 +240,65 @@ def test_extension_commands_are_loaded_only_when_used(
     assert "not available" in capsys.readouterr().err
     assert cli.main([]) == 2  # no command: help
     assert "fake" in capsys.readouterr().out
+
+
+def test_history_shows_the_attempts_of_a_retried_run(capsys: pytest.CaptureFixture[str]) -> None:
+    from notebook_flow import task
+    from notebook_flow.config import get_metadata, get_store
+
+    calls: list[int] = []
+
+    @task(name="flaky", retries=2, retry_delay_seconds=0)
+    def flaky(x: int) -> int:
+        calls.append(x)
+        if len(calls) < 3:
+            raise ConnectionError("the service hiccuped")
+        return x
+
+    assert flaky(1) == 1
+    get_metadata(get_store()).flush()
+    assert cli.main(["history", "flaky"]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["created", "task", "state", "attempts", "duration", "saved", "error"]
+    assert row.split()[2:5] == ["flaky", "COMPLETED", "3"]
+
+
+def test_formats_for_people() -> None:
+    assert cli.format_size(512) == "512 B"
+    assert cli.format_size(3_400_000) == "3.4 MB"
+    text = cli.format_stats(
+        {"runs": 154, "hits": 108, "misses": 46, "failures": 0, "crashed": 0, "in_flight": 2,
+         "hit_rate": 0.7012987012987013, "time_saved": 83.25, "bytes_stored": 2_500_000_000,
+         "entries": 19, "tasks": 7},
+        "/data/.notebook_flow",
+    )  # fmt: skip
+    assert "70.1%" in text and "83.2 s" in text and "2.5 GB" in text and "2 running" in text
+    assert "0.7012" not in text
+    empty = cli.format_stats(
+        {"runs": 0, "hits": 0, "misses": 0, "failures": 0, "crashed": 0, "in_flight": 0,
+         "hit_rate": None, "time_saved": 0.0, "bytes_stored": 0, "entries": 0, "tasks": 0},
+        "memory://x",
+    )  # fmt: skip
+    assert "hit rate    n/a" in empty
+    assert cli._first_line("%%task --name clean\n# drop glitches\nvalid = raw.ok\n") == (
+        "valid = raw.ok"
+    )
+    assert cli._first_line("%%task\n") == "%%task"
+    assert cli._summary({"ran": 3, "cached": 4}, 5, 14, 20.15) == (
+        "3 ran, 4 cached · from the store: 5 cells and 14 task results, 20.1 s saved"
+    )
+    assert cli._summary({"ran": 1}, 1, 0, 0.001) == "1 ran · from the store: 1 cell"
+
+
+def test_help_describes_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "see `" not in out
+    commands = ["run", "history", "stats", "clear", "gc", *cli.EXTENSIONS]
+    for name in commands:
+        match = re.search(rf"^    {name}\s+(\S.*)$", out, re.M) or re.search(
+            rf"^    {name}\n\s+(\S.*)$", out, re.M
+        )
+        assert match and len(match.group(1)) > 15, (name, out)
+    assert set(cli.EXTENSIONS) <= set(cli.EXTENSION_HELP)

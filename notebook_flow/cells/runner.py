@@ -25,7 +25,7 @@ from notebook_flow.errors import (
     StorageError,
     UnhashableError,
 )
-from notebook_flow.states import RunState
+from notebook_flow.states import MIN_SAVING, RunState
 from notebook_flow.states import format_seconds as _seconds
 
 from .analysis import CellAnalysis, _bound_by_import, analyze_cell
@@ -244,7 +244,9 @@ class CellRunner:
                     pass
 
     def _badge(self, manifest: Manifest, saved: float) -> None:
-        text = f"✓ cached · computed {_when(manifest.created_at)} · saved {_seconds(saved)}"
+        text = f"✓ cached · computed {_when(manifest.created_at)}"
+        if saved >= MIN_SAVING:  # no "saved 0 ms" for a trivial cell
+            text += f" · saved {_seconds(saved)}"
         html = f'<small style="color:#6b7280">{text}</small>'
         self.shell.display_pub.publish(
             data={"text/plain": text, "text/html": html},
