@@ -1,0 +1,150 @@
+"""A plain install gives everything the README shows.
+
+The wheel and sdist are built with the project's backend (hatchling, through its PEP 517
+hooks); the wheel is installed *without extras* into a fresh venv, which then imports the
+package, prints ``notebook-flow --help`` and runs the quickstart notebook twice with
+``notebook-flow run`` (the second run resumes from the store). Nothing of the source tree
+is importable there: no PYTHONPATH, and the commands run outside the repository.
+
+The venv installs from a wheelhouse kept between runs (``NOTEBOOK_FLOW_TEST_WHEELHOUSE``,
+default ``~/.cache/notebook_flow/test-wheelhouse``), filled through pip (and its cache)
+only when a dependency is missing from it, so the test neither downloads every time nor
+goes stale when the dependencies change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.kernel]
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "notebooks" / "requirements.txt"  # what the notebooks import
+WHEELHOUSE = Path(
+    os.environ.get("NOTEBOOK_FLOW_TEST_WHEELHOUSE")
+    or Path.home() / ".cache" / "notebook_flow" / "test-wheelhouse"
+)
+#: The extras of the package: optional backends only (and the test suite's tools).
+EXTRAS = {"redis", "postgres", "s3", "dask", "lab", "test"}
+
+
+def _run(*cmd: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("timeout", 900)
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel and the sdist, built by the project's build backend."""
+    out = tmp_path_factory.mktemp("dist")
+    code = (
+        "import sys, hatchling.build as backend\n"
+        "print(backend.build_wheel(sys.argv[1]))\n"
+        "print(backend.build_sdist(sys.argv[1]))\n"
+    )
+    built = _run(sys.executable, "-c", code, out, cwd=ROOT)
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed, no extras (plus the notebooks' matplotlib)."""
+    [wheel] = dist.glob("*.whl")
+    root = tmp_path_factory.mktemp("venv") / "venv"
+    made = _run(sys.executable, "-m", "venv", "--without-pip", root)
+    assert made.returncode == 0, made.stderr
+    python = root / "bin" / "python"
+    pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
+    install = [*pip, "install", "--no-compile", "-q", wheel, "-r", REQUIREMENTS]
+    offline = ["--no-index", "--find-links", WHEELHOUSE]
+    done = _run(*install, *offline)
+    if done.returncode != 0:  # a dependency is not in the wheelhouse yet: fetch it once
+        WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+        fetched = _run(
+            *pip, "download", "-q", "--only-binary=:all:", "--dest", WHEELHOUSE, wheel,
+            "-r", REQUIREMENTS,
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        for stale in WHEELHOUSE.glob("notebook_flow-*"):
+            stale.unlink()  # our own wheel is always the one just built
+        done = _run(*install, *offline)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def _env(venv: Path, tmp_path: Path) -> dict[str, str]:
+    """The environment of a user of the venv: nothing of the source tree on the path."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env["NOTEBOOK_FLOW_STORE"] = str(tmp_path / "store")
+    env["JUPYTER_DATA_DIR"] = str(tmp_path / "jupyter")  # no kernel of the user's
+    return env
+
+
+def test_wheel_and_sdist_declare_what_a_plain_install_needs(dist: Path) -> None:
+    [wheel] = dist.glob("notebook_flow-*.whl")
+    [sdist] = dist.glob("notebook_flow-*.tar.gz")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        meta = zf.read(metadata).decode()
+        entry_points = zf.read(metadata.replace("METADATA", "entry_points.txt")).decode()
+    assert "notebook_flow/py.typed" in names and "notebook_flow/cli.py" in names
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+    assert "notebook-flow = notebook_flow.cli:main" in entry_points
+    assert "Requires-Python: >=3.10" in meta
+    for version in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"Programming Language :: Python :: {version}" in meta
+    assert set(re.findall(r"^Provides-Extra: (\S+)$", meta, re.M)) == EXTRAS
+    plain = {
+        re.split(r"[<>=!~\[; ]", line.split(": ", 1)[1])[0].lower().replace("_", "-")
+        for line in meta.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    }
+    # `notebook-flow run` works after a plain install: the notebook runner is not an extra.
+    assert {"nbclient", "nbformat", "jupyter-client", "ipykernel"} <= plain
+    # ... and the optional backends are not dependencies.
+    assert not plain & {"redis", "psycopg", "s3fs", "dask", "distributed", "jupyterlab"}
+    with tarfile.open(sdist) as tf:
+        members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
+    assert {"pyproject.toml", "README.md", "notebook_flow/__init__.py"} <= members
+
+
+def test_plain_install_runs_the_quickstart_twice(venv: Path, tmp_path: Path) -> None:
+    env = _env(venv, tmp_path)
+    imported = _run(
+        venv / "bin" / "python", "-c", "import notebook_flow; print(notebook_flow.__file__)",
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip().startswith(str(venv)), imported.stdout  # not the source tree
+
+    helped = _run(venv / "bin" / "notebook-flow", "--help", cwd=tmp_path, env=env)
+    assert helped.returncode == 0, helped.stderr
+    for command in ("run", "history", "stats", "clear", "gc", "dashboard", "locks"):
+        assert re.search(rf"^    {command}\b", helped.stdout, re.M), helped.stdout
+
+    notebook = tmp_path / "quickstart.ipynb"
+    shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", notebook)
+    small = ["-p", "DAYS=3", "-p", "LATENCY=0.05", "-p", "N_BOOT=100"]
+    run = [venv / "bin" / "notebook-flow", "run", notebook, *small]
+    first = _run(*run, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert re.search(r"^done: (\d+)/\1 cells .*4 computed", first.stdout, re.M), first.stdout
+
+    second = _run(*run, cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert re.search(r"^done: (\d+)/\1 cells .*4 cached", second.stdout, re.M), second.stdout
+    assert "from the store: 5 cells and 3 task results" in second.stdout, second.stdout
+    assert (tmp_path / "quickstart.out.ipynb").exists()
