@@ -195,19 +195,21 @@ def _tally_note(tally: dict[str, Any]) -> str | None:
         return None
     note = f"{hits} of {runs} task results from the store"
     if tally.get("task_saved", 0.0) >= MIN_SAVING:
-        note += f", saved {format_seconds(tally['task_saved'])}"
+        # the runs' own durations added up: tasks that ran side by side count each
+        note += f", {format_seconds(tally['task_saved'])} of computing saved"
     return note
 
 
 def _summary(counts: dict[str, int], reused_cells: int, task_hits: int, saved: float) -> str:
-    """``3 ran, 4 cached · from the store: 4 cells and 14 task results, 20.1 s saved``."""
+    """``3 ran, 4 cached · from the store: 4 cells and 14 task results, 75.0 s of computing
+    saved`` (the durations of the runs not repeated, added up)."""
     text = ", ".join(f"{v} {k}" for k, v in counts.items())
     if reused_cells or task_hits:
         parts = [f"{n} {what}{'' if n == 1 else 's'}" for n, what in (
             (reused_cells, "cell"), (task_hits, "task result")) if n]  # fmt: skip
         text += f" · from the store: {' and '.join(parts)}"
         if saved >= MIN_SAVING:
-            text += f", {format_seconds(saved)} saved"
+            text += f", {format_seconds(saved)} of computing saved"
     return text
 
 

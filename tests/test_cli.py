@@ -285,7 +285,7 @@ def test_formats_for_people() -> None:
     )
     assert cli._first_line("%%task\n") == "%%task"
     assert cli._summary({"ran": 3, "cached": 4}, 5, 14, 20.15) == (
-        "3 ran, 4 cached · from the store: 5 cells and 14 task results, 20.1 s saved"
+        "3 ran, 4 cached · from the store: 5 cells and 14 task results, 20.1 s of computing saved"
     )
     assert cli._summary({"ran": 1}, 1, 0, 0.001) == "1 ran · from the store: 1 cell"
 
