@@ -302,3 +302,22 @@ def test_help_describes_every_command(capsys: pytest.CaptureFixture[str]) -> Non
         )
         assert match and len(match.group(1)) > 15, (name, out)
     assert set(cli.EXTENSIONS) <= set(cli.EXTENSION_HELP)
+
+
+def test_flow_history_in_a_notebook_shows_attempts(shell: Any) -> None:
+    from notebook_flow.config import get_metadata, get_store
+
+    shell.run_cell(
+        "from notebook_flow import task\n"
+        "tries = []\n"
+        "@task(name='shaky', retries=2, retry_delay_seconds=0)\n"
+        "def shaky(x):\n"
+        "    tries.append(x)\n"
+        "    if len(tries) < 2:\n"
+        "        raise ConnectionError('once')\n"
+        "    return x\n"
+        "shaky(1)\n"
+    )
+    get_metadata(get_store()).flush()
+    runs = shell.run_line_magic("flow", "history shaky")
+    assert list(runs["state"]) == ["COMPLETED"] and list(runs["attempt"]) == [2]
