@@ -4,6 +4,7 @@ and its public methods. Calling a task hands over to the call path in :mod:`.cal
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -13,6 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from notebook_flow import _hooks
 from notebook_flow.cache_policies import DEFAULT, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
 
@@ -137,6 +139,7 @@ class Task(Generic[P, R]):
             self._simple_defaults = {
                 p.name: p.default for p in params if p.default is not inspect.Parameter.empty
             }
+        self._takes_wait_for = "wait_for" in self._signature.parameters
         self._last_components: dict[str, str] | None = None
         self._memory: dict[str, Any] = {}  # results of persist_result=False tasks
         self._store_cache: tuple[int, ResultStore] | None = None
@@ -229,7 +232,22 @@ class Task(Generic[P, R]):
     @overload
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task inline with caching (for an async task: a coroutine to await)."""
+        """Run the task inline with caching (for an async task: a coroutine to await).
+
+        As in Prefect, futures among the arguments (also inside lists, tuples, sets and
+        dicts) are waited for and replaced by their results, ``allow_failure(fut)`` passes
+        a failed upstream's exception, and ``wait_for=[...]`` (unless the function has a
+        parameter of that name) waits for runs without passing their data.
+        """
+        wait_for = None
+        if kwargs and "wait_for" in kwargs and not self._takes_wait_for:
+            kwargs = dict(kwargs)
+            wait_for = kwargs.pop("wait_for")
+        resolver = _hooks.resolver  # None until the futures layer is imported: none exist
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            if self.is_async:
+                return _resolved_then_async(self, resolver, args, kwargs, wait_for)
+            args, kwargs = resolver.resolve(args, kwargs, wait_for)
         call = _Call(self, args, kwargs)
         if self.is_async:
             return _run_async(call)
@@ -241,15 +259,15 @@ class Task(Generic[P, R]):
         Futures among the arguments (also inside lists and dicts) are resolved first;
         ``wait_for=[...]`` orders without passing data.
         """
-        from notebook_flow.runners import submit_task
-
-        return submit_task(self, args, kwargs, wait_for=wait_for)
+        return _hook(_hooks.submit_run)(self, args, kwargs, wait_for)
 
     def map(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
-        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant."""
-        from notebook_flow.runners import map_task
+        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant.
 
-        return map_task(self, args, kwargs, wait_for=wait_for)
+        A future as an argument is waited for and its result mapped over (a list of
+        futures in ``allow_failure(...)``: each run gets one of them, failures allowed).
+        """
+        return _hook(_hooks.map_runs)(self, args, kwargs, wait_for)
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str | None:
         """The cache key this call would use (None: the task runs uncached).
@@ -331,6 +349,24 @@ class Task(Generic[P, R]):
         if isinstance(comps, str):
             comps = json.loads(comps)
         return dict(comps) if comps else None
+
+
+def _hook(fn: Callable[..., Any] | None) -> Callable[..., Any]:
+    if fn is None:  # the package root sets every hook: this would be a bug of ours
+        raise RuntimeError("notebook_flow's runners are not wired (see notebook_flow/_hooks.py)")
+    return fn
+
+
+async def _resolved_then_async(
+    t: Task[Any, Any],
+    resolver: _hooks.Resolver,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wait_for: Any,
+) -> Any:
+    # Waiting for futures blocks: in a thread, so the event loop keeps running meanwhile.
+    args, kwargs = await asyncio.to_thread(resolver.resolve, args, kwargs, wait_for)
+    return await _run_async(_Call(t, args, kwargs))
 
 
 def _resolve(module: str, qualname: str) -> Any:
