@@ -25,6 +25,7 @@ from .hot import _hot
 if TYPE_CHECKING:
     from notebook_flow.locks.base import LockManager
     from notebook_flow.serializers import Serializer
+    from notebook_flow.states import State
     from notebook_flow.storage import ResultStore
 
     from .context import RunContext
@@ -59,9 +60,9 @@ class Task(Generic[P, R]):
         refresh_cache: bool = False,
         persist_result: bool = True,
         retries: int = 0,
-        retry_delay_seconds: RetryDelay = 0,
+        retry_delay_seconds: RetryDelay | None = 0,
         retry_jitter_factor: float | None = None,
-        retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool]
+        retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool]
         | None = None,
         timeout_seconds: float | None = None,
         result_serializer: str | Serializer | None = None,
@@ -112,6 +113,11 @@ class Task(Generic[P, R]):
         if retry_jitter_factor is not None and retry_jitter_factor < 0:
             raise ConfigurationError("retry_jitter_factor must be >= 0")
         self.retry_jitter_factor = retry_jitter_factor
+        if retry_condition_fn is not None and not callable(retry_condition_fn):
+            raise ConfigurationError(
+                "retry_condition_fn must be a function (task, task_run, state) -> bool, "
+                f"got {type(retry_condition_fn).__name__}"
+            )
         self.retry_condition_fn = retry_condition_fn
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ConfigurationError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
@@ -424,9 +430,9 @@ def task(
     refresh_cache: bool = False,
     persist_result: bool = True,
     retries: int = 0,
-    retry_delay_seconds: RetryDelay = 0,
+    retry_delay_seconds: RetryDelay | None = 0,
     retry_jitter_factor: float | None = None,
-    retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool] | None = None,
+    retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
     timeout_seconds: float | None = None,
     result_serializer: str | Serializer | None = None,
     result_storage: str | ResultStore | None = None,
