@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-__all__ = ["Resolver", "map_runs", "resolver", "show", "submit_run"]
+__all__ = ["Resolver", "Submitter", "map_runs", "resolver", "show", "submit_run"]
 
 
 class Resolver(Protocol):
@@ -42,11 +42,14 @@ class Resolver(Protocol):
         ...
 
 
+#: ``(task, args, kwargs, wait_for) -> result``: how ``task.submit`` / ``task.map`` hand over.
+Submitter = Callable[[Any, tuple[Any, ...], dict[str, Any], Sequence[Any] | None], Any]
+
 #: ``task.submit(*args, wait_for=..., **kwargs)`` → ``submit_run(task, args, kwargs, wait_for)``.
-submit_run: Callable[[Any, tuple[Any, ...], dict[str, Any], Sequence[Any] | None], Any] | None = None
+submit_run: Submitter | None = None
 
 #: ``task.map(*args, wait_for=..., **kwargs)`` → ``map_runs(task, args, kwargs, wait_for)``.
-map_runs: Callable[[Any, tuple[Any, ...], dict[str, Any], Sequence[Any] | None], Any] | None = None
+map_runs: Submitter | None = None
 
 #: Show a ``TaskFuture`` or ``FutureList`` in the running IPython (``_ipython_display_``).
 show: Callable[[Any], None] | None = None

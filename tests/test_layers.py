@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "notebook_flow"
-LAYERS = ("notebook_flow.tasks", "notebook_flow.futures", "notebook_flow.runners", "notebook_flow.notebook")
+LAYERS = (
+    "notebook_flow.tasks",
+    "notebook_flow.futures",
+    "notebook_flow.runners",
+    "notebook_flow.notebook",
+)
 
 
 def _modules() -> dict[str, Path]:
@@ -126,7 +131,7 @@ def test_the_check_finds_a_cycle_when_one_is_added():
         ("from notebook_flow.runners import submit_task", "notebook_flow.runners"),
         ("def f():\n    from ..notebook import show", "notebook_flow.notebook"),
         (
-            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from notebook_flow import futures",
+            "import typing\nif typing.TYPE_CHECKING:\n    from notebook_flow import futures",
             "notebook_flow.futures",
         ),
     ],

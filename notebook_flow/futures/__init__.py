@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from notebook_flow import _hooks
 
-from .arguments import _DirectCallResolver, allow_failure, collect_futures, resolve_futures, unmapped
+from .arguments import (
+    _DirectCallResolver,
+    allow_failure,
+    collect_futures,
+    resolve_futures,
+    unmapped,
+)
 from .future import TaskFuture, describe
 from .many import DoneAndNotDone, FutureList, as_completed, wait
 

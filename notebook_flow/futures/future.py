@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from notebook_flow.errors import TaskCancelledError
 from notebook_flow import _hooks
+from notebook_flow.errors import TaskCancelledError
 from notebook_flow.states import FINAL_STATES, RunState, State
 from notebook_flow.states import format_seconds as _seconds
 

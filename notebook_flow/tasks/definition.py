@@ -62,8 +62,7 @@ class Task(Generic[P, R]):
         retries: int = 0,
         retry_delay_seconds: RetryDelay | None = 0,
         retry_jitter_factor: float | None = None,
-        retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool]
-        | None = None,
+        retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
         timeout_seconds: float | None = None,
         result_serializer: str | Serializer | None = None,
         result_storage: str | ResultStore | None = None,
