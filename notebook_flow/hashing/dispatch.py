@@ -17,7 +17,6 @@ import decimal
 import enum
 import fractions
 import pathlib
-import sys
 import threading
 import types
 import uuid
@@ -162,10 +161,10 @@ def _unhashable_reason(cls: type) -> str | None:
         return "it is a weak reference, which may die at any moment"
     if issubclass(cls, (types.FrameType, types.TracebackType)):
         return "it is an interpreter frame or traceback"
-    socket = sys.modules.get("socket")
+    socket = loaded("socket")
     if socket is not None and issubclass(cls, socket.socket):
         return "it is a network socket, whose state lives in the operating system"
-    sqlite3 = sys.modules.get("sqlite3")
+    sqlite3 = loaded("sqlite3")
     if sqlite3 is not None and issubclass(cls, (sqlite3.Connection, sqlite3.Cursor)):
         return _CONN
     if cls.__module__.partition(".")[0] in ("psycopg", "psycopg2", "duckdb", "pymysql"):
