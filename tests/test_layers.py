@@ -10,6 +10,8 @@ import cycle can run between these packages. The graph is read from the source w
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -146,3 +148,27 @@ def test_every_kind_of_import_is_an_edge(tmp_path, monkeypatch, source, expected
     (package / "tasks" / "call.py").write_text(source + "\n")
     monkeypatch.setitem(globals(), "PACKAGE", package)
     assert expected in import_graph()["notebook_flow.tasks.call"]
+
+
+def test_the_hooks_load_their_layers_only_when_used(python_env):
+    # The package root wires the hooks without importing the runners or the display:
+    # defining a task imports neither; submit() loads the runners; only a display, the
+    # notebook layer.
+    script = (
+        "import sys\n"
+        "from notebook_flow import task\n"
+        "@task\n"
+        "def f(x):\n"
+        "    return x\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('notebook_flow.runners', "
+        "'notebook_flow.futures', 'notebook_flow.notebook'))))\n"
+        "import notebook_flow\n"
+        "assert f.submit(2).result(timeout=60) == 2\n"
+        "print('notebook_flow.runners' in sys.modules, 'notebook_flow.notebook' in sys.modules)\n"
+        "notebook_flow.shutdown()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=python_env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "True False"]
