@@ -172,3 +172,26 @@ def test_the_hooks_load_their_layers_only_when_used(python_env):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["[]", "True False"]
+
+
+def test_a_future_reaches_the_display_only_through_the_hook(monkeypatch):
+    from notebook_flow import _hooks, task
+    from notebook_flow.cache_policies import NONE
+    from notebook_flow.futures import FutureList
+    from notebook_flow.runners import shutdown
+
+    @task(cache_policy=NONE)
+    def one() -> int:
+        return 1
+
+    fut = one.submit()
+    fut.result(timeout=60)
+    shown: list[object] = []
+    monkeypatch.setattr(_hooks, "show", shown.append)
+    fut._ipython_display_()
+    FutureList([fut])._ipython_display_()
+    assert shown[0] is fut and isinstance(shown[1], FutureList)
+    monkeypatch.setattr(_hooks, "show", None)  # no display layer: IPython shows the repr
+    with pytest.raises(NotImplementedError):
+        fut._ipython_display_()
+    shutdown(wait=True)
