@@ -500,6 +500,30 @@ class TestTaskWaitFor:
         c = plus_one.map(b)
         assert cleanup_task.submit(wait_for=[allow_failure(c)]).result() == "cleanup done"
 
+    def test_return_state_of_direct_calls(self):
+        # Prefect: bar(2, wait_for=[failed], return_state=True) is Pending("NotReady");
+        # here it is Failed with the UpstreamFailedError.
+        state = identity(2, wait_for=[fails.submit()], return_state=True)
+        assert state.is_failed()
+        assert isinstance(state.result(raise_on_failure=False), UpstreamFailedError)
+        state = identity(2, wait_for=[allow_failure(fails.submit())], return_state=True)
+        assert state.is_completed() and state.result() == 2
+        failed = fails(return_state=True)
+        assert failed.is_failed() and isinstance(failed.result(raise_on_failure=False), ValueError)
+
+        @task(cache_policy=INPUTS)
+        def cached(x):
+            return x
+
+        assert cached(1, return_state=True).name == "Completed"
+        assert cached(1, return_state=True).name == "Cached"
+
+        @task(cache_policy=NONE)
+        async def aplus(x):
+            return x + 1
+
+        assert asyncio.run(aplus(1, return_state=True)).result() == 2
+
     def test_a_parameter_named_wait_for_is_passed_to_the_function(self):
         # Prefect reserves the name (ReservedArgumentError at definition). Here a direct
         # call passes it to a function that declares it; submit() still takes it.

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from notebook_flow import _hooks
 from notebook_flow.cache_policies import DEFAULT, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
+from notebook_flow.states import RunState, State
 
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
@@ -25,7 +26,6 @@ from .hot import _hot
 if TYPE_CHECKING:
     from notebook_flow.locks.base import LockManager
     from notebook_flow.serializers import Serializer
-    from notebook_flow.states import State
     from notebook_flow.storage import ResultStore
 
     from .context import RunContext
@@ -144,7 +144,8 @@ class Task(Generic[P, R]):
             self._simple_defaults = {
                 p.name: p.default for p in params if p.default is not inspect.Parameter.empty
             }
-        self._takes_wait_for = "wait_for" in self._signature.parameters
+        # Prefect's call keywords, unless the function declares a parameter of that name.
+        self._reserved_taken = {"wait_for", "return_state"} & set(self._signature.parameters)
         self._last_components: dict[str, str] | None = None
         self._memory: dict[str, Any] = {}  # results of persist_result=False tasks
         self._store_cache: tuple[int, ResultStore] | None = None
@@ -241,13 +242,23 @@ class Task(Generic[P, R]):
 
         As in Prefect, futures among the arguments (also inside lists, tuples, sets and
         dicts) are waited for and replaced by their results, ``allow_failure(fut)`` passes
-        a failed upstream's exception, and ``wait_for=[...]`` (unless the function has a
-        parameter of that name) waits for runs without passing their data.
+        a failed upstream's exception, ``wait_for=[...]`` waits for runs without passing
+        their data, and ``return_state=True`` returns the run's ``State`` instead of its
+        value (a failure then does not raise). A function with its own parameter of one of
+        these names receives it instead.
         """
         wait_for = None
-        if kwargs and "wait_for" in kwargs and not self._takes_wait_for:
+        return_state = False
+        if kwargs and ("wait_for" in kwargs or "return_state" in kwargs):
             kwargs = dict(kwargs)
-            wait_for = kwargs.pop("wait_for")
+            if "wait_for" in kwargs and "wait_for" not in self._reserved_taken:
+                wait_for = kwargs.pop("wait_for")
+            if "return_state" in kwargs and "return_state" not in self._reserved_taken:
+                return_state = bool(kwargs.pop("return_state"))
+        if return_state:
+            if self.is_async:
+                return _state_of_async(self, args, kwargs, wait_for)
+            return _state_of(self, args, kwargs, wait_for)
         resolver = _hooks.resolver  # None until the futures layer is imported: none exist
         if resolver is not None and resolver.needs(args, kwargs, wait_for):
             if self.is_async:
@@ -372,6 +383,37 @@ async def _resolved_then_async(
     # Waiting for futures blocks: in a thread, so the event loop keeps running meanwhile.
     args, kwargs = await asyncio.to_thread(resolver.resolve, args, kwargs, wait_for)
     return await _run_async(_Call(t, args, kwargs))
+
+
+def _state_of(
+    t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any
+) -> Any:
+    """``task(..., return_state=True)``: the run's ``State`` (its exception inside, if any)."""
+    try:
+        resolver = _hooks.resolver
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            args, kwargs = resolver.resolve(args, kwargs, wait_for)
+        call = _Call(t, args, kwargs)
+        value = _run_sync(call)
+    except Exception as exc:
+        return State(RunState.FAILED, exception=exc)
+    cached = call.ctx is None and call.key is not None
+    return State(RunState.CACHED if cached else RunState.COMPLETED, value)
+
+
+async def _state_of_async(
+    t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any
+) -> Any:
+    try:
+        resolver = _hooks.resolver
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            args, kwargs = await asyncio.to_thread(resolver.resolve, args, kwargs, wait_for)
+        call = _Call(t, args, kwargs)
+        value = await _run_async(call)
+    except Exception as exc:
+        return State(RunState.FAILED, exception=exc)
+    cached = call.ctx is None and call.key is not None
+    return State(RunState.CACHED if cached else RunState.COMPLETED, value)
 
 
 def _resolve(module: str, qualname: str) -> Any:
