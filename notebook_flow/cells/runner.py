@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
+from notebook_flow._codehash import module_kind
 from notebook_flow.cache_policies import combine_components
 from notebook_flow.errors import (
     MetadataError,
@@ -28,10 +29,14 @@ from notebook_flow.errors import (
 from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
+from . import ambient, effects
+from .ambient import Snapshot
 from .analysis import CellAnalysis, _bound_by_import, analyze_cell
 from .auto import auto_plain_reason, worth_storing
 from .capture import _Capture, _patch_instance, replay
+from .effects import Watches
 from .key import CellOptions, cell_components, input_names
+from .result import Restored, pack_result
 
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
@@ -41,7 +46,7 @@ __all__ = ["CELL_FORMAT", "CellReport", "CellRunner", "unstorable"]
 logger = logging.getLogger("notebook_flow")
 
 #: Bumped when the stored layout of a cell result changes; older results then miss.
-CELL_FORMAT = 1
+CELL_FORMAT = 2
 
 # IPython's output history changes on every execution: keying on it would never hit.
 _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
@@ -90,6 +95,12 @@ class _Cell:
     store: ResultStore | None = None
     reasons: list[str] = dataclasses.field(default_factory=list)
     run_id: str = dataclasses.field(default_factory=_identity.new_run_id)
+    # Ambient state before the run; the key when the cell draws from a global generator
+    # (the generators' states added to the components); what functions it calls reach.
+    ambient: Snapshot | None = None
+    rng_components: dict[str, str] = dataclasses.field(default_factory=dict)
+    rng_keys: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+    watches: Watches | None = None
 
 
 class CellRunner:
@@ -157,7 +168,11 @@ class CellRunner:
                 f"{exc} Pass the names to key on with --inputs, or register a fingerprint "
                 "with notebook_flow.hashing.register_fingerprint",
             )
+        why = self._watch(cell, explicit)
+        if why is not None:
+            return self._uncached(cell, why)
         cell.key = combine_components(identity, cell.components)
+        cell.rng_keys = _rng_keys(identity, cell.components, cell.rng_components)
         from notebook_flow.config import get_store
 
         cell.store = get_store()
@@ -179,6 +194,32 @@ class CellRunner:
             for ref in self._refs(cell):
                 self._seen[ref] = cell.components
 
+    def _watch(self, cell: _Cell, explicit: bool) -> str | None:
+        """Add ambient state to the key and watch what called functions reach; returns why
+        the cell cannot be cached faithfully (None: it can)."""
+        ns = self.shell.user_ns
+        before = ambient.snapshot()
+        if before.failed:
+            name, error = next(iter(before.failed.items()))
+            return f"the ambient state `{name}` cannot be read or fingerprinted ({error})"
+        cell.ambient = before
+        cell.components.update(ambient.key_components(before, keyed="always"))
+        cell.rng_components = ambient.key_components(before, keyed="when-changed")
+        reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
+        data: list[tuple[str, str]] = []
+        for name in cell.inputs:
+            module = ns.get(name)
+            if isinstance(module, types.ModuleType) and module_kind(module.__name__) == "user":
+                for attr in sorted(cell.analysis.attributes.get(name, ())):
+                    if _reaches(getattr(module, attr, None)):
+                        reaching.append(f"{name}.{attr}")
+                    else:
+                        data.append((module.__name__, attr))
+        cell.watches = effects.watch(ns, reaching, data)
+        if cell.watches.opaque and not explicit:
+            return cell.watches.opaque[0]
+        return None
+
     def _syntax_error(self, exc: SyntaxError, code: str) -> SyntaxError:
         """Show a syntax error in the body like IPython shows one in a cell: no frames."""
         shell = self.shell
@@ -197,10 +238,16 @@ class CellRunner:
     # -- hit -------------------------------------------------------------------------------
 
     def _restore(self, cell: _Cell) -> Any:
+        """Restore the cell from the store: keyed without, then with, the generators."""
         assert cell.store is not None and cell.key is not None
         t0 = time.perf_counter()
-        manifest = cell.store.lookup(cell.key)
-        if manifest is None:
+        # Keyed on the global generators it drew from, if any: which ones is known only
+        # after a run, so each combination is looked up (a few local manifest reads).
+        for key, _ in [(cell.key, None), *cell.rng_keys]:
+            manifest = cell.store.lookup(key)
+            if manifest is not None:
+                break
+        else:
             return _MISS
         if manifest.expired():
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.expires_at or 0))
@@ -218,11 +265,15 @@ class CellRunner:
             cell.reasons = ["the stored result has an older layout"]
             return _MISS
         ns = self.shell.user_ns
-        variables: dict[str, Any] = value["variables"]
-        ns.update(variables)
-        for gone in value["deleted"]:
-            ns.pop(gone, None)
-        self._run_definitions(cell.analysis, variables)
+        try:
+            restored = Restored.prepare(value, ns)
+        except Exception as exc:  # a reference or target the hit cannot find: recompute
+            logger.info("%%%%task `%s`: cannot restore the stored result: %r", cell.name, exc)
+            cell.reasons = [f"the stored result cannot be restored here: {exc}"]
+            return _MISS
+        restored.apply_variables(ns)
+        self._run_definitions(cell.analysis, restored.variables)
+        restored.apply_rest(ns)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
         saved = max(manifest.duration - elapsed, 0.0)
@@ -276,6 +327,9 @@ class CellRunner:
         assert cell.store is not None and cell.key is not None
         ns = self.shell.user_ns
         existed = {n for n in cell.analysis.writes | cell.analysis.deletes if n in ns}
+        # The objects names held before the run: a name that still holds the same object
+        # was changed in place, and is restored in place (aliases of it see the change).
+        before = {n: ns[n] for n in {*cell.analysis.writes, *cell.inputs} if n in ns}
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
         with _Capture(self.shell) as capture:
@@ -284,24 +338,42 @@ class CellRunner:
         if error is not None:
             self._failed(cell, error, duration)
             raise error.with_traceback(_user_frames(error.__traceback__))
-        if cell.options.auto and not worth_storing(duration, 0.0):
-            self._record(cell, RunState.COMPLETED, duration=duration, error=None)
-            self._report(cell, "not stored", [_CHEAP_REASON], duration)
-            return None
         variables = self._collect(cell)
-        deleted = sorted(n for n in existed if n not in ns)
-        payload = {
-            "format": CELL_FORMAT,
-            "variables": variables,
-            "deleted": deleted,
-            "outputs": capture.outputs,
-        }
-        expires_at = time.time() + cell.options.expire if cell.options.expire else None
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := _handle_reason(v))
         ]
         if handles:
             return self._not_stored(cell, handles, duration)
+        assert cell.ambient is not None and cell.watches is not None
+        after = ambient.snapshot()
+        drawn = {ambient.label(n) for n in ambient.consumed(cell.ambient, after)}
+        for key, components in cell.rng_keys:
+            if drawn and drawn == components.keys() - cell.components.keys():
+                cell.key, cell.components = key, components
+        t_pack = time.perf_counter()
+        try:
+            state = pack_result(
+                ns,
+                variables,
+                before=before,
+                inputs=cell.inputs,
+                deleted=[n for n in existed if n not in ns],
+                effects=cell.watches.changed(ns),
+                ambient_changed=ambient.changed(cell.ambient, after),
+            )
+        except Exception as exc:
+            bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
+            return self._not_stored(cell, bad, duration)
+        if cell.options.auto and not worth_storing(duration, time.perf_counter() - t_pack):
+            self._record(cell, RunState.COMPLETED, duration=duration)
+            self._report(cell, "not stored", [_CHEAP_REASON], duration)
+            return None
+        payload = {
+            "format": CELL_FORMAT,
+            **state,
+            "outputs": capture.outputs,
+        }
+        expires_at = time.time() + cell.options.expire if cell.options.expire else None
         try:
             manifest = cell.store.commit(
                 cell.key,
@@ -379,6 +451,11 @@ class CellRunner:
 
         undo: list[Callable[[], None]] = []
         _patch_instance(shell, "showtraceback", quiet, undo)
+        # IPython decides whether a trailing `;` hides the last value from the last cell in
+        # its history, which is the `%%task` line here, not this body: let it read the body.
+        hook = shell.displayhook
+        code = shell.transform_cell(body)
+        _patch_instance(hook, "quiet", lambda: hook.semicolon_at_end_of_expression(code), undo)
         try:
             result = shell.run_cell(body, store_history=False, cell_id=_identity.current_cell())
         finally:
@@ -504,6 +581,29 @@ class CellRunner:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _rng_keys(
+    identity: str, components: dict[str, str], rng: dict[str, str]
+) -> list[tuple[str, dict[str, str]]]:
+    """``(key, components)`` for each non-empty combination of the global generators'
+    states (fewest first): the keys of a cell that drew from those generators."""
+    import itertools
+
+    out = []
+    for size in range(1, len(rng) + 1):
+        for labels in itertools.combinations(sorted(rng), size):
+            parts = {**components, **{lab: rng[lab] for lab in labels}}
+            out.append((combine_components(identity, parts), parts))
+    return out
+
+
+def _reaches(value: Any) -> bool:
+    """True for values whose code can reach other objects: functions, callables, classes
+    and instances of the notebook's own classes (their methods)."""
+    if isinstance(value, types.ModuleType):
+        return False
+    return callable(value) or module_kind(type(value).__module__) == "user"
 
 
 def _bound_by(node: ast.stmt) -> set[str]:
