@@ -20,7 +20,7 @@ pytestmark = pytest.mark.kernel
 
 class Kernel(_kernels.Kernel):
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        super().__init__(env, cwd, stderr=subprocess.DEVNULL)
+        super().__init__(env, cwd, ready_timeout=180, stderr=subprocess.DEVNULL)
 
     def cell(self, code: str) -> tuple[str, list[Any]]:
         """Run a cell that must succeed: (its stdout, its iopub messages)."""

@@ -40,7 +40,7 @@ from .runner import CELL_FORMAT as CELL_FORMAT
 from .runner import CellReport as CellReport
 from .runner import CellRunner
 from .runner import _note as _note
-from .runner import unstorable as unstorable
+from .storable import unstorable as unstorable
 
 __all__ = [
     "CellAnalysis",

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
+from collections.abc import Callable
 from typing import Any
 
 from . import ambient
 from .effects import Target, find_target, missing
 from .state import pack, reference_map, unpack, update_in_place
 
-__all__ = ["Restored", "pack_result"]
+__all__ = ["DISK_SPEED", "Restored", "nbytes", "pack_result", "part_key", "writable"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -37,8 +39,9 @@ def pack_result(
     deleted: list[str],
     effects: list[tuple[Target, Any, bool]],
     ambient_changed: dict[str, Any],
-) -> dict[str, Any]:
-    """The stored form of a cell's result (``state``, ``inplace``, ``deleted``).
+) -> tuple[dict[str, Any], list[Any]]:
+    """The stored form of a cell's result (``state``, ``inplace``, ``deleted``, ``parts``:
+    the number of large values) and the large values, to be stored on their own.
 
     ``before`` maps names to the objects they held before the run; ``effects`` is
     :meth:`.effects.Watches.changed`. Raises what pickling raises for an unstorable value.
@@ -64,11 +67,14 @@ def pack_result(
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
     roots += [((t[1],), ns[t[1]]) for t, _, _ in effects if t[0] == "ns" and t[1] in ns]
     roots = [(path, value) for path, value in roots if path[0] not in changed]
+    large: list[Any] = []
     blob = pack(
         {"variables": variables, "effects": outside, "ambient": ambient_changed},
         reference_map(roots),
+        large,
     )
-    return {"state": blob, "inplace": sorted(inplace), "deleted": sorted(gone)}
+    stored = {"state": blob, "inplace": sorted(inplace), "deleted": sorted(gone)}
+    return {**stored, "parts": len(large)}, large
 
 
 @dataclasses.dataclass
@@ -87,8 +93,13 @@ class Restored:
     memo: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def prepare(cls, payload: dict[str, Any], ns: dict[str, Any]) -> Restored:
-        state = unpack(payload["state"], ns)
+    def prepare(
+        cls, payload: dict[str, Any], ns: dict[str, Any], load_part: Callable[[int], Any]
+    ) -> Restored:
+        """Unpack ``payload`` against ``ns``; ``load_part(i)`` loads the i-th large value."""
+        if not 0 <= payload["parts"] < 10_000:
+            raise ValueError("the stored result names an impossible number of parts")
+        state = unpack(payload["state"], ns, load_part)
         effects = []
         for target, value, same, gone in state["effects"]:
             live, setter, deleter = find_target(target, ns)
@@ -145,3 +156,43 @@ def _can_update(live: Any, stored: Any) -> bool:
         or _random_state(live)
         or _plain_object(live)
     )
+
+
+# --------------------------------------------------------------------------- large parts
+
+#: Bytes per second assumed for writing a result's large parts (npy, Parquet) in auto mode.
+DISK_SPEED = 500e6
+
+
+def nbytes(value: Any) -> int:
+    try:
+        return int(getattr(value, "nbytes", None) or value.memory_usage(deep=False).sum())
+    except Exception:
+        return 0
+
+
+def part_key(key: str, i: int) -> str:
+    """The store key of the i-th large value of the result stored under ``key``."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(f"{key}:part:{i}".encode())
+
+
+def writable(value: Any) -> Any:
+    """A loaded array as a plain run has it: writable. A read-only memory map of a local
+    store file is mapped again copy-on-write (pages are read lazily; writes stay private),
+    with the offset, shape and dtype of the verified map."""
+    np = sys.modules.get("numpy")
+    if np is None or not isinstance(value, np.memmap) or value.flags.writeable:
+        return value
+    if value.filename is None:
+        return np.array(value)
+    order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+    return np.memmap(
+        value.filename,
+        mode="c",
+        dtype=value.dtype,
+        shape=value.shape,
+        offset=value.offset,
+        order=order,
+    ).view(np.ndarray)

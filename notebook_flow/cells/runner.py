@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import logging
 import re
 import sys
@@ -35,8 +36,9 @@ from .analysis import CellAnalysis, _bound_by_import, analyze_cell
 from .auto import auto_plain_reason, worth_storing
 from .capture import _Capture, _patch_instance, replay
 from .effects import Watches
-from .key import CellOptions, cell_components, input_names
-from .result import Restored, pack_result
+from .key import CellOptions, cell_components, input_names, rng_keys
+from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
+from .storable import handle_reason, unstorable
 
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
@@ -172,7 +174,7 @@ class CellRunner:
         if why is not None:
             return self._uncached(cell, why)
         cell.key = combine_components(identity, cell.components)
-        cell.rng_keys = _rng_keys(identity, cell.components, cell.rng_components)
+        cell.rng_keys = rng_keys(identity, cell.components, cell.rng_components)
         from notebook_flow.config import get_store
 
         cell.store = get_store()
@@ -266,7 +268,9 @@ class CellRunner:
             return _MISS
         ns = self.shell.user_ns
         try:
-            restored = Restored.prepare(value, ns)
+            restored = Restored.prepare(
+                value, ns, functools.partial(self._load_part, cell, manifest.key)
+            )
         except Exception as exc:  # a reference or target the hit cannot find: recompute
             logger.info("%%%%task `%s`: cannot restore the stored result: %r", cell.name, exc)
             cell.reasons = [f"the stored result cannot be restored here: {exc}"]
@@ -340,7 +344,7 @@ class CellRunner:
             raise error.with_traceback(_user_frames(error.__traceback__))
         variables = self._collect(cell)
         handles = [
-            (n, type(v).__name__, why) for n, v in variables.items() if (why := _handle_reason(v))
+            (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
         ]
         if handles:
             return self._not_stored(cell, handles, duration)
@@ -352,7 +356,7 @@ class CellRunner:
                 cell.key, cell.components = key, components
         t_pack = time.perf_counter()
         try:
-            state = pack_result(
+            state, parts = pack_result(
                 ns,
                 variables,
                 before=before,
@@ -364,7 +368,9 @@ class CellRunner:
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
-        if cell.options.auto and not worth_storing(duration, time.perf_counter() - t_pack):
+        # Writing the large parts is not timed here: count them at disk speed.
+        store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
+        if cell.options.auto and not worth_storing(duration, store_seconds):
             self._record(cell, RunState.COMPLETED, duration=duration)
             self._report(cell, "not stored", [_CHEAP_REASON], duration)
             return None
@@ -375,6 +381,7 @@ class CellRunner:
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
         try:
+            self._commit_parts(cell, parts, duration, expires_at)
             manifest = cell.store.commit(
                 cell.key,
                 payload,
@@ -401,6 +408,31 @@ class CellRunner:
         self._index(cell, manifest)
         self._report(cell, "computed", cell.reasons, duration)
         return None
+
+    def _commit_parts(
+        self, cell: _Cell, parts: list[Any], duration: float, expires_at: float | None
+    ) -> None:
+        """Store the large values of a result on their own (npy, Parquet), before the result
+        that points at them: a committed result never names a part that is not there."""
+        assert cell.store is not None and cell.key is not None
+        for i, value in enumerate(parts):
+            cell.store.commit(
+                part_key(cell.key, i),
+                value,
+                task=cell.identity,
+                components={"part of": cell.key, "part": str(i)},
+                run_id=cell.run_id,
+                duration=duration,
+                expires_at=expires_at,
+            )
+
+    def _load_part(self, cell: _Cell, key: str, i: int) -> Any:
+        """The i-th large value of the result stored under ``key`` (LookupError: gone)."""
+        assert cell.store is not None
+        manifest = cell.store.lookup(part_key(key, i))
+        if manifest is None:
+            raise LookupError(f"part {i} of the stored result is missing")
+        return writable(cell.store.load(manifest))
 
     def _not_stored(self, cell: _Cell, bad: list[tuple[str, str, str]], duration: float) -> None:
         names = "; ".join(f"`{n}` ({t}: {why})" for n, t, why in bad)
@@ -583,21 +615,6 @@ class CellRunner:
 # --------------------------------------------------------------------------- helpers
 
 
-def _rng_keys(
-    identity: str, components: dict[str, str], rng: dict[str, str]
-) -> list[tuple[str, dict[str, str]]]:
-    """``(key, components)`` for each non-empty combination of the global generators'
-    states (fewest first): the keys of a cell that drew from those generators."""
-    import itertools
-
-    out = []
-    for size in range(1, len(rng) + 1):
-        for labels in itertools.combinations(sorted(rng), size):
-            parts = {**components, **{lab: rng[lab] for lab in labels}}
-            out.append((combine_components(identity, parts), parts))
-    return out
-
-
 def _reaches(value: Any) -> bool:
     """True for values whose code can reach other objects: functions, callables, classes
     and instances of the notebook's own classes (their methods)."""
@@ -621,70 +638,6 @@ def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
     while tb is not None and tb.tb_frame.f_code.co_name == "run_code":
         tb = tb.tb_next
     return tb
-
-
-def _handle_reason(value: Any, nested: bool = False) -> str | None:
-    """Why ``value`` is a handle on something outside the process (None: it is data).
-
-    Pickle would "succeed" on some of these (cloudpickle reads an open file's contents into
-    a StringIO), but what comes back is not what the cell made. Containers are looked into
-    one level deep (a list of futures, a dict of connections).
-    """
-    import io
-    import itertools
-
-    if not nested and isinstance(value, (list, tuple, set, frozenset, dict)):
-        items = value.values() if isinstance(value, dict) else value
-        for item in itertools.islice(items, 1000):
-            why = _handle_reason(item, nested=True)
-            if why:
-                return f"it holds {why}"
-
-    if isinstance(value, io.IOBase) and not isinstance(value, (io.BytesIO, io.StringIO)):
-        return "an open file or stream"
-    if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
-        return "a generator or coroutine, which cannot be saved mid-way"
-    checks = (
-        ("socket", "socket", "a network socket"),
-        ("sqlite3", "Connection", "a database connection"),
-        ("sqlite3", "Cursor", "a database cursor"),
-        ("threading", "Thread", "a thread"),
-        ("subprocess", "Popen", "a running process"),
-        ("notebook_flow.futures", "TaskFuture", "a future of background work; store `.result()`"),
-    )
-    for module_name, attr, why in checks:
-        cls = getattr(sys.modules.get(module_name), attr, None)
-        if isinstance(cls, type) and isinstance(value, cls):
-            return why
-    lock_types = (type(_thread_lock()), type(_thread_rlock()))
-    if isinstance(value, lock_types):
-        return "a lock"
-    return None
-
-
-def _thread_lock() -> Any:
-    import threading
-
-    return threading.Lock()
-
-
-def _thread_rlock() -> Any:
-    import threading
-
-    return threading.RLock()
-
-
-def unstorable(variables: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(name, type, reason)`` for each variable that cannot be pickled."""
-    import cloudpickle
-
-    bad = []
-    for name, value in variables.items():
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:
-            bad.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
-    return bad
 
 
 def _note(text: str) -> None:

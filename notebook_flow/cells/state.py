@@ -22,7 +22,7 @@ import io
 import itertools
 import pickle
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["pack", "reference_map", "unpack", "update_in_place"]
@@ -96,29 +96,70 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
 # --------------------------------------------------------------------------- pickling
 
 
-def pack(value: Any, refs: dict[int, tuple[Any, ...]]) -> bytes:
+#: Arrays and DataFrames at least this big are stored in their own format (npy, Parquet:
+#: memory-mapped on a hit from a local store), not inside the cell's pickle.
+LARGE_BYTES = 1 << 20
+
+
+def pack(value: Any, refs: dict[int, tuple[Any, ...]], large: list[Any] | None = None) -> bytes:
     """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
-    the objects in ``refs`` stored as their paths."""
+    the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
+    and DataFrames appended to it and stored as their index there."""
     import cloudpickle
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         def persistent_id(self, obj: Any) -> Any:
-            return refs.get(id(obj))
+            if type(obj) in _SCALARS:
+                return None
+            path = refs.get(id(obj))
+            if path is not None:
+                return ("ref", path)
+            if large is not None and _large(obj):
+                for i, seen in enumerate(large):
+                    if seen is obj:
+                        return ("large", i)
+                large.append(obj)
+                return ("large", len(large) - 1)
+            return None
 
     buffer = io.BytesIO()
-    (Pickler(buffer, protocol=5) if refs else cloudpickle.Pickler(buffer, protocol=5)).dump(value)
+    Pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
 
 
-def unpack(data: bytes, roots: dict[str, Any]) -> Any:
-    """Unpickle what :func:`pack` made, references resolved against ``roots``.
+def _large(obj: Any) -> bool:
+    t = type(obj)
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        return bool(obj.nbytes >= LARGE_BYTES and not obj.dtype.hasobject)
+    if t.__name__ == "DataFrame" and t.__module__.partition(".")[0] == "pandas":
+        try:
+            return bool(obj.memory_usage(index=True, deep=False).sum() >= LARGE_BYTES)
+        except Exception:
+            return False
+    return False
+
+
+def unpack(
+    data: bytes, roots: dict[str, Any], load_large: Callable[[int], Any] | None = None
+) -> Any:
+    """Unpickle what :func:`pack` made, references resolved against ``roots`` and large
+    values loaded with ``load_large(index)``.
 
     ``data`` comes from a verified store payload (never call this on anything else).
     """
 
+    loaded: dict[int, Any] = {}  # each large value once: shared references stay shared
+
     class Unpickler(pickle.Unpickler):
         def persistent_load(self, pid: Any) -> Any:
-            return resolve(tuple(pid), roots)
+            tag, where = pid
+            if tag == "ref":
+                return resolve(tuple(where), roots)
+            if tag == "large" and load_large is not None:
+                if int(where) not in loaded:
+                    loaded[int(where)] = load_large(int(where))
+                return loaded[int(where)]
+            raise pickle.UnpicklingError(f"unknown reference {tag!r}")
 
     return Unpickler(io.BytesIO(data)).load()
 
