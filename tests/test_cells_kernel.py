@@ -175,3 +175,24 @@ def test_trailing_semicolon_hides_the_value(env: dict[str, str], tmp_path: Path)
         assert results(run[1][1]) == []
         assert results(run[2][1]) == ["np.int64(3)"]
         assert results(run[3][1]) == []
+
+
+def test_in_place_changes_of_frames_and_objects_reach_their_aliases(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``inplace=True`` on a DataFrame and a fitted model seen through another name; an
+    attribute the cell *replaced* stays replaced for an alias of the old value."""
+    cells = [
+        "import numpy as np, pandas as pd\n"
+        "df = pd.DataFrame({'x': [1.0, np.nan, 3.0]})\nalias = df\n"
+        "class Model:\n    def __init__(self):\n        self.coef = np.zeros(2)\n"
+        "        self.history = []\n"
+        "    def fit(self, k):\n        self.coef = np.full(2, k)\n"
+        "        self.history.append(k)\n        return self\n"
+        "m = Model()\npipe = [m]\nold_coef = m.coef\nhist = m.history",
+        "%%task\ndf.dropna(inplace=True)\nm.fit(3)",
+        "print(alias.shape, pipe[0].coef.tolist(), old_coef.tolist(), hist)",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "(2, 1) [3, 3] [0.0, 0.0] [3]\n"
+    assert badges(messages[1]) == ["cached"]

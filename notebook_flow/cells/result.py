@@ -23,7 +23,7 @@ from typing import Any
 
 from . import ambient
 from .effects import Target, find_target, missing
-from .state import pack, reference_map, unpack, update_in_place
+from .state import Path, kept_paths, pack, reference_map, relink, unpack, update_in_place
 
 __all__ = ["DISK_SPEED", "Restored", "nbytes", "pack_result", "part_key", "writable"]
 
@@ -35,6 +35,7 @@ def pack_result(
     variables: dict[str, Any],
     *,
     before: dict[str, Any],
+    before_paths: dict[Path, Any],
     inputs: list[str],
     deleted: list[str],
     effects: list[tuple[Target, Any, bool]],
@@ -43,7 +44,8 @@ def pack_result(
     """The stored form of a cell's result (``state``, ``inplace``, ``deleted``, ``parts``:
     the number of large values) and the large values, to be stored on their own.
 
-    ``before`` maps names to the objects they held before the run; ``effects`` is
+    ``before`` maps names to the objects they held before the run and ``before_paths`` the
+    parts of those objects (:func:`.state.walk`); ``effects`` is
     :meth:`.effects.Watches.changed`. Raises what pickling raises for an unstorable value.
     """
     variables = dict(variables)
@@ -67,13 +69,19 @@ def pack_result(
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
     roots += [((t[1],), ns[t[1]]) for t, _, _ in effects if t[0] == "ns" and t[1] in ns]
     roots = [(path, value) for path, value in roots if path[0] not in changed]
+    refs = reference_map(roots)
+    for name in sorted(inplace):  # restored in place: the class stays the live one's
+        cls = type(variables[name])
+        if cls.__module__ == "__main__":
+            refs.setdefault(id(cls), ("typeof", (name,)))
     large: list[Any] = []
     blob = pack(
-        {"variables": variables, "effects": outside, "ambient": ambient_changed},
-        reference_map(roots),
-        large,
+        {"variables": variables, "effects": outside, "ambient": ambient_changed}, refs, large
     )
-    stored = {"state": blob, "inplace": sorted(inplace), "deleted": sorted(gone)}
+    # Of what changed in place, which parts stayed the same objects (updated in place on a
+    # hit) and which were replaced (replaced on a hit too).
+    kept = {n: sorted(kept_paths(before_paths, (n,), variables[n]), key=repr) for n in inplace}
+    stored = {"state": blob, "inplace": kept, "deleted": sorted(gone)}
     return {**stored, "parts": len(large)}, large
 
 
@@ -86,7 +94,7 @@ class Restored:
     """
 
     variables: dict[str, Any]
-    inplace: set[str]
+    inplace: dict[str, set[Path]]  # name -> the paths of its parts changed in place
     deleted: list[str]
     effects: list[tuple[Any, Any, Any, Any, bool, bool]]  # live, set, delete, value, same, gone
     ambient: dict[str, Any]
@@ -108,7 +116,7 @@ class Restored:
             effects.append((live, setter, deleter, value, same, gone))
         return cls(
             variables=state["variables"],
-            inplace=set(payload["inplace"]),
+            inplace={n: {tuple(p) for p in paths} for n, paths in payload["inplace"].items()},
             deleted=list(payload["deleted"]),
             effects=effects,
             ambient=state["ambient"],
@@ -118,9 +126,11 @@ class Restored:
         """Bind or update the variables and delete the deleted names."""
         for name, value in self.variables.items():
             if name in self.inplace and name in ns:
-                ns[name] = update_in_place(ns[name], value, self.memo)
-            else:
-                ns[name] = value
+                kept = self.inplace[name] | {(name,)}
+                ns[name] = update_in_place(ns[name], value, self.memo, kept, (name,))
+        for name, value in self.variables.items():
+            if name not in self.inplace or name not in ns:
+                ns[name] = relink(value, self.memo)
         for name in self.deleted:
             ns.pop(name, None)
 
@@ -135,14 +145,14 @@ class Restored:
                 if deleter is not None:
                     deleter()
                 continue
-            new = update_in_place(live, value, self.memo) if same else value
+            new = update_in_place(live, value, self.memo, set(), ()) if same else value
             if new is not live and setter is not None:
                 setter(new)
 
 
 def _can_update(live: Any, stored: Any) -> bool:
     """True when :func:`update_in_place` keeps ``live`` (checked before changing anything)."""
-    from .state import _array, _generator, _plain_object, _random_state
+    from .state import _array, _generator, _pandas_object, _random_state, _state_object
 
     if type(live) is not type(stored):
         return False
@@ -154,7 +164,8 @@ def _can_update(live: Any, stored: Any) -> bool:
         isinstance(live, (list, dict, set))
         or _generator(live)
         or _random_state(live)
-        or _plain_object(live)
+        or _pandas_object(live)
+        or _state_object(live)
     )
 
 

@@ -38,6 +38,7 @@ from .capture import _Capture, _patch_instance, replay
 from .effects import Watches
 from .key import CellOptions, cell_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
+from .state import walk
 from .storable import handle_reason, unstorable
 
 if TYPE_CHECKING:
@@ -333,7 +334,12 @@ class CellRunner:
         existed = {n for n in cell.analysis.writes | cell.analysis.deletes if n in ns}
         # The objects names held before the run: a name that still holds the same object
         # was changed in place, and is restored in place (aliases of it see the change).
-        before = {n: ns[n] for n in {*cell.analysis.writes, *cell.inputs} if n in ns}
+        assert cell.watches is not None
+        reached = {w.target[1] for w in cell.watches.items if w.target[0] == "ns"}
+        names = {*cell.analysis.writes, *cell.inputs, *reached}
+        before = {n: ns[n] for n in names if n in ns}
+        # ... and their parts: which of those the cell changed in place, which it replaced.
+        before_paths = walk(((n,), v) for n, v in before.items())
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
         with _Capture(self.shell) as capture:
@@ -360,6 +366,7 @@ class CellRunner:
                 ns,
                 variables,
                 before=before,
+                before_paths=before_paths,
                 inputs=cell.inputs,
                 deleted=[n for n in existed if n not in ns],
                 effects=cell.watches.changed(ns),

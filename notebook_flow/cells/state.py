@@ -25,7 +25,15 @@ import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["pack", "reference_map", "unpack", "update_in_place"]
+__all__ = [
+    "kept_paths",
+    "pack",
+    "reference_map",
+    "relink",
+    "unpack",
+    "update_in_place",
+    "walk",
+]
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _MAX_REFERENCED = 20_000  # objects looked into per cell (a bound on the walk's cost)
@@ -35,54 +43,80 @@ _MAX_ITEMS = 5_000  # items of one container
 
 # --------------------------------------------------------------------------- references
 
+Path = tuple[Any, ...]  # (root, ("i", index) | ("k", key) | ("a", attribute), ...)
 
-def reference_map(roots: Iterable[tuple[tuple[Any, ...], Any]]) -> dict[int, tuple[Any, ...]]:
-    """``{id(obj): path}`` for the objects reachable from ``roots`` (``(path, value)``
-    pairs) through lists, tuples, dicts with str/int keys and plain objects' attributes."""
-    refs: dict[int, tuple[Any, ...]] = {}
-    budget = [_MAX_REFERENCED]
+
+def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
+    """``{path: object}`` for the objects reachable from ``roots`` (``(path, value)`` pairs)
+    through lists, tuples, dicts with str/int keys and objects' ``__dict__`` (each object at
+    the first path met; scalars left out). Bounded: a cell's inputs may be huge."""
+    found: dict[Path, Any] = {}
+    seen: set[int] = set()
+    budget = _MAX_REFERENCED
+
+    def visit(obj: Any, path: Path, depth: int) -> None:
+        nonlocal budget
+        if budget <= 0 or type(obj) in _SCALARS or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        found[path] = obj
+        budget -= 1
+        if depth < _MAX_DEPTH:
+            for step, item in _children(obj):
+                visit(item, (*path, step), depth + 1)
+
     for path, value in roots:
-        _walk(value, path, refs, budget, 0)
+        visit(value, path, 0)
+    return found
+
+
+def reference_map(roots: Iterable[tuple[Path, Any]]) -> dict[int, tuple[str, Path]]:
+    """``{id(obj): reference}`` for the objects of :func:`walk` (they stay alive in the
+    roots): ``("ref", path)``, and ``("typeof", path)`` for the class of such an object when
+    the class would otherwise be pickled by value (a class defined in the notebook): an
+    object restored in place must keep the very class the live one has."""
+    refs: dict[int, tuple[str, Path]] = {}
+    for path, obj in walk(roots).items():
+        refs[id(obj)] = ("ref", path)
+        cls = type(obj)
+        if cls.__module__ == "__main__" and id(cls) not in refs:
+            refs[id(cls)] = ("typeof", path)
     return refs
 
 
-def _walk(
-    obj: Any, path: tuple[Any, ...], refs: dict[int, tuple[Any, ...]], budget: list[int], depth: int
-) -> None:
-    if budget[0] <= 0 or type(obj) in _SCALARS or id(obj) in refs:
-        return
-    refs[id(obj)] = path
-    budget[0] -= 1
-    if depth >= _MAX_DEPTH:
-        return
+def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
     t = type(obj)
     if t is list or t is tuple:
-        for i, item in enumerate(itertools.islice(obj, _MAX_ITEMS)):
-            _walk(item, (*path, ("i", i)), refs, budget, depth + 1)
-    elif t is dict:
-        for k, item in itertools.islice(obj.items(), _MAX_ITEMS):
-            if type(k) in (str, int):
-                _walk(item, (*path, ("k", k)), refs, budget, depth + 1)
-    elif _plain_object(obj):
-        for k, item in itertools.islice(vars(obj).items(), _MAX_ITEMS):
-            if type(k) is str:
-                _walk(item, (*path, ("a", k)), refs, budget, depth + 1)
+        return ((("i", i), v) for i, v in enumerate(itertools.islice(obj, _MAX_ITEMS)))
+    if t is dict:
+        items = itertools.islice(obj.items(), _MAX_ITEMS)
+        return ((("k", k), v) for k, v in items if type(k) in (str, int))
+    if _state_object(obj):
+        items = itertools.islice(vars(obj).items(), _MAX_ITEMS)
+        return ((("a", k), v) for k, v in items if type(k) is str)
+    return ()
 
 
-def _plain_object(obj: Any) -> bool:
-    """An instance of a Python class whose state is its ``__dict__`` (no custom pickling)."""
+def kept_paths(before: dict[Path, Any], root: Path, value: Any) -> set[Path]:
+    """The paths under ``root`` whose object in ``value`` now is the object ``before`` had
+    there: the parts a cell changed in place rather than replaced."""
+    after = walk([(root, value)])
+    return {path for path, obj in after.items() if before.get(path) is obj}
+
+
+def _state_object(obj: Any) -> bool:
+    """An instance of a Python class whose state is its ``__dict__``: no ``__slots__``, no
+    custom ``__reduce__`` (a custom ``__getstate__``/``__setstate__`` is fine: restoring
+    copies the ``__dict__`` of the unpickled object)."""
     t: Any = type(obj)
     if isinstance(obj, (type, types.ModuleType, types.FunctionType)) or t.__module__ == "builtins":
         return False
     base: Any = object
-    d = getattr(obj, "__dict__", None)
-    return (
-        isinstance(d, dict)
-        and t.__reduce_ex__ is base.__reduce_ex__
-        and t.__reduce__ is base.__reduce__
-        and getattr(t, "__getstate__", None) is getattr(base, "__getstate__", None)
-        and getattr(t, "__setstate__", None) is None
-    )
+    if not isinstance(getattr(obj, "__dict__", None), dict):
+        return False
+    if t.__reduce_ex__ is not base.__reduce_ex__ or t.__reduce__ is not base.__reduce__:
+        return False
+    return not any("__slots__" in vars(c) for c in t.__mro__[:-1])
 
 
 def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
@@ -101,7 +135,7 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
 LARGE_BYTES = 1 << 20
 
 
-def pack(value: Any, refs: dict[int, tuple[Any, ...]], large: list[Any] | None = None) -> bytes:
+def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None = None) -> bytes:
     """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
     the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
     and DataFrames appended to it and stored as their index there."""
@@ -111,9 +145,9 @@ def pack(value: Any, refs: dict[int, tuple[Any, ...]], large: list[Any] | None =
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) in _SCALARS:
                 return None
-            path = refs.get(id(obj))
-            if path is not None:
-                return ("ref", path)
+            ref = refs.get(id(obj))
+            if ref is not None:
+                return ref
             if large is not None and _large(obj):
                 for i, seen in enumerate(large):
                     if seen is obj:
@@ -155,6 +189,8 @@ def unpack(
             tag, where = pid
             if tag == "ref":
                 return resolve(tuple(where), roots)
+            if tag == "typeof":
+                return type(resolve(tuple(where), roots))
             if tag == "large" and load_large is not None:
                 if int(where) not in loaded:
                     loaded[int(where)] = load_large(int(where))
@@ -167,32 +203,41 @@ def unpack(
 # --------------------------------------------------------------------------- in place
 
 
-def update_in_place(live: Any, stored: Any, memo: dict[int, Any] | None = None) -> Any:
+def update_in_place(
+    live: Any,
+    stored: Any,
+    memo: dict[int, Any],
+    kept: set[Path] | None = None,
+    path: Path = (),
+) -> Any:
     """Make ``live`` equal to ``stored`` without replacing it where its type allows.
 
     Returns the object to bind: ``live`` (updated) or ``stored`` (when ``live`` cannot take
-    it: another type, an array of another shape). Parts are updated the same way, so an
-    alias of ``live[0]`` sees the change too. ``memo`` maps ids of stored objects already
-    placed to the object that now stands for them (shared parts stay shared).
+    it: another type, an array of another shape). A part is updated in place too when its
+    path (under ``path``) is in ``kept`` (the cell changed that part in place: an alias of
+    it must see the change), else replaced (the cell replaced it: an alias keeps the old
+    one). ``kept=None`` updates every part in place. ``memo`` maps ids of stored objects
+    already placed to the object now standing for them (shared parts stay shared).
     """
-    memo = {} if memo is None else memo
     if id(stored) in memo:
         return memo[id(stored)]
     if live is stored or type(live) is not type(stored) or type(live) in _SCALARS:
         return stored
     memo[id(stored)] = live
+
+    def part(live_part: Any, stored_part: Any, step: tuple[str, Any]) -> Any:
+        sub = (*path, step)
+        if kept is None or sub in kept:
+            return update_in_place(live_part, stored_part, memo, kept, sub)
+        return stored_part
+
     t = type(live)
     if t is list:
-        merged = [update_in_place(a, b, memo) for a, b in zip(live, stored, strict=False)] + stored[
-            len(live) :
-        ]
-        live[:] = merged
+        merged = [part(a, b, ("i", i)) for i, (a, b) in enumerate(zip(live, stored, strict=False))]
+        live[:] = merged + stored[len(live) :]
         return live
     if t is dict:
-        for k in [k for k in live if k not in stored]:
-            del live[k]
-        for k, v in stored.items():
-            live[k] = update_in_place(live[k], v, memo) if k in live else v
+        _update_mapping(live, stored, part, "k")
         return live
     if t is set:
         live.clear()
@@ -208,17 +253,68 @@ def update_in_place(live: Any, stored: Any, memo: dict[int, Any] | None = None) 
         if live.shape == stored.shape and live.dtype == stored.dtype and live.flags.writeable:
             live[...] = stored
             return live
-        memo[id(stored)] = stored
-        return stored
-    if _plain_object(live):
-        state = vars(live)
-        for k in [k for k in state if k not in vars(stored)]:
-            del state[k]
-        for k, v in vars(stored).items():
-            state[k] = update_in_place(state[k], v, memo) if k in state else v
+    elif _pandas_object(live):
+        try:
+            live._update_inplace(stored)  # what pandas' own inplace=True operations do
+            live.attrs = stored.attrs
+            return live
+        except Exception:  # another pandas version: rebind
+            pass
+    elif _state_object(live):
+        _update_mapping(vars(live), vars(stored), part, "a")
         return live
     memo[id(stored)] = stored
     return stored
+
+
+def _update_mapping(
+    live: dict[Any, Any], stored: dict[Any, Any], part: Callable[..., Any], kind: str
+) -> None:
+    for k in [k for k in live if k not in stored]:
+        del live[k]
+    for k, v in stored.items():
+        live[k] = part(live[k], v, (kind, k)) if k in live else v
+
+
+def relink(value: Any, memo: dict[int, Any]) -> Any:
+    """``value`` with every stored object that :func:`update_in_place` put into a live one
+    replaced by that live one (``c = [a]`` after ``a`` was restored in place: ``c[0] is a``)."""
+    swaps = {k: v for k, v in memo.items() if id(v) != k}
+    if not swaps:
+        return value
+    return _relink(value, swaps, set(), [_MAX_REFERENCED])
+
+
+def _relink(value: Any, swaps: dict[int, Any], seen: set[int], budget: list[int]) -> Any:
+    live = swaps.get(id(value))
+    if live is not None:
+        return live
+    if type(value) in _SCALARS or id(value) in seen or budget[0] <= 0:
+        return value
+    seen.add(id(value))
+    budget[0] -= 1
+    t = type(value)
+    if t is list:
+        value[:] = [_relink(v, swaps, seen, budget) for v in value]
+    elif t is dict:
+        for k, v in value.items():
+            value[k] = _relink(v, swaps, seen, budget)
+    elif t is tuple:
+        items = tuple(_relink(v, swaps, seen, budget) for v in value)
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return items
+    elif _state_object(value):
+        state = vars(value)
+        for k, v in list(state.items()):
+            state[k] = _relink(v, swaps, seen, budget)
+    return value
+
+
+def _pandas_object(obj: Any) -> bool:
+    return any(
+        c.__name__ == "NDFrame" and c.__module__.partition(".")[0] == "pandas"
+        for c in type(obj).__mro__
+    )
 
 
 def _is_numpy(obj: Any, name: str) -> bool:
