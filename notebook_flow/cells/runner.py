@@ -6,7 +6,6 @@ explain, record and report each run.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import functools
 import logging
@@ -14,7 +13,6 @@ import re
 import sys
 import time
 import types
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
@@ -32,10 +30,11 @@ from notebook_flow.states import format_seconds as _seconds
 
 from . import ambient, effects
 from .ambient import Snapshot
-from .analysis import CellAnalysis, _bound_by_import, analyze_cell
+from .analysis import CellAnalysis, analyze_cell
 from .auto import auto_plain_reason, worth_storing
-from .capture import _Capture, _patch_instance, replay
+from .capture import _Capture, replay
 from .effects import Watches
+from .execute import run_definitions, run_nested, syntax_error, user_frames
 from .key import CellOptions, cell_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
 from .state import walk
@@ -60,13 +59,6 @@ _CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto
 # --------------------------------------------------------------------------- the runner
 
 _MISS: Any = object()
-_DEFINITION_TYPES = (
-    ast.Import,
-    ast.ImportFrom,
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.ClassDef,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +128,7 @@ class CellRunner:
         try:
             analysis = analyze_cell(code)
         except SyntaxError as exc:
-            raise self._syntax_error(exc, code) from None
+            raise syntax_error(self.shell, exc, code) from None
         name = options.name or f"cell {analysis.code_hash[:8]}"
         identity = f"cell:{options.name}" if options.name else f"cell:{analysis.code_hash[:16]}"
         cell = _Cell(options, body, analysis, name, identity)
@@ -223,21 +215,6 @@ class CellRunner:
             return cell.watches.opaque[0]
         return None
 
-    def _syntax_error(self, exc: SyntaxError, code: str) -> SyntaxError:
-        """Show a syntax error in the body like IPython shows one in a cell: no frames."""
-        shell = self.shell
-        exc.filename = shell.compile.cache(code, shell.execution_count)
-        show = shell.showsyntaxerror
-        undo: list[Callable[[], None]] = []
-
-        def once(filename: str | None = None, running_compiled_code: bool = False) -> None:
-            for step in undo:
-                step()
-            show(filename)
-
-        _patch_instance(shell, "showsyntaxerror", once, undo)
-        return exc
-
     # -- hit -------------------------------------------------------------------------------
 
     def _restore(self, cell: _Cell) -> Any:
@@ -277,7 +254,7 @@ class CellRunner:
             cell.reasons = [f"the stored result cannot be restored here: {exc}"]
             return _MISS
         restored.apply_variables(ns)
-        self._run_definitions(cell.analysis, restored.variables)
+        run_definitions(self.shell, cell.analysis, restored.variables)
         restored.apply_rest(ns)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
@@ -288,34 +265,6 @@ class CellRunner:
             cell, "cached", [f"computed {_when(manifest.created_at)} in {manifest.duration:.3g} s"]
         )
         return None
-
-    def _run_definitions(self, analysis: CellAnalysis, restored: dict[str, Any]) -> None:
-        """Re-run the cell's def/class/import statements, so functions use the live namespace.
-
-        Compiled under a name IPython's line cache knows, so ``inspect.getsource`` (and with
-        it the keys of tasks defined here) sees the same source as on a miss.
-        """
-        stmts: list[ast.stmt] = [
-            node
-            for node in analysis.tree.body
-            if isinstance(node, _DEFINITION_TYPES) and _bound_by(node) <= analysis.definitions
-        ]
-        if not stmts:
-            return
-        shell = self.shell
-        filename = shell.compile.cache(analysis.code, shell.execution_count)
-        module = ast.Module(body=stmts, type_ignores=[])
-        code = compile(module, filename, "exec", shell.compile.flags, dont_inherit=True)
-        exec(code, shell.user_global_ns, shell.user_ns)
-        # Restored instances of a class the cell defines get the class just defined.
-        classes = {n.name for n in stmts if isinstance(n, ast.ClassDef)}
-        for value in restored.values():
-            cls = type(value)
-            if cls.__name__ in classes and shell.user_ns.get(cls.__name__) is not cls:
-                try:
-                    value.__class__ = shell.user_ns[cls.__name__]
-                except TypeError:
-                    pass
 
     def _badge(self, manifest: Manifest, saved: float) -> None:
         text = f"✓ cached · computed {_when(manifest.created_at)} · saved {_seconds(saved)}"
@@ -343,11 +292,11 @@ class CellRunner:
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
         with _Capture(self.shell) as capture:
-            error = self._run_nested(cell.body)
+            error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
         if error is not None:
             self._failed(cell, error, duration)
-            raise error.with_traceback(_user_frames(error.__traceback__))
+            raise error.with_traceback(user_frames(error.__traceback__))
         variables = self._collect(cell)
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
@@ -475,34 +424,6 @@ class CellRunner:
                 names.add(name)
         return {n: ns[n] for n in sorted(names) if n in ns}
 
-    def _run_nested(self, body: str) -> BaseException | None:
-        """Run the cell body through the shell, as if it were a cell of its own.
-
-        The body's traceback is not shown here: the magic re-raises the exception so the
-        cell is reported failed with the user's exception (shown once, by IPython).
-        """
-        shell = self.shell
-        show = shell.showtraceback
-
-        def quiet(*args: Any, **kwargs: Any) -> None:
-            if not kwargs.get("running_compiled_code"):
-                show(*args, **kwargs)
-
-        undo: list[Callable[[], None]] = []
-        _patch_instance(shell, "showtraceback", quiet, undo)
-        # IPython decides whether a trailing `;` hides the last value from the last cell in
-        # its history, which is the `%%task` line here, not this body: let it read the body.
-        hook = shell.displayhook
-        code = shell.transform_cell(body)
-        _patch_instance(hook, "quiet", lambda: hook.semicolon_at_end_of_expression(code), undo)
-        try:
-            result = shell.run_cell(body, store_history=False, cell_id=_identity.current_cell())
-        finally:
-            for step in undo:
-                step()
-        error: BaseException | None = result.error_before_exec or result.error_in_exec
-        return error
-
     def _failed(self, cell: _Cell, error: BaseException, duration: float) -> None:
         import traceback
 
@@ -525,9 +446,9 @@ class CellRunner:
     def _plain(self, body: str) -> Any:
         """Run the body as a plain cell would run (errors raised the same way)."""
         __tracebackhide__ = True
-        error = self._run_nested(body)
+        error = run_nested(self.shell, body)
         if error is not None:
-            raise error.with_traceback(_user_frames(error.__traceback__))
+            raise error.with_traceback(user_frames(error.__traceback__))
         return None
 
     def _locked(self, cell: _Cell) -> Any:
@@ -628,23 +549,6 @@ def _reaches(value: Any) -> bool:
     if isinstance(value, types.ModuleType):
         return False
     return callable(value) or module_kind(type(value).__module__) == "user"
-
-
-def _bound_by(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {_bound_by_import(a) for a in node.names}
-    return (
-        {node.name}
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        else set()
-    )
-
-
-def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """Drop IPython's own ``run_code`` frame from the top of a cell's traceback."""
-    while tb is not None and tb.tb_frame.f_code.co_name == "run_code":
-        tb = tb.tb_next
-    return tb
 
 
 def _note(text: str) -> None:
