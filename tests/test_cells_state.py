@@ -179,3 +179,16 @@ def test_an_unfingerprintable_object_a_function_reaches_runs_uncached(
     run(shell, "%%task\nz = use()")
     assert status(shell) == "uncached"
     assert "reaches `lock`" in capsys.readouterr().err
+
+
+def test_tuples_keep_their_live_items() -> None:
+    est = {"fitted": False}
+    live = [("model", est)]
+    before = walk([(("steps",), live)])
+    est["fitted"] = True
+    kept = kept_paths(before, ("steps",), live) | {("steps",)}
+    stored = unpack(pack(live, {}), {})
+    fresh = {"fitted": False}
+    target = [("model", fresh)]
+    update(target, stored, {}, kept, ("steps",))
+    assert target[0][1] is fresh and fresh == {"fitted": True}

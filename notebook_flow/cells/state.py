@@ -239,6 +239,13 @@ def update_in_place(
     if t is dict:
         _update_mapping(live, stored, part, "k")
         return live
+    # A tuple is immutable: the live one stays only if each item came back as itself.
+    if t is tuple and len(live) == len(stored):
+        items = [part(a, b, ("i", i)) for i, (a, b) in enumerate(zip(live, stored, strict=True))]
+        if all(a is b for a, b in zip(items, live, strict=True)):
+            return live
+        memo[id(stored)] = rebuilt = tuple(items)
+        return rebuilt
     if t is set:
         live.clear()
         live.update(stored)
