@@ -8,6 +8,7 @@ quotes no number).
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -196,3 +197,24 @@ def test_in_place_changes_of_frames_and_objects_reach_their_aliases(
     cold, cached, messages = cold_then_cached(env, tmp_path, cells)
     assert cold[2] == cached[2] == "(2, 1) [3, 3] [0.0, 0.0] [3]\n"
     assert badges(messages[1]) == ["cached"]
+
+
+def test_a_failing_cell_shows_the_traceback_a_plain_cell_shows(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """No ``run_cell_magic(...)`` frame on top: the body's frames, as without the magic."""
+    kernel = Kernel(env, tmp_path)
+    try:
+        kernel.cell("%load_ext notebook_flow\ndef f():\n    return 1 / 0")
+        shown = []
+        for code in ("x = 1\ny = f()", "%%task\nx = 1\ny = f()"):
+            content, messages = _kernels.execute(kernel.kc, code, 120)
+            assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+            (error,) = [m for m in messages if m["msg_type"] == "error"]
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", t) for t in error["content"]["traceback"]]
+            shown.append([line for line in lines if "Cell In[" in line])
+        plain, cached = shown
+        assert len(plain) == len(cached) == 2
+        assert not any("run_cell_magic" in "".join(t) for t in shown)
+    finally:
+        kernel.close()

@@ -10,6 +10,7 @@ functions are bound to the live namespace; a syntax error shows like a cell's
 from __future__ import annotations
 
 import ast
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from notebook_flow import _identity
 from .analysis import CellAnalysis, _bound_by_import
 from .capture import _patch_instance
 
-__all__ = ["run_definitions", "run_nested", "syntax_error", "user_frames"]
+__all__ = ["raise_as_plain", "run_definitions", "run_nested", "syntax_error", "user_frames"]
 
 _DEFINITION_TYPES = (
     ast.Import,
@@ -116,3 +117,27 @@ def user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
     while tb is not None and tb.tb_frame.f_code.co_name == "run_code":
         tb = tb.tb_next
     return tb
+
+
+def raise_as_plain(shell: Any, error: BaseException) -> BaseException:
+    """``error`` ready to re-raise from the magic, shown as a plain cell shows it.
+
+    On its way out the exception passes through the ``run_cell_magic(...)`` line IPython
+    made of the ``%%task`` cell, which a plain cell's traceback does not have. The next
+    traceback IPython shows for this very exception starts at the body's own frames.
+    """
+    body_tb = user_frames(error.__traceback__)
+    show = shell.showtraceback
+    undo: list[Callable[[], None]] = []
+
+    def once(exc_tuple: Any = None, *args: Any, **kwargs: Any) -> Any:
+        for step in undo:
+            step()
+        current = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+        if current is not error or not kwargs.get("running_compiled_code"):
+            return show(exc_tuple, *args, **kwargs)
+        kwargs["tb_offset"] = 0  # the trimmed traceback has no run_code frame to skip
+        return show((type(error), error, body_tb), *args, **kwargs)
+
+    _patch_instance(shell, "showtraceback", once, undo)
+    return error.with_traceback(body_tb)

@@ -171,8 +171,10 @@ def _can_update(live: Any, stored: Any) -> bool:
 
 # --------------------------------------------------------------------------- large parts
 
-#: Bytes per second assumed for writing a result's large parts (npy, Parquet) in auto mode.
-DISK_SPEED = 500e6
+#: Bytes per second assumed for writing a result's large parts (npy, Parquet, fsync'd) and
+#: reading them back, in auto mode's "worth storing?" (measured: a 32 MB array written and
+#: synced in 0.3-2 s on a busy 2-core machine; a cell cheaper than that runs again instead).
+DISK_SPEED = 100e6
 
 
 def nbytes(value: Any) -> int:

@@ -34,7 +34,7 @@ from .analysis import CellAnalysis, analyze_cell
 from .auto import auto_plain_reason, worth_storing
 from .capture import _Capture, replay
 from .effects import Watches
-from .execute import run_definitions, run_nested, syntax_error, user_frames
+from .execute import raise_as_plain, run_definitions, run_nested, syntax_error
 from .key import CellOptions, cell_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
 from .state import walk
@@ -296,7 +296,7 @@ class CellRunner:
         duration = time.perf_counter() - t0
         if error is not None:
             self._failed(cell, error, duration)
-            raise error.with_traceback(user_frames(error.__traceback__))
+            raise raise_as_plain(self.shell, error)
         variables = self._collect(cell)
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
@@ -448,7 +448,7 @@ class CellRunner:
         __tracebackhide__ = True
         error = run_nested(self.shell, body)
         if error is not None:
-            raise error.with_traceback(user_frames(error.__traceback__))
+            raise raise_as_plain(self.shell, error)
         return None
 
     def _locked(self, cell: _Cell) -> Any:
