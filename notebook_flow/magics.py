@@ -283,7 +283,7 @@ class FlowMagics(Magics):
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         s = config.settings()
-        for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses"):
+        for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses", "auto_cells"):
             print(f"{field} = {getattr(s, field)!r}")
         print(f"signing = {'on' if s.signing_key else 'off'}")
 
@@ -378,7 +378,7 @@ def _config_value(key: str, text: str) -> Any:
         return int(text)
     if key in ("lock_lease", "lock_timeout"):
         return float(text)
-    if key == "log_misses":
+    if key in ("log_misses", "auto_cells"):
         return text.lower() in ("1", "true", "yes", "on")
     return text
 
