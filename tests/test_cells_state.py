@@ -192,3 +192,16 @@ def test_tuples_keep_their_live_items() -> None:
     target = [("model", fresh)]
     update(target, stored, {}, kept, ("steps",))
     assert target[0][1] is fresh and fresh == {"fitted": True}
+
+
+def test_a_part_replaced_by_an_equal_copy_is_replaced_on_a_hit(
+    shell: Any, isolated_store: Path
+) -> None:
+    code = "%%task\ndata['rows'] = list(data['rows'])"
+    for _ in range(2):
+        rows = [1, 2]
+        shell.user_ns.update(data={"rows": rows}, old=rows)
+        run(shell, code)
+        assert shell.user_ns["data"]["rows"] == [1, 2]
+        assert shell.user_ns["data"]["rows"] is not shell.user_ns["old"]  # as a plain run
+    assert status(shell) == "cached"

@@ -23,7 +23,16 @@ from typing import Any
 
 from . import ambient
 from .effects import Target, find_target, missing
-from .state import Path, kept_paths, pack, reference_map, relink, unpack, update_in_place
+from .state import (
+    Path,
+    kept_paths,
+    pack,
+    reference_map,
+    relink,
+    unpack,
+    update_in_place,
+    walk,
+)
 
 __all__ = ["DISK_SPEED", "Restored", "nbytes", "pack_result", "part_key", "writable"]
 
@@ -65,6 +74,15 @@ def pack_result(
                 inplace.add(name)
         else:
             outside.append((target, None if missing(value) else value, same, missing(value)))
+    # An input whose content is unchanged may still have had parts replaced by equal
+    # copies (`d["rows"] = list(d["rows"])`): an alias of the old part would tell. Store it.
+    for name in inputs:
+        if name not in ns or name in variables or name in gone:
+            continue
+        if _parts_replaced(before_paths, name, ns[name]):
+            variables[name] = ns[name]
+            if before.get(name) is ns[name]:
+                inplace.add(name)
     changed = set(variables) | gone
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
     roots += [((t[1],), ns[t[1]]) for t, _, _ in effects if t[0] == "ns" and t[1] in ns]
@@ -83,6 +101,16 @@ def pack_result(
     kept = {n: sorted(kept_paths(before_paths, (n,), variables[n]), key=repr) for n in inplace}
     stored = {"state": blob, "inplace": kept, "deleted": sorted(gone)}
     return {**stored, "parts": len(large)}, large
+
+
+def _parts_replaced(before_paths: dict[Path, Any], name: str, value: Any) -> bool:
+    """True when an object met at some path under ``name`` before the run is not the one
+    there now."""
+    now = walk([((name,), value)])
+    missing = object()
+    return any(
+        now.get(path, missing) is not obj for path, obj in before_paths.items() if path[0] == name
+    )
 
 
 @dataclasses.dataclass
