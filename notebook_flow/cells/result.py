@@ -85,8 +85,6 @@ def pack_result(
                 inplace.add(name)
     changed = set(variables) | gone
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
-    roots += [((t[1],), ns[t[1]]) for t, _, _ in effects if t[0] == "ns" and t[1] in ns]
-    roots = [(path, value) for path, value in roots if path[0] not in changed]
     refs = reference_map(roots)
     for name in sorted(inplace):  # restored in place: the class stays the live one's
         cls = type(variables[name])

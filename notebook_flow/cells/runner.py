@@ -316,7 +316,8 @@ class CellRunner:
                 variables,
                 before=before,
                 before_paths=before_paths,
-                inputs=cell.inputs,
+                # What the cell reads, and the names its functions reach (keyed too).
+                inputs=[*cell.inputs, *sorted(reached - set(cell.inputs))],
                 deleted=[n for n in existed if n not in ns],
                 effects=cell.watches.changed(ns),
                 ambient_changed=ambient.changed(cell.ambient, after),
