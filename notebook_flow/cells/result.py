@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -221,12 +220,14 @@ def writable(value: Any) -> Any:
     """A loaded array as a plain run has it: writable. A read-only memory map of a local
     store file is mapped again copy-on-write (pages are read lazily; writes stay private),
     with the offset, shape and dtype of the verified map."""
-    np = sys.modules.get("numpy")
-    if np is None or not isinstance(value, np.memmap) or value.flags.writeable:
+    t = type(value)
+    if t.__name__ != "memmap" or t.__module__ != "numpy" or value.flags.writeable:
         return value
+    import numpy as np  # made the value: imported already
+
     if value.filename is None:
         return np.array(value)
-    order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+    order: Any = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
     return np.memmap(
         value.filename,
         mode="c",
