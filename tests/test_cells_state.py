@@ -205,3 +205,26 @@ def test_a_part_replaced_by_an_equal_copy_is_replaced_on_a_hit(
         assert shell.user_ns["data"]["rows"] == [1, 2]
         assert shell.user_ns["data"]["rows"] is not shell.user_ns["old"]  # as a plain run
     assert status(shell) == "cached"
+
+
+def test_large_arrays_and_frames_are_stored_in_their_own_formats(
+    shell: Any, isolated_store: Path
+) -> None:
+    """Issue 12: big cell variables go to .npy / Parquet files, not into the cell's pickle;
+    on a hit they are writable (as after a plain run) and shared references stay shared."""
+    code = (
+        "%%task\nimport numpy as np, pandas as pd\n"
+        "big = np.arange(300_000, dtype=float).reshape(1000, 300)\nsame = [big, big]\n"
+        "df = pd.DataFrame({'a': np.arange(200_000), 'b': np.arange(200_000) * 0.5})"
+    )
+    run(shell, code)
+    suffixes = sorted(p.suffix for p in (isolated_store / "results").rglob("*.*"))
+    assert ".npy" in suffixes and ".parquet" in suffixes
+    for name in ("big", "same", "df"):
+        shell.user_ns.pop(name)
+    run(shell, code)
+    assert status(shell) == "cached"
+    big, same = shell.user_ns["big"], shell.user_ns["same"]
+    assert big.flags.writeable and same[0] is same[1] is big
+    big[0, 0] = 7.0
+    assert big[3, 4] == 904.0 and shell.user_ns["df"]["b"].iloc[-1] == 99_999.5
