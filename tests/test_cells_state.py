@@ -228,3 +228,22 @@ def test_large_arrays_and_frames_are_stored_in_their_own_formats(
     assert big.flags.writeable and same[0] is same[1] is big
     big[0, 0] = 7.0
     assert big[3, 4] == 904.0 and shell.user_ns["df"]["b"].iloc[-1] == 99_999.5
+
+
+def test_a_cell_that_seeds_first_is_not_keyed_on_the_earlier_state(
+    shell: Any, isolated_store: Path
+) -> None:
+    """``np.random.seed(0)`` (after imports) overwrites whatever state there was: a seeding
+    cell hits in a new kernel, whose generators start from OS entropy."""
+    code = "%%task\nimport numpy as np\nnp.random.seed(0)\nfirst = np.random.rand()"
+    for entropy in (11, 12):
+        np.random.seed(entropy)
+        run(shell, code)
+        assert np.random.get_state()[2] == 2  # where a plain run leaves it
+    assert status(shell) == "cached"
+    assert shell.user_ns["first"] == pytest.approx(0.5488135)
+    ambient_names = ambient.reseeded(
+        __import__("ast").parse("import random as r\nr.seed(1)\nnp.random.seed(x)"),
+        {"np": np},
+    )
+    assert ambient_names == {"random"}  # an argument that is not a constant ends the run

@@ -95,6 +95,7 @@ class _Cell:
     ambient: Snapshot | None = None
     rng_components: dict[str, str] = dataclasses.field(default_factory=dict)
     rng_keys: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+    reseeded: set[str] = dataclasses.field(default_factory=set)  # seeded first: not keyed
     watches: Watches | None = None
 
 
@@ -199,7 +200,12 @@ class CellRunner:
             return f"the ambient state `{name}` cannot be read or fingerprinted ({error})"
         cell.ambient = before
         cell.components.update(ambient.key_components(before, keyed="always"))
-        cell.rng_components = ambient.key_components(before, keyed="when-changed")
+        cell.reseeded = ambient.reseeded(cell.analysis.tree, ns)
+        cell.rng_components = {
+            lab: digest
+            for lab, digest in ambient.key_components(before, keyed="when-changed").items()
+            if lab not in {ambient.label(n) for n in cell.reseeded}
+        }
         reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
         data: list[tuple[str, str]] = []
         for name in cell.inputs:
@@ -305,7 +311,8 @@ class CellRunner:
             return self._not_stored(cell, handles, duration)
         assert cell.ambient is not None and cell.watches is not None
         after = ambient.snapshot()
-        drawn = {ambient.label(n) for n in ambient.consumed(cell.ambient, after)}
+        consumed = set(ambient.consumed(cell.ambient, after)) - cell.reseeded
+        drawn = {ambient.label(n) for n in consumed}
         for key, components in cell.rng_keys:
             if drawn and drawn == components.keys() - cell.components.keys():
                 cell.key, cell.components = key, components
