@@ -365,7 +365,8 @@ def _rc_get() -> Any:
 
     # dict's own items: RcParams.__getitem__ would resolve the backend and warn for
     # deprecated keys.
-    return {k: v for k, v in dict.items(matplotlib.rcParams) if k not in _RC_SKIP}
+    original = getattr(matplotlib, "rcParamsOrig", None) or matplotlib.rcParamsDefault
+    return {k: v for k, v in dict.items(original) if k not in _RC_SKIP}
 
 
 def _rc_default() -> Any:
