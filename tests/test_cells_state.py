@@ -247,3 +247,20 @@ def test_a_cell_that_seeds_first_is_not_keyed_on_the_earlier_state(
         {"np": np},
     )
     assert ambient_names == {"random"}  # an argument that is not a constant ends the run
+
+
+def test_a_closure_variable_a_called_function_rebinds_is_restored(
+    shell: Any, isolated_store: Path
+) -> None:
+    make = (
+        "def make():\n    n = 0\n    def step():\n        nonlocal n\n        n += 1\n"
+        "        return n\n    return step\nstep = make()"
+    )
+    outs = []
+    for _ in range(2):
+        run(shell, make)
+        run(shell, "%%task\nfirst = step()")
+        run(shell, "second = step()")
+        outs.append((shell.user_ns["first"], shell.user_ns["second"]))
+    assert status(shell) == "cached"
+    assert outs == [(1, 2), (1, 2)]
