@@ -43,7 +43,7 @@ from .storable import handle_reason, unstorable
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
 
-__all__ = ["CELL_FORMAT", "CellReport", "CellRunner", "unstorable"]
+__all__ = ["CELL_FORMAT", "CellReport", "CellRunner"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -311,6 +311,9 @@ class CellRunner:
             return self._not_stored(cell, handles, duration)
         assert cell.ambient is not None and cell.watches is not None
         after = ambient.snapshot()
+        if after.failed:  # a state the cell may have changed cannot be captured
+            name, why = next(iter(after.failed.items()))
+            return self._not_stored(cell, [(name, "ambient state", why)], duration)
         consumed = set(ambient.consumed(cell.ambient, after)) - cell.reseeded
         drawn = {ambient.label(n) for n in consumed}
         for key, components in cell.rng_keys:
