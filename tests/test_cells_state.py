@@ -62,6 +62,12 @@ def test_update_in_place_arrays_generators_and_objects() -> None:
     g, g2 = np.random.default_rng(1), np.random.default_rng(1)
     g2.normal()
     assert update(g, g2, {}) is g and g.normal() == g2.normal()
+    bg, bg2 = np.random.PCG64(3), np.random.PCG64(3)
+    bg2.random_raw()
+    assert update(bg, bg2, {}) is bg and bg.random_raw() == bg2.random_raw()
+    r, r2 = random.Random(4), random.Random(4)
+    r2.random()
+    assert update(r, r2, {}) is r and r.random() == r2.random()
 
     class Box:
         def __init__(self, v: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -177,7 +178,14 @@ class Restored:
 
 def _can_update(live: Any, stored: Any) -> bool:
     """True when :func:`update_in_place` keeps ``live`` (checked before changing anything)."""
-    from .state import _array, _generator, _pandas_object, _random_state, _state_object
+    from .state import (
+        _array,
+        _generator,
+        _is_numpy,
+        _pandas_object,
+        _random_state,
+        _state_object,
+    )
 
     if type(live) is not type(stored):
         return False
@@ -186,7 +194,8 @@ def _can_update(live: Any, stored: Any) -> bool:
             live.shape == stored.shape and live.dtype == stored.dtype and live.flags.writeable
         )
     return (
-        isinstance(live, (list, dict, set))
+        isinstance(live, (list, dict, set, random.Random))
+        or _is_numpy(live, "BitGenerator")
         or _generator(live)
         or _random_state(live)
         or _pandas_object(live)
