@@ -396,7 +396,8 @@ def _pandas_get() -> Any:
 
 def _pandas_default() -> Any:
     config: Any = importlib.import_module("pandas._config.config")
-    return {key: config.get_default_val(key) for key in _pandas_get()}
+    options = config._registered_options
+    return {key: options[key].defval for key in options if key not in config._deprecated_options}
 
 
 def _pandas_set(values: Any) -> None:

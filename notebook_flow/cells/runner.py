@@ -499,7 +499,9 @@ class CellRunner:
             return
         reference = next((self._seen[r] for r in self._refs(cell) if r in self._seen), None)
         busy = False
-        if reference is None:
+        # Under %flow auto most cells are new or cheap: opening the run history to explain
+        # each miss would cost tens of ms per cell (`%flow explain` still has this run's).
+        if reference is None and not cell.options.auto:
             try:
                 from notebook_flow.config import get_metadata
 
@@ -512,7 +514,11 @@ class CellRunner:
         if busy:
             cell.reasons = [BUSY_REASON]
         elif reference is None:
-            cell.reasons = ["no earlier result of this cell's code was found"]
+            cell.reasons = [
+                "no stored result of this cell's code and inputs"
+                if cell.options.auto
+                else "no earlier result of this cell's code was found"
+            ]
         else:
             cell.reasons = diff_components(reference, cell.components)
         logger.info("%%%%task `%s`: cache miss: %s", cell.name, "; ".join(cell.reasons))
