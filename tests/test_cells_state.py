@@ -270,3 +270,30 @@ def test_a_closure_variable_a_called_function_rebinds_is_restored(
         outs.append((shell.user_ns["first"], shell.user_ns["second"]))
     assert status(shell) == "cached"
     assert outs == [(1, 2), (1, 2)]
+
+
+# --------------------------------------------------------------------------- files.py
+
+
+def test_a_changed_data_file_or_folder_makes_a_hit_a_miss(
+    shell: Any, isolated_store: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("x\n1\n")
+    shell.user_ns["folder"] = str(data)
+    code = (
+        "%%task\nimport glob, os\nnames = sorted(os.listdir(folder))\n"
+        "text = open(os.path.join(folder, 'a.csv')).read()"
+    )
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "a.csv").write_text("x\n2\n")  # the file changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["text"] == "x\n2\n"
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "b.csv").write_text("x\n3\n")  # the folder changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["names"] == ["a.csv", "b.csv"]

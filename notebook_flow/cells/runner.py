@@ -28,7 +28,7 @@ from notebook_flow.errors import (
 from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
-from . import ambient, effects
+from . import ambient, effects, files
 from .ambient import Snapshot
 from .analysis import CellAnalysis, analyze_cell
 from .auto import auto_plain_reason, worth_storing
@@ -250,6 +250,10 @@ class CellRunner:
         if not isinstance(value, dict) or value.get("format") != CELL_FORMAT:
             cell.reasons = ["the stored result has an older layout"]
             return _MISS
+        path = files.changed(value["files"])
+        if path is not None:
+            cell.reasons = [f"the file or folder {path} it read changed since"]
+            return _MISS
         ns = self.shell.user_ns
         try:
             restored = Restored.prepare(
@@ -297,7 +301,7 @@ class CellRunner:
         before_paths = walk(((n,), v) for n, v in before.items())
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
-        with _Capture(self.shell) as capture:
+        with _Capture(self.shell) as capture, files.recording() as read:
             error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
         if error is not None:
@@ -341,10 +345,12 @@ class CellRunner:
             self._record(cell, RunState.COMPLETED, duration=duration)
             self._report(cell, "not stored", [_CHEAP_REASON], duration)
             return None
+        store_dir = (cell.store.local_root,) if cell.store.local_root else ()
         payload = {
             "format": CELL_FORMAT,
             **state,
             "outputs": capture.outputs,
+            "files": files.fingerprints(read, exclude=store_dir),
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
         try:
