@@ -297,3 +297,20 @@ def test_a_changed_data_file_or_folder_makes_a_hit_a_miss(
     (data / "b.csv").write_text("x\n3\n")  # the folder changed: recompute
     run(shell, code)
     assert status(shell) == "computed" and shell.user_ns["names"] == ["a.csv", "b.csv"]
+
+
+def test_a_file_named_in_the_cell_counts_even_when_read_outside_python(
+    shell: Any, isolated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow opens files in C++, unseen by the audit hook: the name in the code is."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [1, 2]}).to_parquet("t.parquet")
+    code = "%%task\nimport pandas as pd\nt = pd.read_parquet('t.parquet')"
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    pd.DataFrame({"a": [5]}).to_parquet("t.parquet")
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["t"]["a"].tolist() == [5]

@@ -14,6 +14,7 @@ home folder, ``/proc``, ``/sys``, ``/dev``, compiled ``.pyc``) are not data and 
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import site
@@ -23,7 +24,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["HASH_LIMIT", "changed", "fingerprints", "recording"]
+__all__ = ["HASH_LIMIT", "changed", "fingerprints", "named_paths", "recording"]
 
 #: Files up to this size are fingerprinted by content (xxh3, GB/s); bigger ones by size
 #: and modification time.
@@ -87,6 +88,24 @@ def recording() -> Iterator[set[str]]:
         yield paths
     finally:
         _active.remove(paths)
+
+
+def named_paths(tree: ast.AST, values: list[Any]) -> set[str]:
+    """Existing files a cell names: its string constants and its ``str`` /
+    ``os.PathLike`` inputs. Readers that bypass Python's ``open`` (pyarrow's own file
+    system, HDF5) are not seen by the hook; ``pd.read_parquet("data.parquet")`` is caught
+    this way."""
+    names = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+    found = set()
+    for value in [*names, *values]:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or not value or len(value) > 4096 or "\0" in value:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.isfile(value):  # folders only when actually listed (".", "/")
+                found.add(os.path.abspath(value))
+    return found
 
 
 def _library_roots() -> tuple[str, ...]:

@@ -350,7 +350,10 @@ class CellRunner:
             "format": CELL_FORMAT,
             **state,
             "outputs": capture.outputs,
-            "files": files.fingerprints(read, exclude=store_dir),
+            "files": files.fingerprints(
+                read | files.named_paths(cell.analysis.tree, [ns.get(n) for n in cell.inputs]),
+                exclude=store_dir,
+            ),
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
         try:
