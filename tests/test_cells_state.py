@@ -314,3 +314,17 @@ def test_a_file_named_in_the_cell_counts_even_when_read_outside_python(
     pd.DataFrame({"a": [5]}).to_parquet("t.parquet")
     run(shell, code)
     assert status(shell) == "computed" and shell.user_ns["t"]["a"].tolist() == [5]
+
+
+def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
+    import matplotlib
+
+    with matplotlib.rc_context():  # whatever the test changes is undone
+        original = {k: v for k, v in matplotlib.rcParamsOrig.items() if "backend" not in k}
+        matplotlib.rcParams.update(original)
+        before = ambient.snapshot()
+        assert "matplotlib.rcParams" not in before.digests  # at its defaults: not keyed
+        matplotlib.rcParams["figure.figsize"] = (2.0, 1.0)
+        after = ambient.snapshot()
+        assert "matplotlib.rcParams" in ambient.changed(before, after)
+        assert after.values["matplotlib.rcParams"]["figure.figsize"] == [2.0, 1.0]

@@ -365,14 +365,14 @@ def _rc_get() -> Any:
 
     # dict's own items: RcParams.__getitem__ would resolve the backend and warn for
     # deprecated keys.
-    original = getattr(matplotlib, "rcParamsOrig", None) or matplotlib.rcParamsDefault
-    return {k: v for k, v in dict.items(original) if k not in _RC_SKIP}
+    return {k: v for k, v in dict.items(matplotlib.rcParams) if k not in _RC_SKIP}
 
 
 def _rc_default() -> Any:
     import matplotlib
 
-    return {k: v for k, v in dict.items(matplotlib.rcParamsOrig) if k not in _RC_SKIP}
+    original = getattr(matplotlib, "rcParamsOrig", None) or matplotlib.rcParamsDefault
+    return {k: v for k, v in dict.items(original) if k not in _RC_SKIP}
 
 
 def _rc_set(values: Any) -> None:
