@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import logging
 import os
 import site
 import stat
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["HASH_LIMIT", "changed", "fingerprints", "named_paths", "recording"]
+
+logger = logging.getLogger("notebook_flow")
 
 #: Files up to this size are fingerprinted by content (xxh3, GB/s); bigger ones by size
 #: and modification time.
@@ -51,6 +54,13 @@ _installed = False
 def _hook(event: str, args: tuple[Any, ...]) -> None:
     if not _active:
         return
+    try:
+        _note(event, args)
+    except Exception:  # an audit hook that raises fails the operation it audits: never
+        logger.debug("cannot note a read (%s)", event, exc_info=True)
+
+
+def _note(event: str, args: tuple[Any, ...]) -> None:
     if event == "open":
         path, mode, flags = args[0], args[1], args[2] if len(args) > 2 else 0
         if isinstance(mode, str):
