@@ -33,7 +33,6 @@ from notebook_flow.errors import (
     CommitError,
     PayloadCorruptError,
     SerializationError,
-    SignatureError,
 )
 from notebook_flow.serializers import Serializer, new_signer, verify_signature
 
@@ -124,25 +123,16 @@ def inline_payload(
     except Exception:  # declined, or fails: the regular path decides and reports
         return None
     data = buf.getvalue()
-    signature = None
     signer = _signer(store, key, serializer)
-    if signer is not None:
-        signer.update(data)
-        signature = signer.hexdigest()
+    signer.update(data)
+    signature = signer.hexdigest()
     checksum = xxhash.xxh3_128_hexdigest(data)
     return len(data), checksum, signature, base64.b64encode(data).decode("ascii")
 
 
 def _signer(store: ResultStore, key: str, serializer: Serializer) -> Any:
-    """An HMAC signer for a pickled payload of a signing store, else None."""
-    if not (serializer.pickles and store.signing):
-        return None
-    try:
-        signing_key = store._signing_key()
-    except SignatureError as exc:
-        raise CommitError(str(exc)) from exc
-    assert signing_key is not None
-    return new_signer(signing_key, key, serializer.name)
+    """The HMAC signer of a payload of ``key`` in ``serializer``'s format."""
+    return new_signer(store._signing_key(), key, serializer.name)
 
 
 def write_payload(
@@ -199,7 +189,7 @@ def write_payload(
             st = os.stat(store._path(rel))
             _localfs.remember_verified(_localfs.file_identity(st), checksum)
             seal = _localfs.seal_of(st)
-    return rel, sink.size, checksum, signer.hexdigest() if signer else None, seal
+    return rel, sink.size, checksum, signer.hexdigest(), seal
 
 
 def read_payload(store: ResultStore, manifest: Manifest) -> bytes:
@@ -212,31 +202,46 @@ def read_payload(store: ResultStore, manifest: Manifest) -> bytes:
 
 
 def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, mac: Any) -> object:
-    path = store._path(manifest.payload)
+    """Load a local payload, verified unless this very file was verified before.
+
+    The manifest is authenticated (its ``mac``), so its seal and checksum are the writer's:
+    a file whose identity matches the seal (this boot, same inode, size, mtime and ctime,
+    which no write leaves unchanged) or one this process already verified needs no re-read.
+    Any other is read once, mapped, for its size, checksum and HMAC.
+    """
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, or handed on
-    except FileNotFoundError:
+        fd = files.open_local(store, manifest.payload)
+    except FileNotFoundError:  # also a symlink, FIFO or device: never opened
         raise missing(store, manifest) from None
     except OSError as exc:
         raise PayloadCorruptError(f"cannot read {what(store, manifest)}: {exc}") from exc
-    with f:
+    with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         identity = _localfs.file_identity(st)
         known = _localfs.verified_checksum(identity)
-        if mac is not None or (
-            known != manifest.checksum
-            and (manifest.seal is None or manifest.seal != _localfs.seal_of(st))
+        if known != manifest.checksum and (
+            manifest.seal is None or manifest.seal != _localfs.seal_of(st)
         ):
             check(store, manifest, st.st_size, None)
             # One pass over the mapped file feeds both digests; xxh3 runs at >10 GB/s.
             with _localfs.mapped(f, st.st_size) as view:
                 check(store, manifest, st.st_size, xxhash.xxh3_128_hexdigest(view))
-                if mac is not None:
-                    mac.update(view)
-                    verify_signature(mac, manifest.signature, what=what(store, manifest))
+                mac.update(view)
+                verify_signature(mac, manifest.signature, what=what(store, manifest))
         if known != manifest.checksum:  # verified now, or sealed at commit
             _localfs.remember_verified(identity, manifest.checksum)
-        return deserialize(store, serializer, f, path, manifest)
+        # Formats that map the file by path get this descriptor's path, so they map the
+        # file just verified, even if the name was replaced meanwhile.
+        return deserialize(store, serializer, f, _fd_path(fd, store._path(manifest.payload)), manifest)
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens the file behind ``fd`` (Linux ``/proc/self/fd``), else ``path``."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if _HAVE_PROC_FD else path
+
+
+_HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def deserialize(
