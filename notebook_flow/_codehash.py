@@ -32,6 +32,7 @@ from typing import Any, Final, Literal
 
 import xxhash
 
+from ._imports import imported
 from .errors import UnhashableError
 
 logger = logging.getLogger("notebook_flow")
@@ -166,7 +167,7 @@ def is_immutable(value: object, depth: int = 0) -> bool:
         return depth < 20 and all(is_immutable(v, depth + 1) for v in value)  # type: ignore[attr-defined]
     if f"{t.__module__}.{t.__qualname__}" in _IMMUTABLE_NAMES:
         return True
-    numpy = sys.modules.get("numpy")
+    numpy = imported("numpy")  # never a half-imported numpy
     return numpy is not None and isinstance(value, numpy.generic)
 
 
@@ -261,7 +262,7 @@ def package_component(top: str) -> tuple[str, str]:
     The version of the *loaded* module (``__version__``) wins over the installed metadata:
     after a ``pip install -U`` in a running kernel the old code still runs.
     """
-    module = sys.modules.get(top)
+    module = imported(top)  # (cached: never the version of a half-imported package)
     version = getattr(module, "__version__", None)
     if not isinstance(version, str):
         version = _installed_version(top)

@@ -26,8 +26,8 @@ pickle     anything cloudpickle can pickle             ``pickles=True``: loaded 
 >>> choose_serializer((1, 2)).name     # a tuple would come back from JSON as a list
 'pickle'
 
-Type checks look in ``sys.modules`` first, so choosing a format for a plain value never
-imports numpy, pandas or pyarrow.
+Type checks look for libraries already imported (``_imports.imported``: never a half-imported
+one), so choosing a format for a plain value never imports numpy, pandas or pyarrow.
 """
 
 from __future__ import annotations
@@ -37,13 +37,12 @@ import hmac
 import io
 import json
 import logging
-import os
 import pickle
 import re
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
+from ._imports import imported
 from .errors import ConfigurationError, SerializationError, SignatureError
 
 if TYPE_CHECKING:
@@ -129,7 +128,7 @@ class NpySerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        np = sys.modules.get("numpy")
+        np = imported("numpy")
         if np is None or type(value) not in (np.ndarray, np.memmap):
             return False
         return not value.dtype.hasobject  # type: ignore[attr-defined]
@@ -181,7 +180,7 @@ class ParquetSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pd = sys.modules.get("pandas")
+        pd = imported("pandas")
         return pd is not None and type(value) in (pd.DataFrame, pd.Series)
 
     def dump(self, value: object, file: BinaryIO) -> None:
@@ -345,7 +344,7 @@ class ArrowSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pa = sys.modules.get("pyarrow")
+        pa = imported("pyarrow")
         return pa is not None and type(value) is pa.Table
 
     def dump(self, value: object, file: BinaryIO) -> None:

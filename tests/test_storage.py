@@ -398,9 +398,7 @@ class StorageContract:
         with pytest.raises(SignatureError, match="not signed with this process's key"):
             other.load(m)
 
-    def test_wrong_payload_signature_refused(
-        self, make_store: Callable[..., ResultStore]
-    ) -> None:
+    def test_wrong_payload_signature_refused(self, make_store: Callable[..., ResultStore]) -> None:
         store = make_store(signing_key=SECRET)
         m = commit(store, KEY, (1, 2))
         bad = dataclasses.replace(m, signature="0" * 64, seal=None, mac=None)

@@ -232,7 +232,8 @@ def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, m
             _localfs.remember_verified(identity, manifest.checksum)
         # Formats that map the file by path get this descriptor's path, so they map the
         # file just verified, even if the name was replaced meanwhile.
-        return deserialize(store, serializer, f, _fd_path(fd, store._path(manifest.payload)), manifest)
+        path = _fd_path(fd, store._path(manifest.payload))
+        return deserialize(store, serializer, f, path, manifest)
 
 
 def _fd_path(fd: int, path: str) -> str:

@@ -57,9 +57,7 @@ FIX = (
 
 def sign(store: ResultStore, manifest: Manifest) -> Manifest:
     """``manifest`` with its ``mac`` set by this store's key."""
-    return dataclasses.replace(
-        manifest, mac=manifest_mac(store._signing_key(), manifest.fields())
-    )
+    return dataclasses.replace(manifest, mac=manifest_mac(store._signing_key(), manifest.fields()))
 
 
 def verified(store: ResultStore, manifest: Manifest) -> bool:

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import sys
 import threading
 import time
 import traceback
@@ -24,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from notebook_flow import _identity, config
+from notebook_flow._imports import imported
 from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
     CommitError,
@@ -562,7 +562,7 @@ def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, c
 
 def _background_eligible(t: Task[Any, Any], value: Any) -> bool:
     """A large array of plain values, stored as ``npy``: a copy snapshots it exactly."""
-    np = sys.modules.get("numpy")
+    np = imported("numpy")  # never a half-imported numpy
     if np is None or type(value) is not np.ndarray:
         return False
     if value.dtype.hasobject or value.nbytes < behind.MIN_BYTES:
