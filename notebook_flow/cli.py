@@ -48,6 +48,7 @@ __all__ = ["EXTENSIONS", "clear_entries", "main", "run_notebook"]
 EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
+    "key": "notebook_flow.keycli:register",
 }
 
 Handler = Callable[[argparse.Namespace], int]
