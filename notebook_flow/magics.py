@@ -269,14 +269,14 @@ class FlowMagics(Magics):
         if changes:
             try:
                 config.configure(**changes)
+            except ValueError as exc:  # ConfigurationError (also a TypeError for a bad type)
+                raise UsageError(str(exc)) from None
             except TypeError:
                 raise UsageError(f"unknown setting among {', '.join(changes)}") from None
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
         s = config.settings()
         for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses"):
             print(f"{field} = {getattr(s, field)!r}")
-        print(f"signing = {'on' if s.signing_key else 'off'}")
+        print("signing = on (always; key from configure)" if s.signing_key else "signing = on")
 
     def _flow_dashboard(self, rest: list[str]) -> Any:
         try:

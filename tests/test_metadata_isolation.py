@@ -98,3 +98,34 @@ def test_storable_returns_clean_records_unchanged() -> None:
     e = ev(1, tags=("a", "b"))
     assert storable(e) is e
     assert storable_text("plain") == "plain" and storable_text("é") == "é"
+
+
+def test_task_history_is_complete_with_surrogates_in_names_tags_and_errors() -> None:
+    import notebook_flow as nf
+    from notebook_flow.cache_policies import NONE
+    from notebook_flow.errors import ConfigurationTypeError
+
+    @nf.task(name=f"load {SURROGATE}", tags=[SURROGATE, "ok"], cache_policy=NONE)
+    def odd(x: int) -> int:
+        return x
+
+    @nf.task(name="fails", cache_policy=NONE)
+    def fails(x: int) -> int:
+        raise FileNotFoundError(f"no such file: {SURROGATE}")
+
+    @nf.task(name="plain", cache_policy=NONE)
+    def plain(x: int) -> int:
+        return x
+
+    for i in range(13):
+        assert odd(i) == plain(i) == i
+        with pytest.raises(FileNotFoundError):
+            fails(i)
+    df = nf.history(limit=1000)
+    assert len(df) == 39  # nobody's runs lost (was 0 of 41)
+    assert set(df.task) == {"load data_\\udcff.csv", "fails", "plain"}
+    assert df[df.task == "fails"].error.str.contains("data_\\udcff", regex=False).all()
+    with pytest.raises(ConfigurationTypeError, match="tags"):
+        nf.task(tags=[1, None])(plain.fn)
+    with pytest.raises(ConfigurationTypeError, match="name"):
+        nf.task(name=123)(plain.fn)  # type: ignore[call-overload]
