@@ -30,6 +30,7 @@ import logging
 import os
 import stat
 import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("notebook_flow")
 
 _warned: set[str] = set()
+# (id, key) → a manifest object verified under that key, while it lives (see verified()).
+_seen: weakref.WeakValueDictionary[tuple[int, bytes], Manifest] = weakref.WeakValueDictionary()
 _warned_lock = threading.Lock()
 
 FIX = (
@@ -61,11 +64,20 @@ def sign(store: ResultStore, manifest: Manifest) -> Manifest:
 
 
 def verified(store: ResultStore, manifest: Manifest) -> bool:
-    """True when the manifest's ``mac`` verifies under this store's key."""
+    """True when the manifest's ``mac`` verifies under this store's key.
+
+    A manifest object verified once (by ``lookup``) is remembered for as long as it lives,
+    so the ``load`` that follows does not compute the mac again. Manifests are frozen.
+    """
     if manifest.mac is None:
         return False
-    expected = manifest_mac(store._signing_key(), manifest.fields())
-    return hmac.compare_digest(expected, manifest.mac)
+    key = store._signing_key()
+    if _seen.get((id(manifest), key)) is manifest:
+        return True
+    if not hmac.compare_digest(manifest_mac(key, manifest.fields()), manifest.mac):
+        return False
+    _seen[(id(manifest), key)] = manifest
+    return True
 
 
 def accept(store: ResultStore, manifest: Manifest, rel: str, data: bytes) -> Manifest | None:
