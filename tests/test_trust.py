@@ -410,3 +410,21 @@ def test_signing_key_env_shares_a_key(tmp_path: Path, monkeypatch: pytest.Monkey
     commit(store, KEY, {"x": 1})
     monkeypatch.setenv(signing.CONFIG_DIR_ENV, str(tmp_path / "other-user"))
     assert ResultStore(str(tmp_path / "s")).lookup(KEY) is not None  # the variable wins
+
+
+def test_symlinked_metadata_file_is_not_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    victim = tmp_path / "victim.db"
+    victim.write_bytes(b"precious")
+    (root / "metadata.duckdb").symlink_to(victim)
+    monkeypatch.setenv("NOTEBOOK_FLOW_CACHE_DIR", str(tmp_path / "cache"))
+    store = ResultStore(str(root))
+    path = store.metadata_path()
+    assert path.startswith(str(tmp_path / "cache"))
+    (root / "locks").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(OSError, match="symlink"):
+        store.local_dir("locks")
+    assert victim.read_bytes() == b"precious"

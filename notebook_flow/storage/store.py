@@ -197,6 +197,8 @@ class ResultStore:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the local folder {path}: {exc}") from exc
+        if os.path.islink(path):  # never create files through a link planted in the store
+            raise StorageError(f"{path} is a symlink; notebook_flow does not follow it. Remove it.")
         return path
 
     def metadata_path(self) -> str:
@@ -208,23 +210,38 @@ class ResultStore:
         base = self._local_base()
         with contextlib.suppress(OSError):
             os.makedirs(base, exist_ok=True)
-        return os.path.join(base, "metadata.duckdb")
+        path = os.path.join(base, "metadata.duckdb")
+        planted = [p for p in (path, path + ".wal", path + ".lock") if os.path.islink(p)]
+        if planted and self.local_root is not None:
+            # A link in a shared store would make DuckDB write wherever it points: keep the
+            # index in this user's cache folder instead (as for remote stores).
+            logger.warning(
+                "%s is a symlink; the metadata index of %s is kept in your cache folder "
+                "instead. Remove the link to keep it in the store.",
+                planted[0],
+                self.url,
+            )
+            base = self._cache_base()
+            with contextlib.suppress(OSError):
+                os.makedirs(base, exist_ok=True)
+            path = os.path.join(base, "metadata.duckdb")
+        return path
 
     def _local_base(self) -> str:
-        if self.local_root is not None:
-            base = self.local_root
-        else:
-            cache = os.environ.get(CACHE_DIR_ENV) or os.path.join(
-                os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                "notebook_flow",
-            )
-            # The endpoint is part of the identity: two servers may both have s3://bucket.
-            ident = self.url
-            endpoint = self._storage_options.get("client_kwargs", {}).get("endpoint_url")
-            if endpoint:
-                ident += f"\0{endpoint}"
-            base = os.path.join(cache, xxhash.xxh3_64_hexdigest(ident.encode()))
-        return base
+        return self.local_root if self.local_root is not None else self._cache_base()
+
+    def _cache_base(self) -> str:
+        """This store's folder in the user's cache (local files of remote stores)."""
+        cache = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+            "notebook_flow",
+        )
+        # The endpoint is part of the identity: two servers may both have s3://bucket.
+        ident = self.url
+        endpoint = self._storage_options.get("client_kwargs", {}).get("endpoint_url")
+        if endpoint:
+            ident += f"\0{endpoint}"
+        return os.path.join(cache, xxhash.xxh3_64_hexdigest(ident.encode()))
 
     # -- read path -------------------------------------------------------------------------
 
@@ -270,6 +287,7 @@ class ResultStore:
         head, tail = os.path.split(path)
         tmp = os.path.join(head, f".{tail}.{secrets.token_hex(4)}.tmp")  # remove_orphans: temp
         try:
+            files.check_local_folder(self, _GENERATION_REL)  # not through a planted symlink
             # A new inode each time: the stamp changes whatever the clock's granularity. No
             # fsync: the file only signals processes running now.
             with open(tmp, "w", encoding="ascii") as f:
