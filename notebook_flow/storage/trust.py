@@ -160,8 +160,8 @@ def resign(store: ResultStore, manifest: Manifest, rel: str, data: bytes) -> Man
             return None
         body = signed.to_json()
         files.write_atomic(store, rel, lambda write: write(memoryview(body)))
-    except OSError as exc:
-        logger.info("legacy entry %s not re-signed: %s", rel, exc)
-        return None
+    except OSError as exc:  # (a read-only store: trusted now, checked again next time)
+        logger.info("legacy entry %s verified but not rewritten: %s", rel, exc)
+        return signed
     logger.info("re-signed the legacy entry %s in %s (a private local store)", rel, store.url)
     return signed
