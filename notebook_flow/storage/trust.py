@@ -16,6 +16,10 @@ symlink). Its payload is then verified against its checksum and signed. Anywhere
 object stores, shared or group-writable folders — an unsigned entry is a miss, and the
 first recomputation replaces it with a signed one.
 
+What a writer without the key *can* still do: delete entries (a miss), or put back an
+older signed entry of the same key and task (a result this task did compute for these
+inputs; its own expiry still applies).
+
 Entries signed with another key (a teammate's) are misses too. Every store warns once per
 process, naming the fix: share one key (``notebook-flow key show`` / ``key import`` or
 ``$NOTEBOOK_FLOW_SIGNING_KEY``).
