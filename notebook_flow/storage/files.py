@@ -10,12 +10,13 @@ root is opened with ``O_NOFOLLOW`` (a symlinked ``manifests/ab`` is refused, nev
 followed out of the store), the file itself with ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO or
 device cannot block the open), and ``fstat`` must say "regular file" before one byte is
 read. ``open_local`` hands back the descriptor so that the checks and the read see the same
-file.
+file; ``remove`` reaches the file through folder descriptors opened with ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
@@ -67,26 +68,27 @@ def open_local(store: ResultStore, rel: str) -> int:
     """A read-only descriptor of the regular file ``rel`` of a local store.
 
     Raises ``NotRegularFile`` (a ``FileNotFoundError``: callers see a missing file) for a
-    symlink anywhere below the root, a FIFO, a device or a folder.
+    symlink (the file, or a folder below the root), a FIFO, a device or a folder. One open
+    and two ``lstat`` calls: reads are on the miss and cold-hit paths (what is read is
+    authenticated anyway; removals walk the folders by descriptor, see ``remove``).
     """
-    parent, name = _open_parent(store, rel)
+    path = store._path(rel)
     try:
-        try:
-            fd = os.open(
-                name,
-                os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                dir_fd=parent,
-            )
-        except OSError as exc:
-            if os.path.islink(store._path(rel)):  # O_NOFOLLOW's ELOOP
-                raise NotRegularFile(f"{rel} is a symlink; it was not followed") from exc
-            raise
-    finally:
-        os.close(parent)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise NotRegularFile(f"{rel} is a symlink; it was not followed") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{rel} is not a regular file; it was not read")
+        parts = rel.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            if stat.S_ISLNK(os.lstat(os.path.join(store._root, *parts[:i])).st_mode):
+                raise NotRegularFile(f"{rel}: a folder of the store is a symlink; not followed")
+    except BaseException:
         os.close(fd)
-        raise NotRegularFile(f"{rel} is not a regular file; it was not read")
+        raise
     return fd
 
 
