@@ -181,8 +181,9 @@ def storable_text(value: object) -> str:
     """``value`` as text that UTF-8 can encode: lone surrogates become ``\\udcff`` escapes,
     a non-str its ``str()``.
 
-    >>> storable_text("data_\udcff.csv"), storable_text(12)
-    ('data_\\udcff.csv', '12')
+    >>> import os
+    >>> storable_text(os.fsdecode(b"data_\\xff.csv")), storable_text(12)
+    ('data_\\\\udcff.csv', '12')
     """
     if type(value) is not str:
         try:
