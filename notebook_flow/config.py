@@ -13,6 +13,7 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_CONFIG_DIR``   folder of that key file (default ~/.config/notebook_flow)
 ``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
 ``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30; finite, > 0)
+``NOTEBOOK_FLOW_AUTO_CELLS``   ``1``: cache every code cell as if it began with ``%%task``
 =============================  ====================================================
 
 Every value is checked when it is read or passed (:mod:`notebook_flow.options`): a bad one
@@ -50,6 +51,7 @@ class Settings:
     lock_timeout: float | None = None
     log_misses: bool = True
     background_commits: bool = True
+    auto_cells: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -62,7 +64,17 @@ class Settings:
             signing_key=env_signing_key(),  # at least 16 bytes, or a ConfigurationError
             workers=options.env_count("NOTEBOOK_FLOW_WORKERS", 8),
             lock_lease=options.env_seconds("NOTEBOOK_FLOW_LOCK_LEASE", 30.0),
+            auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
         )
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"environment variable {name}={raw!r} must be 1 or 0")
 
 
 _lock = threading.RLock()
@@ -94,6 +106,7 @@ def configure(
     lock_timeout: float | None = None,
     log_misses: bool | None = None,
     background_commits: bool | None = None,
+    auto_cells: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
@@ -128,6 +141,8 @@ def configure(
         changes["log_misses"] = options.boolean("log_misses", log_misses)
     if background_commits is not None:
         changes["background_commits"] = options.boolean("background_commits", background_commits)
+    if auto_cells is not None:
+        changes["auto_cells"] = options.boolean("auto_cells", auto_cells)
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

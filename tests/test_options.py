@@ -159,6 +159,7 @@ CONFIGURE_BAD: list[tuple[str, Any, type[Exception]]] = [
     ("lock_timeout", -1, ConfigurationError),
     ("log_misses", "yes", ConfigurationTypeError),
     ("background_commits", 1, ConfigurationTypeError),
+    ("auto_cells", "yes", ConfigurationTypeError),
 ]
 
 CONFIGURE_GOOD: list[tuple[str, Any]] = [
@@ -173,6 +174,7 @@ CONFIGURE_GOOD: list[tuple[str, Any]] = [
     ("lock_timeout", 0),
     ("log_misses", False),
     ("background_commits", False),
+    ("auto_cells", True),
 ]
 
 
@@ -206,6 +208,7 @@ def test_good_configure_option_is_accepted(option: str, value: Any) -> None:
         ("NOTEBOOK_FLOW_WORKERS", "0"),
         ("NOTEBOOK_FLOW_WORKERS", "2.5"),
         ("NOTEBOOK_FLOW_SIGNING_KEY", "x"),
+        ("NOTEBOOK_FLOW_AUTO_CELLS", "maybe"),
     ],
 )
 def test_bad_environment_variable_is_refused(
