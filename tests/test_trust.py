@@ -428,3 +428,14 @@ def test_symlinked_metadata_file_is_not_written_through(
     with pytest.raises(OSError, match="symlink"):
         store.local_dir("locks")
     assert victim.read_bytes() == b"precious"
+
+
+def test_a_loaded_memmap_names_the_store_file_not_a_descriptor(tmp_path: Path) -> None:
+    """The payload is mapped through the descriptor just verified; the array still names
+    the store's file (a descriptor path would die, and its number be reused)."""
+    store = ResultStore(str(tmp_path / "s"))
+    m = commit(store, KEY, np.arange(100_000, dtype=float))
+    _localfs.forget_verified()
+    loaded = store.load(store.lookup(KEY))
+    assert isinstance(loaded, np.memmap)
+    assert loaded.filename == store._path(m.payload)

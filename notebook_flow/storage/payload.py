@@ -249,8 +249,14 @@ def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, m
             _localfs.remember_verified(identity, manifest.checksum)
         # Formats that map the file by path get this descriptor's path, so they map the
         # file just verified, even if the name was replaced meanwhile.
-        path = _fd_path(fd, store._path(manifest.payload))
-        return deserialize(store, serializer, f, path, manifest)
+        real = store._path(manifest.payload)
+        path = _fd_path(fd, real)
+        value = deserialize(store, serializer, f, path, manifest)
+    if path != real and getattr(value, "filename", None) == path:
+        # A np.memmap names its file; the descriptor's path dies (and its number is reused)
+        # when we return, so it names the store's file, as np.load(real) would have.
+        value.filename = real  # type: ignore[attr-defined]
+    return value
 
 
 def _fd_path(fd: int, path: str) -> str:
