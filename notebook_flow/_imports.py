@@ -1,19 +1,12 @@
-"""Look up an imported library without ever seeing it half-imported.
+"""Looking up a library that may be loaded, without ever seeing it half-imported.
 
-``sys.modules`` holds a module from the moment its import *starts*. While another thread
-is still running ``import pandas`` (the metadata recorder does, on the first cache hit of a
-process), ``sys.modules["pandas"]`` exists but has no ``DataFrame`` yet: a type check that
-trusts ``sys.modules.get`` then fails with ``AttributeError: partially initialized module``.
-``imported(name)`` returns a module only once its import has finished: if another thread
-is importing it, it waits for that import (through the import system's own per-module
-lock, which detects deadlocks); in the importing thread itself it returns None.
-
-It never starts an import: a library nobody imported is None, so checking the type of a
-plain value costs no import.
-
->>> import json
->>> imported("json") is json, imported("surely_not_imported_module_xyz")
-(True, None)
+Code that handles numpy arrays or DataFrames only when those libraries are in use asks
+``sys.modules`` rather than importing them (``import notebook_flow`` must stay fast). But
+``sys.modules`` holds a module from the moment its import *starts*: while another thread
+imports pandas (the metadata recorder does, through DuckDB, on a cold process's first
+``submit``), ``sys.modules.get("pandas")`` returns a module without ``DataFrame`` yet — an
+``AttributeError``, or a wrong answer cached for good. :func:`loaded` waits for such an
+import to finish instead (DESIGN §7: a cold process behaves like a warm one).
 """
 
 from __future__ import annotations
@@ -22,22 +15,28 @@ import importlib
 import sys
 from types import ModuleType
 
-__all__ = ["imported"]
+__all__ = ["loaded"]
 
 
-def imported(name: str) -> ModuleType | None:
-    """The module ``name`` if it is fully imported (waiting for an import in progress)."""
+def loaded(name: str) -> ModuleType | None:
+    """The module ``name`` if it is imported (or being imported by another thread: then
+    once that import has finished), else None. Never imports a module that nobody asked for.
+
+    >>> loaded("sys") is sys
+    True
+    >>> loaded("a_module_nobody_imported") is None
+    True
+    """
     module = sys.modules.get(name)
-    if module is None or not _initializing(module):
-        return module
-    try:
-        # The import system sees the module initializing, takes its lock (so waits for
-        # the importing thread to finish) and hands back the finished module.
-        module = importlib.import_module(name)
-    except Exception:  # the other thread's import failed: the library is not there
+    if module is None:
         return None
-    return None if _initializing(module) else module
-
-
-def _initializing(module: ModuleType) -> bool:
-    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+    spec = getattr(module, "__spec__", None)
+    if spec is not None and getattr(spec, "_initializing", False):
+        # The import system sets _initializing while the module's code runs, and its
+        # per-module lock makes a second import wait for the first (in the importing
+        # thread itself, this returns the module as it stands: no deadlock).
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            return None
+    return module

@@ -254,9 +254,7 @@ class FlowMagics(Magics):
         from .futures import wait
 
         done, not_done = wait(futures, timeout=timeout)
-        failed = sum(
-            1 for f in done if getattr(f, "state", None) is not None and str(f.state) == "FAILED"
-        )
+        failed = sum(1 for f in done if f.state.is_failed())
         print(f"{len(done)} finished ({failed} failed), {len(not_done)} still running")
 
     def _flow_locks(self, rest: list[str]) -> Any:

@@ -134,7 +134,7 @@ def tag_tuple(value: object) -> tuple[str, ...]:
 def retry_delays(value: object) -> None:
     """``retry_delay_seconds``: seconds >= 0, a list of them, or a callable (checked by the
     caller, which calls it once with ``retries``)."""
-    if callable(value):
+    if value is None or callable(value):  # None: Prefect's "the default" (no delay)
         return
     if isinstance(value, (list, tuple)):
         for item in value:
@@ -247,11 +247,14 @@ def validate_task(**options: Any) -> None:
                 f"retry_delay_seconds={_shown(delays)} failed when called with "
                 f"retries={retries}: {type(exc).__name__}: {exc}"
             ) from exc
-        if not isinstance(produced, (list, tuple)):
+        if not (isinstance(produced, (list, tuple)) or _is_number(produced)):
             raise _refuse(
-                "retry_delay_seconds", delays, "a callable returning a list of seconds >= 0"
+                "retry_delay_seconds",
+                delays,
+                "a callable returning seconds >= 0 or a list of them",
+                wrong_type=True,
             )
-        for item in produced:
+        for item in produced if isinstance(produced, (list, tuple)) else [produced]:
             seconds("retry_delay_seconds", item, zero=True)
 
 

@@ -26,7 +26,7 @@ pickle     anything cloudpickle can pickle             ``pickles=True``: loaded 
 >>> choose_serializer((1, 2)).name     # a tuple would come back from JSON as a list
 'pickle'
 
-Type checks look for libraries already imported (``_imports.imported``: never a half-imported
+Type checks look for libraries already imported (``_imports.loaded``: never a half-imported
 one), so choosing a format for a plain value never imports numpy, pandas or pyarrow.
 """
 
@@ -42,7 +42,8 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
-from ._imports import imported
+from notebook_flow._imports import loaded
+
 from .errors import ConfigurationError, SerializationError, SignatureError
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ class NpySerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        np = imported("numpy")
+        np = loaded("numpy")
         if np is None or type(value) not in (np.ndarray, np.memmap):
             return False
         return not value.dtype.hasobject  # type: ignore[attr-defined]
@@ -180,7 +181,7 @@ class ParquetSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pd = imported("pandas")
+        pd = loaded("pandas")
         return pd is not None and type(value) in (pd.DataFrame, pd.Series)
 
     def dump(self, value: object, file: BinaryIO) -> None:
@@ -344,7 +345,7 @@ class ArrowSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pa = imported("pyarrow")
+        pa = loaded("pyarrow")
         return pa is not None and type(value) is pa.Table
 
     def dump(self, value: object, file: BinaryIO) -> None:

@@ -82,6 +82,8 @@ TASK_GOOD: list[tuple[str, Any]] = [
     ("retry_delay_seconds", 0.5),
     ("retry_delay_seconds", [1, 10, 60]),
     ("retry_delay_seconds", exponential_backoff(2)),
+    ("retry_delay_seconds", None),
+    ("retry_delay_seconds", lambda n: 3),
     ("retry_jitter_factor", 0.5),
     ("retry_condition_fn", lambda task, run, exc: True),
     ("timeout_seconds", 5),
