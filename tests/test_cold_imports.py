@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from notebook_flow._imports import imported
+from notebook_flow._imports import loaded
 
 PYTHON = sys.executable
 
@@ -124,7 +124,7 @@ def test_fingerprint_while_a_thread_imports_numpy(python_env: dict[str, str]) ->
     assert raced >= 1
 
 
-def test_imported_never_starts_an_import() -> None:
-    assert imported("json") is sys.modules["json"]
-    assert imported("no_such_module_for_notebook_flow") is None
+def test_loaded_never_starts_an_import() -> None:
+    assert loaded("json") is sys.modules["json"]
+    assert loaded("no_such_module_for_notebook_flow") is None
     assert "no_such_module_for_notebook_flow" not in sys.modules
