@@ -145,7 +145,7 @@ class FlowMagics(Magics):
         %flow wait [--timeout S]            wait for the tasks submitted from this kernel
         %flow locks                         locks held now
         %flow config [key=value ...]        show or change settings (store=..., workers=...)
-        %flow dashboard                     open the dashboard
+        %flow dashboard [--server]          open the dashboard (--server: on 127.0.0.1)
         %flow explain [NAME]                why the last run of a cell (or task) missed
 
         ``%%task`` caches a cell: see ``%%task?``.
@@ -284,7 +284,7 @@ class FlowMagics(Magics):
         except ImportError:
             print("the dashboard is not available in this version")
             return None
-        return show(inline="--inline" in rest)
+        return show(server="--server" in rest)
 
     def _flow_explain(self, rest: list[str]) -> None:
         runner = self._runner

@@ -1,0 +1,354 @@
+"""The dashboard and the live map status in a real JupyterLab, seen by headless Chromium
+that can reach the Jupyter server's port and nothing else.
+
+The browser's only way out is a small HTTP proxy started by the test (``PortGate``), with
+loopback *not* bypassed (``<-loopback>``): it forwards requests and websocket tunnels to
+the Jupyter server's port and refuses every other host or port, logging each refusal. The
+kernel's own loopback ports (its zmq sockets, any server it might start) are therefore
+unreachable from the page — what a browser on another machine (JupyterHub, a tunnel,
+Codespaces) sees. The tests assert that the gate refused nothing the page needed and that
+the views rendered and updated anyway.
+
+Screenshots of every tab, of a running map and of the launcher go to
+``test-output/dashboard-lab/`` for a person to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-output" / "dashboard-lab"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.kernel,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the gate ------------------------------------------------------------------------------------
+
+
+class PortGate:
+    """An HTTP proxy on 127.0.0.1 that lets the browser reach ``allowed`` (host, port) only.
+
+    Plain requests (absolute-form) are forwarded with ``Connection: close``; ``CONNECT``
+    (what Chromium uses for websockets through a proxy) becomes a tunnel. Everything else
+    gets 403 and lands in ``refused``.
+    """
+
+    def __init__(self, allowed: tuple[str, int]) -> None:
+        self.allowed = allowed
+        self.refused: list[str] = []
+        self.forwarded = 0
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._server.getsockname()[1])
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        try:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            header, _, rest = head.partition(b"\r\n\r\n")
+            lines = header.decode("latin-1").split("\r\n")
+            method, target, version = lines[0].split(" ", 2)
+            if method == "CONNECT":
+                host, _, port = target.rpartition(":")
+                path = ""
+            else:
+                m = re.match(r"http://([^/:]+)(?::(\d+))?(/.*)?$", target)
+                if m is None:
+                    raise ValueError(target)
+                host, port, path = m.group(1), m.group(2) or "80", m.group(3) or "/"
+            if (host, int(port)) != self.allowed and not (
+                host == "localhost" and int(port) == self.allowed[1]
+            ):
+                self.refused.append(f"{method} {target}")
+                client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+                return
+            upstream = socket.create_connection(self.allowed, timeout=30)
+            upstream.settimeout(None)
+            self.forwarded += 1
+            if method == "CONNECT":
+                client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                if rest:
+                    upstream.sendall(rest)
+            else:
+                kept = [
+                    line
+                    for line in lines[1:]
+                    if not line.lower().startswith(("proxy-connection:", "connection:"))
+                ]
+                upgrade = any(line.lower().startswith("upgrade:") for line in lines[1:])
+                kept.append("Connection: Upgrade" if upgrade else "Connection: close")
+                request = "\r\n".join([f"{method} {path} {version}", *kept]) + "\r\n\r\n"
+                upstream.sendall(request.encode("latin-1") + rest)
+            _pipe(client, upstream)
+        except Exception:  # a browser hanging up mid-request is fine
+            pass
+        finally:
+            client.close()
+
+
+def _pipe(a: socket.socket, b: socket.socket) -> None:
+    try:
+        while True:
+            ready, _, _ = select.select([a, b], [], [], 300)
+            if not ready:
+                return
+            for s in ready:
+                data = s.recv(65536)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    finally:
+        b.close()
+
+
+# -- JupyterLab ----------------------------------------------------------------------------------
+
+
+def _get(url: str, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status), r.read(), dict(r.headers)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read(), dict(exc.headers)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """``jupyter lab`` on 127.0.0.1 with notebook_flow's extension and the server proxy."""
+    home = tmp_path_factory.mktemp("lab")
+    root = home / "root"
+    root.mkdir()
+    token = secrets.token_hex(16)
+    port = _free_port()
+    env = dict(os.environ)
+    env.update(
+        NOTEBOOK_FLOW_STORE=str(root / ".notebook_flow"),
+        JUPYTER_CONFIG_DIR=str(home / "config"),
+        JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+    )
+    extensions = {"jupyter_server_proxy": True, "notebook_flow.jupyter": True}
+    cmd = [
+        sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
+        "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}", f"--ServerApp.jpserver_extensions={extensions!r}",
+        "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]  # fmt: skip
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")
+    log_path = home / "jupyter.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if _get(f"{base}/api?token={token}", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("jupyter lab did not start:\n" + log_path.read_text())
+            time.sleep(0.2)
+        yield {
+            "base": base, "port": port, "token": token, "root": root, "proc": proc,
+            "log": log_path, "env": env,
+        }  # fmt: skip
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def gated_browser(lab) -> Iterator[tuple[Any, PortGate]]:
+    """Chromium whose every request goes through a ``PortGate`` open to Jupyter's port only."""
+    from playwright.sync_api import sync_playwright
+
+    gate = PortGate(("127.0.0.1", lab["port"]))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                *CHROMIUM_ARGS,
+                f"--proxy-server=http://127.0.0.1:{gate.port}",
+                "--proxy-bypass-list=<-loopback>",
+            ],
+        )
+        try:
+            yield browser, gate
+        finally:
+            browser.close()
+            gate.close()
+
+
+def write_notebook(path: Path, cells: list[str]) -> None:
+    nb = {
+        "cells": [
+            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [],
+             "execution_count": None}
+            for src in cells
+        ],  # fmt: skip
+        "metadata": {
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
+        },
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    path.write_text(json.dumps(nb))
+
+
+def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
+    context = browser.new_context(viewport={"width": 1300, "height": 1000})
+    page = context.new_page()
+    page.goto(f"{lab['base']}/lab/tree/{name}?token={lab['token']}", timeout=120_000)
+    page.wait_for_function(
+        "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+        " && window.jupyterapp.shell.currentWidget.sessionContext"
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session"
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+        " && window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+        " === 'idle'",
+        timeout=120_000,
+        polling=250,
+    )
+    return page
+
+
+def run_cell(page: Any, index: int) -> None:
+    """Select cell ``index`` of the open notebook and run it (without waiting)."""
+    page.evaluate(
+        """async (i) => {
+            const app = window.jupyterapp;
+            const panel = app.shell.currentWidget;
+            panel.content.activeCellIndex = i;
+            await app.commands.execute('notebook:run-cell');
+        }""",
+        index,
+    )
+
+
+def cell_output(page: Any, index: int) -> Any:
+    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-OutputArea")
+
+
+SETUP = '''\
+import time, threading
+import notebook_flow
+from notebook_flow import task
+%load_ext notebook_flow
+
+@task(name="square")
+def square(x):
+    return x * x
+
+@task(name="broken", retries=0)
+def broken(x):
+    raise ValueError(f"bad input {x}")
+
+for i in range(4):
+    square(i)
+square(1); square(2)
+try:
+    broken(7)
+except ValueError:
+    pass
+notebook_flow.config.get_metadata().flush(60)
+'''
+
+DASHBOARD = "%flow dashboard"
+
+MAP = '''\
+@task(name="slow_step")
+def slow_step(x):
+    time.sleep(0.4)
+    return x
+
+slow_step.map(range(4)).result()   # four cached before the map below
+futs = slow_step.map(range(16))
+futs
+'''
+
+
+def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
+    from playwright.sync_api import expect
+
+    browser, gate = gated_browser
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    write_notebook(lab["root"] / "demo.ipynb", [SETUP, DASHBOARD, MAP])
+    page = open_notebook(browser, lab, "demo.ipynb")
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    run_cell(page, 0)
+    run_cell(page, 1)
+    out = cell_output(page, 1)
+    try:
+        expect(out.locator("#kpi-runs .nf-kpi-value")).to_have_text("7", timeout=120_000)
+    finally:
+        page.screenshot(path=str(SHOTS / "debug.png"), full_page=True)
+        html = out.inner_html()
+        print(len(html), html[-3000:], gate.refused, errors)
+    page.wait_for_timeout(1000)
+    out.screenshot(path=str(SHOTS / "1-overview.png"))
+    run_cell(page, 2)
+    page.wait_for_timeout(3000)
+    cell_output(page, 2).screenshot(path=str(SHOTS / "map-running.png"))
+    page.wait_for_timeout(8000)
+    out.screenshot(path=str(SHOTS / "1-overview-later.png"))
+    cell_output(page, 2).screenshot(path=str(SHOTS / "map-done.png"))
+    print(gate.refused, gate.forwarded, errors)
