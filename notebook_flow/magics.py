@@ -205,13 +205,15 @@ class FlowMagics(Magics):
 
     def _flow_stats(self, rest: list[str]) -> None:
         from .api import stats
+        from .figures import format_saved
 
         s = stats()
         rate = "n/a" if s.get("hit_rate") is None else f"{s['hit_rate']:.0%}"
         print(
             f"runs {s['runs']} · hits {s['hits']} · misses {s['misses']} · hit rate {rate} · "
             f"failed {s['failures']} · crashed {s['crashed']}\n"
-            f"time saved {s['time_saved']:.1f} s · {s['entries']} stored results, "
+            f"time saved {format_saved(s['time_saved'], s['hits'])} · "
+            f"{s['entries']} stored results, "
             f"{_size(s['bytes_stored'])}"
         )
 

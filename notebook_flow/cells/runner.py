@@ -25,8 +25,8 @@ from notebook_flow.errors import (
     StorageError,
     UnhashableError,
 )
+from notebook_flow.figures import cached_summary, time_saved
 from notebook_flow.states import RunState
-from notebook_flow.states import format_seconds as _seconds
 
 from .analysis import CellAnalysis, _bound_by_import, analyze_cell
 from .capture import _Capture, _patch_instance, replay
@@ -207,11 +207,11 @@ class CellRunner:
         self._run_definitions(cell.analysis, variables)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
-        saved = max(manifest.duration - elapsed, 0.0)
+        saved = time_saved(manifest.duration, elapsed)
         self._badge(manifest, saved)
         self._record(cell, RunState.CACHED, duration=elapsed, saved=saved, size=manifest.size)
         self._report(
-            cell, "cached", [f"computed {_when(manifest.created_at)} in {manifest.duration:.3g} s"]
+            cell, "cached", [cached_summary(manifest.created_at, manifest.duration, saved)]
         )
         return None
 
@@ -244,7 +244,7 @@ class CellRunner:
                     pass
 
     def _badge(self, manifest: Manifest, saved: float) -> None:
-        text = f"✓ cached · computed {_when(manifest.created_at)} · saved {_seconds(saved)}"
+        text = f"✓ cached · {cached_summary(manifest.created_at, manifest.duration, saved)}"
         html = f'<small style="color:#6b7280">{text}</small>'
         self.shell.display_pub.publish(
             data={"text/plain": text, "text/html": html},
@@ -565,8 +565,3 @@ def _note(text: str) -> None:
     logger.info("%%%%task: %s", text)
     print(f"%%task: {text}", file=sys.stderr)
 
-
-def _when(epoch: float) -> str:
-    if time.strftime("%Y-%m-%d", time.localtime(epoch)) == time.strftime("%Y-%m-%d"):
-        return "today " + time.strftime("%H:%M:%S", time.localtime(epoch))
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from .app import Dashboard
 
-__all__ = ["InlineDashboard", "RECONNECT"]
+__all__ = ["RECONNECT", "InlineDashboard"]
 
 logger = logging.getLogger("notebook_flow")
 
