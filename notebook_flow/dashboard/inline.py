@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
 
-    from .app import Dashboard
-
 __all__ = ["RECONNECT", "InlineDashboard"]
 
 logger = logging.getLogger("notebook_flow")
@@ -56,14 +54,14 @@ class InlineDashboard:
     ) -> None:
         import panel as pn
 
-        from .app import build_dashboard
+        from .app import Dashboard
 
         # Bokeh's and Panel's JavaScript travel with the output rather than from a CDN: a
         # JupyterHub or a tunnel may have no way out to the internet.
         pn.extension("tabulator", inline=True)
         # Panel's own timer would only run while the kernel is idle: ours is a thread.
-        self.layout = build_dashboard(store, refresh_seconds=0)
-        self.dashboard: Dashboard = self.layout.dashboard
+        self.dashboard = Dashboard(store, refresh_seconds=0)
+        self.layout: Any = self.dashboard.layout
         self.dashboard.auto.value = refresh_seconds > 0
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IN_FLIGHT",
+    "LANES",
     "SORTS",
+    "WORKER_SQL",
     "Overview",
     "Page",
     "RunFilters",
@@ -60,8 +62,16 @@ BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 #: What a row of the runs table needs (not the traceback or inputs: those are per run).
 _RUN_COLUMNS = (
     "run_id, task, state, created, started, ended, duration, saved, attempt, host, pid, "
-    "kernel, notebook"
+    "kernel, notebook, cell"
 )
+#: How a worker (kernel or process) is named in tables: its host and pid, not a UUID.
+WORKER_SQL = "coalesce(host, '?') || ' · pid ' || coalesce(CAST(pid AS VARCHAR), '?')"
+#: What the timeline's lanes can be: the SQL of each.
+LANES = {
+    "task": "task",
+    "notebook": "coalesce(notebook, '(no notebook)')",
+    "worker": WORKER_SQL,
+}
 #: Runs drawn at most on the timeline (the most recent ones in the window).
 TIMELINE_LIMIT = 3000
 
@@ -174,6 +184,7 @@ class Source:
 
     store: ResultStore | None = None
     meta: MetadataStore = field(init=False)
+    _cache_columns: set[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from notebook_flow.config import get_metadata, get_store, wait_startup
@@ -186,6 +197,18 @@ class Source:
     def url(self) -> str:
         assert self.store is not None
         return str(self.store.url)
+
+    @property
+    def project_dir(self) -> str | None:
+        """The folder that holds a local store (notebook paths are shown relative to it)."""
+        import os
+
+        url = self.url
+        if url.startswith("file://"):
+            url = url[len("file://") :]
+        elif "://" in url:
+            return None
+        return os.path.dirname(os.path.abspath(url.rstrip("/\\")))
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -343,14 +366,18 @@ class Source:
 
     # -- timeline ----------------------------------------------------------------------------
 
-    def timeline(self, since: float | None, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
-        """The latest runs (at most ``limit``) since ``since``, with a lane per kernel/process."""
+    def timeline(
+        self, since: float | None, limit: int = TIMELINE_LIMIT, lanes: str = "task"
+    ) -> pd.DataFrame:
+        """The latest runs (at most ``limit``) since ``since``, with a lane per task,
+        notebook or worker (``lanes``, one of ``LANES``)."""
         where = "WHERE created >= ?" if since is not None else ""
         params: list[Any] = [since] if since is not None else []
+        lane = LANES.get(lanes, LANES["task"])
         return self.query(
             "SELECT run_id, task, state, coalesce(started, created) AS start, "
-            "coalesce(ended, ?) AS end_, duration, "
-            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS lane "
+            f"coalesce(ended, ?) AS end_, duration, notebook, cell, {lane} AS lane, "
+            f"{WORKER_SQL} AS worker "
             f"FROM runs {where} ORDER BY created DESC LIMIT ?",
             [time.time(), *params, limit],
         )
@@ -361,17 +388,59 @@ class Source:
         df = self.query("SELECT DISTINCT task FROM cache_entries ORDER BY task")
         return [str(t) for t in df["task"] if t is not None]
 
-    def cache_page(self, task: str | None, *, page: int = 0, page_size: int = 50) -> Page:
-        """Cache entries, newest first, with size, creation and expiry."""
-        where, params = ("WHERE task = ?", [task]) if task else ("", [])
+    def cache_columns(self) -> set[str]:
+        """The columns ``cache_entries`` has (a later schema may add pins or provenance)."""
+        if self._cache_columns is None:
+            df = self.query(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'cache_entries'"
+            )
+            self._cache_columns = {str(c) for c in df["column_name"]}
+        return self._cache_columns
+
+    def cache_page(
+        self,
+        task: str | None,
+        *,
+        page: int = 0,
+        page_size: int = 50,
+        search: str = "",
+    ) -> Page:
+        """Cache entries, newest first: size, creation, last use, expiry, pin, the inputs
+        and where they were made (from the run that computed them).
+
+        ``search`` matches (case-insensitively) the task, key, inputs, notebook, cell or host.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if task:
+            clauses.append("c.task = ?")
+            params.append(task)
+        if search.strip():
+            text = search.strip()
+            for special in ("\\", "%", "_"):
+                text = text.replace(special, "\\" + special)
+            like = f"%{text}%"
+            fields = ("c.task", "c.key", "r.inputs", "r.notebook", "r.cell", "r.host")
+            clauses.append("(" + " OR ".join(f"{f} ILIKE ? ESCAPE '\\'" for f in fields) + ")")
+            params.extend([like] * len(fields))
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        columns = self.cache_columns()
+        pinned = "c.pinned" if "pinned" in columns else "NULL"
+        provenance = "c.provenance" if "provenance" in columns else "NULL"
+        joined = "FROM cache_entries c LEFT JOIN runs r ON r.run_id = c.run_id"
         df = self.query(
-            "SELECT key, task, size, created_at, expires_at, duration, serializer, run_id, "
-            f"(SELECT count(*) FROM cache_entries {where}) AS _total FROM cache_entries {where} "
-            "ORDER BY created_at DESC, key LIMIT ? OFFSET ?",
+            "SELECT c.key, c.task, c.size, c.created_at, c.expires_at, c.duration, "
+            "c.serializer, c.run_id, r.inputs, r.notebook, r.cell, r.host, r.pid, "
+            f"{pinned} AS pinned, {provenance} AS provenance, "
+            "(SELECT max(h.created) FROM runs h WHERE h.key = c.key "
+            "AND h.state = 'CACHED') AS last_used, "
+            f"(SELECT count(*) {joined} {where}) AS _total "
+            f"{joined} {where} ORDER BY c.created_at DESC, c.key LIMIT ? OFFSET ?",
             [*params, *params, page_size, max(0, page) * page_size],
         )
         if df.empty and page > 0:
-            return self.cache_page(task, page=0, page_size=page_size)
+            return self.cache_page(task, page=0, page_size=page_size, search=search)
         total = int(df["_total"].iloc[0]) if not df.empty else 0
         return Page(df.drop(columns="_total"), total, page, page_size)
 
@@ -458,14 +527,14 @@ class Source:
     def queue(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Runs in flight: a summary per kernel/process, and the runs themselves."""
         runs = self.query(
-            "SELECT run_id, task, state, created, started, attempt, notebook, "
-            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS worker, host, pid "
+            "SELECT run_id, task, state, created, started, attempt, notebook, cell, "
+            f"{WORKER_SQL} AS worker, host, pid "
             "FROM runs WHERE state IN ('PENDING', 'RUNNING', 'RETRYING') "
             "ORDER BY created LIMIT 1000"
         )
         per_worker = self.query(
-            "SELECT coalesce(r.kernel, r.host || ':' || CAST(r.pid AS VARCHAR)) AS worker, "
-            "r.host, r.pid, "
+            "SELECT coalesce(r.host, '?') || ' · pid ' || coalesce(CAST(r.pid AS VARCHAR), '?') "
+            "AS worker, r.host, r.pid, "
             "count(*) FILTER (WHERE r.state = 'PENDING') AS pending, "
             "count(*) FILTER (WHERE r.state = 'RUNNING') AS running, "
             "count(*) FILTER (WHERE r.state = 'RETRYING') AS retrying, "
