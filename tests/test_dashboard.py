@@ -5,10 +5,9 @@ Browser tests are in test_dashboard_browser.py, the Jupyter proxy in test_dashbo
 
 from __future__ import annotations
 
-import json
-
 import argparse
 import asyncio
+import json
 import threading
 import time
 

@@ -160,12 +160,14 @@ def _get(url: str, timeout: float = 10) -> tuple[int, bytes, dict[str, str]]:
         return int(exc.code), exc.read(), dict(exc.headers)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[dict[str, Any]]:
+def start_lab(home: Path) -> dict[str, Any]:
     """``jupyter lab`` on 127.0.0.1 with notebook_flow's extension and the server proxy."""
-    home = tmp_path_factory.mktemp("lab")
     root = home / "root"
     root.mkdir()
+    settings = home / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    # No "would you like news?" toast over the screenshots.
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     token = secrets.token_hex(16)
     port = _free_port()
     env = dict(os.environ)
@@ -173,6 +175,8 @@ def lab(tmp_path_factory) -> Iterator[dict[str, Any]]:
         NOTEBOOK_FLOW_STORE=str(root / ".notebook_flow"),
         JUPYTER_CONFIG_DIR=str(home / "config"),
         JUPYTER_RUNTIME_DIR=str(home / "runtime"),
+        JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
         PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
     )
     extensions = {"jupyter_server_proxy": True, "notebook_flow.jupyter": True}
@@ -180,39 +184,50 @@ def lab(tmp_path_factory) -> Iterator[dict[str, Any]]:
         sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}",
         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
         f"--ServerApp.root_dir={root}", f"--ServerApp.jpserver_extensions={extensions!r}",
-        "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.expose_app_in_browser=True",
     ]  # fmt: skip
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         cmd.append("--allow-root")
     log_path = home / "jupyter.log"
-    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    log = open(log_path, "w")  # noqa: SIM115 - closed by stop_lab
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    lab = {
+        "base": base, "port": port, "token": token, "root": root, "proc": proc,
+        "log": log_path, "log_file": log, "env": env,
+    }  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if _get(f"{base}/api?token={token}", timeout=5)[0] == 200:
+                return lab
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_lab(lab)
+            raise AssertionError("jupyter lab did not start:\n" + log_path.read_text())
+        time.sleep(0.2)
+
+
+def stop_lab(lab: dict[str, Any]) -> None:
+    proc = lab["proc"]
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+    lab["log_file"].close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> Iterator[dict[str, Any]]:
+    lab = start_lab(tmp_path_factory.mktemp("lab"))
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if _get(f"{base}/api?token={token}", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("jupyter lab did not start:\n" + log_path.read_text())
-            time.sleep(0.2)
-        yield {
-            "base": base, "port": port, "token": token, "root": root, "proc": proc,
-            "log": log_path, "env": env,
-        }  # fmt: skip
+        yield lab
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(30)
-        log.close()
+        stop_lab(lab)
 
 
 @pytest.fixture(scope="module")
@@ -240,8 +255,13 @@ def gated_browser(lab) -> Iterator[tuple[Any, PortGate]]:
 def write_notebook(path: Path, cells: list[str]) -> None:
     nb = {
         "cells": [
-            {"cell_type": "code", "metadata": {}, "source": src, "outputs": [],
-             "execution_count": None}
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": src,
+                "outputs": [],
+                "execution_count": None,
+            }
             for src in cells
         ],  # fmt: skip
         "metadata": {
@@ -254,7 +274,7 @@ def write_notebook(path: Path, cells: list[str]) -> None:
 
 
 def open_notebook(browser: Any, lab: dict[str, Any], name: str) -> Any:
-    context = browser.new_context(viewport={"width": 1300, "height": 1000})
+    context = browser.new_context(viewport={"width": 1300, "height": 1900})
     page = context.new_page()
     page.goto(f"{lab['base']}/lab/tree/{name}?token={lab['token']}", timeout=120_000)
     page.wait_for_function(
@@ -287,7 +307,7 @@ def cell_output(page: Any, index: int) -> Any:
     return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-OutputArea")
 
 
-SETUP = '''\
+SETUP = """\
 import time, threading
 import notebook_flow
 from notebook_flow import task
@@ -309,20 +329,49 @@ try:
 except ValueError:
     pass
 notebook_flow.config.get_metadata().flush(60)
-'''
+"""
 
 DASHBOARD = "%flow dashboard"
 
-MAP = '''\
+MAP = """\
+from IPython.display import display
+
 @task(name="slow_step")
 def slow_step(x):
-    time.sleep(0.4)
+    time.sleep(0.5)
     return x
 
-slow_step.map(range(4)).result()   # four cached before the map below
+slow_step.map(range(4)).result()   # four of the map below are cached already
 futs = slow_step.map(range(16))
-futs
-'''
+display(futs)
+futs.wait()
+import os
+deadline = time.monotonic() + 600
+while not os.path.exists("release") and time.monotonic() < deadline:
+    time.sleep(0.1)   # the kernel stays busy until the test has seen the dashboard move
+"""
+
+
+def loopback_refusals(gate: PortGate) -> list[str]:
+    """What the page tried to reach on this machine besides Jupyter's port."""
+    return [r for r in gate.refused if "127.0.0.1" in r or "localhost" in r]
+
+
+def table_rows(out: Any, field: str) -> Any:
+    """The shown rows of the table that has a column ``field`` (every tab stays in the page)."""
+    return out.locator(f".tabulator-row:visible:has(.tabulator-cell[tabulator-field='{field}'])")
+
+
+def open_tab(out: Any, name: str) -> None:
+    out.locator(".bk-tab", has_text=re.compile(rf"^{name}$")).click()
+
+
+def kernel_status(page: Any) -> str:
+    return str(
+        page.evaluate(
+            "() => window.jupyterapp.shell.currentWidget.sessionContext.session.kernel.status"
+        )
+    )
 
 
 def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
@@ -337,18 +386,128 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     run_cell(page, 0)
     run_cell(page, 1)
     out = cell_output(page, 1)
-    try:
-        expect(out.locator("#kpi-runs .nf-kpi-value")).to_have_text("7", timeout=120_000)
-    finally:
-        page.screenshot(path=str(SHOTS / "debug.png"), full_page=True)
-        html = out.inner_html()
-        print(len(html), html[-3000:], gate.refused, errors)
-    page.wait_for_timeout(1000)
+    expect(out.locator("#kpi-runs .nf-kpi-value")).to_have_text("7", timeout=120_000)
+    expect(out.locator("#kpi-hit-rate .nf-kpi-value")).to_have_text("28.6%")
+    assert not out.locator("iframe").count()  # the view itself, not a frame onto a port
+    page.wait_for_timeout(800)  # let the chart draw
     out.screenshot(path=str(SHOTS / "1-overview.png"))
+
+    # Runs: state chips, names instead of ids.
+    open_tab(out, "Runs")
+    rows = table_rows(out, "Started")
+    expect(rows).to_have_count(7, timeout=60_000)
+    chips = out.locator(".tabulator-cell[tabulator-field='State'] .nf-chip")
+    expect(chips.first).to_be_visible()
+    states = {c.get_attribute("data-state") for c in chips.all()}
+    assert states == {"CACHED", "COMPLETED", "FAILED"}, states
+    assert (
+        out.locator(".nf-chip[data-state='FAILED']").first.evaluate(
+            "e => getComputedStyle(e).backgroundColor"
+        )
+        == "rgb(209, 52, 56)"
+    )
+    notebooks = out.locator(".tabulator-cell[tabulator-field='Notebook']").all_inner_texts()
+    assert set(notebooks) <= {"demo.ipynb", ""}, notebooks  # relative, not /tmp/...
+
+    # The stale-detail case: select a run of `broken`, then filter to `square`.
+    rows.filter(has_text="broken").first.click()
+    detail = out.locator("#run-detail")
+    expect(detail).to_contain_text("bad input 7", timeout=60_000)
+    page.wait_for_timeout(300)
+    out.screenshot(path=str(SHOTS / "2-runs.png"))
+    out.locator("select").first.select_option("square")
+    expect(rows).to_have_count(6, timeout=60_000)
+    expect(detail).to_have_count(0, timeout=60_000)  # no detail of a run not in the list
+    expect(out.get_by_text("Select a run to see its inputs")).to_be_visible()
+    assert out.locator(".tabulator-row.tabulator-selected").count() == 0
+    rows.first.click()
+    expect(detail).to_contain_text("square", timeout=60_000)
+    out.screenshot(path=str(SHOTS / "2-runs-filtered.png"))
+
+    open_tab(out, "Timeline")
+    expect(out.get_by_text("lane(s) by task")).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(800)
+    out.screenshot(path=str(SHOTS / "3-timeline.png"))
+
+    # Cache: each entry says which inputs made it; search narrows the list.
+    open_tab(out, "Cache")
+    inputs = out.locator(".tabulator-cell[tabulator-field='Inputs']:visible")
+    try:
+        expect(inputs).to_have_count(4, timeout=60_000)
+    finally:
+        out.screenshot(path=str(SHOTS / "4-cache.png"))
+    assert sorted(inputs.all_inner_texts()) == ["x=0", "x=1", "x=2", "x=3"]
+    made = out.locator(".tabulator-cell[tabulator-field='Made in']:visible").all_inner_texts()
+    assert all(m.startswith("demo.ipynb") for m in made), made
+    hint = out.locator(".nf-hint")
+    expect(hint.first).to_contain_text("Select an entry in the table to invalidate it")
+    assert out.get_by_role("button", name="Invalidate entry").is_disabled()
+    out.screenshot(path=str(SHOTS / "4-cache.png"))
+    out.get_by_placeholder("task, inputs, notebook").fill("x=3")
+    expect(inputs).to_have_count(1, timeout=60_000)
+    expect(inputs.first).to_have_text("x=3")
+    out.get_by_placeholder("task, inputs, notebook").fill("")
+    expect(inputs).to_have_count(4, timeout=60_000)
+
+    open_tab(out, "Locks")
+    try:
+        expect(out.locator(".nf-empty", has_text="No lock is held")).to_be_visible(timeout=60_000)
+    finally:
+        out.screenshot(path=str(SHOTS / "5-locks.png"))
+    out.screenshot(path=str(SHOTS / "5-locks.png"))
+    open_tab(out, "Queue")
+    expect(out.locator(".nf-empty", has_text="Nothing is waiting or running")).to_be_visible(
+        timeout=60_000
+    )
+    out.screenshot(path=str(SHOTS / "6-queue.png"))
+
+    # A running map: its bar shows cached and computed runs apart, and the dashboard
+    # (refreshed by a kernel thread through the same connection) moves while the cell runs.
+    open_tab(out, "Overview")
     run_cell(page, 2)
-    page.wait_for_timeout(3000)
-    cell_output(page, 2).screenshot(path=str(SHOTS / "map-running.png"))
-    page.wait_for_timeout(8000)
-    out.screenshot(path=str(SHOTS / "1-overview-later.png"))
-    cell_output(page, 2).screenshot(path=str(SHOTS / "map-done.png"))
-    print(gate.refused, gate.forwarded, errors)
+    bar = cell_output(page, 2).locator(".notebook-flow-map")
+    expect(bar).to_have_attribute("data-cached", "4", timeout=120_000)
+    expect(bar.locator(".nf-map-cached")).to_be_visible()
+    cell_output(page, 2).screenshot(path=str(SHOTS / "7-map-running.png"))
+    expect(bar).to_have_attribute("data-done", "16", timeout=120_000)
+    expect(bar.locator(".nf-map-completed")).to_be_visible()
+    expect(bar).to_contain_text("4 of 16 from cache")
+    expect(out.locator("#kpi-runs .nf-kpi-value")).to_have_text("27", timeout=30_000)
+    assert kernel_status(page) == "busy"  # updated while the cell still runs
+    (lab["root"] / "release").write_text("")
+    cell_output(page, 2).screenshot(path=str(SHOTS / "8-map-done.png"))
+    out.screenshot(path=str(SHOTS / "9-overview-after-map.png"))
+
+    assert not loopback_refusals(gate), gate.refused
+    assert not errors, errors
+
+    # Saved and reopened without a kernel: a snapshot or a note, nothing port-bound.
+    page.wait_for_function("() => " + _KERNEL + ".status === 'idle'", timeout=120_000)
+    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    page.wait_for_timeout(1500)
+    saved = (lab["root"] / "demo.ipynb").read_text()
+    leaks = [
+        saved[max(0, m.start() - 200) : m.end() + 60]
+        for m in re.finditer(re.escape(lab["token"]) + "|token=|<iframe", saved)
+    ]
+    assert not leaks, leaks
+    assert "re-run this cell to reconnect" in saved
+    page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+    page.wait_for_timeout(1500)
+    page.reload()
+    page.wait_for_function(
+        "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+        " && window.jupyterapp.shell.currentWidget.content.widgets.length === 3",
+        timeout=120_000,
+    )
+    reopened = cell_output(page, 1)
+    expect(reopened).to_be_visible(timeout=60_000)
+    page.wait_for_timeout(2000)
+    assert not reopened.locator("iframe").count()
+    text = reopened.inner_text()
+    assert "27" in text or "re-run this cell to reconnect" in text, text[:500]
+    reopened.screenshot(path=str(SHOTS / "10-reopened.png"))
+    page.context.close()
+
+
+_KERNEL = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"

@@ -564,4 +564,3 @@ def _note(text: str) -> None:
     """A short message to the user, under the cell (stderr), and to the log."""
     logger.info("%%%%task: %s", text)
     print(f"%%task: {text}", file=sys.stderr)
-

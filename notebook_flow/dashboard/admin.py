@@ -158,6 +158,7 @@ class CacheView(View):
             },
             self.columns,
         )
+        self.table.visible = bool(page.total)
         if page.total:
             self.empty.object = ""
         elif self.search.value_input or self.task.value != ALL:
@@ -307,11 +308,13 @@ class LocksView(View):
                 "locks",
             )
         )
+        self.table.visible = bool(self.rows)  # an empty state, not bare headers
         self._selection_changed(None)
         waits = data["waits"]
         self.waits_note.object = (
             "" if len(waits) else empty("No run has waited for a lock yet.", "waits")
         )
+        self.waits.visible = bool(len(waits))
         self.waits.value = frame(
             {
                 "When": [fmt_time(t) for t in waits["time"]],

@@ -63,6 +63,7 @@ class Dashboard:
         refresh_seconds: float = 5.0,
         page_size: int = 50,
         title: str = "notebook_flow",
+        lazy: bool = True,
     ) -> None:
         self.source = Source(store)  # type: ignore[arg-type]
         # The overview's read of the index runs while the widgets are built (DuckDB releases
@@ -103,8 +104,13 @@ class Dashboard:
         self.refresh_button = pn.widgets.Button(label="Refresh", width=90, margin=(8, 10))
         self.refresh_button.on_click(lambda _: self.refresh())
         # dynamic: only the active tab is sent to the browser, so the first page is light.
+        # ``lazy=False`` (the notebook's inline view) builds every tab up front instead: over
+        # Jupyter comms, widgets created while a tab opens lose their first update.
+        if not lazy:
+            for index in range(len(TABS)):
+                self.view(index)
         self.tabs = pn.Tabs(
-            *zip(TABS, self._slots, strict=True), dynamic=True, sizing_mode="stretch_width"
+            *zip(TABS, self._slots, strict=True), dynamic=lazy, sizing_mode="stretch_width"
         )
         self.tabs.param.watch(self._tab_changed, "active")
         header = pn.Row(

@@ -10,8 +10,11 @@ and a plain-text line saying to re-run the cell; no URL, port or token. A reopen
 shows that snapshot (or the line), never a frame pointing at a dead server.
 
 Refresh: Panel's periodic callbacks run on the kernel's event loop, which a busy cell
-blocks. A daemon thread re-reads the active tab instead, so the view keeps moving while a
-cell runs; the widgets' changes go to the browser as comm messages from that thread (the
+blocks. A daemon thread re-reads the active tab instead (the SQL on that thread), then
+hands the new data to the kernel's event loop, where the browser's own events (a click on
+a tab, a filter) are handled too — one thread changes the widgets at a time. When the loop
+does not take it within a second, a cell is running and nothing else can touch the widgets:
+the thread renders itself, and the changes go to the browser as comm messages from it (the
 kernel's iopub socket is thread-safe). The thread ends when the output is gone (the cell
 re-run or cleared) or ``stop()`` is called.
 """
@@ -60,11 +63,13 @@ class InlineDashboard:
         # JupyterHub or a tunnel may have no way out to the internet.
         pn.extension("tabulator", inline=True)
         # Panel's own timer would only run while the kernel is idle: ours is a thread.
-        self.dashboard = Dashboard(store, refresh_seconds=0)
+        self.dashboard = Dashboard(store, refresh_seconds=0, lazy=False)
         self.layout: Any = self.dashboard.layout
         self.dashboard.auto.value = refresh_seconds > 0
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
+        self._loop = _kernel_loop()
+        self._render_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if refresh_seconds > 0:
@@ -128,6 +133,59 @@ class InlineDashboard:
             if not shown:
                 continue
             try:
-                self.dashboard.refresh()
+                self.tick()
             except Exception:  # a refresh bug must not leave a thread spinning on errors
                 logger.debug("inline dashboard refresh failed", exc_info=True)
+
+    def tick(self, handover: float = 1.0) -> None:
+        """One refresh of the active tab: read on this thread, render on the kernel's loop
+        (or here, when a running cell keeps the loop from taking it within ``handover`` s)."""
+        dashboard = self.dashboard
+        view = dashboard.active
+        try:
+            data = view.load()
+        except Exception as exc:
+            error = exc
+            self._render(lambda: dashboard._failed(error), handover)
+            return
+
+        def show() -> None:
+            if view is dashboard.active:
+                dashboard._show(view, data)
+
+        self._render(show, handover)
+
+    def _render(self, fn: Any, handover: float) -> None:
+        claimed = threading.Event()
+        done = threading.Event()
+
+        def once() -> None:
+            with self._render_lock:
+                if claimed.is_set():
+                    return
+                claimed.set()
+            try:
+                fn()
+            finally:
+                done.set()
+
+        if self._loop is not None:
+            try:
+                self._loop.add_callback(once)
+            except RuntimeError:  # the loop is closed: the kernel is shutting down
+                self._loop = None
+            else:
+                if done.wait(handover):
+                    return
+        once()  # the loop is busy with a cell (or gone): nothing else changes the widgets
+        done.wait(60)
+
+
+def _kernel_loop() -> Any:
+    """The event loop of the kernel thread that builds the view, or None outside one."""
+    try:
+        from tornado.ioloop import IOLoop
+
+        return IOLoop.current()
+    except Exception:
+        return None

@@ -421,7 +421,9 @@ class Source:
             for special in ("\\", "%", "_"):
                 text = text.replace(special, "\\" + special)
             like = f"%{text}%"
-            fields = ("c.task", "c.key", "r.inputs", "r.notebook", "r.cell", "r.host")
+            # The inputs as the table shows them (``x=3, y='a'``), not their JSON.
+            shown = "regexp_replace(replace(r.inputs, '\": \"', '='), '[{}\"]', '', 'g')"
+            fields = ("c.task", "c.key", shown, "r.notebook", "r.cell", "r.host")
             clauses.append("(" + " OR ".join(f"{f} ILIKE ? ESCAPE '\\'" for f in fields) + ")")
             params.extend([like] * len(fields))
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""

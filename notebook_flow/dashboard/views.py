@@ -348,6 +348,7 @@ class RunsView(View):
             },
             self.columns,
         )
+        self.table.visible = bool(page.total)
         self.empty.object = (
             ""
             if page.total
@@ -646,15 +647,14 @@ class QueueView(View):
         )
         self.summary = html("", margin=(0, 10))
         self.empty = html("", sizing_mode="stretch_width")
-        self.panel = pn.Column(
-            self.summary,
-            self.empty,
+        self.tables = pn.Column(
             html("<h3>Per kernel / worker</h3>", margin=(0, 10)),
             self.workers,
             html("<h3>Runs in flight</h3>", margin=(0, 10)),
             self.runs,
             sizing_mode="stretch_width",
         )
+        self.panel = pn.Column(self.summary, self.empty, self.tables, sizing_mode="stretch_width")
 
     def load(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         return self.source.queue()
@@ -694,6 +694,7 @@ class QueueView(View):
             },
             self.RUN_COLUMNS,
         )
+        self.tables.visible = bool(len(runs))
         self.empty.object = (
             ""
             if len(runs)
