@@ -511,3 +511,84 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
 
 
 _KERNEL = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+
+
+def test_launcher_tile_shows_the_dashboard_icon(lab, gated_browser):
+    from playwright.sync_api import expect
+
+    browser, gate = gated_browser
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    context = browser.new_context(viewport={"width": 1300, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(f"{lab['base']}/lab?token={lab['token']}", timeout=120_000)
+        page.wait_for_function(
+            "() => window.jupyterapp && window.jupyterapp.commands.hasCommand('launcher:create')",
+            timeout=120_000,
+        )
+        if not page.locator(".jp-LauncherCard").count():
+            page.evaluate("() => window.jupyterapp.commands.execute('launcher:create')")
+        card = page.locator(".jp-LauncherCard", has_text="notebook_flow")
+        expect(card).to_be_visible(timeout=60_000)
+        icon = card.locator("img")
+        expect(icon).to_have_attribute("src", re.compile(r"/server-proxy/icon/notebook-flow$"))
+        page.wait_for_function(
+            "(img) => img.complete && img.naturalWidth > 0", arg=icon.element_handle()
+        )
+        card.screenshot(path=str(SHOTS / "11-launcher-tile.png"))
+        page.screenshot(path=str(SHOTS / "11-launcher.png"))
+        assert not loopback_refusals(gate), gate.refused
+    finally:
+        context.close()
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid → command line of the live processes whose parent is ``pid``."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("how", ["terminate", "kill"])
+def test_proxied_dashboard_ends_with_the_jupyter_server(tmp_path, how):
+    """Through the launcher's URL the proxy starts the dashboard; when Jupyter ends — shut
+    down cleanly or killed outright — that process ends too, never adopted by init."""
+    import signal
+
+    lab = start_lab(tmp_path)
+    try:
+        status, body, _ = _get(f"{lab['base']}/notebook-flow/?token={lab['token']}", 180)
+        assert status == 200 and b"<title>notebook_flow</title>" in body
+        dashboards = {
+            pid: cmd
+            for pid, cmd in _children(lab["proc"].pid).items()
+            if "notebook_flow.dashboard" in cmd and "--proxied" in cmd
+        }
+        assert len(dashboards) == 1, dashboards
+        (pid,) = dashboards
+        lab["proc"].send_signal(signal.SIGTERM if how == "terminate" else signal.SIGKILL)
+        lab["proc"].wait(60)
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(pid), f"the proxied dashboard {pid} outlived Jupyter"
+    finally:
+        stop_lab(lab)
