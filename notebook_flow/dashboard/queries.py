@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -48,6 +50,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger("notebook_flow")
+
+#: Reads shared between the sessions of this process: (index path, name) → (signature, value).
+_shared_reads: dict[tuple[Any, str], tuple[tuple[Any, ...], Any]] = {}
+_shared_lock = threading.Lock()
 
 IN_FLIGHT = ("PENDING", "RUNNING", "RETRYING")
 FAILED = ("FAILED", "CRASHED")
@@ -223,7 +229,44 @@ class Source:
 
     # -- overview ----------------------------------------------------------------------------
 
+    def _signature(self) -> tuple[Any, ...] | None:
+        """What identifies the index's content now: size and mtime of its file and WAL
+        (every write changes one of them); None when the index is not a local file."""
+        path = getattr(self.meta, "path", None)
+        if not isinstance(path, str):
+            return None
+        parts: list[Any] = [path]
+        for name in (path, path + ".wal"):
+            try:
+                st = os.stat(name)
+            except OSError:
+                parts.append(None)
+            else:
+                parts.append((st.st_size, st.st_mtime_ns))
+        return tuple(parts)
+
+    def _shared(self, name: str, read: Callable[[], Any]) -> Any:
+        """``read()``, or its result from another session of this process when the index has
+        not changed since (a page opened by several tabs, or reopened, reads it once)."""
+        signature = self._signature()
+        if signature is None:
+            return read()
+        with _shared_lock:
+            hit = _shared_reads.get((signature[0], name))
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = read()
+        with _shared_lock:
+            _shared_reads[(signature[0], name)] = (signature, value)
+        return value
+
     def overview(self) -> Overview:
+        """Totals, per-task figures and hits/misses over time, in one read of the index
+        (shared with other sessions while the index is unchanged)."""
+        result: Overview = self._shared("overview", self._read_overview)
+        return result
+
+    def _read_overview(self) -> Overview:
         """Totals, per-task figures and hits/misses over time, in one read of the index.
 
         One statement (``GROUPING SETS``) rather than three: each read opens the DuckDB
@@ -291,6 +334,10 @@ class Source:
 
     def run_choices(self) -> dict[str, list[str]]:
         """The values the runs filters offer: task names and notebooks that have runs."""
+        result: dict[str, list[str]] = self._shared("run_choices", self._read_run_choices)
+        return result
+
+    def _read_run_choices(self) -> dict[str, list[str]]:
         df = self.query(
             "SELECT 'task' AS kind, task AS value FROM (SELECT DISTINCT task FROM runs) "
             "UNION ALL SELECT 'notebook', notebook FROM "
