@@ -9,8 +9,9 @@ previous read, served from the server's memory). Peers, measured in the same run
 data: Panel's plain ``Tabulator`` given every row (what a naive dashboard does) for the first
 render, and Panel's ``Tabulator(pagination="remote")`` over the whole DataFrame held in the
 server's memory for a page flip. Targets are ratios to those peers (issue 18): first render
-≤ 0.75× the plain Tabulator, a runs page ≤ 0.5× remote pagination. Times are medians of a few tries on a fresh browser context
-(no cache); the page flip is timed inside the page, from the click until the new rows show.
+≤ 0.75× the plain Tabulator, a runs page ≤ 0.5× remote pagination. Times are medians of a
+few tries on a fresh browser context (no cache); the page flip is timed inside the page, from
+the click until the new rows show.
 """
 
 from __future__ import annotations
