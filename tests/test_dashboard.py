@@ -418,7 +418,7 @@ def test_show_renders_inline_with_nothing_secret_or_port_bound(filled):
     data, _ = view._repr_mimebundle_()
     assert "re-run this cell to reconnect" in data["text/plain"]
     saved = json.dumps(data)
-    assert "token=" not in saved and "127.0.0.1:" not in saved and "<iframe" not in saved
+    assert "?token=" not in saved and "127.0.0.1:" not in saved and "<iframe" not in saved
 
 
 def test_proxy_entry_for_jupyter_server_proxy():

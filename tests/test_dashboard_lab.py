@@ -488,7 +488,9 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     saved = (lab["root"] / "demo.ipynb").read_text()
     leaks = [
         saved[max(0, m.start() - 200) : m.end() + 60]
-        for m in re.finditer(re.escape(lab["token"]) + "|token=|<iframe", saved)
+        for m in re.finditer(
+            re.escape(lab["token"]) + r"|[?&]token=\w|<iframe|127\.0\.0\.1:", saved
+        )
     ]
     assert not leaks, leaks
     assert "re-run this cell to reconnect" in saved

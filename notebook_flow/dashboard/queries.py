@@ -63,6 +63,12 @@ SORTS: dict[str, str] = {
     "oldest": "created ASC, run_id",
     "slowest": "duration DESC NULLS LAST, created DESC, run_id",
 }
+#: The same orders reversed (every one ends on the unique run_id, so reversal is exact).
+_REVERSED: dict[str, str] = {
+    "newest": "created ASC, run_id DESC",
+    "oldest": "created DESC, run_id DESC",
+    "slowest": "duration ASC NULLS FIRST, created ASC, run_id DESC",
+}
 #: Bucket widths for "hits and misses over time", smallest first (seconds).
 BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 #: What a row of the runs table needs (not the traceback or inputs: those are per run).
@@ -358,8 +364,14 @@ class Source:
         sort: str = "newest",
         ahead: int = 0,
         behind: int = 0,
+        total_hint: int | None = None,
     ) -> Page:
         """One page of runs (newest first by default) and the filtered total, in one read.
+
+        ``total_hint`` (the total the caller last saw) lets a page in the second half be
+        read from the other end: the same rows in the reverse order, so DuckDB's top-N sort
+        serves the last page as cheaply as the first. The read also returns the total; when
+        it differs from the hint the page is read again the usual way.
 
         ``ahead``/``behind`` more pages come in the same read (``Page.window``), so a view
         can flip to them without reading the index again: the read costs about the same
@@ -372,11 +384,20 @@ class Source:
         order = SORTS.get(sort, SORTS["newest"])
         page = max(0, int(page))
         first = max(0, page - behind)
+        limit = (page - first + 1 + ahead) * page_size
+        if total_hint and first * page_size > total_hint // 2:
+            tail = self._runs_from_the_end(
+                where, params, sort, offset=first * page_size, limit=limit, total=total_hint
+            )
+            if tail is not None:
+                window = tail
+                start = (page - first) * page_size
+                rows = window.iloc[start : start + page_size].reset_index(drop=True)
+                return Page(rows, total_hint, page, page_size, window=window, first=first)
         sql = (
             f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
             f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?"
         )
-        limit = (page - first + 1 + ahead) * page_size
         df = self.query(sql, [*params, *params, limit, first * page_size])
         if not df.empty:
             total = int(df["_total"].iloc[0])
@@ -391,6 +412,25 @@ class Source:
         start = (page - first) * page_size
         rows = window.iloc[start : start + page_size].reset_index(drop=True)
         return Page(rows, total, page, page_size, window=window, first=first)
+
+    def _runs_from_the_end(
+        self, where: str, params: list[Any], sort: str, *, offset: int, limit: int, total: int
+    ) -> pd.DataFrame | None:
+        """Rows ``offset`` … ``offset + limit`` of a ``total``-row listing, read in the
+        reverse order from its end; None when the listing no longer has ``total`` rows."""
+        stop = min(offset + limit, total)
+        if stop <= offset:
+            return None
+        order = _REVERSED.get(sort, _REVERSED["newest"])
+        df = self.query(
+            f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
+            f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?",
+            [*params, *params, stop - offset, total - stop],
+        )
+        if df.empty or int(df["_total"].iloc[0]) != total:
+            return None  # runs came or went: read it the usual way
+        window: pd.DataFrame = df.drop(columns="_total").iloc[::-1].reset_index(drop=True)
+        return window
 
     def count_runs(self, filters: RunFilters) -> int:
         where, params = filters.where()

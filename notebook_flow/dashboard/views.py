@@ -215,6 +215,7 @@ class RunsView(View):
         self.page: Page | None = None
         self.run_ids: list[str] = []
         self._cache: tuple[tuple[Any, ...], Page, float] | None = None
+        self._key_of_page: tuple[Any, ...] | None = None
         self.task = pn.widgets.Select(label="Task", options=[ALL], value=ALL, width=180)
         self.states = pn.widgets.MultiChoice(label="State", options=STATES, width=260)
         self.notebook = pn.widgets.Select(label="Notebook", options=[ALL], value=ALL, width=200)
@@ -288,7 +289,10 @@ class RunsView(View):
             sort=self.sort.value,
             ahead=READ_AHEAD,
             behind=1,
+            # The total last shown for these filters: far pages read from the other end.
+            total_hint=self.page.total if self.page and self._key_of_page == key else None,
         )
+        self._key_of_page = key
         return key, page, time.monotonic()
 
     def load(self) -> dict[str, Any]:
