@@ -66,7 +66,7 @@ class CacheView(View):
         self.search = pn.widgets.TextInput(
             label="Search", placeholder="task, inputs, notebook, cell, host or key", width=320
         )
-        self.search.param.watch(self._task_changed, "value_input")
+        self.search.param.watch(self._task_changed, ["value", "value_input"])
         self.pager = Pager(self.load_page, page_size, "entries")
         self.table = table(value=empty_frame(self.columns), selectable=1, max_height=520)
         self.table.param.watch(self._selection_changed, "selection")
@@ -101,12 +101,16 @@ class CacheView(View):
             sizing_mode="stretch_width",
         )
 
+    def _search_text(self) -> str:
+        typed = self.search.value_input
+        return str(typed if typed is not None else self.search.value or "")
+
     def _query(self) -> dict[str, Any]:
         return {
             "task": None if self.task.value == ALL else self.task.value,
             "page": self.pager.page,
             "page_size": self.pager.page_size,
-            "search": self.search.value_input or "",
+            "search": self._search_text(),
         }
 
     def load(self) -> dict[str, Any]:
@@ -161,7 +165,7 @@ class CacheView(View):
         self.table.visible = bool(page.total)
         if page.total:
             self.empty.object = ""
-        elif self.search.value_input or self.task.value != ALL:
+        elif self._search_text() or self.task.value != ALL:
             self.empty.object = empty("No cached result matches this task or search.", "cache")
         else:
             self.empty.object = empty(
