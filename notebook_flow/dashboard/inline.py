@@ -9,14 +9,14 @@ What is saved with the notebook is the layout's state when it was saved (Panel e
 and a plain-text line saying to re-run the cell; no URL, port or token. A reopened notebook
 shows that snapshot (or the line), never a frame pointing at a dead server.
 
-Refresh: Panel's periodic callbacks run on the kernel's event loop, which a busy cell
-blocks. A daemon thread re-reads the active tab instead (the SQL on that thread), then
-hands the new data to the kernel's event loop, where the browser's own events (a click on
-a tab, a filter) are handled too — one thread changes the widgets at a time. When the loop
-does not take it within a second, a cell is running and nothing else can touch the widgets:
-the thread renders itself, and the changes go to the browser as comm messages from it (the
-kernel's iopub socket is thread-safe). The thread ends when the output is gone (the cell
-re-run or cleared) or ``stop()`` is called.
+Refresh: a daemon thread re-reads the active tab every few seconds (the SQL on that
+thread) and hands the new data to the kernel's event loop, where the browser's own events (a
+click on a tab, a filter) are handled too, so one thread changes the widgets at a time.
+Widget changes made from another thread while a cell runs did not reach the browser in
+JupyterLab (tested), so a busy kernel shows the view as it was and catches up as soon as
+the cell ends; the live line of a future or a ``.map`` keeps moving meanwhile (display
+updates, not widgets). The thread ends when the output is gone (the cell re-run or
+cleared) or ``stop()`` is called.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class InlineDashboard:
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
         self._loop = _kernel_loop()
-        self._render_lock = threading.Lock()
+        self._pending = threading.Event()  # a refresh waits for the kernel's loop
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if refresh_seconds > 0:
@@ -137,55 +137,50 @@ class InlineDashboard:
             except Exception:  # a refresh bug must not leave a thread spinning on errors
                 logger.debug("inline dashboard refresh failed", exc_info=True)
 
-    def tick(self, handover: float = 1.0) -> None:
-        """One refresh of the active tab: read on this thread, render on the kernel's loop
-        (or here, when a running cell keeps the loop from taking it within ``handover`` s)."""
+    def tick(self) -> None:
+        """One refresh of the active tab: read on this thread, draw on the kernel's loop.
+
+        Skipped while the previous one still waits for the loop (a cell is running).
+        """
+        if self._pending.is_set():
+            return
         dashboard = self.dashboard
         view = dashboard.active
         try:
-            data = view.load()
+            data: Any = view.load()
+            failed: Exception | None = None
         except Exception as exc:
-            error = exc
-            self._render(lambda: dashboard._failed(error), handover)
-            return
+            data, failed = None, exc
 
-        def show() -> None:
-            if view is dashboard.active:
-                dashboard._show(view, data)
-
-        self._render(show, handover)
-
-    def _render(self, fn: Any, handover: float) -> None:
-        claimed = threading.Event()
-        done = threading.Event()
-
-        def once() -> None:
-            with self._render_lock:
-                if claimed.is_set():
-                    return
-                claimed.set()
+        def draw() -> None:
             try:
-                fn()
+                if failed is not None:
+                    dashboard._failed(failed)
+                elif view is dashboard.active:
+                    dashboard._show(view, data)
             finally:
-                done.set()
+                self._pending.clear()
 
-        if self._loop is not None:
-            try:
-                self._loop.add_callback(once)
-            except RuntimeError:  # the loop is closed: the kernel is shutting down
-                self._loop = None
-            else:
-                if done.wait(handover):
-                    return
-        once()  # the loop is busy with a cell (or gone): nothing else changes the widgets
-        done.wait(60)
+        if self._loop is None:
+            draw()  # no kernel loop (a plain Python session): nothing else draws
+            return
+        self._pending.set()
+        try:
+            self._loop.add_callback(draw)
+        except RuntimeError:  # the loop is closed: the kernel is shutting down
+            self._pending.clear()
+            self._stop.set()
 
 
 def _kernel_loop() -> Any:
-    """The event loop of the kernel thread that builds the view, or None outside one."""
-    try:
-        from tornado.ioloop import IOLoop
+    """The running event loop of the kernel thread that builds the view (a cell runs inside
+    it), or None outside one."""
+    import asyncio
 
-        return IOLoop.current()
-    except Exception:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
         return None
+    from tornado.ioloop import IOLoop
+
+    return IOLoop.current()
