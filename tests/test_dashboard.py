@@ -307,6 +307,13 @@ def test_a_busy_index_shows_as_waiting_then_updates(filled):
 
     dash = _dashboard()
     dash.busy_after = 0.1
+
+    @task(name="late_busy")
+    def late(x):
+        return x
+
+    late(1)  # the index changes, so the next refresh must read it (no shared earlier read)
+    _flush()
     path = config.get_metadata(config.get_store()).path
     blocker = filelock.FileLock(path + ".lock", thread_local=False)
     blocker.acquire()
@@ -322,6 +329,7 @@ def test_a_busy_index_shows_as_waiting_then_updates(filled):
         blocker.release()
     done.join(30)
     assert dash.problem is None and "waiting" not in dash.status.object
+    assert dash.overview.totals["runs"] == 11
 
 
 # -- server: token, origins, loopback -------------------------------------------------------

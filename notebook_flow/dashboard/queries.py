@@ -94,7 +94,7 @@ def bucket_width(span: float, max_buckets: int = 60) -> int:
     >>> bucket_width(3600)
     60
     >>> bucket_width(86400 * 3)
-    3600
+    21600
     """
     for width in BUCKETS:
         if span / width <= max_buckets:
