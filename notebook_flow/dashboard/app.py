@@ -79,6 +79,9 @@ class Dashboard:
         self._refreshing = False
         self._callback: Any = None
         self.busy_after = 2.0  # s a refresh may wait for the metadata lock before we say so
+        #: Runs a function after the current browser event is handled (set by the inline
+        #: view: a tab's first draw inside the tab-change event could be lost over comms).
+        self.defer: Callable[[Callable[[], None]], None] | None = None
 
         self.page_size = page_size
         # Views are built when their tab is first opened: a session that only looks at the
@@ -261,7 +264,10 @@ class Dashboard:
     def _tab_changed(self, event: Any) -> None:
         view = self.view(event.new)
         if view.loaded_at is None or time.time() - view.loaded_at > 1.0:
-            self.refresh(view)
+            if self.defer is not None:
+                self.defer(lambda: self.refresh(view))
+            else:
+                self.refresh(view)
 
     # -- timer -------------------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class InlineDashboard:
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
         self._loop = _kernel_loop()
         self._pending = threading.Event()  # a refresh waits for the kernel's loop
+        loop = self._loop
+        if loop is not None:
+            self.dashboard.defer = loop.add_callback
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if refresh_seconds > 0:
