@@ -483,6 +483,7 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
 
     assert not loopback_refusals(gate), gate.refused
     assert not errors, errors
+    assert "Traceback" not in out.inner_text()  # nothing went wrong under the view
 
     # Saved and reopened without a kernel: a snapshot or a note, nothing port-bound.
     page.wait_for_function("() => " + _KERNEL + ".status === 'idle'", timeout=120_000)

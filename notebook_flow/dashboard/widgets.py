@@ -176,6 +176,18 @@ def local_ms(ts: Any) -> float:
     return (t + (time.localtime(t).tm_gmtoff or 0)) * 1000.0
 
 
+class _ReadOnlyTable(pn.widgets.Tabulator):  # type: ignore[misc]
+    """A Tabulator that never takes rows back from the browser.
+
+    Every table here is read-only, so rows the browser sends are only an echo of what we
+    sent — and, over Jupyter comms, an echo of a page already replaced (7 rows after the
+    table went to 6), which Panel cannot fit and reports as a traceback in the notebook.
+    """
+
+    def _process_data(self, data: Any) -> None:
+        return None
+
+
 def table(**params: Any) -> Any:
     """A read-only Tabulator; sorting happens in SQL, so header clicks do not sort a page."""
     defaults: dict[str, Any] = dict(
@@ -187,7 +199,7 @@ def table(**params: Any) -> Any:
         theme="simple",
     )
     defaults.update(params)
-    return pn.widgets.Tabulator(**defaults)
+    return _ReadOnlyTable(**defaults)
 
 
 def empty_frame(
