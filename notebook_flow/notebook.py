@@ -92,7 +92,7 @@ def render_futures(futs: FutureList) -> dict[str, str]:
         f"{c['failed']} failed), {c['running']} running{eta}"
     )
     if finished == total and c["cached"]:
-        saved = sum(f.saved or 0.0 for f in futs if f.state is RunState.CACHED)
+        saved = sum(f.saved or 0.0 for f in futs if f.run_state is RunState.CACHED)
         counts += f" · ⚡ {c['cached']} of {total} from cache, saved {_seconds(saved)}"
     parts = [("cached", "▓"), ("completed", "█"), ("failed", "✘"), ("running", "▒")]
     width = 30
