@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .figures import format_saved
 from .states import MIN_SAVING, format_seconds
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ __all__ = ["EXTENSIONS", "clear_entries", "main", "run_notebook"]
 EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
+    "key": "notebook_flow.keycli:register",
 }
 
 #: What ``notebook-flow --help`` says of each command in :data:`EXTENSIONS` (its module is
@@ -60,6 +62,7 @@ EXTENSIONS: dict[str, str] = {
 EXTENSION_HELP: dict[str, str] = {
     "dashboard": "serve the dashboard on 127.0.0.1 (prints its URL, with a secret token)",
     "locks": "the locks held now; --break KEY removes a stuck holder's lock",
+    "key": "show or import the signing key (share one with everyone using a store)",
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -366,7 +369,8 @@ def clear_entries(
     """
     now = time.time()
     chosen = []
-    for manifest in store.iter_manifests():
+    # Unverified entries too: deleting believes nothing they say (a miss either way).
+    for manifest in store.iter_manifests(verified=False):
         if expired and not manifest.expired(now):
             continue
         if task is not None and task not in (manifest.task, manifest.task.rsplit(":", 1)[-1]):
@@ -466,7 +470,7 @@ def format_stats(stats: dict[str, Any], store_url: str) -> str:
         ("store", store_url),
         ("runs", runs + ")"),
         ("hit rate", "n/a (no cached task ran yet)" if rate is None else f"{rate:.1%}"),
-        ("time saved", format_seconds(stats["time_saved"])),
+        ("time saved", format_saved(stats["time_saved"], stats.get("hits"))),
         (
             "stored",
             f"{stats['entries']} results of {stats['tasks']} tasks and cells, "

@@ -132,7 +132,7 @@ def test_plain_install_runs_the_quickstart_twice(venv: Path, tmp_path: Path) -> 
 
     helped = _run(venv / "bin" / "notebook-flow", "--help", cwd=tmp_path, env=env)
     assert helped.returncode == 0, helped.stderr
-    for command in ("run", "history", "stats", "clear", "gc", "dashboard", "locks"):
+    for command in ("run", "history", "stats", "clear", "gc", "dashboard", "locks", "key"):
         assert re.search(rf"^    {command}\b", helped.stdout, re.M), helped.stdout
 
     notebook = tmp_path / "quickstart.ipynb"

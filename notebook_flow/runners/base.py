@@ -259,7 +259,8 @@ class RemoteConfig:
         from notebook_flow.config import get_store, settings
 
         s = settings()
-        return cls(get_store().url, dict(s.storage_options), s.signing_key)
+        store = get_store()  # the key in use (also a default one: the worker's may differ)
+        return cls(store.url, dict(s.storage_options), s.signing_key or store._signing_key())
 
     def apply(self) -> None:
         from notebook_flow.config import configure, settings

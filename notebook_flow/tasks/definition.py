@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from notebook_flow import _hooks
 from notebook_flow.cache_policies import DEFAULT, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
+from notebook_flow.options import tag_tuple, validate_task
 from notebook_flow.states import RunState, State
 
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
@@ -77,6 +78,15 @@ class Task(Generic[P, R]):
             raise ConfigurationError(f"@task needs a function, got {type(fn).__name__}")
         if isinstance(fn, Task):
             fn = fn.fn
+        validate_task(  # type, range, NaN/inf of every option, here at definition
+            name=name, cache_expiration=cache_expiration, refresh_cache=refresh_cache,
+            persist_result=persist_result, retries=retries,
+            retry_delay_seconds=retry_delay_seconds, retry_jitter_factor=retry_jitter_factor,
+            retry_condition_fn=retry_condition_fn, timeout_seconds=timeout_seconds,
+            result_serializer=result_serializer, result_storage=result_storage, tags=tags,
+            cache_namespace=cache_namespace, lock_timeout=lock_timeout,
+            max_concurrency=max_concurrency,
+        )  # fmt: skip
         self.fn: Callable[P, R] = fn
         self.is_async = inspect.iscoroutinefunction(fn)
         qualname = getattr(fn, "__qualname__", getattr(fn, "__name__", repr(fn)))
@@ -127,7 +137,7 @@ class Task(Generic[P, R]):
             get_serializer(result_serializer)  # raises a clear error for unknown names
         self.result_serializer = result_serializer
         self.result_storage = result_storage
-        self.tags: tuple[str, ...] = tuple(tags or ())
+        self.tags: tuple[str, ...] = tag_tuple(tags)
         self.cache_namespace = cache_namespace
         self.lock_timeout = lock_timeout
         if max_concurrency is not None and max_concurrency < 1:
