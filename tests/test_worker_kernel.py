@@ -161,7 +161,7 @@ def test_status_display_prints_and_interrupts(kernel_env, tmp_path):
         assert not (tmp_path / "gate").exists() and not list((tmp_path / "marks").iterdir())
         [shown] = [m for m in msgs if m["msg_type"] == "display_data"]
         display_id = shown["content"]["transient"]["display_id"]
-        assert "<progress" in shown["content"]["data"]["text/html"]
+        assert 'class="notebook-flow-map"' in shown["content"]["data"]["text/html"]
         assert "0/50 done" in shown["content"]["data"]["text/plain"]
 
         waiter_id, msgs = k.run("open(os.environ['GATE'], 'w').close()\nsum(futs.result())")
