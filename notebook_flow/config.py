@@ -11,6 +11,12 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_SIGNING_KEY``  HMAC key for pickled payloads (kept outside the store)
 ``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
 ``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30)
+``NOTEBOOK_FLOW_REFRESH_CACHE`` ``1``: tasks without ``refresh_cache=`` recompute
+                               (Prefect's ``PREFECT_TASKS_REFRESH_CACHE``)
+``NOTEBOOK_FLOW_DISABLE_CACHING`` ``1``: no task computes a key; every call runs
+                               (``PREFECT_TASKS_DISABLE_CACHING``)
+``NOTEBOOK_FLOW_DEFAULT_NO_CACHE`` ``1``: tasks defined without a cache policy get
+                               NO_CACHE (``PREFECT_TASKS_DEFAULT_NO_CACHE``)
 =============================  ====================================================
 """
 
@@ -44,6 +50,9 @@ class Settings:
     lock_timeout: float | None = None
     log_misses: bool = True
     background_commits: bool = True
+    refresh_cache: bool = False
+    disable_caching: bool = False
+    default_no_cache: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,7 +63,19 @@ class Settings:
             signing_key=key.encode() if key else None,
             workers=_env_number("NOTEBOOK_FLOW_WORKERS", 8, int),
             lock_lease=_env_number("NOTEBOOK_FLOW_LOCK_LEASE", 30.0, float),
+            refresh_cache=_env_flag("NOTEBOOK_FLOW_REFRESH_CACHE"),
+            disable_caching=_env_flag("NOTEBOOK_FLOW_DISABLE_CACHING"),
+            default_no_cache=_env_flag("NOTEBOOK_FLOW_DEFAULT_NO_CACHE"),
         )
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"environment variable {name}={raw!r} must be 1/true or 0/false")
 
 
 def _env_number(name: str, default: Any, kind: type) -> Any:
@@ -102,6 +123,9 @@ def configure(
     lock_timeout: float | None = None,
     log_misses: bool | None = None,
     background_commits: bool | None = None,
+    refresh_cache: bool | None = None,
+    disable_caching: bool | None = None,
+    default_no_cache: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
@@ -144,6 +168,15 @@ def configure(
                 f"background_commits must be True or False, got {background_commits!r}"
             )
         changes["background_commits"] = background_commits
+    for flag, value in (
+        ("refresh_cache", refresh_cache),
+        ("disable_caching", disable_caching),
+        ("default_no_cache", default_no_cache),
+    ):
+        if value is not None:
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
+            changes[flag] = value
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

@@ -38,6 +38,8 @@ from .call import _run_sync as _run_sync
 from .call import _short_repr as _short_repr
 from .call import _store_for as _store_for
 from .call import exponential_backoff
+from notebook_flow.cache_policies import task_input_hash
+
 from .context import RunContext, current_run
 from .context import _current_run as _current_run
 from .context import new_run_id as new_run_id
@@ -61,6 +63,7 @@ __all__ = [
     "current_run",
     "exponential_backoff",
     "task",
+    "task_input_hash",
 ]
 
 # Pickles (worker payloads, the run journal) and cache keys that take one of these as an
