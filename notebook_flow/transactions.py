@@ -36,6 +36,7 @@ import copy
 import enum
 import logging
 import os
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,10 @@ class _StagedResult:
     def discard(self) -> None:
         self.call.store.discard(self.manifest)
 
+
+# Submitted tasks carry the submitter's context, so a child may finish on a worker thread
+# while its parent commits or rolls back on another: the tree changes under one lock.
+_tree_lock = threading.RLock()
 
 _active: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
     "notebook_flow_transaction", default=None
@@ -234,6 +239,10 @@ class Transaction:
 
         A child that ends after this transaction did is settled at once: committed if we
         committed, rolled back if we rolled back."""
+        with _tree_lock:
+            self._add_child(child)
+
+    def _add_child(self, child: Transaction) -> None:
         if self.state is TransactionState.COMMITTED:
             child.commit()
         elif self.state is TransactionState.ROLLED_BACK:
@@ -369,21 +378,24 @@ class Transaction:
         self.state = TransactionState.STAGED
 
     def commit(self) -> bool:
-        """Commit the children, run the commit hooks, write the staged value; False when
-        there was nothing to commit or committing failed (then everything rolls back)."""
+        """Run the commit hooks (children's first), then write what was staged (children's
+        first); False when there was nothing to commit or committing failed (then what
+        was not yet written rolls back).
+
+        Every commit hook of the tree runs before anything is written, so a failing hook
+        rolls the whole transaction back with nothing published."""
+        with _tree_lock:
+            return self._commit()
+
+    def _commit(self) -> bool:
         if self.state in (TransactionState.ROLLED_BACK, TransactionState.COMMITTED):
             self._finish.close()
             return False
         try:
             if self._parent is None:
                 _crash_point("transaction_commit")
-            for child in self.children:
-                child.commit()
-            for hook in self.on_commit_hooks:
-                self._run_hook(hook, "commit")
-            self._write()
-            self.state = TransactionState.COMMITTED
-            self._finish.close()
+            self._run_commit_hooks()
+            self._publish()
             return True
         except SerializationError as exc:
             self.logger.warning(
@@ -399,9 +411,31 @@ class Transaction:
             self.rollback()
             return False
 
+    def _settled(self) -> bool:
+        return self.state in (TransactionState.ROLLED_BACK, TransactionState.COMMITTED)
+
+    def _run_commit_hooks(self) -> None:
+        for child in self.children:
+            if not child._settled():
+                child._run_commit_hooks()
+        for hook in self.on_commit_hooks:
+            self._run_hook(hook, "commit")
+
+    def _publish(self) -> None:
+        for child in self.children:
+            if not child._settled():
+                child._publish()
+        self._write()
+        self.state = TransactionState.COMMITTED
+        self._finish.close()
+
     def rollback(self) -> bool:
         """Discard what was staged, run the rollback hooks (last staged first) and roll the
         children back; False when already committed or rolled back."""
+        with _tree_lock:
+            return self._rollback()
+
+    def _rollback(self) -> bool:
         if self.state in (TransactionState.ROLLED_BACK, TransactionState.COMMITTED):
             return False
         try:
