@@ -253,7 +253,7 @@ class Task(Generic[P, R]):
         """A copy with some options changed: ``load.with_options(refresh_cache=True)``."""
         options = self._options()
         options["name"] = self.name
-        unknown = set(changes) - set(options)
+        unknown = set(changes) - _OPTION_NAMES
         if unknown:
             raise ConfigurationError(f"unknown task option(s): {', '.join(sorted(unknown))}")
         options.update(changes)
@@ -389,6 +389,9 @@ class Task(Generic[P, R]):
         if isinstance(comps, str):
             comps = json.loads(comps)
         return dict(comps) if comps else None
+
+
+_OPTION_NAMES = frozenset(inspect.signature(Task.__init__).parameters) - {"self", "fn"}
 
 
 def _resolve(module: str, qualname: str) -> Any:
