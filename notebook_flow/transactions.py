@@ -157,6 +157,7 @@ class Transaction:
         self,
         key: str | None = None,
         store: ResultStore | None = None,
+        *,
         commit_mode: CommitMode | str | None = None,
         isolation_level: IsolationLevel | str | None = None,
         overwrite: bool = False,
@@ -470,7 +471,7 @@ class Transaction:
 
 
 @contextlib.contextmanager
-def transaction(
+def transaction(  # noqa: PLR0917 (Prefect's signature, positional parameters included)
     key: str | None = None,
     store: ResultStore | None = None,
     commit_mode: CommitMode | str | None = None,
@@ -503,7 +504,7 @@ def transaction(
 
 
 @contextlib.asynccontextmanager
-async def atransaction(
+async def atransaction(  # noqa: PLR0917 (Prefect's signature)
     key: str | None = None,
     store: ResultStore | None = None,
     commit_mode: CommitMode | str | None = None,
@@ -571,6 +572,7 @@ def stage_call(
     call: _Call,
     manifest: Manifest | None,
     value: Any,
+    *,
     lease: Any,
     release: Callable[[], None] | None,
 ) -> None:

@@ -314,7 +314,9 @@ class TestCustomPolicies:
     def test_returning_none_runs_uncached(self) -> None:
         @dataclasses.dataclass
         class Never(CachePolicy):
-            def compute_key(self, task_ctx: Any, inputs: Any, flow_parameters: Any, **kw: Any) -> None:
+            def compute_key(
+                self, task_ctx: Any, inputs: Any, flow_parameters: Any, **kw: Any
+            ) -> None:
                 return None
 
         runs: list[int] = []

@@ -87,7 +87,9 @@ class PrefectProtocolContract:
     def test_release_by_another_holder_raises_value_error(self, manager: Any) -> None:
         key = new_key()
         assert manager.acquire_lock(key=key, holder="holder1")
-        with pytest.raises(ValueError, match=f"No lock held by holder2 for transaction with key {key}"):
+        with pytest.raises(
+            ValueError, match=f"No lock held by holder2 for transaction with key {key}"
+        ):
             manager.release_lock(key=key, holder="holder2")
         with pytest.raises(LockNotHeldError):
             manager.release_lock(key=key, holder="holder2")

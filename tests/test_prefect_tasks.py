@@ -525,7 +525,9 @@ class TestHooks:
             my_task()
         assert log == []
 
-    def test_a_failing_hook_does_not_stop_the_others(self, caplog: pytest.LogCaptureFixture) -> None:
+    def test_a_failing_hook_does_not_stop_the_others(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
         log: list[str] = []
 
         def bad(task: Any, task_run: Any, state: Any) -> None:

@@ -83,7 +83,9 @@ class TestGetParent:
         with pytest.raises(ValueError):
             with Transaction() as outer:
                 with Transaction(key="inner_with_rollback") as inner:
-                    inner.stage("foo", on_rollback_hooks=[lambda txn: seen.append(txn.get_parent())])
+                    inner.stage(
+                        "foo", on_rollback_hooks=[lambda txn: seen.append(txn.get_parent())]
+                    )
                 with Transaction(key="inner_trouble_maker"):
                     raise ValueError("acting out")
         assert seen == [outer]
@@ -259,7 +261,9 @@ class TestIsolationLevel:
                 assert inner.isolation_level is IsolationLevel.SERIALIZABLE
             assert outer.isolation_level is IsolationLevel.SERIALIZABLE
 
-    def test_serializable_locks_the_key_with_the_default_manager(self, isolated_store: Path) -> None:
+    def test_serializable_locks_the_key_with_the_default_manager(
+        self, isolated_store: Path
+    ) -> None:
         # Deliberate difference: Prefect raises without a lock manager; here the file lock
         # beside the local store is the default.
         from notebook_flow.locks import default_lock_manager_for

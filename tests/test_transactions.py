@@ -108,7 +108,9 @@ def test_a_failed_task_rolls_back_even_when_its_error_is_caught(isolated_store: 
     assert visible_keys(isolated_store) == set()
 
 
-def test_a_commit_hook_error_rolls_back(isolated_store: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_commit_hook_error_rolls_back(
+    isolated_store: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     @task
     def fragile(x: int) -> int:
         return x

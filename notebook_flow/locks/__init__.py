@@ -2,9 +2,9 @@
 
 ``MemoryLockManager`` (threads of one process), ``FileLockManager`` (processes sharing a
 filesystem), ``RedisLockManager`` and ``PostgresLockManager`` (many machines) implement
-the ``LockManager`` protocol in ``base.py`` and Prefect's (``prefect.py``); ``hold()`` in ``lease.py`` holds a lock with a
-renewed lease and a fencing check. Redis and PostgreSQL drivers are imported only when a
-manager of theirs connects.
+the ``LockManager`` protocol in ``base.py`` and Prefect's (``prefect.py``); ``hold()`` in
+``lease.py`` holds a lock with a renewed lease and a fencing check. Redis and PostgreSQL
+drivers are imported only when a manager of theirs connects.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from .base import Acquisition, LockInfo, LockManager, describe_holder
 from .file import FileLockManager
 from .lease import Lease, default_lock_manager_for, hold
 from .memory import MemoryLockManager
-from .prefect import HOLD_FOREVER, PrefectLockAdapter, as_lock_manager
 from .postgres import PostgresLockManager
+from .prefect import HOLD_FOREVER, PrefectLockAdapter, as_lock_manager
 from .redis import RedisLockManager
 
 __all__ = [

@@ -95,7 +95,9 @@ class PrefectNames:
         hold_timeout: float | None = None,
     ) -> bool:
         """:meth:`acquire_lock` without blocking the event loop."""
-        return await asyncio.to_thread(self.acquire_lock, key, holder, acquire_timeout, hold_timeout)
+        return await asyncio.to_thread(
+            self.acquire_lock, key, holder, acquire_timeout, hold_timeout
+        )
 
     def release_lock(self, key: str, holder: str) -> None:
         """Release; a no-op when nobody holds the key, ``LockNotHeldError`` when another

@@ -27,6 +27,8 @@ own module: patch ``call._CRASH_AT`` or ``hot._hot``, not a name re-exported her
 
 from __future__ import annotations
 
+from notebook_flow.cache_policies import task_input_hash
+
 from .call import _MISS as _MISS
 from .call import RetryDelay as RetryDelay
 from .call import _Call as _Call
@@ -38,8 +40,6 @@ from .call import _run_sync as _run_sync
 from .call import _short_repr as _short_repr
 from .call import _store_for as _store_for
 from .call import exponential_backoff
-from notebook_flow.cache_policies import task_input_hash
-
 from .context import RunContext, current_run
 from .context import _current_run as _current_run
 from .context import new_run_id as new_run_id

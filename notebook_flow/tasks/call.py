@@ -446,6 +446,7 @@ class _Call:
         duration: float,
         attempt: int,
         lease: Any,
+        *,
         txn: transactions.Transaction | None = None,
         release: Callable[[], None] | None = None,
     ) -> None:
@@ -482,9 +483,7 @@ class _Call:
                 if txn is not None:
                     staged = self.store.stage(self.key, value, **options)
                 else:
-                    manifest = self.store.commit(
-                        self.key, value, before_manifest=check, **options
-                    )
+                    manifest = self.store.commit(self.key, value, before_manifest=check, **options)
             except SerializationError as exc:
                 logger.warning(
                     "task `%s`: its result cannot be stored (%s); returning it without "
@@ -503,7 +502,7 @@ class _Call:
                     size = manifest.size
                     self.published(manifest, value)
         if txn is not None:
-            transactions.stage_call(txn, self, staged, value, lease, release)
+            transactions.stage_call(txn, self, staged, value, lease=lease, release=release)
         t._last_components = self.components
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
 
@@ -705,7 +704,7 @@ def _run_sync(call: _Call) -> Any:
                     if lease is not None:
                         stack = held.hand_off()
                         release = functools.partial(_release_when_done, call, lease, stack)
-                    call.commit(value, duration, attempt, lease, txn, release)
+                    call.commit(value, duration, attempt, lease, txn=txn, release=release)
                 elif not _commit_in_background(call, value, duration, attempt, held):
                     call.commit(value, duration, attempt, lease)
                     _crash_point("before_release")
@@ -749,7 +748,7 @@ async def _run_async(call: _Call) -> Any:
                     attempt += 1
                 duration = time.perf_counter() - t0
                 if txn is not None:  # staged here; no fencing at the later publish
-                    call.commit(value, duration, attempt, None, txn)
+                    call.commit(value, duration, attempt, None, txn=txn)
                 else:
                     await asyncio.to_thread(call.commit, value, duration, attempt, lease)
         finally:

@@ -122,7 +122,9 @@ class Task(Generic[P, R]):
         self._policy: CachePolicy = policy
         self.cache_expiration = _as_timedelta(cache_expiration)
         if refresh_cache is not None and not isinstance(refresh_cache, bool):
-            raise ConfigurationError(f"refresh_cache must be True, False or None, got {refresh_cache!r}")
+            raise ConfigurationError(
+                f"refresh_cache must be True, False or None, got {refresh_cache!r}"
+            )
         self.refresh_cache = refresh_cache
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an int >= 0, got {retries!r}")
@@ -145,7 +147,9 @@ class Task(Generic[P, R]):
             result_storage = os.fspath(result_storage)
         self.result_storage = result_storage
         if isinstance(tags, str):
-            raise ConfigurationError(f"tags must be a collection of strings, got the string {tags!r}")
+            raise ConfigurationError(
+                f"tags must be a collection of strings, got the string {tags!r}"
+            )
         self.tags: set[str] = set(tags or ())  # a set, as in Prefect
         self.on_completion_hooks = hooks.check_hooks("on_completion", on_completion)
         self.on_failure_hooks = hooks.check_hooks("on_failure", on_failure)
@@ -437,11 +441,10 @@ def _cache_policy_of(
     ``result_storage_key`` replaces the policy (None); ``cache_policy=None`` stays None
     and computes no key; the default is DEFAULT, or NONE when the
     ``default_no_cache`` setting is on."""
-    if cache_policy is not _NOT_SET and cache_policy is not None:
-        if not isinstance(cache_policy, CachePolicy):
-            raise ConfigurationError(
-                f"cache_policy must be a CachePolicy (INPUTS, TASK_SOURCE, …), got {cache_policy!r}"
-            )
+    if cache_policy not in (_NOT_SET, None) and not isinstance(cache_policy, CachePolicy):
+        raise ConfigurationError(
+            f"cache_policy must be a CachePolicy (INPUTS, TASK_SOURCE, …), got {cache_policy!r}"
+        )
     if cache_key_fn is not None:
         if cache_policy is not _NOT_SET:
             logger.warning(
@@ -456,9 +459,7 @@ def _cache_policy_of(
             cache_policy = NONE
     if persist_result is False:
         if isinstance(cache_policy, CachePolicy) and cache_policy != NONE:
-            logger.warning(
-                "task `%s`: ignoring cache_policy because persist_result is False", name
-            )
+            logger.warning("task `%s`: ignoring cache_policy because persist_result is False", name)
         return None if cache_policy is None else NONE
     if cache_policy is _NOT_SET and result_storage_key is None:
         return DEFAULT

@@ -124,7 +124,10 @@ def check_hooks(kind: str, hooks: Any) -> list[Hook]:
 
 
 def hook_name(hook: Hook) -> str:
-    return str(getattr(hook, "__name__", None) or getattr(getattr(hook, "func", None), "__name__", repr(hook)))
+    return str(
+        getattr(hook, "__name__", None)
+        or getattr(getattr(hook, "func", None), "__name__", repr(hook))
+    )
 
 
 def run_to_end(result: Any) -> Any:
