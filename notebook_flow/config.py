@@ -6,18 +6,20 @@ Settings(store='memory://demo', ...)
 
 Environment variables (read once, on first use):
 
-=============================  ====================================================
-``NOTEBOOK_FLOW_STORE``        result store URL (default ``.notebook_flow`` in the cwd)
-``NOTEBOOK_FLOW_SIGNING_KEY``  HMAC key for pickled payloads (kept outside the store)
-``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
-``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30)
-``NOTEBOOK_FLOW_REFRESH_CACHE`` ``1``: tasks without ``refresh_cache=`` recompute
-                               (Prefect's ``PREFECT_TASKS_REFRESH_CACHE``)
-``NOTEBOOK_FLOW_DISABLE_CACHING`` ``1``: no task computes a key; every call runs
-                               (``PREFECT_TASKS_DISABLE_CACHING``)
-``NOTEBOOK_FLOW_DEFAULT_NO_CACHE`` ``1``: tasks defined without a cache policy get
-                               NO_CACHE (``PREFECT_TASKS_DEFAULT_NO_CACHE``)
-=============================  ====================================================
+====================================  ============================================
+``NOTEBOOK_FLOW_STORE``               result store URL (default ``.notebook_flow``
+                                      in the cwd)
+``NOTEBOOK_FLOW_SIGNING_KEY``         HMAC key for pickled payloads (kept outside
+                                      the store)
+``NOTEBOOK_FLOW_WORKERS``             threads of the embedded worker (default 8)
+``NOTEBOOK_FLOW_LOCK_LEASE``          lock lease in seconds (default 30)
+``NOTEBOOK_FLOW_REFRESH_CACHE``       ``1``: tasks without ``refresh_cache=``
+                                      recompute (``PREFECT_TASKS_REFRESH_CACHE``)
+``NOTEBOOK_FLOW_DISABLE_CACHING``     ``1``: no task computes a key, every call
+                                      runs (``PREFECT_TASKS_DISABLE_CACHING``)
+``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``    ``1``: tasks defined without a cache policy
+                                      get NO_CACHE (``PREFECT_TASKS_DEFAULT_NO_CACHE``)
+====================================  ============================================
 """
 
 from __future__ import annotations
