@@ -567,6 +567,35 @@ def for_call(call: _Call) -> Iterator[Transaction | None]:
         yield txn
 
 
+def staged(store: ResultStore, key: str) -> _StagedResult | None:
+    """The result for ``key`` staged earlier in the active transaction tree, if any: a
+    transaction reads its own writes (and a SERIALIZABLE key it holds is not locked
+    again, which would wait for itself)."""
+    txn = _active.get()
+    if txn is None:
+        return None
+    while txn._parent is not None:
+        txn = txn._parent
+    with _tree_lock:
+        return _find_staged(txn, store.url, key)
+
+
+def _find_staged(txn: Transaction, url: str, key: str) -> _StagedResult | None:
+    value = txn._staged
+    if (
+        isinstance(value, _StagedResult)
+        and value.manifest.key == key
+        and value.call.store.url == url
+        and not txn._settled()
+    ):
+        return value
+    for child in reversed(txn.children):  # the latest first
+        found = _find_staged(child, url, key)
+        if found is not None:
+            return found
+    return None
+
+
 def stage_call(
     txn: Transaction,
     call: _Call,

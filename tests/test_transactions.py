@@ -316,3 +316,19 @@ def test_sigkill_inside_a_transaction_leaves_none_of_its_entries(
     assert done.returncode == 0, done.stderr
     assert len(visible_keys(isolated_store)) == 3
     assert os.path.isdir(isolated_store / "manifests")
+
+
+def test_a_transaction_reads_its_own_staged_results(isolated_store: Path) -> None:
+    manager = FileLockManager(isolated_store.parent / "locks")
+
+    @task(lock_manager=manager, lock_timeout=5)
+    def once(x: int) -> int:
+        log.append(("run", "once", x))
+        return x
+
+    with transaction():
+        assert once(1) == 1
+        assert once(1) == 1  # staged above: served, not locked again (no self-deadlock)
+        assert visible_keys(isolated_store) == set()
+    assert log == [("run", "once", 1)]
+    assert visible_keys(isolated_store) == {once.cache_key(1)}
