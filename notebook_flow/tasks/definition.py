@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from notebook_flow import config
 from notebook_flow.cache_policies import DEFAULT, NONE, CachePolicy, _ResultStorageKey
 from notebook_flow.errors import ConfigurationError, MetadataError
 
@@ -202,9 +203,7 @@ class Task(Generic[P, R]):
         """``refresh_cache``, or the global setting when it is None (as Prefect)."""
         if self.refresh_cache is not None:
             return self.refresh_cache
-        from notebook_flow.config import settings
-
-        return settings().refresh_cache
+        return config.settings().refresh_cache
 
     # -- hooks (Prefect's decorators) ----------------------------------------------------------
 
