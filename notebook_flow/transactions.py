@@ -121,7 +121,11 @@ class _StagedResult:
     def publish(self) -> None:
         lease_check = getattr(self.lease, "check", None)
         self.call.store.publish(self.manifest, before_manifest=lease_check)
-        self.call.published(self.manifest, self.value)
+        # A mutable value has been the caller's since the call returned: the hot cache
+        # must not take it as it is now (the payload was written at staging).
+        from .tasks.hot import _immutable
+
+        self.call.published(self.manifest, self.value, remember=_immutable(self.value))
 
     def discard(self) -> None:
         self.call.store.discard(self.manifest)

@@ -332,3 +332,19 @@ def test_a_transaction_reads_its_own_staged_results(isolated_store: Path) -> Non
         assert visible_keys(isolated_store) == set()
     assert log == [("run", "once", 1)]
     assert visible_keys(isolated_store) == {once.cache_key(1)}
+
+
+def test_a_value_changed_after_the_call_is_not_what_the_cache_keeps(isolated_store: Path) -> None:
+    @task
+    def rows(n: int) -> list[int]:
+        log.append(("run", "rows", n))
+        return list(range(n))
+
+    with transaction():
+        first = rows(3)
+        first.append(99)  # the caller's own copy, changed before the commit
+        assert rows(3) == [0, 1, 2]  # the staged result, as computed
+    first.append(100)
+    assert rows(3) == [0, 1, 2]
+    assert rows(3) == [0, 1, 2]
+    assert log == [("run", "rows", 3)]

@@ -42,7 +42,7 @@ from notebook_flow.storage import behind
 from . import hooks
 from .context import RunContext, _current_run, new_run_id
 from .explain import BUSY_REASON, EXPLAIN_WAIT, _expired_reason, diff_components
-from .hot import _hot
+from .hot import _hot, _immutable
 
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
@@ -244,8 +244,16 @@ class _Call:
         t0 = time.perf_counter()
         staged = transactions.staged(self.store, key)  # this transaction's own result
         if staged is not None:
+            try:
+                # The caller may have changed a mutable value since: read the payload.
+                value = (
+                    staged.value if _immutable(staged.value) else self.store.load(staged.manifest)
+                )
+            except (PayloadCorruptError, SerializationError, StorageError) as exc:
+                logger.warning("task `%s`: its staged result cannot be read (%s)", t.name, exc)
+                return _MISS
             self.record(RunState.CACHED, duration=time.perf_counter() - t0)
-            return staged.value
+            return value
         hot = _hot.get(self.store, key)
         manifest = hot[0] if hot is not None else self.store.lookup(key)
         if manifest is None:
@@ -510,9 +518,11 @@ class _Call:
         t._last_components = self.components
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
 
-    def published(self, manifest: Manifest, value: Any) -> None:
-        """After the manifest is written: the hot cache and the index learn the entry."""
-        _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
+    def published(self, manifest: Manifest, value: Any, *, remember: bool = True) -> None:
+        """After the manifest is written: the hot cache (unless ``remember`` is False: a
+        mutable value the caller has had since) and the index learn the entry."""
+        if remember:
+            _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
         entry = CacheEntry.from_manifest(manifest, task=self.task.name)
         _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
 
