@@ -66,7 +66,6 @@ __all__ = [
     "RunId",
     "TaskSource",
     "combine_components",
-    "task_input_hash",
 ]
 
 #: Bumped on any change that alters keys for the same inputs; old entries then simply miss.
@@ -646,61 +645,3 @@ FLOW_PARAMETERS = FlowParameters()
 #: INPUTS + TASK_SOURCE: unlike Prefect's DEFAULT it has no RUN_ID, so it hits across
 #: processes and kernel restarts.
 DEFAULT: CachePolicy = INPUTS + TASK_SOURCE
-
-
-@dataclasses.dataclass
-class _ResultStorageKey(CachePolicy):
-    """The key of a task with Prefect's ``result_storage_key`` template, formatted per call
-    with ``parameters`` (the bound arguments) and ``task_run`` (``.id``, ``.name``,
-    ``.task_name``). Like every key it is namespaced by the task."""
-
-    template: str = ""
-
-    def compute_components(self, ctx: KeyContext) -> dict[str, str] | None:
-        name = ctx.task.name if ctx.task is not None else "?"
-        run = _RunFields(ctx.run_id or "", name, name)
-        try:
-            text = self.template.format(parameters=dict(ctx.arguments), task_run=run)
-        except (KeyError, IndexError, AttributeError, ValueError) as exc:
-            raise ConfigurationError(
-                f"result_storage_key {self.template!r} of task `{name}` cannot be formatted "
-                f"({type(exc).__name__}: {exc}); it may use {{parameters[name]}}, "
-                "{task_run.id}, {task_run.name} and {task_run.task_name}"
-            ) from None
-        return {"result_storage_key": _hash_text(text)}
-
-    def __repr__(self) -> str:
-        return f"result_storage_key={self.template!r}"
-
-
-@dataclasses.dataclass(frozen=True)
-class _RunFields:
-    id: str
-    name: str
-    task_name: str
-
-
-def task_input_hash(context: Any, arguments: Mapping[str, Any]) -> str | None:
-    """Prefect's ``task_input_hash`` key function: the task's identity, its normalized
-    source and the arguments; None (the call runs uncached, with a log line saying why)
-    when an argument has no stable fingerprint.
-
-    >>> @task(cache_key_fn=task_input_hash)  # doctest: +SKIP
-    ... def add(x, y): ...
-    """
-    task = getattr(context, "task", None)
-    if task is not None and not hasattr(task, "identity") and callable(task):
-        task = _FunctionAsTask(getattr(task, "fn", task))
-    parts: dict[str, Any] = {"arguments": dict(arguments)}
-    if task is not None:
-        parts["task"] = task.identity
-        parts["source"] = source_components(task.fn, label="source")
-    try:
-        return fingerprint(parts)
-    except UnhashableError as exc:
-        import logging
-
-        logging.getLogger("notebook_flow").info(
-            "task_input_hash: an argument has no stable fingerprint (%s); running uncached", exc
-        )
-        return None

@@ -15,13 +15,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 from notebook_flow import config
-from notebook_flow.cache_policies import DEFAULT, NONE, CachePolicy, _ResultStorageKey
+from notebook_flow.cache_policies import DEFAULT, NONE, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
 
 from . import hooks
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
 from .hot import _hot
+from .keys import _ResultStorageKey
 
 if TYPE_CHECKING:
     from notebook_flow.locks.base import LockManager
