@@ -21,9 +21,10 @@ The package follows that path: :mod:`.definition` (``Task``, ``@task``, the opti
 :mod:`.call` (one call: key, lookup, lock, run with retries, commit, record; the crash
 points), :mod:`.hooks` (completion/failure hooks), :mod:`.keys` (``result_storage_key``,
 ``task_input_hash``), :mod:`.hot` (the in-process hot cache a hit reads first),
-:mod:`.context` (run ids, ``current_run()``) and :mod:`.explain` (why a call hits or misses). What other modules use
-is re-exported here: import it from ``notebook_flow.tasks``. Module state lives once, in its
-own module: patch ``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
+:mod:`.context` (run ids, ``current_run()``) and :mod:`.explain` (why a call hits or
+misses). What other modules use is re-exported here: import it from
+``notebook_flow.tasks``. Module state lives once, in its own module: patch
+``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
 """
 
 from __future__ import annotations
