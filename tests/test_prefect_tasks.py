@@ -675,3 +675,20 @@ class TestTaskTransactions:
         assert txn is not None
         assert txn.isolation_level is IsolationLevel.SERIALIZABLE
         assert txn.store is not None
+
+
+def test_cache_result_in_memory_false_keeps_results_out_of_the_hot_cache() -> None:
+    from notebook_flow.tasks import _hot
+
+    @task(cache_result_in_memory=False)
+    def big(x: int) -> int:
+        return x
+
+    @task
+    def small(x: int) -> int:
+        return x
+
+    assert big(1) == big(1) == 1 and small(1) == small(1) == 1
+    assert _hot.get(big._store_cache[1], big.cache_key(1)) is None  # type: ignore[index]
+    assert _hot.get(small._store_cache[1], small.cache_key(1)) is not None  # type: ignore[index]
+    assert big.with_options(name="big2").cache_result_in_memory is False

@@ -274,7 +274,8 @@ class _Call:
                     exc,
                 )
                 return _MISS
-            _hot.put(self.store, manifest, value)
+            if t.cache_result_in_memory:
+                _hot.put(self.store, manifest, value)
         elapsed = time.perf_counter() - t0
         t._last_components = self.components
         self.record(
@@ -521,7 +522,7 @@ class _Call:
     def published(self, manifest: Manifest, value: Any, *, remember: bool = True) -> None:
         """After the manifest is written: the hot cache (unless ``remember`` is False: a
         mutable value the caller has had since) and the index learn the entry."""
-        if remember:
+        if remember and self.task.cache_result_in_memory:
             _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
         entry = CacheEntry.from_manifest(manifest, task=self.task.name)
         _metadata_for(self.store, lambda m: m.record_cache_entry(entry))

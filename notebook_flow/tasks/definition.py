@@ -80,6 +80,7 @@ class Task(Generic[P, R]):
         on_failure: Iterable[Callable[..., Any]] | None = None,
         on_commit: Iterable[Callable[..., Any]] | None = None,
         on_rollback: Iterable[Callable[..., Any]] | None = None,
+        cache_result_in_memory: bool = True,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"@task needs a function, got {type(fn).__name__}")
@@ -157,6 +158,12 @@ class Task(Generic[P, R]):
         self.on_failure_hooks = hooks.check_hooks("on_failure", on_failure)
         self.on_commit_hooks = hooks.check_hooks("on_commit", on_commit)
         self.on_rollback_hooks = hooks.check_hooks("on_rollback", on_rollback)
+        if not isinstance(cache_result_in_memory, bool):
+            raise ConfigurationError(
+                f"cache_result_in_memory must be True or False, got {cache_result_in_memory!r}"
+            )
+        # Prefect's option: False keeps this task's results out of the in-process hot cache.
+        self.cache_result_in_memory = cache_result_in_memory
         self.cache_namespace = cache_namespace
         self.lock_timeout = lock_timeout
         if max_concurrency is not None and max_concurrency < 1:
@@ -251,6 +258,7 @@ class Task(Generic[P, R]):
             "on_failure": list(self.on_failure_hooks),
             "on_commit": list(self.on_commit_hooks),
             "on_rollback": list(self.on_rollback_hooks),
+            "cache_result_in_memory": self.cache_result_in_memory,
         }
 
     def with_options(self, **changes: Any) -> Task[P, R]:
@@ -512,6 +520,7 @@ def task(
     on_failure: Iterable[Callable[..., Any]] | None = None,
     on_commit: Iterable[Callable[..., Any]] | None = None,
     on_rollback: Iterable[Callable[..., Any]] | None = None,
+    cache_result_in_memory: bool = True,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
     """Turn a function into a cached, durable :class:`Task`.
