@@ -182,7 +182,7 @@ class Transaction:
         self.overwrite = overwrite
         self.write_on_commit = write_on_commit
         self.lock_manager = lock_manager
-        self.logger = logger or globals()["logger"]
+        self.logger = logger or logging.getLogger("notebook_flow")
         self.state = TransactionState.PENDING
         self.children: list[Transaction] = []
         self.on_commit_hooks: list[Callable[..., Any]] = []
