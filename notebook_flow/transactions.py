@@ -126,6 +126,7 @@ class _StagedResult:
         from .tasks.hot import _immutable
 
         self.call.published(self.manifest, self.value, remember=_immutable(self.value))
+        _crash_point("after_publish")
 
     def discard(self) -> None:
         self.call.store.discard(self.manifest)
