@@ -17,8 +17,8 @@ each of them a correct result for its key, so nothing wrong is ever served.
 
 A task call gets a transaction of its own (``get_transaction()`` in its body returns it;
 its ``on_commit``/``on_rollback`` hooks receive it) when it runs inside a transaction or
-has commit/rollback hooks. A SERIALIZABLE task keeps its key locked until its result is
-published or discarded.
+has commit/rollback hooks. A SERIALIZABLE task (sync or async) keeps its key locked until
+its result is published or discarded.
 
 ``commit_mode`` (``CommitMode.LAZY`` by default: the outermost transaction commits;
 ``EAGER``: each transaction commits as it ends; ``OFF``: nothing commits unless

@@ -369,3 +369,36 @@ def test_a_value_changed_after_the_call_is_not_what_the_cache_keeps(isolated_sto
     assert rows(3) == [0, 1, 2]
     assert rows(3) == [0, 1, 2]
     assert log == [("run", "rows", 3)]
+
+
+def test_an_async_serializable_task_keeps_its_lock_until_commit(isolated_store: Path) -> None:
+    import asyncio
+
+    manager = FileLockManager(isolated_store.parent / "locks")
+
+    @task(lock_manager=manager)
+    async def guarded(x: int) -> int:
+        return x
+
+    key = guarded.cache_key(3)
+
+    async def main(fail: bool) -> None:
+        with transaction():
+            assert await guarded(3) == 3
+            assert manager.is_locked(key)  # past the call, until published or discarded
+            assert visible_keys(isolated_store) == set()
+            if fail:
+                raise RuntimeError("abort")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(main(fail=True))
+    assert wait_unlocked(manager, key)
+    assert visible_keys(isolated_store) == set()
+    asyncio.run(main(fail=False))
+    assert wait_unlocked(manager, key)
+    assert visible_keys(isolated_store) == {key}
+
+
+def wait_unlocked(manager: FileLockManager, key: str) -> bool:
+    """The holder thread releases just after the commit: give it a moment."""
+    return manager.wait_for_release(key, timeout=30)

@@ -729,19 +729,19 @@ def _run_sync(call: _Call) -> Any:
 
 
 async def _run_async(call: _Call) -> Any:
-    """The same path for ``async def`` tasks; blocking steps run in a thread.
-
-    In a transaction the key's lock is released when the call returns, not when the
-    transaction commits (the lock lives in a helper thread of this call)."""
+    """The same path for ``async def`` tasks; blocking steps run in a thread (the key's
+    lock in a thread of its own, kept past the call when a transaction stages the
+    result)."""
     if call.compute_key() is not None:
         value = await asyncio.to_thread(call.lookup)
         if value is not _MISS:
             return await hooks.acompleted(call, value, cached=True)
     why = call.explain_miss() if call.key is not None and not call.task._refreshing() else ""
-    from notebook_flow.locks.threaded import held_in_thread
+    from notebook_flow.locks.threaded import HandOff, held_in_thread
 
+    hand_off = HandOff()
     # Not on the loop's executor: waiters filled it while the holder needed it to commit.
-    async with held_in_thread(call.locked()) as lease:
+    async with held_in_thread(call.locked(), hand_off) as lease:
         if lease is not None:
             value = await asyncio.to_thread(call.lookup)
             if value is not _MISS:
@@ -762,8 +762,9 @@ async def _run_async(call: _Call) -> Any:
                     await asyncio.sleep(delay)
                     attempt += 1
                 duration = time.perf_counter() - t0
-                if txn is not None:  # staged here; no fencing at the later publish
-                    call.commit(value, duration, attempt, None, txn=txn)
+                if txn is not None:  # staged; the lock is kept until it is published
+                    release = hand_off.keep() if lease is not None else None
+                    call.commit(value, duration, attempt, lease, txn=txn, release=release)
                 else:
                     await asyncio.to_thread(call.commit, value, duration, attempt, lease)
         finally:
