@@ -545,6 +545,16 @@ def isolation_level_here() -> str | None:
     return txn.isolation_level.value
 
 
+def lock_manager_here() -> Any:
+    """The lock manager the active transactions give their tasks (innermost first)."""
+    txn = _active.get()
+    while txn is not None:
+        if txn.lock_manager is not None:
+            return txn.lock_manager
+        txn = txn._parent
+    return None
+
+
 def active() -> bool:
     """True inside a transaction (results are staged, not committed in the background)."""
     return _active.get() is not None

@@ -330,3 +330,23 @@ class TestHooks:
 
         asyncio.run(main())
         assert seen == ["commit"]
+
+
+def test_tasks_inherit_the_transaction_lock_manager() -> None:
+    # Prefect: a task's store gets the lock manager of the surrounding transaction.
+    from notebook_flow import task
+    from notebook_flow.locks import MemoryLockManager
+
+    manager = MemoryLockManager("txn-inherited")
+    seen: list[bool] = []
+
+    @task
+    def guarded(x: int) -> int:
+        seen.append(manager.is_locked(guarded.cache_key(x)))
+        return x
+
+    with transaction(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=manager):
+        assert guarded(1) == 1
+        assert manager.is_locked(guarded.cache_key(1))  # until the commit
+    assert seen == [True]
+    assert not manager.is_locked(guarded.cache_key(1))

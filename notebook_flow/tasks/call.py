@@ -314,8 +314,9 @@ class _Call:
         from notebook_flow.config import settings
         from notebook_flow.locks import as_lock_manager, default_lock_manager_for, hold
 
-        if policy.lock_manager is not None:
-            manager = as_lock_manager(policy.lock_manager)
+        given = policy.lock_manager or transactions.lock_manager_here()
+        if given is not None:
+            manager = as_lock_manager(given)
         else:
             manager = default_lock_manager_for(self.store)
         s = settings()
