@@ -338,15 +338,13 @@ def test_tasks_inherit_the_transaction_lock_manager() -> None:
     from notebook_flow.locks import MemoryLockManager
 
     manager = MemoryLockManager("txn-inherited")
-    seen: list[bool] = []
 
     @task
     def guarded(x: int) -> int:
-        seen.append(manager.is_locked(guarded.cache_key(x)))
         return x
 
+    key = guarded.cache_key(1)
     with transaction(isolation_level=IsolationLevel.SERIALIZABLE, lock_manager=manager):
         assert guarded(1) == 1
-        assert manager.is_locked(guarded.cache_key(1))  # until the commit
-    assert seen == [True]
-    assert not manager.is_locked(guarded.cache_key(1))
+        assert manager.is_locked(key)  # by the task's call, until the commit
+    assert not manager.is_locked(key)
