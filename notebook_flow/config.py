@@ -19,6 +19,8 @@ Environment variables (read once, on first use):
                                       runs (``PREFECT_TASKS_DISABLE_CACHING``)
 ``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``    ``1``: tasks defined without a cache policy
                                       get NO_CACHE (``PREFECT_TASKS_DEFAULT_NO_CACHE``)
+``NOTEBOOK_FLOW_AUTO_CELLS``          ``1``: cache every code cell as if it began with
+                                      ``%%task``
 ====================================  ============================================
 """
 
@@ -55,6 +57,7 @@ class Settings:
     refresh_cache: bool = False
     disable_caching: bool = False
     default_no_cache: bool = False
+    auto_cells: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -68,6 +71,7 @@ class Settings:
             refresh_cache=_env_flag("NOTEBOOK_FLOW_REFRESH_CACHE"),
             disable_caching=_env_flag("NOTEBOOK_FLOW_DISABLE_CACHING"),
             default_no_cache=_env_flag("NOTEBOOK_FLOW_DEFAULT_NO_CACHE"),
+            auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
         )
 
 
@@ -128,6 +132,7 @@ def configure(
     refresh_cache: bool | None = None,
     disable_caching: bool | None = None,
     default_no_cache: bool | None = None,
+    auto_cells: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
@@ -179,6 +184,10 @@ def configure(
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{flag} must be True or False, got {value!r}")
             changes[flag] = value
+    if auto_cells is not None:
+        if not isinstance(auto_cells, bool):
+            raise ConfigurationError(f"auto_cells must be True or False, got {auto_cells!r}")
+        changes["auto_cells"] = auto_cells
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

@@ -505,14 +505,14 @@ class TestHooks:
 
         @my_task.on_completion
         def first(task: Any, task_run: Any, state: Any) -> None:
-            log.append(f"first:{state.result()}:{task_run.name.endswith('my_task')}")
+            log.append(f"first:{state.result()}:{task_run.task is task and task_run.run_count}")
 
         @my_task.on_completion
         def second(task: Any, task_run: Any, state: Any) -> None:
             log.append("second")
 
         my_task()
-        assert log == ["given", "first:3:True", "second"]
+        assert log == ["given", "first:3:1", "second"]
 
     def test_completion_hooks_do_not_run_on_failure(self) -> None:
         log: list[str] = []

@@ -10,21 +10,24 @@
 
 A completion hook runs after a computed *or* cached result (``state.name`` says which), a
 failure hook once, after the last retry. A hook that raises is logged and the others
-still run; a coroutine hook is awaited. ``task_run`` and ``state`` are small records with
-Prefect's names (:class:`TaskRun`, :class:`State`).
+still run; a coroutine hook is awaited. ``task_run`` is the run's
+:class:`~notebook_flow.tasks.RunContext` (``.id``, ``.name``, ``.run_count``, ``.task``) and
+``state`` a :class:`~notebook_flow.states.State` (``.name``, ``.is_completed()``,
+``.result()``), as ``retry_condition_fn`` receives them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import enum
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow.errors import ConfigurationError
+from notebook_flow.states import RunState, State
+
+from .context import RunContext
 
 if TYPE_CHECKING:
     from .call import _Call
@@ -32,75 +35,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("notebook_flow")
 
-__all__ = ["HOOK_KINDS", "State", "StateType", "TaskRun", "check_hooks"]
+__all__ = ["HOOK_KINDS", "check_hooks"]
 
 #: The hook options of a task, in Prefect's names.
 HOOK_KINDS = ("on_completion", "on_failure", "on_commit", "on_rollback")
 
 Hook = Callable[..., Any]
-
-
-class StateType(str, enum.Enum):
-    """The type of a :class:`State` (Prefect's ``StateType`` names)."""
-
-    COMPLETED = "COMPLETED"
-    FAILED = "FAILED"
-    CRASHED = "CRASHED"
-
-
-@dataclasses.dataclass(frozen=True)
-class State:
-    """The final state of a run as a hook sees it.
-
-    ``name`` is ``"Completed"``, ``"Cached"`` or ``"Failed"``; :meth:`result` returns the
-    value, or raises the run's exception (``raise_on_failure=False`` returns it).
-    """
-
-    type: StateType
-    name: str
-    message: str | None = None
-    data: Any = None
-    exception: BaseException | None = None
-
-    def is_completed(self) -> bool:
-        return self.type is StateType.COMPLETED
-
-    def is_failed(self) -> bool:
-        return self.type is StateType.FAILED
-
-    def is_crashed(self) -> bool:
-        return self.type is StateType.CRASHED
-
-    def is_running(self) -> bool:
-        return False
-
-    def is_cached(self) -> bool:
-        return self.name == "Cached"
-
-    def result(self, raise_on_failure: bool = True) -> Any:
-        """The run's value; its exception is raised (or returned)."""
-        if self.exception is not None:
-            if raise_on_failure:
-                raise self.exception
-            return self.exception
-        return self.data
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskRun:
-    """One run of a task, as a hook sees it (a subset of Prefect's ``TaskRun``)."""
-
-    id: str
-    name: str
-    task_key: str
-    cache_key: str | None
-    run_count: int
-    tags: frozenset[str]
-    flow_run_id: None = None
-
-    @property
-    def task_name(self) -> str:
-        return self.name
 
 
 def check_hooks(kind: str, hooks: Any) -> list[Hook]:
@@ -156,23 +96,20 @@ def run_to_end(result: Any) -> Any:
     return box.get("value")
 
 
-def _task_run(call: _Call, attempt: int) -> TaskRun:
-    t = call.task
-    return TaskRun(
-        id=call.run_id,
-        name=t.name,
-        task_key=t.identity,
-        cache_key=call.key,
-        run_count=attempt,
-        tags=frozenset(t.tags),
-    )
+def _task_run(call: _Call, attempt: int) -> RunContext:
+    """The run's context (a cache hit, which runs no body, gets one made here)."""
+    ctx = call.ctx
+    if ctx is None:
+        ctx = RunContext(call.run_id, call.task, call.key)
+    ctx.attempt = attempt
+    return ctx
 
 
-def _state_hooks(t: Task[Any, Any], state: State) -> list[Hook]:
+def _state_hooks(t: Task[Any, Any], state: State[Any]) -> list[Hook]:
     return list(t.on_failure_hooks if state.is_failed() else t.on_completion_hooks)
 
 
-def _run_state_hooks(call: _Call, state: State, attempt: int) -> None:
+def _run_state_hooks(call: _Call, state: State[Any], attempt: int) -> None:
     t = call.task
     task_run = _task_run(call, attempt)
     for hook in _state_hooks(t, state):
@@ -184,7 +121,7 @@ def _run_state_hooks(call: _Call, state: State, attempt: int) -> None:
             logger.error("task `%s`: hook %r raised", t.name, name, exc_info=True)
 
 
-async def _arun_state_hooks(call: _Call, state: State, attempt: int) -> None:
+async def _arun_state_hooks(call: _Call, state: State[Any], attempt: int) -> None:
     t = call.task
     task_run = _task_run(call, attempt)
     for hook in _state_hooks(t, state):
@@ -198,12 +135,12 @@ async def _arun_state_hooks(call: _Call, state: State, attempt: int) -> None:
             logger.error("task `%s`: hook %r raised", t.name, name, exc_info=True)
 
 
-def _completed_state(value: Any, cached: bool) -> State:
-    return State(StateType.COMPLETED, "Cached" if cached else "Completed", data=value)
+def _completed_state(value: Any, cached: bool) -> State[Any]:
+    return State(RunState.CACHED if cached else RunState.COMPLETED, value)
 
 
-def _failed_state(exc: BaseException) -> State:
-    return State(StateType.FAILED, "Failed", f"{type(exc).__name__}: {exc}", exception=exc)
+def _failed_state(exc: BaseException) -> State[Any]:
+    return State(RunState.FAILED, exception=exc)
 
 
 def completed(call: _Call, value: Any, *, cached: bool = False, attempt: int = 1) -> Any:
