@@ -371,10 +371,13 @@ _NoCache = _None  # the earlier name
 
 @dataclasses.dataclass
 class Inputs(CachePolicy):
-    """Keys on the task's arguments (defaults applied), minus ``exclude``.
+    """Keys on the task's arguments (defaults applied), minus ``exclude`` (a list, as in
+    Prefect).
 
-    As in Prefect, a call without arguments has no input key (None), and ``exclude`` is a
-    list.
+    A call without arguments is keyed too (on no arguments): ``@task(cache_policy=INPUTS,
+    cache_expiration=...)`` on a function without parameters reuses its result until it
+    expires, as Prefect's "Don't replay. Resume." page describes (Prefect's ``Inputs``
+    itself computes no key then, so the task would run every time).
 
     >>> (INPUTS - "verbose").exclude
     ['verbose']
@@ -383,8 +386,6 @@ class Inputs(CachePolicy):
     exclude: list[str] = dataclasses.field(default_factory=list)
 
     def compute_components(self, ctx: KeyContext) -> dict[str, str] | None:
-        if not ctx.arguments:
-            return None
         out: dict[str, str] = {}
         for name, value in ctx.arguments.items():
             if name in self.exclude:

@@ -67,8 +67,10 @@ class TestInputs:
         policy = Inputs()
         nothing = key_of(policy)
         x, y, z = key_of(policy, {"x": 42}), key_of(policy, {"y": 42}), key_of(policy, {"z": "a"})
-        assert nothing is None  # no inputs: no input key (as Prefect)
-        assert len({x, y, z}) == 3
+        # Deliberate difference: no inputs is a key too (Prefect: None, so a task without
+        # parameters and cache_policy=INPUTS would never be reused; README).
+        assert nothing is not None
+        assert len({nothing, x, y, z}) == 4
 
     def test_key_ignores_the_other_arguments(self) -> None:
         policy = Inputs()
