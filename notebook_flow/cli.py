@@ -296,10 +296,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .config import get_metadata, wait_startup
+    from .figures import format_saved
 
     store = _store(args)
     wait_startup(store)
-    for key, value in get_metadata(store).stats().items():
+    stats = get_metadata(store).stats()
+    for key, value in stats.items():
+        if key == "time_saved":  # the words every other view uses (figures.py)
+            value = f"{format_saved(value, stats.get('hits'))} ({value:.3f} s)"
         print(f"{key:>13}: {value}")
     return 0
 

@@ -152,7 +152,7 @@ class FlowMagics(Magics):
         %flow wait [--timeout S]            wait for the tasks submitted from this kernel
         %flow locks                         locks held now
         %flow config [key=value ...]        show or change settings (store=..., workers=...)
-        %flow dashboard                     open the dashboard
+        %flow dashboard [--server]          open the dashboard (--server: on 127.0.0.1)
         %flow explain [NAME]                why the last run of a cell (or task) missed
         %flow auto [on | off]               treat every code cell as %%task (%%task --off
                                             excludes one); without a word: show the mode
@@ -214,13 +214,15 @@ class FlowMagics(Magics):
 
     def _flow_stats(self, rest: list[str]) -> None:
         from .api import stats
+        from .figures import format_saved
 
         s = stats()
         rate = "n/a" if s.get("hit_rate") is None else f"{s['hit_rate']:.0%}"
         print(
             f"runs {s['runs']} · hits {s['hits']} · misses {s['misses']} · hit rate {rate} · "
             f"failed {s['failures']} · crashed {s['crashed']}\n"
-            f"time saved {s['time_saved']:.1f} s · {s['entries']} stored results, "
+            f"time saved {format_saved(s['time_saved'], s['hits'])} · "
+            f"{s['entries']} stored results, "
             f"{_size(s['bytes_stored'])}"
         )
 
@@ -291,7 +293,7 @@ class FlowMagics(Magics):
         except ImportError:
             print("the dashboard is not available in this version")
             return None
-        return show(inline="--inline" in rest)
+        return show(server="--server" in rest)
 
     def _flow_auto(self, rest: list[str]) -> None:
         from . import config

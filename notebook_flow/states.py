@@ -130,13 +130,12 @@ _builtin_type = type  # (``State.__init__`` takes a parameter named ``type``, as
 
 
 def format_seconds(value: float) -> str:
-    """A duration as the notebook lines show it.
+    """A duration as the notebook lines show it (``figures.format_duration``, the one
+    formatter of every figure notebook_flow shows).
 
     >>> format_seconds(0.25), format_seconds(42), format_seconds(600)
     ('250 ms', '42.0 s', '10.0 min')
     """
-    if value < 1:
-        return f"{value * 1000:.0f} ms"
-    if value < 120:
-        return f"{value:.1f} s"
-    return f"{value / 60:.1f} min"
+    from .figures import format_duration
+
+    return format_duration(value)

@@ -35,6 +35,7 @@ from notebook_flow.errors import (
     StorageError,
     TaskTimeoutError,
 )
+from notebook_flow.figures import time_saved
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
 from notebook_flow.storage import behind
@@ -297,7 +298,7 @@ class _Call:
         self.record(
             RunState.CACHED,
             duration=elapsed,
-            saved=max(manifest.duration - elapsed, 0.0),
+            saved=time_saved(manifest.duration, elapsed),
             size=manifest.size,
         )
         return value
