@@ -136,7 +136,7 @@ class WorkerCall(_Call):
                 at=time.time(),
                 notebook=self._notebook,
                 cell=self._cell,
-                tags=t.tags,
+                tags=tuple(sorted(t.tags)),
                 host=p.host,
                 pid=p.pid,
                 pid_start=p.start_time,
