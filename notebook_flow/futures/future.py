@@ -42,6 +42,25 @@ class _Dispatcher(Protocol):
     def _try_inline(self, fut: TaskFuture[Any]) -> bool: ...
 
 
+class Deferred:
+    """A result that stays where it is — a remote run's result in the store — until the
+    first ``result()`` asks for it (then loaded once, memory-mapped where the format
+    allows; a load that fails raises from ``result()``)."""
+
+    __slots__ = ("_lock", "_load", "_loaded")
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any] | None = None
+
+    def get(self) -> Any:
+        with self._lock:  # one load, whichever thread asks first
+            if self._loaded is None:
+                self._loaded = (self._load(),)
+            return self._loaded[0]
+
+
 class TaskFuture(Generic[R]):
     """The handle of one submitted run: ``task.submit(...)`` returns it at once.
 
@@ -162,7 +181,10 @@ class TaskFuture(Generic[R]):
             )
         if self._exc is not None:
             raise self._exc
-        return self._value  # type: ignore[no-any-return]
+        value = self._value
+        if type(value) is Deferred:
+            value = self._value = value.get()
+        return value  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the run failed with (None if it succeeded); waits like ``result``."""
