@@ -69,10 +69,21 @@ class DaskRunner(BaseRunner):
     ``shared_filesystem=True`` declares that a local-folder store is mounted at the same
     path on every worker host (NFS, a cluster file system); without it a local store is
     refused as soon as a worker runs on another host.
+
+    Runs of a client that died keep executing on the workers (Dask cannot stop a running
+    function). Before its first run, a runner waits up to ``orphan_wait`` seconds for
+    them, then ingests their events: so ``resume()`` finds their results committed
+    instead of starting them a second time (with a lock manager, twice cannot happen at
+    all; see docs/dask.md).
     """
 
     def __init__(
-        self, client: Any = None, *, shared_filesystem: bool = False, **cluster_kwargs: Any
+        self,
+        client: Any = None,
+        *,
+        shared_filesystem: bool = False,
+        orphan_wait: float = 60.0,
+        **cluster_kwargs: Any,
     ) -> None:
         from distributed import Client
 
@@ -88,6 +99,7 @@ class DaskRunner(BaseRunner):
             self._owned = [client]
         self.client = client
         self.shared_filesystem = bool(shared_filesystem)
+        self.orphan_wait = float(orphan_wait)
         p = _identity.process()
         host = re.sub(r"[^A-Za-z0-9.-]", "-", p.host)[:40]
         self.session = f"{host}_{p.pid}_{p.start_time or 0}_{p.session}"
@@ -169,7 +181,14 @@ class DaskRunner(BaseRunner):
             check_store(store)
             token = secrets.token_hex(8)
             plugin = NotebookFlowPlugin(
-                WorkerSetup(token, store.url, dict(s.storage_options), s.signing_key, self.session)
+                WorkerSetup(
+                    token,
+                    store.url,
+                    dict(s.storage_options),
+                    s.signing_key,
+                    self.session,
+                    str(self.client.id),
+                )
             )
             self.client.register_plugin(plugin)
             if not self._ingested_others:
@@ -283,7 +302,11 @@ class DaskRunner(BaseRunner):
         from notebook_flow.metadata.remote import EVENTS_DIR, ingest_store_events
         from notebook_flow.storage import files
 
+        from .dask_worker import flush_events
+
         try:
+            self._wait_for_orphans()
+            self.client.run(flush_events)  # what the workers still hold, to the store first
             listed = files.list_files(store, EVENTS_DIR)
             sessions = {rel.split("/")[1] for rel, _ in listed if rel.count("/") >= 2}
             meta = config.get_metadata(store)
@@ -293,6 +316,38 @@ class DaskRunner(BaseRunner):
                 ingest_store_events(store, meta, session=session)
         except Exception:
             logger.warning("could not ingest spooled run events of %s", store.url, exc_info=True)
+
+    def _wait_for_orphans(self) -> None:
+        """Wait (up to ``orphan_wait`` s) for runs whose client disconnected to end."""
+        from .dask_worker import executing_clients
+
+        deadline = time.monotonic() + self.orphan_wait
+        told = False
+        while True:
+            running = [c for ids in self.client.run(executing_clients).values() for c in ids]
+            if not running:
+                return
+            connected = set(
+                self.client.run_on_scheduler(_connected_clients)  # type: ignore[no-untyped-call]
+            )
+            orphans = [c for c in running if c not in connected]
+            if not orphans:
+                return
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "%d runs of a disconnected client still execute on the cluster; not "
+                    "waiting longer (orphan_wait=%gs): resuming them may run them again",
+                    len(orphans),
+                    self.orphan_wait,
+                )
+                return
+            if not told:
+                told = True
+                logger.info(
+                    "waiting for %d runs of a disconnected client to end on the cluster",
+                    len(orphans),
+                )
+            time.sleep(0.2)
 
     def collect_events(self) -> int:
         """Have every worker write its spooled events now, and ingest this session's from
@@ -395,6 +450,10 @@ def local_addresses() -> set[str]:
         pass
     out.update(a for a in list(out) if a.startswith("127."))
     return out
+
+
+def _connected_clients(dask_scheduler: Any) -> list[str]:
+    return [str(c) for c in dask_scheduler.clients]
 
 
 def _session_alive(session: str) -> bool:

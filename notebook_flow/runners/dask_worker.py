@@ -64,6 +64,7 @@ class WorkerSetup:
     storage_options: dict[str, Any]
     signing_key: bytes | None = dataclasses.field(repr=False)
     session: str  # the client session, which names its folder of spooled events
+    client_id: str  # the Dask client's id: its runs are orphans once it disconnected
 
     def apply(self) -> ResultStore:
         """Make these the worker's settings (if another client changed them) → its store."""
@@ -105,6 +106,11 @@ def install(config: WorkerSetup) -> None:
 def flush_events() -> int:
     """Write this worker's spooled events to the store now; returns how many (client.run)."""
     return _spool.flush()
+
+
+def executing_clients() -> list[str]:
+    """The Dask client ids of the runs executing on this worker now (client.run)."""
+    return list(_executing.values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,7 +175,7 @@ class _OrphanSink(_Events):
 class RemoteCall(_Call):
     """A ``_Call`` whose key came from the client and whose events stay in memory."""
 
-    __slots__ = ("events", "spec")
+    __slots__ = ("events", "final", "saved", "spec")
 
     def __init__(
         self, t: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], spec: RunSpec
@@ -177,6 +183,8 @@ class RemoteCall(_Call):
         super().__init__(t, args, kwargs, run_id=spec.run_id)
         self.spec = spec
         self.events = _Events()
+        self.saved: float | None = None  # what a hit saved
+        self.final: RunState | None = None  # the last final state recorded
 
     def compute_key(self) -> str | None:
         self.key, self.components = self.spec.key, self.spec.components
@@ -184,6 +192,10 @@ class RemoteCall(_Call):
 
     def record(self, state: RunState, **fields: Any) -> None:
         t = self.task
+        if state.is_final:
+            self.final = state
+            if state is RunState.CACHED:
+                self.saved = fields.get("saved")
         self.events.append(
             RunEvent(
                 run_id=self.run_id,
@@ -237,6 +249,7 @@ class RemoteCall(_Call):
 
 
 _setups: dict[str, WorkerSetup] = {}
+_executing: dict[str, str] = {}  # run id → Dask client id, while the run executes here
 _tasks: dict[str, Task[..., Any]] = {}
 _tasks_lock = threading.Lock()
 
@@ -276,21 +289,19 @@ def run_on_worker(
     call = RemoteCall(t, args, kwargs, spec)
     sink_token = _callmod.event_sink.set(call.events)
     fg_token = behind.foreground.set(True)  # durable before we return
+    _executing[spec.run_id] = config.client_id
     try:
         value = asyncio.run(_run_async(call)) if t.is_async else _run_sync(call)
     except BaseException as exc:
-        if not call.events or call.events[-1].state not in (  # type: ignore[union-attr]
-            RunState.FAILED,
-            RunState.CANCELLED,
-        ):
-            call.failed(1, exc)
+        if call.final not in (RunState.FAILED, RunState.CANCELLED):
+            call.failed(1, exc)  # (a failure before the body: lock timeout, bad store)
         outcome = Outcome(RunState.FAILED.value, list(call.events), error=_portable(exc))
     else:
         if isinstance(value, _InStore):
             outcome = Outcome(
                 RunState.CACHED.value,
                 list(call.events),
-                saved=call.events[-1].saved if call.events else None,  # type: ignore[union-attr]
+                saved=call.saved,
                 manifest=value.manifest.to_json(),
             )
         else:
@@ -303,6 +314,7 @@ def run_on_worker(
                 value=None if stored else value,
             )
     finally:
+        _executing.pop(spec.run_id, None)
         behind.foreground.reset(fg_token)
         _callmod.event_sink.reset(sink_token)
     _spool.add(token, outcome.events)
