@@ -47,10 +47,23 @@ class Cluster:
             home = root / f"w{i}"
             self.workers.append(
                 self._spawn(
-                    [DASK, "worker", "--scheduler-file", str(self.scheduler_file),
-                     "--nthreads", str(nthreads), "--host", "127.0.0.1", "--no-dashboard",
-                     "--name", f"w{i}", "--local-directory", str(home / "dask")],
-                    self._env(home), home,
+                    [
+                        DASK,
+                        "worker",
+                        "--scheduler-file",
+                        str(self.scheduler_file),
+                        "--nthreads",
+                        str(nthreads),
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        "--name",
+                        f"w{i}",
+                        "--local-directory",
+                        str(home / "dask"),
+                    ],
+                    self._env(home),
+                    home,
                 )  # fmt: skip
             )
 

@@ -57,9 +57,9 @@ def s3_store(s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.fixture
 def runner(cluster: Cluster) -> Iterator[nf.runners.DaskRunner]:
-    from notebook_flow.runners import DaskRunner
-
     from distributed import Client
+
+    from notebook_flow.runners import DaskRunner
 
     with Client(cluster.address) as probe:
         cluster.wait_for_workers(probe)
@@ -219,7 +219,10 @@ def _client_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
 
 
 def test_a_client_killed_mid_map_is_resumed_by_a_fresh_client(
-    cluster, s3_store, s3_server, tmp_path  # noqa: F811
+    cluster,
+    s3_store,
+    s3_server,  # noqa: F811
+    tmp_path,
 ):
     from notebook_flow.runners import DaskRunner, resume
 

@@ -47,7 +47,7 @@ class Deferred:
     first ``result()`` asks for it (then loaded once, memory-mapped where the format
     allows; a load that fails raises from ``result()``)."""
 
-    __slots__ = ("_lock", "_load", "_loaded")
+    __slots__ = ("_load", "_loaded", "_lock")
 
     def __init__(self, load: Callable[[], Any]) -> None:
         self._load = load

@@ -214,8 +214,7 @@ def ingest(meta: MetadataStore, ops: Sequence[Op]) -> int:
     Synchronous (it waits for the metadata lock): for batches read from the store. Events
     that came back with a result go through the recorder's queue instead.
     """
-    from notebook_flow.metadata.batch import _apply_cache_ops, _apply_lock_events
-    from notebook_flow.metadata.batch import _write_run_events
+    from notebook_flow.metadata.batch import _apply_cache_ops, _apply_lock_events, _write_run_events
 
     runs = [op for op in ops if isinstance(op, RunEvent)]
     entries = [op for op in ops if isinstance(op, CacheEntry)]

@@ -105,9 +105,7 @@ class DaskRunner(BaseRunner):
         self.session = f"{host}_{p.pid}_{p.start_time or 0}_{p.session}"
         self._lock = threading.Lock()
         self._setup: tuple[int, str, ResultStore] | None = None  # generation, token, store
-        self._accepted: weakref.WeakKeyDictionary[Task[..., Any], int] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._accepted: weakref.WeakKeyDictionary[Task[..., Any], int] = weakref.WeakKeyDictionary()
         self._references: dict[str, dict[str, str] | None] = {}
         self._hosts: tuple[float, list[str]] = (0.0, [])
         self._ingested_others = False
@@ -442,7 +440,7 @@ def local_addresses() -> set[str]:
     except OSError:
         pass
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         for addrs in psutil.net_if_addrs().values():
             out.update(a.address.split("%")[0] for a in addrs if a.address)
