@@ -2,8 +2,9 @@
 
 ``dask scheduler`` and ``dask worker`` processes (the CLI users run), each worker with its
 own HOME, working directory and cache folder, as workers on other hosts would have: only
-what travels through Dask or the store is shared. Workers import the package and
-``tests/_dask_tasks.py`` from PYTHONPATH, as a deployed worker imports its code.
+what travels through Dask or the store is shared. Workers import the package,
+``tests/_dask_tasks.py`` and the benchmarks from PYTHONPATH, as a deployed worker imports
+its code.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Cluster:
         env.update(
             HOME=str(home),
             NOTEBOOK_FLOW_CACHE_DIR=str(home / "cache"),
-            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]),
             DASK_DISTRIBUTED__WORKER__DAEMON="False",
         )
         return env

@@ -262,7 +262,13 @@ def test_a_client_killed_mid_map_is_resumed_by_a_fresh_client(
     finally:
         runner.shutdown()
     executed = count_marks(str(marks))
-    assert executed == dict.fromkeys(range(n), 1), "an item ran twice, or never"
+    events = get_metadata().sql(
+        "SELECT run_id, state, time, host, pid, key, explain FROM run_events ORDER BY time"
+    )
+    assert executed == dict.fromkeys(range(n), 1), (
+        f"an item ran twice, or never: {executed}\n{events.to_string()}\n"
+        f"resumed_from={resumed.resumed_from}\n{cluster.logs()}"
+    )
     store = get_store()
     committed_by_first = {m.run_id for m in store.iter_manifests()} & first_ids
     history = nf.history().set_index("run_id")
