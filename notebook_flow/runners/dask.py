@@ -29,6 +29,7 @@ Upstream futures are resolved here (their values are loaded and sent with the ru
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -108,6 +109,12 @@ class DaskRunner(BaseRunner):
         self._accepted: weakref.WeakKeyDictionary[Task[..., Any], int] = weakref.WeakKeyDictionary()
         self._references: dict[str, dict[str, str] | None] = {}
         self._hosts: tuple[float, list[str]] = (0.0, [])
+        self._outbox: collections.deque[tuple[TaskFuture[Any], WorkerCall, Any]] = (
+            collections.deque()
+        )
+        self._wake = threading.Event()
+        self._poked = False
+        self._sender: threading.Thread | None = None
         self._ingested_others = False
 
     def __repr__(self) -> str:
@@ -211,6 +218,9 @@ class DaskRunner(BaseRunner):
         return self._references[ident]
 
     def _send(self, fut: TaskFuture[Any]) -> None:
+        """Prepare a run here (key, spec) and queue it for the sender thread, which hands
+        each burst of runs to the scheduler in one ``client.map`` (one graph update
+        instead of one per run: the scheduler round trip is most of a no-op's cost)."""
         if not fut._claim():
             return
         call = fut._call
@@ -219,7 +229,7 @@ class DaskRunner(BaseRunner):
             import cloudpickle
             import xxhash
 
-            from .dask_worker import RunSpec, run_on_worker
+            from .dask_worker import RunPayload, RunSpec
 
             token, _ = self._worker_setup()
             if fut._upstream:
@@ -237,22 +247,61 @@ class DaskRunner(BaseRunner):
             # Pickled for every run (a cell's function captures its globals by value);
             # the worker unpickles each distinct pickle once.
             blob = cloudpickle.dumps(task)
-            ref = (xxhash.xxh3_128_hexdigest(blob), blob)
-            pending = self.client.submit(
-                run_on_worker,
-                token,
-                ref,
-                call.args,
-                call.kwargs,
-                spec,
-                key=f"notebook_flow-{task.name}-{fut.run_id}",
-                pure=False,
+            payload = RunPayload(
+                token, (xxhash.xxh3_128_hexdigest(blob), blob), call.args, call.kwargs, spec
             )
         except Exception as exc:
             call.failed(1, exc)
             fut._finish(RunState.FAILED, None, exc)
             return
-        pending.add_done_callback(lambda done: self._complete(fut, call, done))
+        self._outbox.append((fut, call, payload))
+        if not self._poked:
+            self._poked = True
+            if self._sender is None:
+                self._start_sender()
+            self._wake.set()
+
+    def _start_sender(self) -> None:
+        with self._lock:
+            if self._sender is None:
+                t = threading.Thread(target=self._send_loop, name="notebook_flow-dask", daemon=True)
+                t.start()
+                self._sender = t
+
+    def _send_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            time.sleep(0.002)  # let a burst of submissions gather into one graph update
+            self._poked = False
+            batch = []
+            try:
+                while True:
+                    batch.append(self._outbox.popleft())
+            except IndexError:
+                pass
+            if batch:
+                self._submit_batch(batch)
+
+    def _submit_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
+        from .dask_worker import run_on_worker
+
+        try:
+            pendings = self.client.map(
+                run_on_worker,
+                [payload for _, _, payload in batch],
+                key=[f"notebook_flow-{fut.task.name}-{fut.run_id}" for fut, _, _ in batch],
+                pure=False,
+            )
+        except Exception as exc:  # the cluster is gone: every run of the burst fails
+            for fut, call, _ in batch:
+                call.failed(1, exc)
+                fut._finish(RunState.FAILED, None, exc)
+            return
+        for (fut, call, _), pending in zip(batch, pendings, strict=True):
+            pending.add_done_callback(
+                lambda done, fut=fut, call=call: self._complete(fut, call, done)
+            )
 
     def _complete(self, fut: TaskFuture[Any], call: WorkerCall, pending: Any) -> None:
         """Record the run's events here and finish its future (in Dask's callback thread)."""

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
     from notebook_flow.tasks import Task
 
-__all__ = ["Outcome", "RunSpec", "WorkerSetup", "run_on_worker"]
+__all__ = ["Outcome", "RunPayload", "RunSpec", "WorkerSetup", "run_on_worker"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -123,6 +123,30 @@ class RunSpec:
     reference: dict[str, str] | None  # components of the task's latest result (explain)
     notebook: str | None
     cell: str | None
+
+
+class RunPayload:
+    """One run as it travels (an opaque object: Dask does not look inside it for tasks
+    or futures, as it would in tuples, lists and dicts)."""
+
+    __slots__ = ("args", "kwargs", "spec", "task_ref", "token")
+
+    def __init__(
+        self,
+        token: str,
+        task_ref: tuple[str, bytes],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        spec: RunSpec,
+    ) -> None:
+        self.token = token
+        self.task_ref = task_ref
+        self.args = args
+        self.kwargs = kwargs
+        self.spec = spec
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RunPayload, (self.token, self.task_ref, self.args, self.kwargs, self.spec))
 
 
 @dataclasses.dataclass
@@ -267,15 +291,16 @@ def _task(ref: tuple[str, bytes]) -> Task[..., Any]:
     return t
 
 
-def run_on_worker(
-    token: str,
-    task_ref: tuple[str, bytes],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    spec: RunSpec,
-) -> Outcome:
+def run_on_worker(payload: RunPayload) -> Outcome:
     """Run one call on this worker; never raises for the task's own failure (the
     exception travels in the outcome, with the events that describe it)."""
+    token, task_ref, args, kwargs, spec = (
+        payload.token,
+        payload.task_ref,
+        payload.args,
+        payload.kwargs,
+        payload.spec,
+    )
     config = _setups.get(token)
     if config is None:
         from notebook_flow.errors import ConfigurationError
