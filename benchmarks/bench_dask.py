@@ -140,7 +140,9 @@ def run() -> list[dict]:
         client = Client(cluster.address)
         cluster.wait_for_workers(client)
         config._reset_for_tests()
-        nf.configure(store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint))
+        nf.configure(
+            store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint)
+        )
 
         @nf.task(cache_policy=INPUTS)
         def noop(x):
