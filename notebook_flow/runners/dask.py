@@ -374,8 +374,11 @@ class DaskRunner(BaseRunner):
             running = [c for ids in self.client.run(executing_clients).values() for c in ids]
             if not running:
                 return
+            # A lambda travels by value: the scheduler need not have this package.
             connected = set(
-                self.client.run_on_scheduler(_connected_clients)  # type: ignore[no-untyped-call]
+                self.client.run_on_scheduler(  # type: ignore[no-untyped-call]
+                    lambda dask_scheduler: [str(c) for c in dask_scheduler.clients]
+                )
             )
             orphans = [c for c in running if c not in connected]
             if not orphans:
@@ -421,6 +424,12 @@ class DaskRunner(BaseRunner):
                 self.collect_events()
             except Exception:
                 logger.warning("could not collect the spooled run events", exc_info=True)
+        setup, self._setup = self._setup, None
+        if setup is not None and wait:
+            try:  # the workers forget this session's settings (and signing key)
+                self.client.unregister_worker_plugin(f"notebook_flow-{setup[1]}")
+            except Exception:
+                logger.debug("could not unregister the worker plugin", exc_info=True)
         for obj in self._owned:
             obj.close()
         self._owned = []
@@ -497,10 +506,6 @@ def local_addresses() -> set[str]:
         pass
     out.update(a for a in list(out) if a.startswith("127."))
     return out
-
-
-def _connected_clients(dask_scheduler: Any) -> list[str]:
-    return [str(c) for c in dask_scheduler.clients]
 
 
 def _session_alive(session: str) -> bool:

@@ -95,6 +95,7 @@ class NotebookFlowPlugin(WorkerPlugin):
 
     def teardown(self, worker: Any) -> None:
         _spool.flush()
+        _setups.pop(self.config.token, None)  # the client is done: forget its secrets
 
 
 def install(config: WorkerSetup) -> None:
