@@ -116,6 +116,7 @@ class DaskRunner(BaseRunner):
         self._poked = False
         self._sender: threading.Thread | None = None
         self._ingested_others = False
+        self._tokens: list[str] = []  # of the plugins registered (unregistered on shutdown)
 
     def __repr__(self) -> str:
         return f"<DaskRunner {self.client!r}>"
@@ -196,6 +197,7 @@ class DaskRunner(BaseRunner):
                 )
             )
             self.client.register_plugin(plugin)
+            self._tokens.append(token)
             if not self._ingested_others:
                 self._ingested_others = True
                 self._ingest_dead_sessions(store)
@@ -424,12 +426,14 @@ class DaskRunner(BaseRunner):
                 self.collect_events()
             except Exception:
                 logger.warning("could not collect the spooled run events", exc_info=True)
-        setup, self._setup = self._setup, None
-        if setup is not None and wait:
-            try:  # the workers forget this session's settings (and signing key)
-                self.client.unregister_worker_plugin(f"notebook_flow-{setup[1]}")
-            except Exception:
-                logger.debug("could not unregister the worker plugin", exc_info=True)
+        if wait:
+            for token in self._tokens:
+                try:  # the workers forget this session's settings (and signing key)
+                    self.client.unregister_worker_plugin(f"notebook_flow-{token}")
+                except Exception:
+                    logger.debug("could not unregister a worker plugin", exc_info=True)
+            self._tokens = []
+            self._setup = None
         for obj in self._owned:
             obj.close()
         self._owned = []
