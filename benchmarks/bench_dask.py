@@ -74,11 +74,27 @@ def _rate(n: int, fn) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def _prefect_rate(scheduler: str, n: int, root: Path) -> float | None:
-    """Prefect's DaskTaskRunner on the same cluster, in its own venv (None: not there or
-    it does not run offline)."""
+def _prefect_rate(n: int, root: Path) -> float | None:
+    """Prefect's DaskTaskRunner in its own venv, on a cluster of the same shape started
+    from that venv (its workers need Prefect); None: not there or not runnable offline."""
     if not PREFECT_PYTHON.exists():
         return None
+    from _dask_cluster import Cluster
+
+    cluster = Cluster(root / "prefect-cluster", n_workers=2, nthreads=4,
+                      dask=str(PREFECT_PYTHON.with_name("dask")))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "prefect-cluster" / "scheduler.json").exists():
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.2)
+        return _prefect_run(cluster.address, n, root)
+    finally:
+        cluster.close()
+
+
+def _prefect_run(scheduler: str, n: int, root: Path) -> float | None:
     code = f"""
 import time
 from prefect import flow, task
@@ -93,6 +109,9 @@ def many(n):
     futs = noop.map(range(n))
     return [f.result() for f in futs]
 
+from distributed import Client
+with Client({scheduler!r}) as c:
+    c.wait_for_workers(2, timeout=120)
 many(10)
 t0 = time.perf_counter()
 many({n})
@@ -165,7 +184,7 @@ def run() -> list[dict]:
 
         miss = _rate(N, through_runner)
         hit = _rate(N, through_runner)
-        prefect = _prefect_rate(cluster.address, N, root)
+        prefect = _prefect_rate(N, root)
         peers = {"plain client.map": plain}
         if prefect is not None:
             peers["prefect DaskTaskRunner"] = prefect

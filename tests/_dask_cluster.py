@@ -25,7 +25,7 @@ DASK = str(Path(sys.executable).with_name("dask"))
 class Cluster:
     """A scheduler and ``n_workers`` workers (``nthreads`` each) under ``root``."""
 
-    def __init__(self, root: Path, n_workers: int = 2, nthreads: int = 2) -> None:
+    def __init__(self, root: Path, n_workers: int = 2, nthreads: int = 2, dask: str = DASK) -> None:
         self.root = root
         self.n_workers = n_workers
         self.scheduler_file = root / "scheduler.json"
@@ -34,7 +34,7 @@ class Cluster:
         root.mkdir(parents=True, exist_ok=True)
         env = self._env(root / "scheduler")
         self.scheduler = self._spawn(
-            [DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
              "--scheduler-file", str(self.scheduler_file)],
             env, root / "scheduler",
         )  # fmt: skip
@@ -49,7 +49,7 @@ class Cluster:
             self.workers.append(
                 self._spawn(
                     [
-                        DASK,
+                        dask,
                         "worker",
                         "--scheduler-file",
                         str(self.scheduler_file),
