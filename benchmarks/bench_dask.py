@@ -120,6 +120,7 @@ print("RATE", {n} / (time.perf_counter() - t0))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "NOTEBOOK_FLOW"))}
     env["PREFECT_HOME"] = str(root / "prefect")
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "600"  # a loaded 2-core box
     try:
         out = subprocess.run(
             [str(PREFECT_PYTHON), "-c", code],
