@@ -191,7 +191,8 @@ class DaskRunner(BaseRunner):
                     token,
                     store.url,
                     dict(s.storage_options),
-                    s.signing_key,
+                    # The key in use here, also a default one (a worker's own would differ).
+                    s.signing_key or store._signing_key(),
                     self.session,
                     str(self.client.id),
                 )
