@@ -27,9 +27,16 @@ nf.configure(
 if cfg["mode"] == "map":
     from _dask_tasks import square
 
+    from notebook_flow.config import get_metadata
+    from notebook_flow.runners import journal
+
     runner = DaskRunner(cfg["scheduler"])
     with runner:
         futs = square.map(range(cfg["n"]), cfg["marks"], cfg["delay"])
+    # The journal and the PENDING events are durable within milliseconds; on a loaded
+    # machine, wait for them, so the test is about the cluster, not about that window.
+    journal.flush()
+    get_metadata().flush(timeout=120)
     print("SUBMITTED", flush=True)
     values = [f.result(timeout=600) for f in futs]
     assert values == [x * x for x in range(cfg["n"])], values
