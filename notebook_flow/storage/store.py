@@ -301,7 +301,7 @@ class ResultStore:
         behind.wait_key(self.url, key)
         rel = self._manifest_rel(key)
         try:
-            data = files.read_bytes(self, rel)
+            data = files.read_small(self, rel)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -483,7 +483,7 @@ class ResultStore:
     def _read_previous(self, key: str) -> Manifest | None:
         """The current manifest, whose payload the new commit replaces (quietly)."""
         try:
-            data = files.read_bytes(self, self._manifest_rel(key))
+            data = files.read_small(self, self._manifest_rel(key))
         except OSError:
             return None
         return self._parse_quietly(data, key)
