@@ -116,6 +116,7 @@ class DaskRunner(BaseRunner):
         self._poked = False
         self._sender: threading.Thread | None = None
         self._ingested_others = False
+        self._ingesting: threading.Thread | None = None
         self._tokens: list[str] = []  # of the plugins registered (unregistered on shutdown)
 
     def __repr__(self) -> str:
@@ -355,17 +356,27 @@ class DaskRunner(BaseRunner):
         from .dask_worker import flush_events
 
         try:
+            # Before our first run: resume() must find what the dead client's runs commit.
             self._wait_for_orphans()
             self.client.run(flush_events)  # what the workers still hold, to the store first
-            listed = files.list_files(store, EVENTS_DIR)
-            sessions = {rel.split("/")[1] for rel, _ in listed if rel.count("/") >= 2}
-            meta = config.get_metadata(store)
-            for session in sorted(sessions - {self.session}):
-                if _session_alive(session):
-                    continue
-                ingest_store_events(store, meta, session=session)
         except Exception:
-            logger.warning("could not ingest spooled run events of %s", store.url, exc_info=True)
+            logger.warning("could not wait for a dead client's runs", exc_info=True)
+
+        def ingest() -> None:  # in the background: it waits for the metadata lock
+            try:
+                listed = files.list_files(store, EVENTS_DIR)
+                sessions = {rel.split("/")[1] for rel, _ in listed if rel.count("/") >= 2}
+                meta = config.get_metadata(store)
+                for session in sorted(sessions - {self.session}):
+                    if not _session_alive(session):
+                        ingest_store_events(store, meta, session=session)
+            except Exception:
+                logger.warning(
+                    "could not ingest spooled run events of %s", store.url, exc_info=True
+                )
+
+        self._ingesting = threading.Thread(target=ingest, name="notebook_flow-ingest", daemon=True)
+        self._ingesting.start()
 
     def _wait_for_orphans(self) -> None:
         """Wait (up to ``orphan_wait`` s) for runs whose client disconnected to end."""
@@ -404,11 +415,14 @@ class DaskRunner(BaseRunner):
 
     def collect_events(self) -> int:
         """Have every worker write its spooled events now, and ingest this session's from
-        the store (runs whose results never came back); returns the events read."""
+        the store (runs whose results never came back); returns the events read. Also
+        waits for the ingestion of dead sessions' events that the first run started."""
         from notebook_flow.metadata.remote import ingest_store_events
 
         from .dask_worker import flush_events
 
+        if self._ingesting is not None:
+            self._ingesting.join()  # (other sessions' events, started by the first run)
         setup = self._setup
         if setup is None:
             return 0
