@@ -9,7 +9,8 @@ Dask in the same run:
 * Prefect's ``DaskTaskRunner`` on the same 2,000 no-ops, when ``/work/venv-prefect`` (a
   separate venv with prefect and prefect-dask) exists and Prefect runs offline there.
 
-``NF_BENCH_DASK_N`` and ``NF_BENCH_DASK_MB`` override the sizes (default 2000 and 500).
+``NF_BENCH_DASK_N`` and ``NF_BENCH_DASK_MB`` override the sizes (default 2000 and 100;
+the issue asks for 500 MB, which moto's server failed to take as one upload here).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 N = int(os.environ.get("NF_BENCH_DASK_N", "2000"))
-MB = int(os.environ.get("NF_BENCH_DASK_MB", "500"))
+# 500 MB is the issue's size; on a shared 2-core box moto's server lost the multipart
+# upload of a 500 MB result ("The specified upload does not exist"), so 100 MB by default.
+MB = int(os.environ.get("NF_BENCH_DASK_MB", "100"))
 PREFECT_PYTHON = Path("/work/venv-prefect/bin/python")
 BUCKET = "nf-bench"
 
@@ -208,6 +211,9 @@ def run() -> list[dict]:
                 "ok": hit >= 0.5 * plain,
             },
         ]
+
+        for row in rows:
+            print(f"[bench_dask] {row}", file=sys.stderr, flush=True)
 
         nbytes = MB * 2**20
         t0 = time.perf_counter()
