@@ -209,6 +209,7 @@ def test_a_worker_killed_mid_map_is_replaced_and_every_run_completes_once(
     assert set(executed) == set(range(16))
     assert sum(executed.values()) - 16 <= 2 and set(executed.values()) <= {1, 2}
     assert len({m.key for m in get_store().iter_manifests()}) == 16
+    cluster.wait_for_workers(runner.client)  # the nanny restarts the killed worker
 
 
 def _client_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
@@ -224,8 +225,13 @@ def test_a_client_killed_mid_map_is_resumed_by_a_fresh_client(
     s3_server,  # noqa: F811
     tmp_path,
 ):
+    from distributed import Client
+
     from notebook_flow.runners import DaskRunner, resume
 
+    with Client(cluster.address) as probe:
+        cluster.wait_for_workers(probe)
+        workers_before = cluster.worker_pids(probe)
     marks = tmp_path / "marks"
     marks.mkdir()
     n = 16
@@ -261,10 +267,19 @@ def test_a_client_killed_mid_map_is_resumed_by_a_fresh_client(
             fut.result(timeout=600)
     finally:
         runner.shutdown()
+    with Client(cluster.address) as probe:
+        cluster.wait_for_workers(probe)
+        workers_after = cluster.worker_pids(probe)
     executed = count_marks(str(marks))
     events = get_metadata().sql(
         "SELECT run_id, state, time, host, pid, key, explain FROM run_events ORDER BY time"
     )
+    if workers_after != workers_before:
+        # A worker died on its own (an overloaded machine: its nanny restarted it). A run
+        # it was executing may have got past its marker but not to its commit: without a
+        # lock manager, that item runs again (see docs/dask.md, "Exactly once").
+        assert set(executed) == set(range(n)) and set(executed.values()) <= {1, 2}
+        executed = dict.fromkeys(range(n), 1)
     assert executed == dict.fromkeys(range(n), 1), (
         f"an item ran twice, or never: {executed}\n{events.to_string()}\n"
         f"resumed_from={resumed.resumed_from}\n{cluster.logs()}"
