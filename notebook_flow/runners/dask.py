@@ -379,22 +379,35 @@ class DaskRunner(BaseRunner):
         self._ingesting.start()
 
     def _wait_for_orphans(self) -> None:
-        """Wait (up to ``orphan_wait`` s) for runs whose client disconnected to end."""
-        from .dask_worker import executing_clients
+        """Wait (up to ``orphan_wait`` s) for runs whose client disconnected to end.
+
+        An orphan is a run a worker still holds (Dask state executing, or cancelled: its
+        requester left while it ran, and Dask cannot stop a running function) whose key
+        the scheduler no longer knows, or that a worker is running for a client that is
+        no longer connected."""
+        from .dask_worker import worker_runs
 
         deadline = time.monotonic() + self.orphan_wait
         told = False
         while True:
-            running = [c for ids in self.client.run(executing_clients).values() for c in ids]
-            if not running:
+            held = [run for runs in self.client.run(worker_runs).values() for run in runs]
+            if not held:
                 return
             # A lambda travels by value: the scheduler need not have this package.
-            connected = set(
-                self.client.run_on_scheduler(  # type: ignore[no-untyped-call]
-                    lambda dask_scheduler: [str(c) for c in dask_scheduler.clients]
+            keys, clients = self.client.run_on_scheduler(  # type: ignore[no-untyped-call]
+                lambda dask_scheduler: (
+                    [str(k) for k in dask_scheduler.tasks if str(k).startswith("notebook_flow-")],
+                    [str(c) for c in dask_scheduler.clients],
                 )
             )
-            orphans = [c for c in running if c not in connected]
+            known, connected = set(keys), set(clients)
+            orphans = [
+                key
+                for key, state, client_id in held
+                if state == "cancelled"
+                or key not in known
+                or (client_id is not None and client_id not in connected)
+            ]
             if not orphans:
                 return
             if time.monotonic() > deadline:

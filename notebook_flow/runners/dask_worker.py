@@ -109,9 +109,22 @@ def flush_events() -> int:
     return _spool.flush()
 
 
-def executing_clients() -> list[str]:
-    """The Dask client ids of the runs executing on this worker now (client.run)."""
-    return list(_executing.values())
+def worker_runs(dask_worker: Any) -> list[tuple[str, str, str | None]]:
+    """``(Dask key, Dask state, client id)`` of the runs this worker holds to execute or
+    is executing (client.run): also those whose function has not started yet, which
+    only Dask's own state knows. The client id is known once the function runs."""
+    by_run = dict(_executing)
+    out = []
+    for key, ts in list(dask_worker.state.tasks.items()):
+        name = str(key)
+        if name.startswith("notebook_flow-") and ts.state in (
+            "executing",
+            "long-running",
+            "cancelled",
+            "resumed",
+        ):
+            out.append((name, str(ts.state), by_run.get(name.rsplit("-", 1)[-1])))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
