@@ -1,0 +1,330 @@
+"""What a cached cell stores and puts back: ambient state, effects through calls, identities
+(issue 12). In-process, through an IPython shell; real kernels are in test_cells_kernel.py."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from notebook_flow.cells import ambient
+from notebook_flow.cells.state import kept_paths, pack, reference_map, relink, unpack, walk
+from notebook_flow.cells.state import update_in_place as update
+from notebook_flow.errors import ConfigurationError
+
+
+def run(sh: Any, code: str) -> None:
+    result = sh.run_cell(code)
+    assert not (result.error_before_exec or result.error_in_exec), result
+
+
+def status(sh: Any) -> str:
+    return str(sh.magics_manager.registry["FlowMagics"].runner.last.status)
+
+
+# --------------------------------------------------------------------------- state.py
+
+
+def test_pack_keeps_shared_objects_and_references_inputs() -> None:
+    a, cfg = [1], {"k": [2]}
+    refs = reference_map([(("a",), a), (("cfg",), cfg)])
+    data = pack({"b": {"x": a}, "c": [cfg["k"], cfg["k"]]}, refs)
+    out = unpack(data, {"a": a, "cfg": cfg})
+    assert out["b"]["x"] is a
+    assert out["c"][0] is out["c"][1] is cfg["k"]
+
+
+def test_update_in_place_keeps_live_objects_where_the_cell_kept_them() -> None:
+    inner = [1]
+    live = {"keep": inner, "swap": [0], "gone": 1}
+    before = walk([(("d",), live)])
+    inner.append(2)  # changed in place ...
+    live["swap"] = [9]  # ... and replaced
+    del live["gone"]
+    kept = kept_paths(before, ("d",), live) | {("d",)}
+    stored = unpack(pack(live, {}), {})  # what a hit loads
+    fresh_inner, fresh_swap = [1], [0]
+    target = {"keep": fresh_inner, "swap": fresh_swap, "gone": 1}  # the state before, again
+    assert update(target, stored, {}, kept, ("d",)) is target
+    assert target == {"keep": [1, 2], "swap": [9]}
+    assert target["keep"] is fresh_inner  # an alias of the part changed in place sees it
+    assert target["swap"] is not fresh_swap  # an alias of the replaced part keeps the old
+
+
+def test_update_in_place_arrays_generators_and_objects() -> None:
+    arr, stored_arr = np.zeros(3), np.arange(3.0)
+    assert update(arr, stored_arr, {}) is arr and arr.tolist() == [0.0, 1.0, 2.0]
+    assert update(np.zeros(2), stored_arr, {}) is stored_arr  # another shape: rebind
+    g, g2 = np.random.default_rng(1), np.random.default_rng(1)
+    g2.normal()
+    assert update(g, g2, {}) is g and g.normal() == g2.normal()
+    bg, bg2 = np.random.PCG64(3), np.random.PCG64(3)
+    bg2.random_raw()
+    assert update(bg, bg2, {}) is bg and bg.random_raw() == bg2.random_raw()
+    r, r2 = random.Random(4), random.Random(4)
+    r2.random()
+    assert update(r, r2, {}) is r and r.random() == r2.random()
+
+    class Box:
+        def __init__(self, v: Any) -> None:
+            self.v = v
+
+    live, stored = Box([1]), Box([1, 2])
+    assert update(live, stored, {}) is live and live.v == [1, 2]
+
+
+def test_relink_points_stored_copies_at_live_objects() -> None:
+    live, stored = [1], [1, 2]
+    memo: dict[int, Any] = {}
+    update(live, stored, memo)
+    holder = relink({"a": (stored, 3), "b": [stored]}, memo)
+    assert holder["a"][0] is live and holder["b"][0] is live
+
+
+# --------------------------------------------------------------------------- ambient.py
+
+
+def test_register_ambient_keys_and_restores(shell: Any, isolated_store: Path) -> None:
+    setting = {"precision": 3}
+    ambient.register_ambient(
+        "test.setting", get=lambda: dict(setting), set=lambda v: setting.update(v)
+    )
+    try:
+        run(shell, "%%task\nx = 1")
+        run(shell, "%%task\nx = 1")
+        assert status(shell) == "cached"
+        setting["precision"] = 4  # read state changed: the key changes
+        run(shell, "%%task\nx = 1")
+        assert status(shell) == "computed"
+        shell.user_ns["S"] = setting
+        run(shell, "%%task\nS['precision'] = 7")  # a cell that changes it
+        setting["precision"] = 4
+        run(shell, "%%task\nS['precision'] = 7")
+        assert status(shell) == "cached" and setting["precision"] == 7
+    finally:
+        ambient.unregister_ambient("test.setting")
+
+
+def test_register_ambient_rejects_bad_arguments() -> None:
+    with pytest.raises(ConfigurationError, match="callables"):
+        ambient.register_ambient("x", get=1, set=print)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="keyed"):
+        ambient.register_ambient("x", get=dict, set=print, keyed="sometimes")  # type: ignore[arg-type]
+
+
+def test_global_rng_is_keyed_only_by_cells_that_draw(shell: Any, isolated_store: Path) -> None:
+    run(shell, "import random")
+    random.seed(1)
+    run(shell, "%%task\ny = 2")
+    random.seed(2)  # another generator state: a cell that draws nothing still hits
+    run(shell, "%%task\ny = 2")
+    assert status(shell) == "cached"
+    random.seed(1)
+    run(shell, "%%task\nr = random.random()")
+    after_cold = random.getstate()
+    random.seed(1)
+    run(shell, "%%task\nr = random.random()")
+    assert status(shell) == "cached"
+    assert random.getstate() == after_cold  # left where a plain run leaves it
+    random.seed(2)
+    run(shell, "%%task\nr = random.random()")
+    assert status(shell) == "computed"
+
+
+def test_cwd_and_sys_path_are_restored(
+    shell: Any, isolated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = "%%task\nimport os, sys\nos.chdir('sub')\nsys.path.insert(0, '/nf-test-path')"
+    run(shell, code)
+    monkeypatch.chdir(tmp_path)
+    sys.path.remove("/nf-test-path")
+    run(shell, code)
+    assert status(shell) == "cached"
+    assert Path.cwd() == tmp_path / "sub" and sys.path[0] == "/nf-test-path"
+
+
+def test_pandas_options_are_keyed_and_restored(shell: Any, isolated_store: Path) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 60):
+        run(shell, "%%task\nimport pandas as pd\npd.set_option('display.max_rows', 5)")
+        pd.set_option("display.max_rows", 60)
+        run(shell, "%%task\nimport pandas as pd\npd.set_option('display.max_rows', 5)")
+        assert status(shell) == "cached"
+        assert pd.get_option("display.max_rows") == 5
+
+
+# --------------------------------------------------------------------------- effects.py
+
+
+def test_an_object_only_a_called_function_reaches_is_stored(
+    shell: Any, isolated_store: Path
+) -> None:
+    run(shell, "log = []\ndef note(x):\n    log.append(x)\n    return x")
+    run(shell, "%%task\nv = note(5)")
+    shell.user_ns["log"].clear()
+    run(shell, "%%task\nv = note(5)")
+    assert status(shell) == "cached"
+    assert shell.user_ns["log"] == [5]
+
+
+def test_an_unfingerprintable_object_a_function_reaches_runs_uncached(
+    shell: Any, isolated_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    shell.user_ns["lock"] = threading.Lock()
+    run(shell, "def use():\n    with lock:\n        return 1")
+    run(shell, "%%task\nz = use()")
+    assert status(shell) == "uncached"
+    assert "reaches `lock`" in capsys.readouterr().err
+
+
+def test_tuples_keep_their_live_items() -> None:
+    est = {"fitted": False}
+    live = [("model", est)]
+    before = walk([(("steps",), live)])
+    est["fitted"] = True
+    kept = kept_paths(before, ("steps",), live) | {("steps",)}
+    stored = unpack(pack(live, {}), {})
+    fresh = {"fitted": False}
+    target = [("model", fresh)]
+    update(target, stored, {}, kept, ("steps",))
+    assert target[0][1] is fresh and fresh == {"fitted": True}
+
+
+def test_a_part_replaced_by_an_equal_copy_is_replaced_on_a_hit(
+    shell: Any, isolated_store: Path
+) -> None:
+    code = "%%task\ndata['rows'] = list(data['rows'])"
+    for _ in range(2):
+        rows = [1, 2]
+        shell.user_ns.update(data={"rows": rows}, old=rows)
+        run(shell, code)
+        assert shell.user_ns["data"]["rows"] == [1, 2]
+        assert shell.user_ns["data"]["rows"] is not shell.user_ns["old"]  # as a plain run
+    assert status(shell) == "cached"
+
+
+def test_large_arrays_and_frames_are_stored_in_their_own_formats(
+    shell: Any, isolated_store: Path
+) -> None:
+    """Issue 12: big cell variables go to .npy / Parquet files, not into the cell's pickle;
+    on a hit they are writable (as after a plain run) and shared references stay shared."""
+    code = (
+        "%%task\nimport numpy as np, pandas as pd\n"
+        "big = np.arange(300_000, dtype=float).reshape(1000, 300)\nsame = [big, big]\n"
+        "df = pd.DataFrame({'a': np.arange(200_000), 'b': np.arange(200_000) * 0.5})"
+    )
+    run(shell, code)
+    suffixes = sorted(p.suffix for p in (isolated_store / "results").rglob("*.*"))
+    assert ".npy" in suffixes and ".parquet" in suffixes
+    for name in ("big", "same", "df"):
+        shell.user_ns.pop(name)
+    run(shell, code)
+    assert status(shell) == "cached"
+    big, same = shell.user_ns["big"], shell.user_ns["same"]
+    assert big.flags.writeable and same[0] is same[1] is big
+    big[0, 0] = 7.0
+    assert big[3, 4] == 904.0 and shell.user_ns["df"]["b"].iloc[-1] == 99_999.5
+
+
+def test_a_cell_that_seeds_first_is_not_keyed_on_the_earlier_state(
+    shell: Any, isolated_store: Path
+) -> None:
+    """``np.random.seed(0)`` (after imports) overwrites whatever state there was: a seeding
+    cell hits in a new kernel, whose generators start from OS entropy."""
+    code = "%%task\nimport numpy as np\nnp.random.seed(0)\nfirst = np.random.rand()"
+    for entropy in (11, 12):
+        np.random.seed(entropy)
+        run(shell, code)
+        assert np.random.get_state()[2] == 2  # where a plain run leaves it
+    assert status(shell) == "cached"
+    assert shell.user_ns["first"] == pytest.approx(0.5488135)
+    ambient_names = ambient.reseeded(
+        __import__("ast").parse("import random as r\nr.seed(1)\nnp.random.seed(x)"),
+        {"np": np},
+    )
+    assert ambient_names == {"random"}  # an argument that is not a constant ends the run
+
+
+def test_a_closure_variable_a_called_function_rebinds_is_restored(
+    shell: Any, isolated_store: Path
+) -> None:
+    make = (
+        "def make():\n    n = 0\n    def step():\n        nonlocal n\n        n += 1\n"
+        "        return n\n    return step\nstep = make()"
+    )
+    outs = []
+    for _ in range(2):
+        run(shell, make)
+        run(shell, "%%task\nfirst = step()")
+        run(shell, "second = step()")
+        outs.append((shell.user_ns["first"], shell.user_ns["second"]))
+    assert status(shell) == "cached"
+    assert outs == [(1, 2), (1, 2)]
+
+
+# --------------------------------------------------------------------------- files.py
+
+
+def test_a_changed_data_file_or_folder_makes_a_hit_a_miss(
+    shell: Any, isolated_store: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("x\n1\n")
+    shell.user_ns["folder"] = str(data)
+    code = (
+        "%%task\nimport glob, os\nnames = sorted(os.listdir(folder))\n"
+        "text = open(os.path.join(folder, 'a.csv')).read()"
+    )
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "a.csv").write_text("x\n2\n")  # the file changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["text"] == "x\n2\n"
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "b.csv").write_text("x\n3\n")  # the folder changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["names"] == ["a.csv", "b.csv"]
+
+
+def test_a_file_named_in_the_cell_counts_even_when_read_outside_python(
+    shell: Any, isolated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow opens files in C++, unseen by the audit hook: the name in the code is."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [1, 2]}).to_parquet("t.parquet")
+    code = "%%task\nimport pandas as pd\nt = pd.read_parquet('t.parquet')"
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    pd.DataFrame({"a": [5]}).to_parquet("t.parquet")
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["t"]["a"].tolist() == [5]
+
+
+def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
+    import matplotlib
+
+    with matplotlib.rc_context():  # whatever the test changes is undone
+        original = {k: v for k, v in matplotlib.rcParamsOrig.items() if "backend" not in k}
+        matplotlib.rcParams.update(original)
+        before = ambient.snapshot()
+        assert "matplotlib.rcParams" not in before.digests  # at its defaults: not keyed
+        matplotlib.rcParams["figure.figsize"] = (2.0, 1.0)
+        after = ambient.snapshot()
+        assert "matplotlib.rcParams" in ambient.changed(before, after)
+        assert after.values["matplotlib.rcParams"]["figure.figsize"] == [2.0, 1.0]
