@@ -66,6 +66,10 @@ def history(
     ``task`` filters by task name, ``since`` by start time (datetime, epoch seconds or an
     ISO string), ``limit`` caps the rows.
     """
+    from .options import count, optional_str
+
+    optional_str("task", task)
+    count("limit", limit, minimum=1, optional=True)  # checked before anything is opened
     s = _settled(store)
     return get_metadata(s).history(task=task, since=since, limit=limit)
 

@@ -48,6 +48,7 @@ __all__ = ["EXTENSIONS", "clear_entries", "main", "run_notebook"]
 EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
+    "key": "notebook_flow.keycli:register",
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -249,7 +250,8 @@ def clear_entries(
     """
     now = time.time()
     chosen = []
-    for manifest in store.iter_manifests():
+    # Unverified entries too: deleting believes nothing they say (a miss either way).
+    for manifest in store.iter_manifests(verified=False):
         if expired and not manifest.expired(now):
             continue
         if task is not None and task not in (manifest.task, manifest.task.rsplit(":", 1)[-1]):
@@ -296,10 +298,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     from .config import get_metadata, wait_startup
+    from .figures import format_saved
 
     store = _store(args)
     wait_startup(store)
-    for key, value in get_metadata(store).stats().items():
+    stats = get_metadata(store).stats()
+    for key, value in stats.items():
+        if key == "time_saved":  # the words every other view uses (figures.py)
+            value = f"{format_saved(value, stats.get('hits'))} ({value:.3f} s)"
         print(f"{key:>13}: {value}")
     return 0
 

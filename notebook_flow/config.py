@@ -8,11 +8,16 @@ Environment variables (read once, on first use):
 
 =============================  ====================================================
 ``NOTEBOOK_FLOW_STORE``        result store URL (default ``.notebook_flow`` in the cwd)
-``NOTEBOOK_FLOW_SIGNING_KEY``  HMAC key for pickled payloads (kept outside the store)
+``NOTEBOOK_FLOW_SIGNING_KEY``  the key every entry is signed with (>= 16 bytes; default:
+                               the key file, see :mod:`notebook_flow.signing`)
+``NOTEBOOK_FLOW_CONFIG_DIR``   folder of that key file (default ~/.config/notebook_flow)
 ``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
-``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30)
+``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30; finite, > 0)
 ``NOTEBOOK_FLOW_AUTO_CELLS``   ``1``: cache every code cell as if it began with ``%%task``
 =============================  ====================================================
+
+Every value is checked when it is read or passed (:mod:`notebook_flow.options`): a bad one
+raises ``ConfigurationError`` naming it and what is accepted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import os
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError
+from . import options
+from .errors import ConfigurationError, ConfigurationTypeError
 
 if TYPE_CHECKING:
     from .metadata import MetadataStore
@@ -49,13 +55,15 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings the environment variables give (each checked: see options)."""
+        from .signing import env_signing_key
+
         env = os.environ
-        key = env.get("NOTEBOOK_FLOW_SIGNING_KEY")
         return cls(
             store=env.get("NOTEBOOK_FLOW_STORE") or DEFAULT_STORE,
-            signing_key=key.encode() if key else None,
-            workers=_env_number("NOTEBOOK_FLOW_WORKERS", 8, int),
-            lock_lease=_env_number("NOTEBOOK_FLOW_LOCK_LEASE", 30.0, float),
+            signing_key=env_signing_key(),  # at least 16 bytes, or a ConfigurationError
+            workers=options.env_count("NOTEBOOK_FLOW_WORKERS", 8),
+            lock_lease=options.env_seconds("NOTEBOOK_FLOW_LOCK_LEASE", 30.0),
             auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
         )
 
@@ -67,22 +75,6 @@ def _env_flag(name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ConfigurationError(f"environment variable {name}={raw!r} must be 1 or 0")
-
-
-def _env_number(name: str, default: Any, kind: type) -> Any:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigurationError(
-            f"environment variable {name}={raw!r} is not a {kind.__name__}; "
-            f"set it to a number like {default!r} or unset it"
-        ) from None
-    if value <= 0:
-        raise ConfigurationError(f"environment variable {name}={raw!r} must be positive")
-    return value
 
 
 _lock = threading.RLock()
@@ -123,44 +115,34 @@ def configure(
     current = settings()
     changes: dict[str, Any] = {}
     if store is not None:
+        if not isinstance(store, (str, os.PathLike)):
+            raise ConfigurationTypeError(
+                f"store={store!r} is not accepted: a path or fsspec URL (str or pathlib.Path)"
+            )
         store = os.fspath(store)
         if not isinstance(store, str) or not store.strip():
             raise ConfigurationError(f"store must be a path or fsspec URL, got {store!r}")
         changes["store"] = store
     if storage_options is not None:
         if not isinstance(storage_options, dict):
-            raise ConfigurationError("storage_options must be a dict of fsspec options")
+            raise ConfigurationTypeError("storage_options must be a dict of fsspec options")
         changes["storage_options"] = dict(storage_options)
     if signing_key is not None:
-        key = signing_key.encode() if isinstance(signing_key, str) else signing_key
-        if not isinstance(key, bytes) or len(key) < 16:
-            raise ConfigurationError(
-                "signing_key must be at least 16 bytes; generate one with "
-                "`python -c 'import secrets; print(secrets.token_hex(32))'`"
-            )
-        changes["signing_key"] = key
+        from .signing import check_key
+
+        changes["signing_key"] = check_key(signing_key, "signing_key")
     if workers is not None:
-        if not isinstance(workers, int) or workers < 1:
-            raise ConfigurationError(f"workers must be a positive int, got {workers!r}")
-        changes["workers"] = workers
+        changes["workers"] = options.count("workers", workers, minimum=1)
     if lock_lease is not None:
-        if lock_lease <= 0:
-            raise ConfigurationError(f"lock_lease must be positive seconds, got {lock_lease!r}")
-        changes["lock_lease"] = float(lock_lease)
+        changes["lock_lease"] = options.seconds("lock_lease", lock_lease)
     if lock_timeout is not None:
-        changes["lock_timeout"] = float(lock_timeout)
+        changes["lock_timeout"] = options.seconds("lock_timeout", lock_timeout, zero=True)
     if log_misses is not None:
-        changes["log_misses"] = bool(log_misses)
+        changes["log_misses"] = options.boolean("log_misses", log_misses)
     if background_commits is not None:
-        if not isinstance(background_commits, bool):
-            raise ConfigurationError(
-                f"background_commits must be True or False, got {background_commits!r}"
-            )
-        changes["background_commits"] = background_commits
+        changes["background_commits"] = options.boolean("background_commits", background_commits)
     if auto_cells is not None:
-        if not isinstance(auto_cells, bool):
-            raise ConfigurationError(f"auto_cells must be True or False, got {auto_cells!r}")
-        changes["auto_cells"] = auto_cells
+        changes["auto_cells"] = options.boolean("auto_cells", auto_cells)
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

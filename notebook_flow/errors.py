@@ -5,6 +5,7 @@ Every error is a ``NotebookFlowError``; where a built-in fits, it is inherited t
 
     NotebookFlowError
     ├── ConfigurationError (ValueError)      bad option, bad store URL, bad policy
+    │   └── ConfigurationTypeError (TypeError)  an option of the wrong type
     ├── CacheKeyError (TypeError)            a cache key could not be computed
     │   └── UnhashableError                  a value has no stable fingerprint
     │       └── UnhashableInputError         ... and it is a task argument (names it)
@@ -32,6 +33,7 @@ __all__ = [
     "CacheKeyError",
     "CommitError",
     "ConfigurationError",
+    "ConfigurationTypeError",
     "LeaseLostError",
     "LockError",
     "LockTimeout",
@@ -56,6 +58,10 @@ class NotebookFlowError(Exception):
 
 class ConfigurationError(NotebookFlowError, ValueError):
     """An option, store URL or cache policy is invalid."""
+
+
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """An option has the wrong type (``retries=True``, ``tags="abc"``, ``timeout_seconds="5"``)."""
 
 
 class CacheKeyError(NotebookFlowError, TypeError):

@@ -8,7 +8,8 @@ the server extension, and the ``jupyter_serverproxy_servers`` entry point names
 How the pieces fit:
 
 * jupyter-server-proxy starts ``python -m notebook_flow.dashboard`` on the first request,
-  on a free port of 127.0.0.1, under the URL prefix ``{base_url}notebook-flow``.
+  on a free port of 127.0.0.1, under the URL prefix ``{base_url}notebook-flow``. That
+  process watches its parent and stops when the Jupyter server is gone.
 * That server still wants a token — any local user could reach 127.0.0.1 otherwise. The
   token is random per Jupyter server, handed to the process in its environment, and added by
   the proxy to every request and websocket as the ``X-Notebook-Flow-Token`` header.
@@ -100,7 +101,9 @@ def setup_proxy() -> dict[str, Any]:
             "enabled": True,
             "title": "notebook_flow",
             "icon_path": _icon_path(),
-            "category": "Other",
+            # JupyterLab's launcher draws an icon URL only for its kernel categories
+            # (Notebook, Console); in "Other" the tile stays blank.
+            "category": "Notebook",
         },
     }
 

@@ -152,7 +152,7 @@ class FlowMagics(Magics):
         %flow wait [--timeout S]            wait for the tasks submitted from this kernel
         %flow locks                         locks held now
         %flow config [key=value ...]        show or change settings (store=..., workers=...)
-        %flow dashboard                     open the dashboard
+        %flow dashboard [--server]          open the dashboard (--server: on 127.0.0.1)
         %flow explain [NAME]                why the last run of a cell (or task) missed
         %flow auto [on | off]               treat every code cell as %%task (%%task --off
                                             excludes one); without a word: show the mode
@@ -214,13 +214,15 @@ class FlowMagics(Magics):
 
     def _flow_stats(self, rest: list[str]) -> None:
         from .api import stats
+        from .figures import format_saved
 
         s = stats()
         rate = "n/a" if s.get("hit_rate") is None else f"{s['hit_rate']:.0%}"
         print(
             f"runs {s['runs']} · hits {s['hits']} · misses {s['misses']} · hit rate {rate} · "
             f"failed {s['failures']} · crashed {s['crashed']}\n"
-            f"time saved {s['time_saved']:.1f} s · {s['entries']} stored results, "
+            f"time saved {format_saved(s['time_saved'], s['hits'])} · "
+            f"{s['entries']} stored results, "
             f"{_size(s['bytes_stored'])}"
         )
 
@@ -254,9 +256,7 @@ class FlowMagics(Magics):
         from .futures import wait
 
         done, not_done = wait(futures, timeout=timeout)
-        failed = sum(
-            1 for f in done if getattr(f, "state", None) is not None and str(f.state) == "FAILED"
-        )
+        failed = sum(1 for f in done if f.state.is_failed())
         print(f"{len(done)} finished ({failed} failed), {len(not_done)} still running")
 
     def _flow_locks(self, rest: list[str]) -> Any:
@@ -278,14 +278,14 @@ class FlowMagics(Magics):
         if changes:
             try:
                 config.configure(**changes)
+            except ValueError as exc:  # ConfigurationError (also a TypeError for a bad type)
+                raise UsageError(str(exc)) from None
             except TypeError:
                 raise UsageError(f"unknown setting among {', '.join(changes)}") from None
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
         s = config.settings()
         for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses", "auto_cells"):
             print(f"{field} = {getattr(s, field)!r}")
-        print(f"signing = {'on' if s.signing_key else 'off'}")
+        print("signing = on (always; key from configure)" if s.signing_key else "signing = on")
 
     def _flow_dashboard(self, rest: list[str]) -> Any:
         try:
@@ -293,7 +293,7 @@ class FlowMagics(Magics):
         except ImportError:
             print("the dashboard is not available in this version")
             return None
-        return show(inline="--inline" in rest)
+        return show(server="--server" in rest)
 
     def _flow_auto(self, rest: list[str]) -> None:
         from . import config

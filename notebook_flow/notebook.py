@@ -3,8 +3,10 @@
 A future shown in a cell (``fut`` as the last expression) displays one line that moves
 pending → running with elapsed time → completed / cached with time saved / failed with
 the error; ``task.map(...)`` shows one progress bar with done, cached, failed and running
-counts and an ETA. Only ``TaskFuture._ipython_display_`` imports this module, so outside
-IPython nothing here (nor IPython itself) is imported.
+counts and an ETA, cached and computed runs in their own colours, and once done how many
+came from cache. The futures reach this module only through the ``show`` hook
+(``_hooks.py``; the package root imports this module on first use), so outside IPython
+nothing here (nor IPython itself) is imported.
 
 Updates never ``print``: one daemon thread re-renders the shown objects a few times a
 second and sends ``update_display_data`` through the display handle, in the context of
@@ -20,6 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from .figures import STATE_COLORS
 from .futures import FutureList, TaskFuture, describe
 from .states import RunState
 from .states import format_seconds as _seconds
@@ -27,7 +30,7 @@ from .states import format_seconds as _seconds
 if TYPE_CHECKING:
     from IPython.display import DisplayHandle
 
-__all__ = ["render_future", "render_futures", "show_future", "show_futures"]
+__all__ = ["render_future", "render_futures", "show", "show_future", "show_futures"]
 
 #: Seconds between refreshes of the live displays.
 REFRESH = 0.25
@@ -43,17 +46,20 @@ _ICONS = {
     RunState.CANCELLED: "⊘",
 }
 _COLORS = {
-    RunState.COMPLETED: "#2e7d32",
-    RunState.CACHED: "#1565c0",
-    RunState.FAILED: "#c62828",
-    RunState.CRASHED: "#c62828",
-    RunState.CANCELLED: "#6d4c41",
+    state: STATE_COLORS[state.value]
+    for state in (
+        RunState.COMPLETED,
+        RunState.CACHED,
+        RunState.FAILED,
+        RunState.CRASHED,
+        RunState.CANCELLED,
+    )
 }
 
 
 def render_future(fut: TaskFuture[Any]) -> dict[str, str]:
     """The mime bundle of one future's status line."""
-    state = fut.state
+    state = fut.run_state
     text = f"{_ICONS.get(state, '')} {describe(fut)}"
     color = _COLORS.get(state, "#555")
     body = html.escape(describe(fut))
@@ -67,7 +73,8 @@ def render_future(fut: TaskFuture[Any]) -> dict[str, str]:
 
 
 def render_futures(futs: FutureList) -> dict[str, str]:
-    """The mime bundle of a map's progress bar."""
+    """The mime bundle of a map's progress bar: cached, computed and failed runs in their
+    own colours (``figures.STATE_COLORS``), and once done how many came from cache."""
     total = len(futs)
     c = futs.counts()
     finished = c["completed"] + c["cached"] + c["failed"]
@@ -84,21 +91,42 @@ def render_futures(futs: FutureList) -> dict[str, str]:
         f"{finished}/{total} done ({c['completed']} ran, {c['cached']} cached, "
         f"{c['failed']} failed), {c['running']} running{eta}"
     )
+    if finished == total and c["cached"]:
+        saved = sum(f.saved or 0.0 for f in futs if f.run_state is RunState.CACHED)
+        counts += f" · ⚡ {c['cached']} of {total} from cache, saved {_seconds(saved)}"
+    parts = [("cached", "▓"), ("completed", "█"), ("failed", "✘"), ("running", "▒")]
     width = 30
-    filled = int(width * finished / total) if total else width
-    bar = "█" * filled + "░" * (width - filled)
+    cells = {k: (width * c[k] // total if total else 0) for k, _ in parts}
+    bar = "".join(ch * cells[k] for k, ch in parts)
+    bar += "░" * (width - len(bar))
     first_error = next((f for f in futs if f.done() and f._exc is not None), None)
     error = ""
     if first_error is not None:
         error = f"\nfirst failure: {describe(first_error)}"
     text = f"{what} [{bar}] {counts}{error}"
     error_html = f"<div style='color:#c62828'>{html.escape(error.strip())}</div>" if error else ""
+    colors = {
+        "cached": STATE_COLORS["CACHED"],
+        "completed": STATE_COLORS["COMPLETED"],
+        "failed": STATE_COLORS["FAILED"],
+        "running": STATE_COLORS["RUNNING"],
+    }
+    segments = "".join(
+        f'<span class="nf-map-{k}" title="{c[k]} {k}" style="display:inline-block;height:100%;'
+        f'width:{100 * c[k] / total:.3f}%;background:{colors[k]}"></span>'
+        for k, _ in parts
+        if total and c[k]
+    )
     return {
         "text/plain": text,
         "text/html": (
-            f'<div class="notebook-flow-map" style="font-family:monospace">'
+            f'<div class="notebook-flow-map" style="font-family:monospace" '
+            f'data-total="{total}" data-done="{finished}" data-cached="{c["cached"]}" '
+            f'data-computed="{c["completed"]}" data-failed="{c["failed"]}">'
             f"<b>{html.escape(what)}</b> "
-            f'<progress value="{finished}" max="{total or 1}" style="width:16em"></progress> '
+            '<span role="progressbar" style="display:inline-flex;width:16em;height:0.9em;'
+            f'vertical-align:middle;background:#e3e6ea;border-radius:3px;overflow:hidden" '
+            f'aria-valuenow="{finished}" aria-valuemax="{total or 1}">{segments}</span> '
             f"{html.escape(counts)}{error_html}</div>"
         ),
     }
@@ -111,6 +139,14 @@ def _in_kernel() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def show(obj: TaskFuture[Any] | FutureList) -> None:
+    """Display a live status line (a future) or progress bar (a list of futures)."""
+    if isinstance(obj, TaskFuture):
+        show_future(obj)
+    else:
+        show_futures(obj)
 
 
 def show_future(fut: TaskFuture[Any]) -> None:

@@ -1,4 +1,4 @@
-"""Per-type payload formats, chosen by the type of a result, and HMAC signing of pickles.
+"""Per-type payload formats, chosen by the type of a result, and the payload HMAC.
 
 A ``Serializer`` turns one value into the bytes of a payload and back; *where* those bytes
 live is ``storage.py``'s business (format apart from location). The built-in formats, tried
@@ -17,8 +17,8 @@ arrow      ``pyarrow.Table``                           Arrow IPC file; memory-ma
 json       None/bool/int/float/str, lists and          only values that come back *equal and
            str-keyed dicts of them                     of the same types* (no tuples, no
                                                        subclasses)
-pickle     anything cloudpickle can pickle             ``pickles=True``: HMAC-signed when
-                                                       the store has a signing key
+pickle     anything cloudpickle can pickle             ``pickles=True``: loaded only from an
+                                                       authenticated entry, as every format
 =========  ==========================================  ======================================
 
 >>> choose_serializer({"rows": [1, 2.5, None]}).name
@@ -26,8 +26,8 @@ pickle     anything cloudpickle can pickle             ``pickles=True``: HMAC-si
 >>> choose_serializer((1, 2)).name     # a tuple would come back from JSON as a list
 'pickle'
 
-Type checks look in ``sys.modules`` first, so choosing a format for a plain value never
-imports numpy, pandas or pyarrow.
+Type checks look for libraries already imported (``_imports.loaded``: never a half-imported
+one), so choosing a format for a plain value never imports numpy, pandas or pyarrow.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import hmac
 import io
 import json
 import logging
-import os
 import pickle
 import re
-import sys
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
+
+from notebook_flow._imports import loaded
 
 from .errors import ConfigurationError, SerializationError, SignatureError
 
@@ -72,7 +72,7 @@ __all__ = [
 logger = logging.getLogger("notebook_flow")
 
 #: Environment variable read for the signing key when a store is given none.
-SIGNING_KEY_ENV = "NOTEBOOK_FLOW_SIGNING_KEY"
+SIGNING_KEY_ENV = "NOTEBOOK_FLOW_SIGNING_KEY"  # (the same as notebook_flow.signing's)
 
 
 @runtime_checkable
@@ -82,8 +82,9 @@ class Serializer(Protocol):
     ``dump`` writes the whole payload to ``file`` (a write-only stream that hashes what
     passes through it: never seek or read it). ``load`` gets the payload back; when the
     payload is a local file ``local_path`` names it, so a format can memory-map it instead
-    of reading ``file``. ``pickles`` is True when ``load`` can run arbitrary code (pickle):
-    those payloads are HMAC-signed and verified when the store has a signing key.
+    of reading ``file``. ``pickles`` is True when ``load`` can run arbitrary code (pickle).
+    Every payload, of every format, is HMAC-signed, and its manifest authenticated, before
+    ``load`` sees a byte of it (see :mod:`notebook_flow.storage.trust`).
 
     >>> class Text:
     ...     name, extension, pickles = "text", ".txt", False
@@ -128,7 +129,7 @@ class NpySerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        np = sys.modules.get("numpy")
+        np = loaded("numpy")
         if np is None or type(value) not in (np.ndarray, np.memmap):
             return False
         return not value.dtype.hasobject  # type: ignore[attr-defined]
@@ -180,7 +181,7 @@ class ParquetSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pd = sys.modules.get("pandas")
+        pd = loaded("pandas")
         return pd is not None and type(value) in (pd.DataFrame, pd.Series)
 
     def dump(self, value: object, file: BinaryIO) -> None:
@@ -344,7 +345,7 @@ class ArrowSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pa = sys.modules.get("pyarrow")
+        pa = loaded("pyarrow")
         return pa is not None and type(value) is pa.Table
 
     def dump(self, value: object, file: BinaryIO) -> None:
@@ -550,13 +551,17 @@ _SIGN_DOMAIN = b"notebook_flow payload v1\0"
 
 
 def signing_key_from_env() -> bytes | None:
-    """The signing key from ``$NOTEBOOK_FLOW_SIGNING_KEY`` (UTF-8), or None if unset/empty."""
-    raw = os.environ.get(SIGNING_KEY_ENV)
-    return raw.encode() if raw else None
+    """The signing key from ``$NOTEBOOK_FLOW_SIGNING_KEY`` (UTF-8), or None if unset/empty.
+
+    A key shorter than 16 bytes raises ``ConfigurationError``.
+    """
+    from .signing import env_signing_key
+
+    return env_signing_key()
 
 
 def new_signer(signing_key: bytes, key: str, serializer: str) -> hmac.HMAC:
-    """An HMAC-SHA256 to feed the payload bytes into.
+    """An HMAC-SHA256 to feed the payload bytes (of any format) into.
 
     The cache key and format are mixed in, so a signed payload cannot be replayed as the
     result of another key or read with another format.

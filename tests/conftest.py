@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The signing key file of the test session (and of the kernels and processes it starts):
+# never the developer's own ~/.config/notebook_flow.
+os.environ["NOTEBOOK_FLOW_CONFIG_DIR"] = tempfile.mkdtemp(prefix="nf-test-config-")
 
 
 @pytest.fixture(autouse=True)

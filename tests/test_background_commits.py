@@ -211,7 +211,10 @@ def test_an_async_task_commits_in_the_foreground(isolated_store: Path):
 
 
 def test_configure_rejects_a_non_bool():
-    with pytest.raises(nf.errors.ConfigurationError, match="background_commits must be"):
+    with pytest.raises(
+        nf.errors.ConfigurationError,
+        match="background_commits=.yes. is not accepted: True or False",
+    ):
         nf.configure(background_commits="yes")  # type: ignore[arg-type]
 
 

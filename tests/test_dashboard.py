@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import threading
 import time
 
@@ -118,7 +119,8 @@ def test_runs_table_pages_and_filters_in_sql(filled):
     runs.task.value = "square"  # a filter goes back to the first page
     assert runs.page.page == 0 and runs.page.total == 8
     runs.states.value = ["CACHED"]
-    assert runs.page.total == 3 and set(runs.table.value["State"]) == {"CACHED"}
+    assert runs.page.total == 3 and set(runs.page.rows["state"]) == {"CACHED"}
+    assert all('data-state="CACHED"' in c for c in runs.table.value["State"])  # chips
     runs.task.value = "(all)"
     runs.states.value = ["FAILED"]
     assert runs.page.total == 2
@@ -173,7 +175,13 @@ def test_timeline_draws_a_bar_per_run(filled):
     bars = dash.timeline.bars.data
     assert len(bars["start"]) == 10 == dash.timeline.count
     assert all(e > s for s, e in zip(bars["start"], bars["end"]))
-    assert len(dash.timeline.lanes) == 1  # one process ran them all
+    timeline = dash.timeline
+    assert timeline.lanes == ["broken", "square"]  # lanes by task, the busiest on top
+    # It opens zoomed on the latest activity, not on a 24-hour axis.
+    lo, hi = timeline.x_range.start, timeline.x_range.end
+    assert lo <= min(bars["start"]) and hi >= max(bars["end"]) and hi - lo < 600_000
+    timeline.lane_kind.value = "worker"  # one process ran them all
+    assert len(timeline.lanes) == 1 and " · pid " in timeline.lanes[0]
 
 
 def test_queue_shows_a_submitted_run_in_flight():
@@ -299,6 +307,13 @@ def test_a_busy_index_shows_as_waiting_then_updates(filled):
 
     dash = _dashboard()
     dash.busy_after = 0.1
+
+    @task(name="late_busy")
+    def late(x):
+        return x
+
+    late(1)  # the index changes, so the next refresh must read it (no shared earlier read)
+    _flush()
     path = config.get_metadata(config.get_store()).path
     blocker = filelock.FileLock(path + ".lock", thread_local=False)
     blocker.acquire()
@@ -314,6 +329,7 @@ def test_a_busy_index_shows_as_waiting_then_updates(filled):
         blocker.release()
     done.join(30)
     assert dash.problem is None and "waiting" not in dash.status.object
+    assert dash.overview.totals["runs"] == 11
 
 
 # -- server: token, origins, loopback -------------------------------------------------------
@@ -391,21 +407,26 @@ def test_notebook_flow_cli_knows_the_dashboard():
 def test_module_is_callable_and_show_reuses_its_server(filled):
     import notebook_flow.dashboard as dashboard
 
-    first = dashboard()  # notebook_flow.dashboard(): a threaded server for the kernel
+    first = dashboard(server=True)  # a threaded server for the kernel
     try:
         assert first.alive() and http_status(first.url) == 200
-        assert "<iframe" in first._repr_html_() and first.token in first._repr_html_()
-        assert dashboard.show() is first
+        assert "<iframe" not in first._repr_html_() and first.token in first._repr_html_()
+        assert dashboard.show(server=True) is first
     finally:
         dashboard.stop_all()
     assert not first.alive()
 
 
-def test_show_inline_returns_the_layout(filled):
-    from notebook_flow.dashboard import show
+def test_show_renders_inline_with_nothing_secret_or_port_bound(filled):
+    from notebook_flow.dashboard import InlineDashboard, show
 
-    layout = show(inline=True, refresh_seconds=0)
-    assert layout.dashboard.overview.totals["runs"] == 10
+    view = show(refresh_seconds=0)  # what %flow dashboard shows: no server, no port
+    assert isinstance(view, InlineDashboard) and not view.alive()
+    assert view.dashboard.overview.totals["runs"] == 10
+    data, _ = view._repr_mimebundle_()
+    assert "re-run this cell to reconnect" in data["text/plain"]
+    saved = json.dumps(data)
+    assert "?token=" not in saved and "127.0.0.1:" not in saved and "<iframe" not in saved
 
 
 def test_proxy_entry_for_jupyter_server_proxy():

@@ -1,4 +1,7 @@
-"""The dashboard opened from a real kernel keeps refreshing while a cell is busy."""
+"""The dashboard opened from a real kernel: ``%flow dashboard`` renders inline with nothing
+port-bound in its output; ``%flow dashboard --server`` serves it from the kernel on
+127.0.0.1 and keeps refreshing while a cell is busy. (The inline view in a real JupyterLab,
+updating while a cell runs, is tested in ``test_dashboard_lab.py``.)"""
 
 from __future__ import annotations
 
@@ -29,8 +32,33 @@ def in_kernel(x):
 
 in_kernel(1); in_kernel(1)
 %load_ext notebook_flow
-%flow dashboard
+%flow dashboard --server
 """
+
+INLINE = "%flow dashboard"
+
+
+def test_flow_dashboard_renders_inline_with_nothing_port_bound(tmp_path: Path, isolated_store):
+    env = dict(os.environ, NOTEBOOK_FLOW_STORE=str(isolated_store))
+    km = start_kernel(env, tmp_path)
+    try:
+        kc = connect(km)
+        execute_ok(kc, "%load_ext notebook_flow", timeout=120)
+        shown = execute_ok(kc, INLINE, timeout=120)
+        bundles = [
+            m["content"]["data"]
+            for m in shown
+            if m["msg_type"] in ("display_data", "execute_result")
+        ]
+        result = bundles[-1]
+        assert "re-run this cell to reconnect" in result["text/plain"]
+        assert any("application/vnd.holoviews_exec.v0+json" in b for b in bundles)
+        text = str(bundles)  # ("token=" alone occurs in Bokeh's own JavaScript)
+        assert not re.search(r"[?&]token=\w", text), "a URL with a token in the output"
+        assert "<iframe" not in text and "127.0.0.1:" not in text
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
 
 
 @pytest.mark.browser
@@ -48,7 +76,7 @@ def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(tmp_path: Path, 
             for m in shown
             if m["msg_type"] in ("display_data", "execute_result")
         )
-        match = re.search(r'<iframe src="([^"]+)"', html)
+        match = re.search(r'<a href="([^"]+)"', html)
         assert match, html
         url = match.group(1).replace("&amp;", "&")
         assert url.startswith("http://127.0.0.1:") and "token=" in url

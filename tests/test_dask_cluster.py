@@ -80,14 +80,14 @@ def test_history_after_a_map_is_complete_and_nothing_opens_duckdb_on_workers(
         failed = fails.submit(1)
         plain = uncached.submit(41)
     assert [f.result(timeout=300) for f in futs] == [x * x for x in range(12)]
-    assert [f.state for f in futs] == [RunState.COMPLETED] * 12
+    assert [f.run_state for f in futs] == [RunState.COMPLETED] * 12
     with pytest.raises(ArithmeticError, match="cannot 1"):
         failed.result(timeout=300)
     assert plain.result(timeout=300) == 42  # not stored: the value came back in-band
     with runner:
         again = square.map(range(12))
     assert [f.result(timeout=300) for f in again] == [x * x for x in range(12)]
-    assert [f.state for f in again] == [RunState.CACHED] * 12
+    assert [f.run_state for f in again] == [RunState.CACHED] * 12
 
     history = nf.history()
     assert len(history) == 26
@@ -131,7 +131,7 @@ def test_a_task_defined_in_a_cell_gets_the_same_key_on_the_cluster(cluster, runn
 def test_results_stay_in_the_store_until_asked_for(cluster, runner, s3_store):
     import numpy as np
 
-    from notebook_flow.futures.future import Deferred
+    from notebook_flow.states import Deferred
 
     @task(cache_policy=INPUTS)
     def big(n: int):
@@ -144,6 +144,7 @@ def test_results_stay_in_the_store_until_asked_for(cluster, runner, s3_store):
     value = fut.result()
     assert value.shape == (100_000,) and value[-1] == 99_999.0
     assert fut.result() is value  # loaded once
+    assert fut.state.is_completed() and fut.state.result() is value
 
 
 def test_refuses_a_memory_store_and_a_memory_lock_manager(runner, s3_store):

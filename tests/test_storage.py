@@ -50,6 +50,7 @@ from notebook_flow.storage import store as store_mod
 REPO = Path(__file__).resolve().parents[1]
 KEY = "0123456789abcdef0123456789abcdef"
 OTHER = "fedcba9876543210fedcba9876543210"
+SECRET = b"secret-key-0123456789"
 
 
 def key(i: int) -> str:
@@ -184,7 +185,8 @@ class StorageContract:
         payload = raw_read(store, m.payload)
         assert m.size == len(payload) and m.checksum == xxhash.xxh3_128_hexdigest(payload)
         on_disk = json.loads(raw_read(store, manifest_rel(KEY)))
-        assert on_disk["checksum"] == m.checksum and on_disk["signature"] is None
+        assert on_disk["checksum"] == m.checksum and on_disk["signature"] == m.signature
+        assert on_disk["mac"] == m.mac and len(m.mac or "") == 64
         optional = {"inline"} | ({"seal"} if m.seal is None else set())
         assert set(on_disk) == {f.name for f in Manifest.__dataclass_fields__.values()} - optional
         # Only a local payload file is sealed (see test_sealed_payload_loads_without_rehash...)
@@ -376,34 +378,37 @@ class StorageContract:
     # -- signing ----------------------------------------------------------------------------
 
     def test_signed_roundtrip(self, make_store: Callable[..., ResultStore]) -> None:
-        store = make_store(signing_key=b"secret")
+        store = make_store(signing_key=SECRET)
         m = commit(store, KEY, (1, 2))
-        assert m.signature is not None and len(m.signature) == 64
+        assert m.signature is not None and len(m.signature) == 64 and m.mac is not None
         assert store.load(m) == (1, 2)
-        assert commit(store, OTHER, [1, 2]).signature is None  # only pickles are signed
-        secret_hits = [f for f in files(store) if b"secret" in raw_read(store, f)]
+        other = commit(store, OTHER, [1, 2])
+        assert other.signature is not None and other.mac is not None  # every format
+        assert store.load(store.lookup(OTHER)) == [1, 2]
+        secret_hits = [f for f in files(store) if SECRET in raw_read(store, f)]
         assert secret_hits == []  # the key is never written to the store
 
-    def test_store_without_key_reads_signed_payloads(
+    def test_store_with_another_key_believes_nothing(
         self, make_store: Callable[..., ResultStore]
     ) -> None:
-        m = commit(make_store(signing_key="secret"), KEY, (1, 2))
-        assert make_store().load(m) == (1, 2)
+        m = commit(make_store(signing_key=SECRET), KEY, (1, 2))
+        other = make_store(signing_key=b"another-key-0123456789")
+        with pytest.warns(StorageWarning, match="key import"):
+            assert other.lookup(KEY) is None
+        with pytest.raises(SignatureError, match="not signed with this process's key"):
+            other.load(m)
 
-    def test_unsigned_pickle_refused_when_signing(
-        self, make_store: Callable[..., ResultStore]
-    ) -> None:
-        m = commit(make_store(), KEY, (1, 2))
-        with pytest.raises(SignatureError, match="unsigned"):
-            make_store(signing_key=b"secret").load(m)
-
-    def test_wrong_key_refused(self, make_store: Callable[..., ResultStore]) -> None:
-        m = commit(make_store(signing_key=b"secret"), KEY, (1, 2))
+    def test_wrong_payload_signature_refused(self, make_store: Callable[..., ResultStore]) -> None:
+        store = make_store(signing_key=SECRET)
+        m = commit(store, KEY, (1, 2))
+        bad = dataclasses.replace(m, signature="0" * 64, seal=None, mac=None)
+        bad = store_mod.trust.sign(store, bad)  # (only the key's holder could do this)
+        _localfs.forget_verified()  # the file as a fresh process sees it: read and verified
         with pytest.raises(SignatureError, match="does not match"):
-            make_store(signing_key=b"other").load(m)
+            store.load(bad)
 
     def test_signature_binds_the_key(self, make_store: Callable[..., ResultStore]) -> None:
-        store = make_store(signing_key=b"secret")
+        store = make_store(signing_key=SECRET)
         a = commit(store, KEY, ("a",))
         commit(store, OTHER, ("b",))
         # Replay: point OTHER's manifest at KEY's validly signed payload (same size/checksum).
@@ -411,36 +416,40 @@ class StorageContract:
         forged["payload"] = f"results/{OTHER[:2]}/{OTHER}-{'2' * 16}.pkl"
         raw_write(store, forged["payload"], raw_read(store, a.payload))
         raw_write(store, manifest_rel(OTHER), json.dumps(forged).encode())
-        m = store.lookup(OTHER)
-        assert m is not None
+        with pytest.warns(StorageWarning, match="signature does not match"):
+            assert store.lookup(OTHER) is None
+        m = Manifest.from_json(json.dumps(forged).encode())
         with pytest.raises(SignatureError):
             store.load(m)
 
     def test_tampered_pickle_never_unpickled(
         self, make_store: Callable[..., ResultStore], tmp_path: Path
     ) -> None:
-        signed = make_store(signing_key=b"secret")
+        signed = make_store(signing_key=SECRET)
         m = commit(signed, KEY, (1, 2))
         marker = tmp_path / "unpickled"
         evil = pickle.dumps(_Evil(str(marker)))
         raw_write(signed, m.payload, evil)
         # An attacker who can write the store can fix size and checksum, not the HMAC.
         rewrite_manifest(signed, KEY, size=len(evil), checksum=xxhash.xxh3_128_hexdigest(evil))
-        tampered = signed.lookup(KEY)
-        assert tampered is not None
-        with pytest.raises(SignatureError, match="does not match"):
+        with pytest.warns(StorageWarning):
+            assert signed.lookup(KEY) is None
+        tampered = Manifest.from_json(raw_read(signed, manifest_rel(KEY)))
+        with pytest.raises(SignatureError):
             signed.load(tampered)
+        # Even re-signed (a leaked manifest key would allow that), the payload HMAC holds.
+        resigned = store_mod.trust.sign(signed, tampered)
+        _localfs.forget_verified()
+        with pytest.raises(SignatureError, match="does not match"):
+            signed.load(resigned)
         assert not marker.exists()
-        # The same payload, loaded without signing, really runs code: the test is sound.
-        make_store().load(tampered)
-        assert marker.exists()
 
     # -- pickling and other processes -----------------------------------------------------
 
     def test_pickle_carries_configuration_only(
         self, make_store: Callable[..., ResultStore]
     ) -> None:
-        store = make_store(signing_key=b"secret")
+        store = make_store(signing_key=SECRET)
         commit(store, KEY, (1,))
         copy = pickle.loads(pickle.dumps(store))
         assert copy._fs is None  # reconnects lazily
@@ -450,7 +459,7 @@ class StorageContract:
     def test_pickled_store_in_subprocess(
         self, make_store: Callable[..., ResultStore], tmp_path: Path
     ) -> None:
-        store = make_store(signing_key=b"secret")
+        store = make_store(signing_key=SECRET)
         if not self.cross_process:
             # memory:// lives inside one process: a copy elsewhere sees an empty store and
             # says "miss" (None), it never crashes or invents a value.
@@ -568,6 +577,7 @@ def test_npy_is_memory_mapped_and_verified_once(
     assert calls == []  # hashed while committing: this process knows the file is good
     # A manifest from another boot (or machine): the first load verifies, then the memo.
     foreign = dataclasses.replace(m, seal="another-boot" + m.seal[m.seal.index(":") :])
+    foreign = store_mod.trust.sign(store, foreign)  # an authentic manifest of elsewhere
     _localfs.forget_verified()  # as in a fresh process
     first = store.load(foreign)
     assert isinstance(first, np.memmap) and not first.flags.writeable
@@ -648,28 +658,28 @@ def test_commit_to_read_only_filesystem_raises_commit_error() -> None:
 
 
 def test_signing_key_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(SIGNING_KEY_ENV, "env-secret")
+    monkeypatch.setenv(SIGNING_KEY_ENV, "env-secret-0123456789")
     store = ResultStore(str(tmp_path / "s"))
-    assert store.signing
     m = commit(store, KEY, (1,))
-    assert m.signature is not None
     state = pickle.dumps(store)
-    assert b"env-secret" not in state  # re-read from the environment on the other side
+    assert b"env-secret" not in state  # resolved again on the other side
     copy = pickle.loads(state)
     assert copy.load(m) == (1,)
-    monkeypatch.delenv(SIGNING_KEY_ENV)
-    with pytest.raises(SignatureError, match=SIGNING_KEY_ENV):
+    monkeypatch.setenv(SIGNING_KEY_ENV, "another-secret-0123456789")
+    with pytest.raises(SignatureError):
         copy.load(m)  # fails closed rather than loading unverified
-    with pytest.raises(CommitError, match=SIGNING_KEY_ENV):
+    monkeypatch.setenv(SIGNING_KEY_ENV, "short")
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
         commit(copy, OTHER, (2,))
-    assert commit(copy, OTHER, [2]).signature is None  # non-pickles need no key
 
 
 def test_bad_configuration() -> None:
     with pytest.raises(ConfigurationError):
         ResultStore("")
-    with pytest.raises(ConfigurationError, match="signing_key is empty"):
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
         ResultStore("memory://x", signing_key=b"")
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        ResultStore("memory://x", signing_key="x" * 15)
     with pytest.raises(ConfigurationError, match="cannot open result store"):
         ResultStore("no-such-protocol-xyz://bucket")
     assert validate_key(KEY) == KEY
@@ -751,6 +761,7 @@ class TestInlinePayloads:
         m = commit(store, KEY, ["payload"])
         raw = base64.b64decode(m.inline or "")
         bad = dataclasses.replace(m, inline=base64.b64encode(raw[:-1] + b"!").decode())
+        bad = store_mod.trust.sign(store, bad)  # authentic manifest, corrupt bytes
         with pytest.raises(PayloadCorruptError):
             store.load(bad)
 

@@ -25,8 +25,8 @@ from notebook_flow.errors import (
     StorageError,
     UnhashableError,
 )
+from notebook_flow.figures import cached_summary, time_saved
 from notebook_flow.states import RunState
-from notebook_flow.states import format_seconds as _seconds
 
 from . import ambient, effects, files
 from .ambient import Snapshot
@@ -268,16 +268,16 @@ class CellRunner:
         restored.apply_rest(ns)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
-        saved = max(manifest.duration - elapsed, 0.0)
+        saved = time_saved(manifest.duration, elapsed)
         self._badge(manifest, saved)
         self._record(cell, RunState.CACHED, duration=elapsed, saved=saved, size=manifest.size)
         self._report(
-            cell, "cached", [f"computed {_when(manifest.created_at)} in {manifest.duration:.3g} s"]
+            cell, "cached", [cached_summary(manifest.created_at, manifest.duration, saved)]
         )
         return None
 
     def _badge(self, manifest: Manifest, saved: float) -> None:
-        text = f"✓ cached · computed {_when(manifest.created_at)} · saved {_seconds(saved)}"
+        text = f"✓ cached · {cached_summary(manifest.created_at, manifest.duration, saved)}"
         html = f'<small style="color:#6b7280">{text}</small>'
         self.shell.display_pub.publish(
             data={"text/plain": text, "text/html": html},
@@ -581,9 +581,3 @@ def _note(text: str) -> None:
     """A short message to the user, under the cell (stderr), and to the log."""
     logger.info("%%%%task: %s", text)
     print(f"%%task: {text}", file=sys.stderr)
-
-
-def _when(epoch: float) -> str:
-    if time.strftime("%Y-%m-%d", time.localtime(epoch)) == time.strftime("%Y-%m-%d"):
-        return "today " + time.strftime("%H:%M:%S", time.localtime(epoch))
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch))

@@ -6,10 +6,11 @@ Three ways to open it::
     notebook-flow dashboard            # standalone, on 127.0.0.1 with a secret token
     JupyterLab launcher → "notebook_flow"   # through jupyter-server-proxy (jupyter.py)
 
-``show()`` serves the app from a background thread of the kernel and displays it in an
-iframe, so its views keep refreshing while a cell runs (Panel's inline periodic callbacks
-only run while the kernel is idle); ``show(inline=True)`` renders the Panel layout directly
-instead (for a remote kernel whose 127.0.0.1 the browser cannot reach).
+In a notebook, ``show()`` renders the dashboard through the notebook's own connection to
+the kernel (Jupyter comms, see ``inline.py``): no second port, so it works on JupyterHub,
+behind a tunnel, in VS Code and Codespaces, and nothing secret is saved in the notebook.
+``show(server=True)`` instead serves it on 127.0.0.1 from a thread of the kernel (a URL
+with a token, for a browser on the kernel's machine).
 
 Importing this package is cheap: Panel and Bokeh load on first use.
 """
@@ -25,16 +26,25 @@ if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
 
     from .app import Dashboard, build_dashboard
+    from .inline import InlineDashboard
     from .serve import DashboardServer
 
 # ``serve()`` itself lives in ``notebook_flow.dashboard.serve`` (the submodule's name would
 # shadow a package-level function of the same name once imported).
-__all__ = ["Dashboard", "DashboardServer", "build_dashboard", "show", "stop_all"]
+__all__ = [
+    "Dashboard",
+    "DashboardServer",
+    "InlineDashboard",
+    "build_dashboard",
+    "show",
+    "stop_all",
+]
 
 _LAZY = {
     "Dashboard": "app",
     "build_dashboard": "app",
     "DashboardServer": "serve",
+    "InlineDashboard": "inline",
 }
 _servers: dict[str, DashboardServer] = {}  # store URL -> the server this kernel runs for it
 _servers_lock = threading.Lock()
@@ -52,15 +62,17 @@ def __getattr__(name: str) -> Any:
 def show(
     store: str | ResultStore | None = None,
     *,
-    inline: bool = False,
+    server: bool = False,
     port: int = 0,
     refresh_seconds: float = 5.0,
 ) -> Any:
     """Open the dashboard of ``store`` (default: the configured store) in the notebook.
 
-    Returns an object that displays as the dashboard: a ``DashboardServer`` (an iframe of a
-    server on 127.0.0.1 run by a thread of this kernel, reused by later calls; ``.url`` has
-    the token, ``.stop()`` ends it) or, with ``inline=True``, the Panel layout itself.
+    Returns an object that displays as the dashboard: an ``InlineDashboard`` (the Panel
+    layout over Jupyter comms, refreshed by a thread of this kernel every
+    ``refresh_seconds``) or, with ``server=True``, a ``DashboardServer`` on 127.0.0.1 run by
+    a thread of this kernel (reused by later calls; ``.url`` has the token, ``.stop()`` ends
+    it), shown as a link to open in a browser on this machine.
 
     >>> import notebook_flow
     >>> notebook_flow.dashboard()          # doctest: +SKIP
@@ -68,22 +80,19 @@ def show(
     from notebook_flow.config import get_store
 
     resolved = get_store(store)
-    if inline:
-        import panel as pn
+    if not server:
+        from .inline import InlineDashboard
 
-        from .app import build_dashboard
-
-        pn.extension("tabulator")
-        return build_dashboard(resolved, refresh_seconds=refresh_seconds)
+        return InlineDashboard(resolved, refresh_seconds=refresh_seconds)
     from .serve import serve
 
     with _servers_lock:
         running = _servers.get(resolved.url)
         if running is not None and running.alive():
             return running
-        server = serve(resolved, port=port, threaded=True, refresh_seconds=refresh_seconds)
-        _servers[resolved.url] = server
-        return server
+        started = serve(resolved, port=port, threaded=True, refresh_seconds=refresh_seconds)
+        _servers[resolved.url] = started
+        return started
 
 
 def stop_all() -> None:

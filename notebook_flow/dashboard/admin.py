@@ -7,19 +7,24 @@ from __future__ import annotations
 
 # Panel's widget and layout constructors take **params and are untyped.
 # mypy: disable-error-code="no-untyped-call"
+import json
 import logging
 import time
+from html import escape
 from typing import Any
 
 import panel as pn  # noqa: TID253 - the dashboard package is imported only when used
 from panel.io import hold  # noqa: TID253
 
 from .queries import Page, Source
+from .views import worker
 from .widgets import (
     ALL,
     Confirm,
     Pager,
     View,
+    button,
+    empty,
     empty_frame,
     fmt_age,
     fmt_bytes,
@@ -29,6 +34,7 @@ from .widgets import (
     html,
     missing,
     note,
+    relative_path,
     table,
 )
 
@@ -40,10 +46,16 @@ logger = logging.getLogger("notebook_flow")
 
 
 class CacheView(View):
-    """Stored results with size, age and expiry; invalidate one entry or a whole task."""
+    """Stored results: what inputs made each, its size, age, last use, expiry, pin and
+    where it was made; search; invalidate one entry or a whole task."""
 
     title = "Cache"
-    columns = ["Task", "Key", "Size", "Created", "Age", "Expires", "Compute time", "Format"]
+    columns = [
+        "Task", "Inputs", "Size", "Created", "Last used", "Expires", "Pinned", "Made in",
+        "Compute time", "Key",
+    ]  # fmt: skip
+    HINT_ENTRY = "Select an entry in the table to invalidate it."
+    HINT_TASK = "Choose a task above to invalidate all of its entries."
 
     def __init__(self, source: Source, page_size: int = 50) -> None:
         super().__init__(source)
@@ -51,38 +63,61 @@ class CacheView(View):
         self.keys: list[str] = []
         self.task = pn.widgets.Select(label="Task", options=[ALL], value=ALL, width=200)
         self.task.param.watch(self._task_changed, "value")
+        self.search = pn.widgets.TextInput(
+            label="Search", placeholder="task, inputs, notebook, cell, host or key", width=320
+        )
+        self.search.param.watch(self._task_changed, ["value", "value_input"])
         self.pager = Pager(self.load_page, page_size, "entries")
-        self.table = table(value=empty_frame(self.columns), selectable=1, max_height=600)
+        self.table = table(value=empty_frame(self.columns), selectable=1, max_height=520)
         self.table.param.watch(self._selection_changed, "selection")
-        self.delete_entry = pn.widgets.Button(
-            label="Invalidate entry", color="warning", disabled=True
+        self.delete_entry = button(
+            "Invalidate entry", color="warning", disabled=True, description=self.HINT_ENTRY
         )
-        self.delete_task = pn.widgets.Button(
-            label="Invalidate task", color="warning", disabled=True
+        self.delete_task = button(
+            "Invalidate task", color="warning", disabled=True, description=self.HINT_TASK
         )
+        self.hint = html(self._hint(), css_classes=["nf-hint"], margin=(14, 10))
         self.delete_entry.on_click(self._ask_entry)
         self.delete_task.on_click(self._ask_task)
         self.confirm = Confirm()
         self.message = html("", sizing_mode="stretch_width")
+        self.empty = html("", sizing_mode="stretch_width")
         self.panel = pn.Column(
-            pn.Row(
+            pn.FlexBox(
                 self.task,
-                pn.Column(pn.Spacer(height=18), pn.Row(self.delete_entry, self.delete_task)),
+                self.search,
+                pn.Column(
+                    pn.Spacer(height=18),
+                    pn.Row(self.delete_entry, self.delete_task, self.hint),
+                ),
+                flex_wrap="wrap",
+                sizing_mode="stretch_width",
             ),
             self.confirm.panel,
             self.message,
             self.pager.panel,
+            self.empty,
             self.table,
             sizing_mode="stretch_width",
         )
 
+    def _search_text(self) -> str:
+        typed = self.search.value_input
+        return str(typed if typed is not None else self.search.value or "")
+
+    def _query(self) -> dict[str, Any]:
+        return {
+            "task": None if self.task.value == ALL else self.task.value,
+            "page": self.pager.page,
+            "page_size": self.pager.page_size,
+            "search": self._search_text(),
+        }
+
     def load(self) -> dict[str, Any]:
-        task = None if self.task.value == ALL else self.task.value
+        q = self._query()
         return {
             "tasks": self.source.cache_tasks(),
-            "page": self.source.cache_page(
-                task, page=self.pager.page, page_size=self.pager.page_size
-            ),
+            "page": self.source.cache_page(q.pop("task"), **q),
         }
 
     def render(self, data: dict[str, Any]) -> None:
@@ -90,11 +125,9 @@ class CacheView(View):
         self.show_page(data["page"])
 
     def load_page(self) -> None:
-        task = None if self.task.value == ALL else self.task.value
+        q = self._query()
         with hold():
-            self.show_page(
-                self.source.cache_page(task, page=self.pager.page, page_size=self.pager.page_size)
-            )
+            self.show_page(self.source.cache_page(q.pop("task"), **q))
 
     def show_page(self, page: Page) -> None:
         self.page = page
@@ -103,24 +136,46 @@ class CacheView(View):
         selected = self.selected_key()
         self.keys = [str(k) for k in df["key"]]
         now = time.time()
+        base = self.source.project_dir
         self.table.value = frame(
             {
                 "Task": df["task"].tolist(),
-                "Key": self.keys,
+                "Inputs": [inputs_summary(x) for x in df["inputs"]],
                 "Size": [fmt_bytes(s) for s in df["size"]],
-                "Created": [fmt_time(c) for c in df["created_at"]],
-                "Age": [fmt_seconds(now - c) for c in df["created_at"]],
+                "Created": [fmt_age(c, now) for c in df["created_at"]],
+                "Last used": [
+                    "never hit" if missing(x) else fmt_age(x, now) for x in df["last_used"]
+                ],
                 "Expires": [
                     "never" if missing(x) else ("expired" if x <= now else fmt_age(x, now))
                     for x in df["expires_at"]
                 ],
+                "Pinned": ["📌 pinned" if _truthy(p) else "" for p in df["pinned"]],
+                "Made in": [
+                    made_in(p, nb, cell, host, pid, base=base)
+                    for p, nb, cell, host, pid in df[
+                        ["provenance", "notebook", "cell", "host", "pid"]
+                    ].itertuples(index=False)
+                ],
                 "Compute time": [fmt_seconds(d) for d in df["duration"]],
-                "Format": df["serializer"].tolist(),
+                "Key": [k[:12] + "…" for k in self.keys],
             },
             self.columns,
         )
+        self.table.visible = bool(page.total)
+        if page.total:
+            self.empty.object = ""
+        elif self._search_text() or self.task.value != ALL:
+            self.empty.object = empty("No cached result matches this task or search.", "cache")
+        else:
+            self.empty.object = empty(
+                "Nothing is cached yet: results appear here when a cached task or %%task "
+                "cell completes.",
+                "cache",
+            )
         self.table.selection = [self.keys.index(selected)] if selected in self.keys else []
         self.delete_task.disabled = self.task.value == ALL
+        self._selection_changed(None)
 
     def selected_key(self) -> str | None:
         sel = self.table.selection
@@ -133,6 +188,16 @@ class CacheView(View):
 
     def _selection_changed(self, _: object) -> None:
         self.delete_entry.disabled = self.selected_key() is None
+        self.hint.object = self._hint()
+
+    def _hint(self) -> str:
+        """Why a button is disabled, next to it."""
+        hints = []
+        if self.selected_key() is None:
+            hints.append(self.HINT_ENTRY)
+        if self.task.value == ALL:
+            hints.append(self.HINT_TASK)
+        return escape(" ".join(hints))
 
     def _ask_entry(self, _: object) -> None:
         key = self.selected_key()
@@ -172,6 +237,7 @@ class LocksView(View):
 
     title = "Locks"
     columns = ["Key", "Task", "Holder", "Held for", "Lease", "Manager"]
+    HINT = "Select a held lock above to break it."
 
     def __init__(self, source: Source) -> None:
         super().__init__(source)
@@ -181,7 +247,10 @@ class LocksView(View):
         self.waits = table(
             value=empty_frame(["When", "Key", "Task", "Waited", "Holder"]), max_height=300
         )
-        self.break_button = pn.widgets.Button(label="Break lock", color="danger", disabled=True)
+        self.break_button = button(
+            "Break lock", color="danger", disabled=True, description=self.HINT
+        )
+        self.break_hint = html(escape(self.HINT), css_classes=["nf-hint"], margin=(14, 10))
         self.break_button.on_click(self._ask)
         self.confirm = Confirm()
         self.message = html("", sizing_mode="stretch_width")
@@ -191,7 +260,7 @@ class LocksView(View):
             html("<h3>Held now</h3>", margin=(0, 10)),
             self.held_note,
             self.table,
-            pn.Row(self.break_button),
+            pn.Row(self.break_button, self.break_hint),
             self.confirm.panel,
             self.message,
             html("<h3>Recent waits</h3>", margin=(0, 10)),
@@ -234,9 +303,22 @@ class LocksView(View):
         )
         keys = [k for k, _ in self.rows]
         self.table.selection = [keys.index(selected)] if selected in keys else []
-        self.held_note.object = "" if self.rows else note("No lock is held right now.")
+        self.held_note.object = (
+            ""
+            if self.rows
+            else empty(
+                "No lock is held right now: a lock shows here while a run computes a key "
+                "other runs may want.",
+                "locks",
+            )
+        )
+        self.table.visible = bool(self.rows)  # an empty state, not bare headers
+        self._selection_changed(None)
         waits = data["waits"]
-        self.waits_note.object = "" if len(waits) else note("No run has waited for a lock yet.")
+        self.waits_note.object = (
+            "" if len(waits) else empty("No run has waited for a lock yet.", "waits")
+        )
+        self.waits.visible = bool(len(waits))
         self.waits.value = frame(
             {
                 "When": [fmt_time(t) for t in waits["time"]],
@@ -250,6 +332,7 @@ class LocksView(View):
 
     def _selection_changed(self, _: object) -> None:
         self.break_button.disabled = not self.table.selection
+        self.break_hint.object = "" if self.table.selection else escape(self.HINT)
 
     def _ask(self, _: object) -> None:
         if not self.table.selection:
@@ -269,6 +352,42 @@ class LocksView(View):
             text = f"Could not break the lock on {key}: {exc}"
         self.message.object = note(text, "success" if text.startswith("Broke") else "warning")
         self.refresh()
+
+
+def inputs_summary(inputs: Any, limit: int = 80) -> str:
+    """``x=3, name='a'`` from a run's recorded inputs (JSON of name → repr), shortened."""
+    if not isinstance(inputs, str) or not inputs:
+        return ""
+    try:
+        parsed = json.loads(inputs)
+    except ValueError:
+        parsed = None
+    pairs = parsed.items() if isinstance(parsed, dict) else None
+    text = ", ".join(f"{k}={v}" for k, v in pairs) if pairs is not None else inputs
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def made_in(
+    provenance: Any, notebook: Any, cell: Any, host: Any, pid: Any, *, base: str | None
+) -> str:
+    """Where an entry was made: its recorded provenance, else the notebook and cell (or the
+    host and pid) of the run that computed it."""
+    if isinstance(provenance, str) and provenance:
+        try:
+            parsed = json.loads(provenance)
+        except ValueError:
+            return provenance
+        if isinstance(parsed, dict):
+            return ", ".join(f"{k}: {v}" for k, v in parsed.items() if v)[:120]
+        return str(parsed)[:120]
+    where = relative_path(notebook, base)
+    if isinstance(cell, str) and cell:
+        where = f"{where} · {cell}" if where else cell
+    return where or worker(host, pid)
+
+
+def _truthy(value: Any) -> bool:
+    return not missing(value) and bool(value)
 
 
 def _lease(expires: Any, now: float) -> str:

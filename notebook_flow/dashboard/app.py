@@ -63,6 +63,7 @@ class Dashboard:
         refresh_seconds: float = 5.0,
         page_size: int = 50,
         title: str = "notebook_flow",
+        lazy: bool = True,
     ) -> None:
         self.source = Source(store)  # type: ignore[arg-type]
         # The overview's read of the index runs while the widgets are built (DuckDB releases
@@ -78,6 +79,9 @@ class Dashboard:
         self._refreshing = False
         self._callback: Any = None
         self.busy_after = 2.0  # s a refresh may wait for the metadata lock before we say so
+        #: Runs a function after the current browser event is handled (set by the inline
+        #: view: a tab's first draw inside the tab-change event could be lost over comms).
+        self.defer: Callable[[Callable[[], None]], None] | None = None
 
         self.page_size = page_size
         # Views are built when their tab is first opened: a session that only looks at the
@@ -103,8 +107,13 @@ class Dashboard:
         self.refresh_button = pn.widgets.Button(label="Refresh", width=90, margin=(8, 10))
         self.refresh_button.on_click(lambda _: self.refresh())
         # dynamic: only the active tab is sent to the browser, so the first page is light.
+        # ``lazy=False`` (the notebook's inline view) builds every tab up front instead: over
+        # Jupyter comms, widgets created while a tab opens lose their first update.
+        if not lazy:
+            for index in range(len(TABS)):
+                self.view(index)
         self.tabs = pn.Tabs(
-            *zip(TABS, self._slots, strict=True), dynamic=True, sizing_mode="stretch_width"
+            *zip(TABS, self._slots, strict=True), dynamic=lazy, sizing_mode="stretch_width"
         )
         self.tabs.param.watch(self._tab_changed, "active")
         header = pn.Row(
@@ -255,7 +264,10 @@ class Dashboard:
     def _tab_changed(self, event: Any) -> None:
         view = self.view(event.new)
         if view.loaded_at is None or time.time() - view.loaded_at > 1.0:
-            self.refresh(view)
+            if self.defer is not None:
+                self.defer(lambda: self.refresh(view))
+            else:
+                self.refresh(view)
 
     # -- timer -------------------------------------------------------------------------------
 

@@ -14,12 +14,17 @@ work as ``python -m notebook_flow.dashboard`` (what the Jupyter proxy entry runs
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["TOKEN_ENV", "add_arguments", "main", "register", "run"]
+__all__ = ["TOKEN_ENV", "add_arguments", "exit_with_parent", "main", "register", "run"]
+
+logger = logging.getLogger("notebook_flow")
 
 #: A token given by the environment (the Jupyter proxy entry sets it; see ``jupyter.py``).
 #: The environment, not the command line: other users can read a process's arguments.
@@ -79,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         url = server.base_url if args.proxied else server.url
         print(f"notebook_flow dashboard for {store_url}\n  {url}\nPress Ctrl-C to stop.")
         sys.stdout.flush()
+        if args.proxied:
+            exit_with_parent(server)
 
     from notebook_flow.config import get_store
 
@@ -95,6 +102,28 @@ def run(args: argparse.Namespace) -> int:
         on_ready=ready,
     )
     return 0
+
+
+def exit_with_parent(server: Any, interval: float = 1.0) -> threading.Thread:
+    """Stop ``server`` once the process that started this one (the Jupyter server) is
+    gone, so a proxied dashboard never outlives Jupyter (adopted by init, ppid 1).
+
+    Watches the parent pid from a daemon thread: when it changes, the parent has exited,
+    however it ended (a clean shutdown, a crash, SIGKILL).
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                logger.info("notebook_flow dashboard: Jupyter (pid %d) is gone; stopping", parent)
+                server.stop()
+                return
+
+    thread = threading.Thread(target=watch, name="notebook_flow-parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,7 +39,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IN_FLIGHT",
+    "LANES",
     "SORTS",
+    "WORKER_SQL",
     "Overview",
     "Page",
     "RunFilters",
@@ -47,6 +51,10 @@ __all__ = [
 
 logger = logging.getLogger("notebook_flow")
 
+#: Reads shared between the sessions of this process: (index path, name) → (signature, value).
+_shared_reads: dict[tuple[Any, str], tuple[tuple[Any, ...], Any]] = {}
+_shared_lock = threading.Lock()
+
 IN_FLIGHT = ("PENDING", "RUNNING", "RETRYING")
 FAILED = ("FAILED", "CRASHED")
 Sort = Literal["newest", "oldest", "slowest"]
@@ -55,13 +63,27 @@ SORTS: dict[str, str] = {
     "oldest": "created ASC, run_id",
     "slowest": "duration DESC NULLS LAST, created DESC, run_id",
 }
+#: The same orders reversed (every one ends on the unique run_id, so reversal is exact).
+_REVERSED: dict[str, str] = {
+    "newest": "created ASC, run_id DESC",
+    "oldest": "created DESC, run_id DESC",
+    "slowest": "duration ASC NULLS FIRST, created ASC, run_id DESC",
+}
 #: Bucket widths for "hits and misses over time", smallest first (seconds).
 BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 #: What a row of the runs table needs (not the traceback or inputs: those are per run).
 _RUN_COLUMNS = (
     "run_id, task, state, created, started, ended, duration, saved, attempt, host, pid, "
-    "kernel, notebook"
+    "kernel, notebook, cell"
 )
+#: How a worker (kernel or process) is named in tables: its host and pid, not a UUID.
+WORKER_SQL = "coalesce(host, '?') || ' · pid ' || coalesce(CAST(pid AS VARCHAR), '?')"
+#: What the timeline's lanes can be: the SQL of each.
+LANES = {
+    "task": "task",
+    "notebook": "coalesce(notebook, '(no notebook)')",
+    "worker": WORKER_SQL,
+}
 #: Runs drawn at most on the timeline (the most recent ones in the window).
 TIMELINE_LIMIT = 3000
 
@@ -72,7 +94,7 @@ def bucket_width(span: float, max_buckets: int = 60) -> int:
     >>> bucket_width(3600)
     60
     >>> bucket_width(86400 * 3)
-    3600
+    21600
     """
     for width in BUCKETS:
         if span / width <= max_buckets:
@@ -174,6 +196,7 @@ class Source:
 
     store: ResultStore | None = None
     meta: MetadataStore = field(init=False)
+    _cache_columns: set[str] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from notebook_flow.config import get_metadata, get_store, wait_startup
@@ -186,6 +209,18 @@ class Source:
     def url(self) -> str:
         assert self.store is not None
         return str(self.store.url)
+
+    @property
+    def project_dir(self) -> str | None:
+        """The folder that holds a local store (notebook paths are shown relative to it)."""
+        import os
+
+        url = self.url
+        if url.startswith("file://"):
+            url = url[len("file://") :]
+        elif "://" in url:
+            return None
+        return os.path.dirname(os.path.abspath(url.rstrip("/\\")))
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -200,7 +235,44 @@ class Source:
 
     # -- overview ----------------------------------------------------------------------------
 
+    def _signature(self) -> tuple[Any, ...] | None:
+        """What identifies the index's content now: size and mtime of its file and WAL
+        (every write changes one of them); None when the index is not a local file."""
+        path = getattr(self.meta, "path", None)
+        if not isinstance(path, str):
+            return None
+        parts: list[Any] = [path]
+        for name in (path, path + ".wal"):
+            try:
+                st = os.stat(name)
+            except OSError:
+                parts.append(None)
+            else:
+                parts.append((st.st_size, st.st_mtime_ns))
+        return tuple(parts)
+
+    def _shared(self, name: str, read: Callable[[], Any]) -> Any:
+        """``read()``, or its result from another session of this process when the index has
+        not changed since (a page opened by several tabs, or reopened, reads it once)."""
+        signature = self._signature()
+        if signature is None:
+            return read()
+        with _shared_lock:
+            hit = _shared_reads.get((signature[0], name))
+        if hit is not None and hit[0] == signature:
+            return hit[1]
+        value = read()
+        with _shared_lock:
+            _shared_reads[(signature[0], name)] = (signature, value)
+        return value
+
     def overview(self) -> Overview:
+        """Totals, per-task figures and hits/misses over time, in one read of the index
+        (shared with other sessions while the index is unchanged)."""
+        result: Overview = self._shared("overview", self._read_overview)
+        return result
+
+    def _read_overview(self) -> Overview:
         """Totals, per-task figures and hits/misses over time, in one read of the index.
 
         One statement (``GROUPING SETS``) rather than three: each read opens the DuckDB
@@ -268,6 +340,10 @@ class Source:
 
     def run_choices(self) -> dict[str, list[str]]:
         """The values the runs filters offer: task names and notebooks that have runs."""
+        result: dict[str, list[str]] = self._shared("run_choices", self._read_run_choices)
+        return result
+
+    def _read_run_choices(self) -> dict[str, list[str]]:
         df = self.query(
             "SELECT 'task' AS kind, task AS value FROM (SELECT DISTINCT task FROM runs) "
             "UNION ALL SELECT 'notebook', notebook FROM "
@@ -288,8 +364,14 @@ class Source:
         sort: str = "newest",
         ahead: int = 0,
         behind: int = 0,
+        total_hint: int | None = None,
     ) -> Page:
         """One page of runs (newest first by default) and the filtered total, in one read.
+
+        ``total_hint`` (the total the caller last saw) lets a page in the second half be
+        read from the other end: the same rows in the reverse order, so DuckDB's top-N sort
+        serves the last page as cheaply as the first. The read also returns the total; when
+        it differs from the hint the page is read again the usual way.
 
         ``ahead``/``behind`` more pages come in the same read (``Page.window``), so a view
         can flip to them without reading the index again: the read costs about the same
@@ -302,11 +384,20 @@ class Source:
         order = SORTS.get(sort, SORTS["newest"])
         page = max(0, int(page))
         first = max(0, page - behind)
+        limit = (page - first + 1 + ahead) * page_size
+        if total_hint and first * page_size > total_hint // 2:
+            tail = self._runs_from_the_end(
+                where, params, sort, offset=first * page_size, limit=limit, total=total_hint
+            )
+            if tail is not None:
+                window = tail
+                start = (page - first) * page_size
+                rows = window.iloc[start : start + page_size].reset_index(drop=True)
+                return Page(rows, total_hint, page, page_size, window=window, first=first)
         sql = (
             f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
             f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?"
         )
-        limit = (page - first + 1 + ahead) * page_size
         df = self.query(sql, [*params, *params, limit, first * page_size])
         if not df.empty:
             total = int(df["_total"].iloc[0])
@@ -321,6 +412,25 @@ class Source:
         start = (page - first) * page_size
         rows = window.iloc[start : start + page_size].reset_index(drop=True)
         return Page(rows, total, page, page_size, window=window, first=first)
+
+    def _runs_from_the_end(
+        self, where: str, params: list[Any], sort: str, *, offset: int, limit: int, total: int
+    ) -> pd.DataFrame | None:
+        """Rows ``offset`` … ``offset + limit`` of a ``total``-row listing, read in the
+        reverse order from its end; None when the listing no longer has ``total`` rows."""
+        stop = min(offset + limit, total)
+        if stop <= offset:
+            return None
+        order = _REVERSED.get(sort, _REVERSED["newest"])
+        df = self.query(
+            f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
+            f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?",
+            [*params, *params, stop - offset, total - stop],
+        )
+        if df.empty or int(df["_total"].iloc[0]) != total:
+            return None  # runs came or went: read it the usual way
+        window: pd.DataFrame = df.drop(columns="_total").iloc[::-1].reset_index(drop=True)
+        return window
 
     def count_runs(self, filters: RunFilters) -> int:
         where, params = filters.where()
@@ -343,14 +453,18 @@ class Source:
 
     # -- timeline ----------------------------------------------------------------------------
 
-    def timeline(self, since: float | None, limit: int = TIMELINE_LIMIT) -> pd.DataFrame:
-        """The latest runs (at most ``limit``) since ``since``, with a lane per kernel/process."""
+    def timeline(
+        self, since: float | None, limit: int = TIMELINE_LIMIT, lanes: str = "task"
+    ) -> pd.DataFrame:
+        """The latest runs (at most ``limit``) since ``since``, with a lane per task,
+        notebook or worker (``lanes``, one of ``LANES``)."""
         where = "WHERE created >= ?" if since is not None else ""
         params: list[Any] = [since] if since is not None else []
+        lane = LANES.get(lanes, LANES["task"])
         return self.query(
             "SELECT run_id, task, state, coalesce(started, created) AS start, "
-            "coalesce(ended, ?) AS end_, duration, "
-            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS lane "
+            f"coalesce(ended, ?) AS end_, duration, notebook, cell, {lane} AS lane, "
+            f"{WORKER_SQL} AS worker "
             f"FROM runs {where} ORDER BY created DESC LIMIT ?",
             [time.time(), *params, limit],
         )
@@ -361,17 +475,61 @@ class Source:
         df = self.query("SELECT DISTINCT task FROM cache_entries ORDER BY task")
         return [str(t) for t in df["task"] if t is not None]
 
-    def cache_page(self, task: str | None, *, page: int = 0, page_size: int = 50) -> Page:
-        """Cache entries, newest first, with size, creation and expiry."""
-        where, params = ("WHERE task = ?", [task]) if task else ("", [])
+    def cache_columns(self) -> set[str]:
+        """The columns ``cache_entries`` has (a later schema may add pins or provenance)."""
+        if self._cache_columns is None:
+            df = self.query(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_name = 'cache_entries'"
+            )
+            self._cache_columns = {str(c) for c in df["column_name"]}
+        return self._cache_columns
+
+    def cache_page(
+        self,
+        task: str | None,
+        *,
+        page: int = 0,
+        page_size: int = 50,
+        search: str = "",
+    ) -> Page:
+        """Cache entries, newest first: size, creation, last use, expiry, pin, the inputs
+        and where they were made (from the run that computed them).
+
+        ``search`` matches (case-insensitively) the task, key, inputs, notebook, cell or host.
+        """
+        clauses: list[str] = []
+        params: list[Any] = []
+        if task:
+            clauses.append("c.task = ?")
+            params.append(task)
+        if search.strip():
+            text = search.strip()
+            for special in ("\\", "%", "_"):
+                text = text.replace(special, "\\" + special)
+            like = f"%{text}%"
+            # The inputs as the table shows them (``x=3, y='a'``), not their JSON.
+            shown = "regexp_replace(replace(r.inputs, '\": \"', '='), '[{}\"]', '', 'g')"
+            fields = ("c.task", "c.key", shown, "r.notebook", "r.cell", "r.host")
+            clauses.append("(" + " OR ".join(f"{f} ILIKE ? ESCAPE '\\'" for f in fields) + ")")
+            params.extend([like] * len(fields))
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        columns = self.cache_columns()
+        pinned = "c.pinned" if "pinned" in columns else "NULL"
+        provenance = "c.provenance" if "provenance" in columns else "NULL"
+        joined = "FROM cache_entries c LEFT JOIN runs r ON r.run_id = c.run_id"
         df = self.query(
-            "SELECT key, task, size, created_at, expires_at, duration, serializer, run_id, "
-            f"(SELECT count(*) FROM cache_entries {where}) AS _total FROM cache_entries {where} "
-            "ORDER BY created_at DESC, key LIMIT ? OFFSET ?",
+            "SELECT c.key, c.task, c.size, c.created_at, c.expires_at, c.duration, "
+            "c.serializer, c.run_id, r.inputs, r.notebook, r.cell, r.host, r.pid, "
+            f"{pinned} AS pinned, {provenance} AS provenance, "
+            "(SELECT max(h.created) FROM runs h WHERE h.key = c.key "
+            "AND h.state = 'CACHED') AS last_used, "
+            f"(SELECT count(*) {joined} {where}) AS _total "
+            f"{joined} {where} ORDER BY c.created_at DESC, c.key LIMIT ? OFFSET ?",
             [*params, *params, page_size, max(0, page) * page_size],
         )
         if df.empty and page > 0:
-            return self.cache_page(task, page=0, page_size=page_size)
+            return self.cache_page(task, page=0, page_size=page_size, search=search)
         total = int(df["_total"].iloc[0]) if not df.empty else 0
         return Page(df.drop(columns="_total"), total, page, page_size)
 
@@ -458,14 +616,14 @@ class Source:
     def queue(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """Runs in flight: a summary per kernel/process, and the runs themselves."""
         runs = self.query(
-            "SELECT run_id, task, state, created, started, attempt, notebook, "
-            "coalesce(kernel, host || ':' || CAST(pid AS VARCHAR)) AS worker, host, pid "
+            "SELECT run_id, task, state, created, started, attempt, notebook, cell, "
+            f"{WORKER_SQL} AS worker, host, pid "
             "FROM runs WHERE state IN ('PENDING', 'RUNNING', 'RETRYING') "
             "ORDER BY created LIMIT 1000"
         )
         per_worker = self.query(
-            "SELECT coalesce(r.kernel, r.host || ':' || CAST(r.pid AS VARCHAR)) AS worker, "
-            "r.host, r.pid, "
+            "SELECT coalesce(r.host, '?') || ' · pid ' || coalesce(CAST(r.pid AS VARCHAR), '?') "
+            "AS worker, r.host, r.pid, "
             "count(*) FILTER (WHERE r.state = 'PENDING') AS pending, "
             "count(*) FILTER (WHERE r.state = 'RUNNING') AS running, "
             "count(*) FILTER (WHERE r.state = 'RETRYING') AS retrying, "

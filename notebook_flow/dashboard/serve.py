@@ -109,7 +109,8 @@ def _make_auth_provider(token: str, cookie_name: str, prefix: str) -> Any:
 class DashboardServer:
     """A running dashboard server: its URL (with the token), and ``stop()``.
 
-    In a notebook, its HTML representation is an iframe of the dashboard.
+    In a notebook, its HTML representation is a link to open it in a browser on this
+    machine (the inline view, ``show()``, needs no server).
     """
 
     url: str
@@ -140,10 +141,9 @@ class DashboardServer:
     def _repr_html_(self) -> str:
         url = escape(self.url, quote=True)
         return (
-            f'<iframe src="{url}" style="width:100%;height:760px;border:0" '
-            'title="notebook_flow dashboard"></iframe>'
-            f'<div style="font-size:11px"><a href="{url}" target="_blank" rel="noopener">'
-            "open the notebook_flow dashboard in a new tab</a></div>"
+            f'<div><a href="{url}" target="_blank" rel="noopener">open the notebook_flow '
+            f"dashboard</a> (served by this kernel on {escape(self.base_url)}; reachable from a "
+            "browser on this machine only — in a notebook elsewhere use %flow dashboard)</div>"
         )
 
 

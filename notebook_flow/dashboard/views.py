@@ -15,22 +15,28 @@ import json
 import time
 from datetime import datetime
 from html import escape
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import panel as pn  # noqa: TID253 - the dashboard package is imported only when used
 from panel.io import hold  # noqa: TID253
 
-from .queries import IN_FLIGHT, Overview, Page, RunFilters, Source
+from notebook_flow.figures import DASH
+
+from .queries import IN_FLIGHT, LANES, Overview, Page, RunFilters, Source
 from .widgets import (
     ALL,
+    HTML_CELL,
     PERIODS,
     STATE_COLORS,
     STATES,
     Pager,
     View,
+    chip,
+    empty,
     empty_frame,
     fmt_age,
     fmt_bytes,
+    fmt_saved,
     fmt_seconds,
     fmt_time,
     frame,
@@ -38,7 +44,7 @@ from .widgets import (
     local_ms,
     missing,
     note,
-    short_path,
+    relative_path,
     table,
 )
 
@@ -82,7 +88,7 @@ class OverviewView(View):
                 "Misses": "calls of a cached task that did not hit (computed or failed)",
                 "Mean (ms)": "mean duration of the runs that computed",
                 "p95 (ms)": "95th percentile duration of the runs that computed",
-                "Saved": "time the cache hits saved",
+                "Saved": "time the cache hits saved (a dash: never hit)",
             },
         )
         self.chart_source = ColumnDataSource({"t": [], "hits": [], "misses": [], "failures": []})
@@ -102,8 +108,14 @@ class OverviewView(View):
             color=[STATE_COLORS["CACHED"], STATE_COLORS["COMPLETED"], STATE_COLORS["FAILED"]],
             legend_label=["hits", "misses", "failures"],
         )
-        fig.legend.location = "top_left"
-        fig.legend.orientation = "horizontal"
+        # The legend sits above the plot area, never over the bars.
+        legend = fig.legend[0]
+        fig.center.remove(legend)
+        legend.orientation = "horizontal"
+        legend.location = "top_left"
+        legend.border_line_alpha = 0
+        legend.background_fill_alpha = 0
+        fig.add_layout(legend, "above")
         fig.add_tools(
             HoverTool(
                 tooltips=[("hits", "@hits"), ("misses", "@misses"), ("failures", "@failures")]
@@ -136,7 +148,7 @@ class OverviewView(View):
         cards = [
             ("runs", "Runs", f"{t['runs']:,}", f"{t['in_flight']:,} in flight"),
             ("hit-rate", "Hit rate", rate, f"{t['hits']:,} hits · {t['misses']:,} misses"),
-            ("time-saved", "Time saved", fmt_seconds(t["time_saved"]) or "0 ms", "by cache hits"),
+            ("time-saved", "Time saved", fmt_saved(t["time_saved"], t["hits"]), "by cache hits"),
             ("failures", "Failures", f"{t['failures']:,}", "failed or crashed runs"),
             ("storage", "Storage used", fmt_bytes(t["bytes"]), f"{t['entries']:,} cached results"),
         ]
@@ -160,7 +172,9 @@ class OverviewView(View):
                 hit_pct=rate_col,
                 mean_ms=(tasks["mean_s"] * 1000).round(1),
                 p95_ms=(tasks["p95_s"] * 1000).round(1),
-                saved=[fmt_seconds(s) for s in tasks["saved_s"]],
+                saved=[
+                    fmt_saved(s, h) for s, h in zip(tasks["saved_s"], tasks["hits"], strict=True)
+                ],
                 last=[fmt_time(x) for x in tasks["last_run"]],
             )[list(TASK_COLUMNS)].rename(columns=TASK_COLUMNS)
         b = data.buckets
@@ -188,17 +202,20 @@ class RunsView(View):
         "State",
         "Duration",
         "Saved",
-        "Attempt",
-        "Worker",
         "Notebook",
-        "Run",
+        "Cell",
+        "Worker",
+        "Attempt",
     ]
+    #: What the detail panel says when no run on the current page is selected.
+    NO_SELECTION = "Select a run to see its inputs, attempts, traceback and why it missed."
 
     def __init__(self, source: Source, page_size: int = 50) -> None:
         super().__init__(source)
         self.page: Page | None = None
         self.run_ids: list[str] = []
         self._cache: tuple[tuple[Any, ...], Page, float] | None = None
+        self._key_of_page: tuple[Any, ...] | None = None
         self.task = pn.widgets.Select(label="Task", options=[ALL], value=ALL, width=180)
         self.states = pn.widgets.MultiChoice(label="State", options=STATES, width=260)
         self.notebook = pn.widgets.Select(label="Notebook", options=[ALL], value=ALL, width=200)
@@ -215,16 +232,21 @@ class RunsView(View):
         self.table = table(
             value=empty_frame(self.columns, ints=("Attempt",)),
             selectable=1,
-            max_height=680,
+            max_height=520,
+            formatters={"State": HTML_CELL},
         )
         self.table.param.watch(self._selected, "selection")
-        self.detail = html(
-            note("Select a run to see its inputs, attempts, traceback and why it missed."),
-            sizing_mode="stretch_width",
-        )
+        self.detail_run: str | None = None  # the run the detail panel shows
+        self.detail = html(note(self.NO_SELECTION), sizing_mode="stretch_width")
+        self.empty = html("", sizing_mode="stretch_width")
         self.panel = pn.Column(
-            pn.Row(self.task, self.states, self.notebook, self.period, self.range, self.sort),
+            pn.FlexBox(
+                *(self.task, self.states, self.notebook, self.period, self.range, self.sort),
+                flex_wrap="wrap",
+                sizing_mode="stretch_width",
+            ),
             self.pager.panel,
+            self.empty,
             self.table,
             self.detail,
             sizing_mode="stretch_width",
@@ -267,7 +289,10 @@ class RunsView(View):
             sort=self.sort.value,
             ahead=READ_AHEAD,
             behind=1,
+            # The total last shown for these filters: far pages read from the other end.
+            total_hint=self.page.total if self.page and self._key_of_page == key else None,
         )
+        self._key_of_page = key
         return key, page, time.monotonic()
 
     def load(self) -> dict[str, Any]:
@@ -309,37 +334,59 @@ class RunsView(View):
             self.run_ids[self.table.selection[0]] if self.table.selection and self.run_ids else None
         )
         self.run_ids = [str(r) for r in df["run_id"]]
-        worker = [
-            k if isinstance(k, str) and k else f"{h}:{p}"
-            for k, h, p in zip(df["kernel"], df["host"], df["pid"], strict=True)
-        ]
+        base = self.source.project_dir
         self.table.value = frame(
             {
                 "Started": [fmt_time(x) for x in df["created"]],
                 "Task": df["task"].tolist(),
-                "State": df["state"].tolist(),
+                "State": [chip(x) for x in df["state"]],
                 "Duration": [fmt_seconds(x) for x in df["duration"]],
-                "Saved": [fmt_seconds(x) for x in df["saved"]],
+                "Saved": [
+                    fmt_seconds(x) if st == "CACHED" else DASH
+                    for x, st in zip(df["saved"], df["state"], strict=True)
+                ],
+                "Notebook": [relative_path(n, base) for n in df["notebook"]],
+                "Cell": [c if isinstance(c, str) else "" for c in df["cell"]],
+                "Worker": [worker(h, p) for h, p in zip(df["host"], df["pid"], strict=True)],
                 "Attempt": df["attempt"].tolist(),
-                "Worker": worker,
-                "Notebook": [short_path(n) for n in df["notebook"]],
-                "Run": self.run_ids,
             },
             self.columns,
         )
-        # Keep the selection on the same run if it is still on this page.
-        self.table.selection = [self.run_ids.index(selected)] if selected in self.run_ids else []
+        self.table.visible = bool(page.total)
+        self.empty.object = (
+            ""
+            if page.total
+            else empty(
+                "No run matches these filters. Runs appear here as tasks and %%task cells "
+                "run; clear a filter to see more.",
+                "runs",
+            )
+        )
+        # Keep the selection on the same run if it is still on this page; otherwise the
+        # detail must not go on showing a run the list no longer has.
+        if selected in self.run_ids:
+            self.table.selection = [self.run_ids.index(selected)]
+        else:
+            self.table.selection = []
+            if self.detail_run is not None and self.detail_run not in self.run_ids:
+                self._clear_detail()
 
     def _filters_changed(self, _: object) -> None:
         self.pager.page = 0
         self.load_page()
 
     def _selected(self, event: Any) -> None:
-        if not event.new or not self.run_ids:
+        if not event.new or not self.run_ids or event.new[0] >= len(self.run_ids):
+            self._clear_detail()
             return
         run_id = self.run_ids[event.new[0]]
         record, events = self.source.run_detail(run_id)
-        self.detail.object = run_detail_html(record, events)
+        self.detail_run = run_id
+        self.detail.object = run_detail_html(record, events, self.source.project_dir)
+
+    def _clear_detail(self) -> None:
+        self.detail_run = None
+        self.detail.object = note(self.NO_SELECTION)
 
 
 def _timestamp(value: Any) -> float:
@@ -349,30 +396,41 @@ def _timestamp(value: Any) -> float:
     return float(value.timestamp())
 
 
-def run_detail_html(record: dict[str, Any] | None, events: pd.DataFrame) -> str:
+def worker(host: Any, pid: Any) -> str:
+    """A worker as people know it: host and pid (the kernel id is in the run's detail)."""
+    h = host if isinstance(host, str) and host else "?"
+    return f"{h} · pid {int(pid)}" if not missing(pid) else h
+
+
+def run_detail_html(
+    record: dict[str, Any] | None, events: pd.DataFrame, base: str | None = None
+) -> str:
     """A run's detail: identity, timings, why it missed, inputs, attempts, traceback."""
     if record is None:
         return note("This run is no longer in the index.", "warning")
     e = escape
+    notebook = record.get("notebook") or ""
+    shown = relative_path(notebook, base)
     rows = [
-        ("Run", record["run_id"]),
         ("Task", record["task"]),
         ("State", record["state"]),
+        ("Notebook", f"{shown} ({notebook})" if shown and shown != notebook else notebook),
+        ("Cell", record.get("cell") or ""),
+        ("Run id", record["run_id"]),
         ("Cache key", record.get("key") or "(uncached)"),
         ("Created", fmt_time(record.get("created"))),
         ("Started", fmt_time(record.get("started"))),
         ("Ended", fmt_time(record.get("ended"))),
         ("Duration", fmt_seconds(record.get("duration"))),
-        ("Time saved", fmt_seconds(record.get("saved"))),
+        ("Time saved", fmt_seconds(record.get("saved")) if record["state"] == "CACHED" else DASH),
         ("Attempts", record.get("attempt")),
-        (
-            "Worker",
-            f"{record.get('kernel') or ''} {record.get('host')}:{record.get('pid')}".strip(),
-        ),
-        ("Notebook", record.get("notebook") or ""),
-        ("Cell", record.get("cell") or ""),
+        ("Worker", worker(record.get("host"), record.get("pid"))),
+        ("Kernel id", record.get("kernel") or ""),
     ]
-    html = ['<div class="nf-detail" id="run-detail"><h3>Run detail</h3><table>']
+    html = [
+        f'<div class="nf-detail" id="run-detail" data-run="{e(str(record["run_id"]))}">'
+        f"<h3>Run detail {chip(record['state'])}</h3><table>"
+    ]
     html += [
         f"<tr><th>{e(k)}</th><td>{e(str(v if v is not None else ''))}</td></tr>" for k, v in rows
     ]
@@ -410,17 +468,46 @@ def run_detail_html(record: dict[str, Any] | None, events: pd.DataFrame) -> str:
 # -- timeline ------------------------------------------------------------------------------
 
 
-BAR_FIELDS = ("lane", "start", "end", "task", "state", "color", "duration", "run")
+BAR_FIELDS = (
+    "lane", "start", "end", "task", "state", "color", "duration", "run", "notebook", "cell",
+    "worker",
+)  # fmt: skip
+#: The timeline opens on the latest burst of activity: runs less than this far apart (s)
+#: belong to one burst, and the view spans at most this many of the latest runs.
+BURST_GAP = 600.0
+BURST_RUNS = 400
+
+
+def recent_window(starts: list[float], ends: list[float]) -> tuple[float, float]:
+    """The x range (ms) the timeline opens on: the latest burst of runs, padded.
+
+    Walking back from the latest run, a burst ends at a gap longer than ``BURST_GAP``
+    (or after ``BURST_RUNS`` runs), so 40 half-second runs of the last minute fill the
+    width instead of being slivers of a 24-hour axis.
+
+    >>> recent_window([0, 1000, 10_000_000, 10_001_000], [500, 1500, 10_000_500, 10_001_500])
+    (9999925.0, 10001575.0)
+    """
+    order = sorted(range(len(starts)), key=lambda k: starts[k], reverse=True)
+    lo = starts[order[0]]
+    hi = max(ends)
+    for n, k in enumerate(order[1:], 1):
+        if lo - ends[k] > BURST_GAP * 1000 or n >= BURST_RUNS:
+            break
+        lo = min(lo, starts[k])
+    pad = max((hi - lo) * 0.05, 50.0)
+    return lo - pad, hi + pad
 
 
 class TimelineView(View):
-    """A Gantt-like chart: one lane per kernel or process, one bar per run."""
+    """A Gantt-like chart: one lane per task (or notebook, or worker), one bar per run,
+    opened on the latest burst of activity."""
 
     title = "Timeline"
 
     def __init__(self, source: Source) -> None:
         super().__init__(source)
-        from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+        from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Range1d
         from bokeh.plotting import figure
 
         self.window = pn.widgets.Select(
@@ -429,19 +516,28 @@ class TimelineView(View):
             value="last 24 hours",
             width=160,
         )
+        self.lane_kind = pn.widgets.RadioButtonGroup(
+            label="Lanes", options=list(LANES), value="task", color="light", margin=(26, 10)
+        )
         self.window.param.watch(lambda _: self.refresh(), "value")
+        self.lane_kind.param.watch(lambda _: self.refresh(), "value")
         self.lanes: list[str] = []
         self.count = 0
+        self.zoomed: tuple[float, float] | None = None
+        self._key: tuple[Any, ...] | None = None
         self.bars = ColumnDataSource({k: [] for k in BAR_FIELDS})
         self.y_range = FactorRange(factors=[])
+        self.x_range = Range1d(start=0, end=1)
         fig = figure(
             x_axis_type="datetime",
+            x_range=self.x_range,
             y_range=self.y_range,
-            height=440,
+            height=320,
             sizing_mode="stretch_width",
-            title="Runs per kernel / worker",
+            title="Runs by task",
             tools="xpan,xwheel_zoom,reset",
             active_scroll="xwheel_zoom",
+            toolbar_location="above",
         )
         fig.hbar(y="lane", left="start", right="end", height=0.7, color="color", source=self.bars)
         fig.add_tools(
@@ -450,19 +546,24 @@ class TimelineView(View):
                     ("task", "@task"),
                     ("state", "@state"),
                     ("duration", "@duration"),
-                    ("worker", "@lane"),
-                    ("run", "@run"),
+                    ("notebook", "@notebook"),
+                    ("cell", "@cell"),
+                    ("worker", "@worker"),
                 ]
             )
         )
+        fig.yaxis.major_label_text_font_size = "12px"
         self.figure = fig
         self.caption = html("", margin=(0, 10))
-        legend = " ".join(
-            f'<span class="nf-chip" style="background:{c}">{s.lower()}</span>'
-            for s, c in STATE_COLORS.items()
-        )
+        legend = " ".join(chip(s) for s in STATE_COLORS)
         self.panel = pn.Column(
-            pn.Row(self.window, html(legend, margin=(28, 10))),
+            pn.FlexBox(
+                self.window,
+                self.lane_kind,
+                html(legend, margin=(32, 10)),
+                flex_wrap="wrap",
+                sizing_mode="stretch_width",
+            ),
             pn.pane.Bokeh(fig, sizing_mode="stretch_width"),
             self.caption,
             sizing_mode="stretch_width",
@@ -470,36 +571,57 @@ class TimelineView(View):
 
     def load(self) -> pd.DataFrame:
         window = PERIODS.get(self.window.value)
-        return self.source.timeline(time.time() - window if window else None)
+        return self.source.timeline(
+            time.time() - window if window else None, lanes=self.lane_kind.value
+        )
 
     def render(self, df: pd.DataFrame) -> None:
         self.count = len(df)
+        kind = self.lane_kind.value
+        cast(Any, self.figure.title).text = f"Runs by {kind}"
         if df.empty:
             self.lanes = []
             self.y_range.factors = []
             self.bars.data = {k: [] for k in BAR_FIELDS}
-            self.caption.object = note("No runs in this window.")
+            self.caption.object = empty(
+                "No runs in this window: choose a longer one, or run a task.", "timeline"
+            )
             return
+        base = self.source.project_dir
         starts = [local_ms(s) for s in df["start"]]
         ends = [local_ms(e) for e in df["end_"]]
-        span = (max(ends) - min(starts)) or 1000.0
-        floor = span / 600  # a cache hit lasts ~1 ms: draw it at least one pixel-ish wide
-        self.lanes = sorted({str(x) for x in df["lane"]})
+        lo, hi = recent_window(starts, ends)
+        floor = (hi - lo) / 600  # a cache hit lasts ~1 ms: draw it at least a pixel wide
+        lanes = [relative_path(x, base) if kind == "notebook" else str(x) for x in df["lane"]]
+        # Lanes in order of first appearance, the busiest first reading down.
+        self.lanes = sorted(set(lanes), key=lambda name: -lanes.count(name))[::-1]
         self.y_range.factors = self.lanes
         self.bars.data = {
-            "lane": [str(x) for x in df["lane"]],
+            "lane": lanes,
             "start": starts,
             "end": [max(e, s + floor) for s, e in zip(starts, ends, strict=True)],
             "task": df["task"].tolist(),
-            "state": df["state"].tolist(),
-            "color": [STATE_COLORS.get(str(s), "#999") for s in df["state"]],
+            "state": [str(x).lower() for x in df["state"]],
+            "color": [STATE_COLORS.get(str(x), "#999") for x in df["state"]],
             "duration": [fmt_seconds(d) for d in df["duration"]],
             "run": [str(r) for r in df["run_id"]],
+            "notebook": [relative_path(n, base) for n in df["notebook"]],
+            "cell": [c if isinstance(c, str) else "" for c in df["cell"]],
+            "worker": [str(w) for w in df["worker"]],
         }
-        self.figure.height = max(240, min(900, 90 + 34 * len(self.lanes)))
+        # Zoom to the latest burst when the data changes (a new window or lane kind, new
+        # runs); otherwise a refresh keeps the user's pan and zoom.
+        key = (self.window.value, kind, len(df))
+        if self._key != key or self.zoomed is None:
+            self.x_range.start, self.x_range.end = lo, hi
+            self.x_range.reset_start, self.x_range.reset_end = lo, hi
+            self.zoomed = (lo, hi)
+            self._key = key
+        self.figure.height = max(200, min(900, 110 + 30 * len(self.lanes)))
         self.caption.object = note(
-            f"{len(df):,} runs on {len(self.lanes)} kernel(s)/worker(s)"
-            + (" (the most recent ones)" if len(df) >= 3000 else "")
+            f"{len(df):,} runs in {len(self.lanes)} lane(s) by {kind}; showing the latest "
+            "activity (scroll to zoom, drag to pan, reset to come back)"
+            + (" — the most recent ones" if len(df) >= 3000 else "")
         )
 
 
@@ -510,6 +632,7 @@ class QueueView(View):
     """Runs in flight (pending, running, retrying), per kernel/process."""
 
     title = "Queue"
+    RUN_COLUMNS = ["Task", "State", "Since", "Notebook", "Cell", "Worker", "Attempt"]
 
     def __init__(self, source: Source) -> None:
         super().__init__(source)
@@ -522,20 +645,20 @@ class QueueView(View):
             max_height=240,
         )
         self.runs = table(
-            value=empty_frame(
-                ["Task", "State", "Since", "Attempt", "Worker", "Run"], ints=("Attempt",)
-            ),
+            value=empty_frame(self.RUN_COLUMNS, ints=("Attempt",)),
             max_height=400,
+            formatters={"State": HTML_CELL},
         )
         self.summary = html("", margin=(0, 10))
-        self.panel = pn.Column(
-            self.summary,
+        self.empty = html("", sizing_mode="stretch_width")
+        self.tables = pn.Column(
             html("<h3>Per kernel / worker</h3>", margin=(0, 10)),
             self.workers,
             html("<h3>Runs in flight</h3>", margin=(0, 10)),
             self.runs,
             sizing_mode="stretch_width",
         )
+        self.panel = pn.Column(self.summary, self.empty, self.tables, sizing_mode="stretch_width")
 
     def load(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         return self.source.queue()
@@ -559,17 +682,29 @@ class QueueView(View):
             },
             ["Worker", "Pending", "Running", "Retrying", "Oldest", "Last seen"],
         )
+        base = self.source.project_dir
         self.runs.value = frame(
             {
                 "Task": runs["task"].tolist(),
-                "State": runs["state"].tolist(),
+                "State": [chip(x) for x in runs["state"]],
                 "Since": [
                     fmt_age(c if missing(s) else s, now)
                     for s, c in zip(runs["started"], runs["created"], strict=True)
                 ],
-                "Attempt": runs["attempt"].tolist(),
+                "Notebook": [relative_path(n, base) for n in runs["notebook"]],
+                "Cell": [c if isinstance(c, str) else "" for c in runs["cell"]],
                 "Worker": [str(w) for w in runs["worker"]],
-                "Run": [str(r) for r in runs["run_id"]],
+                "Attempt": runs["attempt"].tolist(),
             },
-            ["Task", "State", "Since", "Attempt", "Worker", "Run"],
+            self.RUN_COLUMNS,
+        )
+        self.tables.visible = bool(len(runs))
+        self.empty.object = (
+            ""
+            if len(runs)
+            else empty(
+                "Nothing is waiting or running. Submitted runs (task.submit, task.map, "
+                "%%task --background) show here until they finish.",
+                "queue",
+            )
         )

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import panel as pn  # noqa: TID253 - the dashboard package is imported only when used
 
+from notebook_flow.figures import DASH, format_duration, format_saved
+from notebook_flow.figures import STATE_COLORS as _STATE_COLORS
+
 from .queries import Page, Source
 
 if TYPE_CHECKING:
@@ -25,15 +28,20 @@ if TYPE_CHECKING:
 __all__ = [
     "ALL",
     "CSS",
+    "HTML_CELL",
     "PERIODS",
     "STATES",
     "STATE_COLORS",
     "Confirm",
     "Pager",
     "View",
+    "button",
+    "chip",
+    "empty",
     "empty_frame",
     "fmt_age",
     "fmt_bytes",
+    "fmt_saved",
     "fmt_seconds",
     "fmt_time",
     "frame",
@@ -41,20 +49,12 @@ __all__ = [
     "local_ms",
     "missing",
     "note",
+    "relative_path",
     "short_path",
     "table",
 ]
 
-STATE_COLORS = {
-    "CACHED": "#2e9d4b",
-    "COMPLETED": "#2f6db5",
-    "FAILED": "#d13438",
-    "CRASHED": "#8a1c1c",
-    "RUNNING": "#f08c00",
-    "RETRYING": "#c9a100",
-    "PENDING": "#9aa0a6",
-    "CANCELLED": "#6b6b6b",
-}
+STATE_COLORS = _STATE_COLORS
 STATES = list(STATE_COLORS)
 ALL = "(all)"
 PERIODS: dict[str, float | None] = {
@@ -89,6 +89,14 @@ CSS = """
 .nf-chip { display: inline-block; color: white; border-radius: 4px; padding: 1px 6px;
            font-size: 11px; margin-right: 3px; }
 .nf-pager { color: #444; font-size: 13px; }
+.nf-hint { color: #667; font-size: 12px; }
+.nf-empty { padding: 18px 12px; color: #556; background: #f6f8fa; border: 1px dashed #cfd6de;
+            border-radius: 8px; text-align: center; }
+"""
+
+#: Disabled buttons that look disabled (Bokeh's default barely dims them).
+BUTTON_CSS = """
+.bk-btn:disabled, .bk-btn[disabled] { opacity: 0.45; cursor: not-allowed; filter: grayscale(0.8); }
 """
 
 
@@ -102,7 +110,7 @@ def html(text: str = "", **params: Any) -> Any:
 
 def missing(value: Any) -> bool:
     """True for None, NaN and pandas' missing values (what an SQL NULL becomes)."""
-    if value is None:
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
         return True
     try:
         return math.isnan(float(value))
@@ -118,23 +126,29 @@ def fmt_time(ts: Any) -> str:
 
 
 def fmt_seconds(s: Any) -> str:
-    """A duration for people: ``850 ms``, ``12.3 s``, ``4.5 min``, ``2.1 h``, ``3.0 d``."""
-    if missing(s):
-        return ""
-    s = float(s)
-    if s < 0.001:
-        return f"{s * 1e6:.0f} µs"
-    if s < 0.01:
-        return f"{s * 1000:.1f} ms"
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    if s < 2 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} d"
+    """A duration as every view shows it (``figures.format_duration``; a dash for none)."""
+    return format_duration(s)
+
+
+def fmt_saved(s: Any, hits: Any = None) -> str:
+    """Time saved; a dash for a task that never hit (``figures.format_saved``)."""
+    return format_saved(s, None if missing(hits) else int(hits))
+
+
+def chip(state: Any) -> str:
+    """A run state as a coloured chip (HTML with inline styles: tables have their own
+    shadow DOM, so the dashboard's stylesheet does not reach them)."""
+    name = str(state) if isinstance(state, str) else ""
+    color = STATE_COLORS.get(name, "#8a9096")
+    return (
+        f'<span class="nf-chip nf-state-{escape(name.lower())}" data-state="{escape(name)}" '
+        f'style="background:{color};color:#fff;border-radius:9px;padding:1px 8px;'
+        f'font-size:11px;font-weight:600;letter-spacing:.02em">{escape(name.lower())}</span>'
+    )
+
+
+#: Tabulator formatters: columns whose cells are HTML we built (escaped) — state chips.
+HTML_CELL = {"type": "html"}
 
 
 def fmt_bytes(n: Any) -> str:
@@ -151,7 +165,7 @@ def fmt_bytes(n: Any) -> str:
 def fmt_age(ts: Any, now: float | None = None) -> str:
     """``3.2 min ago`` / ``in 5.0 s`` relative to now."""
     if missing(ts):
-        return ""
+        return DASH
     delta = (time.time() if now is None else now) - float(ts)
     return f"{fmt_seconds(delta)} ago" if delta >= 0 else f"in {fmt_seconds(-delta)}"
 
@@ -160,6 +174,18 @@ def local_ms(ts: Any) -> float:
     """Epoch seconds as milliseconds of *local* wall time, for Bokeh datetime axes (UTC)."""
     t = float(ts)
     return (t + (time.localtime(t).tm_gmtoff or 0)) * 1000.0
+
+
+class _ReadOnlyTable(pn.widgets.Tabulator):  # type: ignore[misc]
+    """A Tabulator that never takes rows back from the browser.
+
+    Every table here is read-only, so rows the browser sends are only an echo of what we
+    sent — and, over Jupyter comms, an echo of a page already replaced (7 rows after the
+    table went to 6), which Panel cannot fit and reports as a traceback in the notebook.
+    """
+
+    def _process_data(self, data: Any) -> None:
+        return None
 
 
 def table(**params: Any) -> Any:
@@ -173,7 +199,7 @@ def table(**params: Any) -> Any:
         theme="simple",
     )
     defaults.update(params)
-    return pn.widgets.Tabulator(**defaults)
+    return _ReadOnlyTable(**defaults)
 
 
 def empty_frame(
@@ -199,10 +225,39 @@ def note(text: str, kind: str = "info") -> str:
     return f'<div class="nf-note nf-{kind}">{escape(text)}</div>'
 
 
+def empty(text: str, name: str = "") -> str:
+    """An empty state: what would be here and how it gets there."""
+    ident = f' id="empty-{escape(name)}"' if name else ""
+    return f'<div class="nf-empty"{ident}>{escape(text)}</div>'
+
+
+def button(label: str, **params: Any) -> Any:
+    """A button whose disabled state is visible, with a tooltip (``description``)."""
+    return pn.widgets.Button(label=label, stylesheets=[BUTTON_CSS], **params)
+
+
 def short_path(path: Any) -> str:
     if not isinstance(path, str):
         return ""
     return path if len(path) <= 40 else "…" + path[-39:]
+
+
+def relative_path(path: Any, base: str | None) -> str:
+    """``path`` relative to ``base`` (the project folder) when it lies under it, else the
+    last two parts; the full path stays in the run's detail."""
+    import os
+
+    if not isinstance(path, str) or not path:
+        return ""
+    if base:
+        try:
+            rel = os.path.relpath(path, base)
+        except ValueError:  # another drive
+            rel = ""
+        if rel and not rel.startswith(".."):
+            return rel
+    parts = path.replace("\\", "/").rstrip("/").split("/")
+    return "/".join(parts[-2:]) if len(parts) > 1 else path
 
 
 def frame(data: dict[str, list[Any]], columns: list[str]) -> pd.DataFrame:

@@ -12,7 +12,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
-from notebook_flow.metadata.records import CacheEntry, LockEvent, RunEvent, _Op, _Remove
+from notebook_flow.metadata.records import (
+    CacheEntry,
+    LockEvent,
+    RunEvent,
+    _Op,
+    _Remove,
+    storable,
+)
 from notebook_flow.metadata.schema import (
     _CACHE_ENTRIES,
     _FOLD_RUNS,
@@ -38,11 +45,20 @@ logger = logging.getLogger("notebook_flow")
 def _write_batch(
     con: duckdb.DuckDBPyConnection, rec: _Recorder, batch: list[_Op], dedupe: bool
 ) -> None:
-    """Write one batch inside an open transaction; order matters only among cache ops."""
+    """Write one batch inside an open transaction; order matters only among cache ops.
+
+    Every operation is made storable first (``records.storable``); one that cannot be is
+    dropped alone, with a warning, and the rest of the batch is written.
+    """
     events: list[RunEvent] = []
     lock_events: list[LockEvent] = []
     cache_ops: list[CacheEntry | _Remove] = []
-    for op in batch:
+    for raw in batch:
+        try:
+            op = storable(raw)
+        except Exception as exc:
+            drop_one(raw, exc, rec.db.path)
+            continue
         if type(op) is RunEvent:
             events.append(op)
         elif isinstance(op, LockEvent):
@@ -66,6 +82,19 @@ def _write_batch(
         [f"{me.host}:{me.pid}:{me.start_time or 0}", me.host, me.pid, me.start_time, me.kernel,
          rec.started_at, time.time()],
     )  # fmt: skip
+
+
+def drop_one(op: object, exc: BaseException, path: str) -> None:
+    """Report one operation that cannot be stored (the others of its batch are kept)."""
+    what = getattr(op, "task", None) or getattr(op, "key", None) or type(op).__name__
+    logger.warning(
+        "Dropped one metadata record (%s of %r) that cannot be stored in %s: %s: %s",
+        type(op).__name__,
+        what,
+        path,
+        type(exc).__name__,
+        exc,
+    )
 
 
 def _write_run_events(

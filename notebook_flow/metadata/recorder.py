@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow.errors import MetadataError
+from notebook_flow.metadata import batch as _batch_mod
 from notebook_flow.metadata import registry, spill
 from notebook_flow.metadata.batch import _write_batch
 from notebook_flow.metadata.database import _Database, _PermanentError
@@ -46,12 +47,13 @@ class _Recorder:
         # flush at exit would fail. Importing it now (stdlib, ~1 ms) makes that a no-op.
         import concurrent.futures.thread  # noqa: F401
 
-        # Import what the recorder thread needs here, in the thread that records first: an
-        # import in a background thread, while this one runs Python, waits a GIL switch
-        # interval after each of its hundreds of file reads (~40 ms became ~600 ms).
-        import duckdb  # noqa: F401
-        import filelock  # noqa: F401
-        import pyarrow  # noqa: F401
+        # DuckDB, pyarrow and pandas are imported by the recorder thread (``_Database.locked``),
+        # not here: this runs in the first ``submit()`` of a process, whose caller must not
+        # wait ~0.4-0.8 s for them (a web server's first request). An import in a
+        # background thread runs slower while other threads run Python (it yields the GIL
+        # at each file read), which only delays the first events' write. Code that asks
+        # whether a library is loaded meanwhile uses ``_imports.loaded`` (never
+        # ``sys.modules.get``), which waits for such an import to finish.
 
         self.db = db
         self.stale_after = stale_after
@@ -66,6 +68,7 @@ class _Recorder:
         self._failures: list[tuple[int, int, BaseException]] = []  # (first, last, error)
         self._attempts = 0
         self._dedupe = False  # the next batch may already be (partly) written
+        self._cap: int | None = None  # smaller batches while a bad record is isolated
         self._flush_waiters = 0
         self._stop = False
         self._active: set[str] = set()  # this process's runs in flight → heartbeats
@@ -291,23 +294,26 @@ class _Recorder:
 
     def _write_once(self, after_commit: Callable[[Any], None] | None = None) -> object:
         batch: list[_Op] = []
+        in_body = False  # the failure came from writing the records, not from the file
         began = time.perf_counter()
         try:
             with self.db.locked() as deadline:
                 locked = time.perf_counter()
                 with self._cond:  # take the batch only now: waiting for the lock grows it
-                    batch = [
-                        self._queue.popleft() for _ in range(min(len(self._queue), _MAX_BATCH))
-                    ]
+                    size = min(len(self._queue), self._cap or _MAX_BATCH)
+                    batch = [self._queue.popleft() for _ in range(size)]
                     self._writing = len(batch)
                     dedupe = self._dedupe
                 # What processes that exited while the index was held could not write.
                 spilled_files, spilled = spill.take(self.db.path)
 
                 def body(con: duckdb.DuckDBPyConnection) -> None:
+                    nonlocal in_body
                     if spilled:
                         _write_batch(con, self, spilled, True)
+                    in_body = True
                     _write_batch(con, self, batch, dedupe)
+                    in_body = False
 
                 try:
                     self.db.write(deadline, body, after_commit)
@@ -318,7 +324,10 @@ class _Recorder:
                         self._writing = 0
                     raise
         except Exception as exc:
-            self._failed(exc, len(batch))
+            if in_body and batch and _data_error(exc):
+                self._isolate(exc, batch)
+            else:
+                self._failed(exc, len(batch))
             return _NOT_WRITTEN
         end = time.perf_counter()
         logger.debug(
@@ -330,12 +339,29 @@ class _Recorder:
             self._writing = 0
             self._attempts = 0
             self._dedupe = False
+            self._cap = None
             self.batches += 1
             self.lock_wait += locked - began
             self.lock_held += end - locked
             self._last_beat = time.time()
             self._cond.notify_all()
         return None
+
+    def _isolate(self, exc: Exception, batch: list[_Op]) -> None:
+        """A record of the batch cannot be stored: write the batch in halves until the bad
+        record is alone, then drop only it (one bad event never costs another)."""
+        with self._cond:
+            self._dedupe = True  # (the transaction rolled back; harmless either way)
+            if len(batch) > 1:
+                self._cap = max(1, len(batch) // 2)  # the batch went back to the queue
+                logger.debug("Isolating a metadata record that fails: %s", exc)
+                return
+            self._queue.popleft()
+            self._failures.append((self._done + 1, self._done + 1, exc))
+            self._done += 1
+            self._cap = None
+            self._cond.notify_all()
+        _batch_mod.drop_one(batch[0], exc, self.db.path)
 
     def _failed(self, exc: Exception, size: int) -> None:
         with self._cond:
@@ -358,3 +384,24 @@ class _Recorder:
             logger.error("Dropped %d metadata events for %s: %s", size, self.db.path, exc)
         else:
             logger.warning("Metadata heartbeat for %s failed: %s", self.db.path, exc)
+
+
+def _data_error(exc: BaseException) -> bool:
+    """True when writing failed because of a record's content (a conversion, a type, a
+    constraint), which retrying the same batch cannot cure, rather than the file or lock."""
+    cause = exc.__cause__ if isinstance(exc, MetadataError) else exc
+    if isinstance(cause, (TypeError, ValueError, UnicodeError, OverflowError)):
+        return True  # Python or pyarrow (ArrowInvalid is a ValueError) refused a value
+    name = type(cause).__name__
+    return name in _DUCKDB_DATA_ERRORS
+
+
+_DUCKDB_DATA_ERRORS = frozenset(
+    {
+        "ConversionException",
+        "ConstraintException",
+        "InvalidInputException",
+        "TypeMismatchException",
+        "OutOfRangeException",
+    }
+)

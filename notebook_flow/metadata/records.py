@@ -7,6 +7,8 @@ writes them in batches (:mod:`notebook_flow.metadata.batch`).
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -156,3 +158,126 @@ class _MarkCrashed:
 
 
 _Op = RunEvent | CacheEntry | LockEvent | _Remove | _MarkCrashed
+
+
+# -- making a record storable ------------------------------------------------------------------
+#
+# One odd value must never cost the rest of a batch (issue 13): a lone surrogate in an error
+# message (``os.fsdecode(b"data_\xff.csv")``) cannot be encoded as UTF-8, and a non-str tag
+# or name does not fit a VARCHAR column. The recorder passes every operation through
+# ``storable`` before it writes a batch; what even that cannot fix is dropped alone.
+
+_EVENT_TEXT = ("run_id", "task", "task_identity", "key", "error", "traceback", "explain",
+               "inputs", "notebook", "cell", "host", "kernel")  # fmt: skip
+_EVENT_FLOAT = ("at", "duration", "saved")
+_EVENT_INT = ("attempt", "size", "pid", "pid_start")
+_ENTRY_TEXT = ("key", "task", "task_identity", "serializer", "payload", "run_id")
+_ENTRY_FLOAT = ("created_at", "expires_at", "duration")
+_LOCK_TEXT = ("key", "holder", "manager", "task")
+_LOCK_FLOAT = ("at", "lease_expires", "waited")
+
+
+def storable_text(value: object) -> str:
+    """``value`` as text that UTF-8 can encode: lone surrogates become ``\\udcff`` escapes,
+    a non-str its ``str()``.
+
+    >>> import os
+    >>> storable_text(os.fsdecode(b"data_\\xff.csv")), storable_text(12)
+    ('data_\\\\udcff.csv', '12')
+    """
+    if type(value) is not str:
+        try:
+            value = str(value)
+        except Exception:  # a broken __str__ must not cost the event
+            value = f"<{type(value).__name__} that cannot be shown>"
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _fine(value: object) -> bool:
+    return type(value) is str and (value.isascii() or _encodable(value))  # type: ignore[attr-defined]
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fixes(
+    op: Any, text: tuple[str, ...], floats: tuple[str, ...], ints: tuple[str, ...]
+) -> dict[str, Any]:
+    """The fields of ``op`` that need changing to be storable; raises if one cannot be."""
+    changes: dict[str, Any] = {}
+    for name in text:
+        value = getattr(op, name)
+        if value is not None and not _fine(value):
+            changes[name] = storable_text(value)
+    for name in floats:
+        value = getattr(op, name)
+        if value is not None and type(value) is not float:
+            changes[name] = float(value)  # raises for a value that is no number at all
+    for name in ints:
+        value = getattr(op, name)
+        if value is not None and type(value) is not int:
+            changes[name] = int(value)
+    return changes
+
+
+_event_texts = operator.attrgetter(*_EVENT_TEXT)
+
+
+def _clean_event(e: RunEvent) -> bool:
+    """True when every text field is ASCII str (or None) and every number of its type."""
+    try:  # join raises TypeError for a non-str: then the slow path looks closer
+        text = "".join([v for v in _event_texts(e) if v is not None]) + "".join(e.tags)
+    except TypeError:
+        return False
+    return (
+        text.isascii()
+        and type(e.tags) is tuple
+        and type(e.at) is float
+        and type(e.attempt) is int
+        and type(e.pid) is int
+        and (e.duration is None or type(e.duration) is float)
+        and (e.saved is None or type(e.saved) is float)
+        and (e.size is None or type(e.size) is int)
+        and (e.pid_start is None or type(e.pid_start) is int)
+    )
+
+
+def storable(op: _Op) -> _Op:
+    """``op`` with every field storable (text escaped, numbers of the column's type).
+
+    Returns ``op`` itself when nothing needs fixing (the common case: a few type checks).
+    Raises ``ValueError``/``TypeError`` for a record no fix can store.
+    """
+    changes: dict[str, Any]
+    if type(op) is RunEvent:
+        if _clean_event(op):  # the common case, in about a microsecond
+            return op
+        changes = _fixes(op, _EVENT_TEXT, _EVENT_FLOAT, _EVENT_INT)
+        if not isinstance(op.tags, tuple) or not all(_fine(t) for t in op.tags):
+            changes["tags"] = tuple(storable_text(t) for t in op.tags)
+        return dataclasses.replace(op, **changes) if changes else op
+    if isinstance(op, CacheEntry):
+        changes = _fixes(op, _ENTRY_TEXT, _ENTRY_FLOAT, ())
+        if type(op.size) is not int:
+            changes["size"] = int(op.size)
+        components = op.components
+        if not all(_fine(k) and _fine(v) for k, v in components.items()):
+            changes["components"] = {
+                storable_text(k): storable_text(v) for k, v in components.items()
+            }
+        return dataclasses.replace(op, **changes) if changes else op
+    if isinstance(op, LockEvent):
+        changes = _fixes(op, _LOCK_TEXT, _LOCK_FLOAT, ())
+        return dataclasses.replace(op, **changes) if changes else op
+    return op

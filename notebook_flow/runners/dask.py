@@ -43,8 +43,7 @@ from typing import TYPE_CHECKING, Any
 from notebook_flow import _identity, config
 from notebook_flow.errors import ConfigurationError, MetadataError, StorageError
 from notebook_flow.futures import TaskFuture
-from notebook_flow.futures.future import Deferred
-from notebook_flow.states import RunState
+from notebook_flow.states import Deferred, RunState
 
 from .base import BaseRunner, WorkerCall, resolve_arguments
 

@@ -1,8 +1,9 @@
 """The manifest: the small JSON record whose atomic replacement commits one result.
 
 A manifest names its payload (a file under ``results/``, or the bytes themselves, base64,
-when they are small), its size and xxh3-128 checksum, the HMAC signature of a signed pickle,
-and when and by which run it was written. ``Manifest.to_json`` is the on-disk format
+when they are small), its size and xxh3-128 checksum, the payload's HMAC (``signature``),
+and when and by which run it was written; ``mac`` authenticates all of it (see
+:mod:`notebook_flow.signing`). ``Manifest.to_json`` is the on-disk format
 (``FORMAT_VERSION``); ``Manifest.from_json`` validates every field, so a reader trusts
 nothing a damaged or foreign file says. Cache keys are validated here too
 (``validate_key``): only a valid key is ever joined into a path.
@@ -53,8 +54,9 @@ def validate_key(key: object) -> str:
 class Manifest:
     """The record that commits one result: which payload, how big, its checksum, when.
 
-    ``payload`` is relative to the store root. ``signature`` is the HMAC-SHA256 (hex) of a
-    pickled payload when the writer had a signing key. Times are UNIX seconds.
+    ``payload`` is relative to the store root. ``signature`` is the HMAC-SHA256 (hex) of the
+    payload bytes, bound to the key and format; ``mac`` the HMAC-SHA256 of every other field
+    (None only in entries written before every entry was signed). Times are UNIX seconds.
 
     >>> m = Manifest(1, "0" * 32, "t", "json", "results/00/" + "0" * 32 + "-" + "1" * 16
     ...              + ".json", 2, "f" * 32, None, 0.0, 10.0, 0.1, {}, "r")
@@ -78,6 +80,11 @@ class Manifest:
     fence: int | None = None
     inline: str | None = None  # base64 of a small payload kept in the manifest itself
     seal: str | None = None  # the local payload file as committed: see _localfs.seal_of
+    mac: str | None = None  # HMAC-SHA256 of every other field: see notebook_flow.signing
+
+    def fields(self) -> dict[str, Any]:
+        """Every field by name (what ``to_json`` writes and the ``mac`` covers)."""
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     def expired(self, now: float | None = None) -> bool:
         """True when ``expires_at`` is set and has passed."""
@@ -87,8 +94,8 @@ class Manifest:
 
     def to_json(self) -> bytes:
         # Not dataclasses.asdict: its deep copy doubled the cost, on every commit.
-        data = {name: getattr(self, name) for name in _FIELD_NAMES}
-        for optional in ("inline", "seal"):  # format 1 as first written had neither
+        data = self.fields()
+        for optional in ("inline", "seal", "mac"):  # format 1 as first written had none
             if data[optional] is None:
                 del data[optional]
         return json.dumps(data, sort_keys=True, indent=1).encode()
@@ -140,6 +147,7 @@ class Manifest:
             (self.expires_at is not None and not number(self.expires_at), "expires_at"),
             (self.fence is not None and type(self.fence) is not int, "fence"),
             (self.seal is not None and not isinstance(self.seal, str), "seal"),
+            (self.mac is not None and not _is_hex(self.mac, 64), "mac"),
             (
                 not isinstance(self.components, dict)
                 or not all(
@@ -153,7 +161,7 @@ class Manifest:
             raise ValueError(f"invalid {', '.join(bad)}")
 
 
-_OPTIONAL_FIELDS = ("fence", "inline", "seal")
+_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Manifest))
 # Pickles and fingerprints name the class where it was first defined (and is re-exported).
 Manifest.__module__ = "notebook_flow.storage"

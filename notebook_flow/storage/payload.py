@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -33,7 +34,6 @@ from notebook_flow.errors import (
     CommitError,
     PayloadCorruptError,
     SerializationError,
-    SignatureError,
 )
 from notebook_flow.serializers import Serializer, new_signer, verify_signature
 
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
     from .manifest import Manifest
     from .store import ResultStore
+
+
+#: Writes at least this big are signed on a second thread while they are hashed and written.
+_PARALLEL_SIGN = 4 << 20
 
 
 class _TooBig(Exception):
@@ -92,12 +96,24 @@ class _HashingSink(io.RawIOBase):
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         n = view.nbytes
-        for start in range(0, n, _localfs.CHUNK):
-            part = view[start : start + _localfs.CHUNK]
-            self.hasher.update(part)
-            if self._signer is not None:
-                self._signer.update(part)
-            self._write_raw(part)
+        signer = self._signer
+        worker = None
+        if signer is not None and n >= _PARALLEL_SIGN:
+            # The HMAC (~1 ms/MB, the GIL released) runs beside xxh3 and the write; the
+            # view stays valid until this call returns, and we wait for it before that.
+            worker = threading.Thread(target=signer.update, args=(view,), daemon=True)
+            worker.start()
+            signer = None
+        try:
+            for start in range(0, n, _localfs.CHUNK):
+                part = view[start : start + _localfs.CHUNK]
+                self.hasher.update(part)
+                if signer is not None:
+                    signer.update(part)
+                self._write_raw(part)
+        finally:
+            if worker is not None:
+                worker.join()
         self.size += n
         return n
 
@@ -124,25 +140,16 @@ def inline_payload(
     except Exception:  # declined, or fails: the regular path decides and reports
         return None
     data = buf.getvalue()
-    signature = None
     signer = _signer(store, key, serializer)
-    if signer is not None:
-        signer.update(data)
-        signature = signer.hexdigest()
+    signer.update(data)
+    signature = signer.hexdigest()
     checksum = xxhash.xxh3_128_hexdigest(data)
     return len(data), checksum, signature, base64.b64encode(data).decode("ascii")
 
 
 def _signer(store: ResultStore, key: str, serializer: Serializer) -> Any:
-    """An HMAC signer for a pickled payload of a signing store, else None."""
-    if not (serializer.pickles and store.signing):
-        return None
-    try:
-        signing_key = store._signing_key()
-    except SignatureError as exc:
-        raise CommitError(str(exc)) from exc
-    assert signing_key is not None
-    return new_signer(signing_key, key, serializer.name)
+    """The HMAC signer of a payload of ``key`` in ``serializer``'s format."""
+    return new_signer(store._signing_key(), key, serializer.name)
 
 
 def write_payload(
@@ -199,7 +206,7 @@ def write_payload(
             st = os.stat(store._path(rel))
             _localfs.remember_verified(_localfs.file_identity(st), checksum)
             seal = _localfs.seal_of(st)
-    return rel, sink.size, checksum, signer.hexdigest() if signer else None, seal
+    return rel, sink.size, checksum, signer.hexdigest(), seal
 
 
 def read_payload(store: ResultStore, manifest: Manifest) -> bytes:
@@ -212,31 +219,53 @@ def read_payload(store: ResultStore, manifest: Manifest) -> bytes:
 
 
 def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, mac: Any) -> object:
-    path = store._path(manifest.payload)
+    """Load a local payload, verified unless this very file was verified before.
+
+    The manifest is authenticated (its ``mac``), so its seal and checksum are the writer's:
+    a file whose identity matches the seal (this boot, same inode, size, mtime and ctime,
+    which no write leaves unchanged) or one this process already verified needs no re-read.
+    Any other is read once, mapped, for its size, checksum and HMAC.
+    """
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below, or handed on
-    except FileNotFoundError:
+        fd = files.open_local(store, manifest.payload)
+    except FileNotFoundError:  # also a symlink, FIFO or device: never opened
         raise missing(store, manifest) from None
     except OSError as exc:
         raise PayloadCorruptError(f"cannot read {what(store, manifest)}: {exc}") from exc
-    with f:
+    with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         identity = _localfs.file_identity(st)
         known = _localfs.verified_checksum(identity)
-        if mac is not None or (
-            known != manifest.checksum
-            and (manifest.seal is None or manifest.seal != _localfs.seal_of(st))
+        if known != manifest.checksum and (
+            manifest.seal is None or manifest.seal != _localfs.seal_of(st)
         ):
             check(store, manifest, st.st_size, None)
             # One pass over the mapped file feeds both digests; xxh3 runs at >10 GB/s.
             with _localfs.mapped(f, st.st_size) as view:
                 check(store, manifest, st.st_size, xxhash.xxh3_128_hexdigest(view))
-                if mac is not None:
-                    mac.update(view)
-                    verify_signature(mac, manifest.signature, what=what(store, manifest))
+                mac.update(view)
+                verify_signature(mac, manifest.signature, what=what(store, manifest))
         if known != manifest.checksum:  # verified now, or sealed at commit
             _localfs.remember_verified(identity, manifest.checksum)
-        return deserialize(store, serializer, f, path, manifest)
+        # Formats that map the file by path get this descriptor's path, so they map the
+        # file just verified, even if the name was replaced meanwhile.
+        real = store._path(manifest.payload)
+        path = _fd_path(fd, real)
+        value = deserialize(store, serializer, f, path, manifest)
+    if path != real and getattr(value, "filename", None) == path:
+        # A np.memmap names its file; the descriptor's path dies (and its number is reused)
+        # when we return, so it names the store's file, as np.load(real) would have.
+        value.filename = real  # type: ignore[attr-defined]
+    return value
+
+
+def _fd_path(fd: int, path: str) -> str:
+    """A path that opens the file behind ``fd`` (Linux ``/proc/self/fd``), else ``path``."""
+    proc = f"/proc/self/fd/{fd}"
+    return proc if _HAVE_PROC_FD else path
+
+
+_HAVE_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 def deserialize(

@@ -37,11 +37,11 @@ from notebook_flow.serializers import (
     choose_serializer,
     get_serializer,
     new_signer,
-    signing_key_from_env,
     verify_signature,
 )
+from notebook_flow.signing import check_key, default_signing_key
 
-from . import behind, files, payload
+from . import behind, files, payload, trust
 from .manifest import _PAYLOAD_RE, FORMAT_VERSION, Manifest, _is_manifest_rel, validate_key
 
 if TYPE_CHECKING:
@@ -77,9 +77,12 @@ class ResultStore:
     ``memory://x``, ...); ``storage_options`` go to the filesystem (credentials, endpoint).
     Local paths are made absolute, so a pickled store means the same folder elsewhere.
 
-    ``signing_key`` (or ``$NOTEBOOK_FLOW_SIGNING_KEY``) turns on signing: pickled payloads
-    are HMAC-signed on commit, and on load an unsigned or tampered pickle is refused with
-    ``SignatureError`` before anything is unpickled. The key is never written to the store.
+    Every entry is signed (see :mod:`notebook_flow.signing`): its payload's HMAC and an HMAC
+    of its whole manifest. ``lookup`` believes only a manifest that verifies (anything else
+    is a miss, with one ``StorageWarning`` per store), and ``load`` refuses with
+    ``SignatureError`` before deserializing anything unverified. The key is ``signing_key``
+    if given (at least 16 bytes), else ``$NOTEBOOK_FLOW_SIGNING_KEY``, else this user's key
+    file, created on first use; it is never written to the store.
 
     The store pickles its configuration, not its connection, and reconnects lazily (also
     after a fork), so it can travel to worker processes.
@@ -99,10 +102,7 @@ class ResultStore:
         if not isinstance(url, str) or not url:
             raise ConfigurationError(f"store URL must be a non-empty string, not {url!r}")
         self._storage_options = dict(storage_options or {})
-        self._explicit_key = signing_key.encode() if isinstance(signing_key, str) else signing_key
-        if self._explicit_key is not None and not self._explicit_key:
-            raise ConfigurationError("signing_key is empty; pass None to disable signing")
-        self._key_from_env = self._explicit_key is None and signing_key_from_env() is not None
+        self._explicit_key = None if signing_key is None else check_key(signing_key, "signing_key")
         fs: AbstractFileSystem | None
         if "://" not in url and "::" not in url:  # a plain path: no fsspec needed (~30 ms)
             fs, root = None, os.path.expanduser(url)
@@ -141,21 +141,13 @@ class ResultStore:
 
     @property
     def signing(self) -> bool:
-        """True when pickled payloads are signed on commit and must be signed on load."""
-        return self._explicit_key is not None or self._key_from_env
+        """Always True: every entry is signed on commit and verified on read."""
+        return True
 
-    def _signing_key(self) -> bytes | None:
+    def _signing_key(self) -> bytes:
         if self._explicit_key is not None:
             return self._explicit_key
-        if not self._key_from_env:
-            return None
-        key = signing_key_from_env()
-        if key is None:  # the store was configured from the env var, but it is gone here
-            raise SignatureError(
-                "this store requires signed pickles but NOTEBOOK_FLOW_SIGNING_KEY is not set "
-                "in this process; set it (or pass signing_key=) where the store is used"
-            )
-        return key
+        return default_signing_key()
 
     _STATE = (
         "inline_limit",
@@ -168,11 +160,9 @@ class ResultStore:
     )
 
     def __getstate__(self) -> dict[str, Any]:
-        # Configuration only, never the connection. A key that came from the environment
-        # is not pickled: the other side re-reads it (and refuses pickles if it is unset).
-        state = {name: getattr(self, name) for name in self._STATE}
-        state["_key_from_env"] = self._key_from_env
-        return state
+        # Configuration only, never the connection. A default key (environment or key
+        # file) is not pickled: the other side resolves its own.
+        return {name: getattr(self, name) for name in self._STATE}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -180,7 +170,7 @@ class ResultStore:
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
-        return f"ResultStore({self.url!r}, signing={self.signing})"
+        return f"ResultStore({self.url!r})"
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -207,6 +197,8 @@ class ResultStore:
             os.makedirs(path, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create the local folder {path}: {exc}") from exc
+        if os.path.islink(path):  # never create files through a link planted in the store
+            raise StorageError(f"{path} is a symlink; notebook_flow does not follow it. Remove it.")
         return path
 
     def metadata_path(self) -> str:
@@ -218,23 +210,38 @@ class ResultStore:
         base = self._local_base()
         with contextlib.suppress(OSError):
             os.makedirs(base, exist_ok=True)
-        return os.path.join(base, "metadata.duckdb")
+        path = os.path.join(base, "metadata.duckdb")
+        planted = [p for p in (path, path + ".wal", path + ".lock") if os.path.islink(p)]
+        if planted and self.local_root is not None:
+            # A link in a shared store would make DuckDB write wherever it points: keep the
+            # index in this user's cache folder instead (as for remote stores).
+            logger.warning(
+                "%s is a symlink; the metadata index of %s is kept in your cache folder "
+                "instead. Remove the link to keep it in the store.",
+                planted[0],
+                self.url,
+            )
+            base = self._cache_base()
+            with contextlib.suppress(OSError):
+                os.makedirs(base, exist_ok=True)
+            path = os.path.join(base, "metadata.duckdb")
+        return path
 
     def _local_base(self) -> str:
-        if self.local_root is not None:
-            base = self.local_root
-        else:
-            cache = os.environ.get(CACHE_DIR_ENV) or os.path.join(
-                os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                "notebook_flow",
-            )
-            # The endpoint is part of the identity: two servers may both have s3://bucket.
-            ident = self.url
-            endpoint = self._storage_options.get("client_kwargs", {}).get("endpoint_url")
-            if endpoint:
-                ident += f"\0{endpoint}"
-            base = os.path.join(cache, xxhash.xxh3_64_hexdigest(ident.encode()))
-        return base
+        return self.local_root if self.local_root is not None else self._cache_base()
+
+    def _cache_base(self) -> str:
+        """This store's folder in the user's cache (local files of remote stores)."""
+        cache = os.environ.get(CACHE_DIR_ENV) or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+            "notebook_flow",
+        )
+        # The endpoint is part of the identity: two servers may both have s3://bucket.
+        ident = self.url
+        endpoint = self._storage_options.get("client_kwargs", {}).get("endpoint_url")
+        if endpoint:
+            ident += f"\0{endpoint}"
+        return os.path.join(cache, xxhash.xxh3_64_hexdigest(ident.encode()))
 
     # -- read path -------------------------------------------------------------------------
 
@@ -280,6 +287,7 @@ class ResultStore:
         head, tail = os.path.split(path)
         tmp = os.path.join(head, f".{tail}.{secrets.token_hex(4)}.tmp")  # remove_orphans: temp
         try:
+            files.check_local_folder(self, _GENERATION_REL)  # not through a planted symlink
             # A new inode each time: the stamp changes whatever the clock's granularity. No
             # fsync: the file only signals processes running now.
             with open(tmp, "w", encoding="ascii") as f:
@@ -302,6 +310,9 @@ class ResultStore:
         rel = self._manifest_rel(key)
         try:
             data = files.read_small(self, rel)
+        except files.NotRegularFile as exc:
+            self._warn(f"manifest {rel} was ignored: {exc}")
+            return None
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -309,7 +320,10 @@ class ResultStore:
             return None
         return self._parse_manifest(data, rel, key)
 
-    def _parse_manifest(self, data: bytes, rel: str, key: str | None) -> Manifest | None:
+    def _parse_manifest(
+        self, data: bytes, rel: str, key: str | None, *, verify: bool = True
+    ) -> Manifest | None:
+        """The manifest in ``data`` if it is valid (and, with ``verify``, authenticated)."""
         try:
             manifest = Manifest.from_json(data, key=key)
             get_serializer(manifest.serializer)
@@ -319,7 +333,7 @@ class ResultStore:
         except (ValueError, TypeError) as exc:
             self._warn(f"manifest {rel} is invalid and was ignored: {exc}")
             return None
-        return manifest
+        return trust.accept(self, manifest, rel, data) if verify else manifest
 
     def _warn(self, message: str) -> None:
         logger.warning("%s (store %s)", message, self.url)
@@ -334,13 +348,14 @@ class ResultStore:
         Local ``npy``/``arrow`` payloads come back memory-mapped and read-only.
         """
         serializer = get_serializer(manifest.serializer)
-        mac = None
-        if serializer.pickles and self.signing:
-            signing_key = self._signing_key()
-            assert signing_key is not None
-            mac = new_signer(signing_key, manifest.key, serializer.name)
-            if manifest.signature is None:
-                verify_signature(mac, None, what=payload.what(self, manifest))
+        what = payload.what(self, manifest)
+        if not trust.verified(self, manifest):
+            raise SignatureError(
+                f"{what} is not signed with this process's key; it was not loaded. {trust.FIX}"
+            )
+        mac = new_signer(self._signing_key(), manifest.key, serializer.name)
+        if manifest.signature is None:  # (the mac covers it: only a writer bug gets here)
+            verify_signature(mac, None, what=what)
         if manifest.inline is not None:
             try:
                 data = base64.b64decode(manifest.inline, validate=True)
@@ -353,13 +368,16 @@ class ResultStore:
         else:
             data = payload.read_payload(self, manifest)
         payload.check(self, manifest, len(data), xxhash.xxh3_128_hexdigest(data))
-        if mac is not None:
-            mac.update(data)
-            verify_signature(mac, manifest.signature, what=payload.what(self, manifest))
+        mac.update(data)
+        verify_signature(mac, manifest.signature, what=what)
         return payload.deserialize(self, serializer, io.BytesIO(data), None, manifest)
 
-    def iter_manifests(self) -> Iterator[Manifest]:
-        """Every valid manifest in the store (invalid ones are skipped with a warning)."""
+    def iter_manifests(self, *, verified: bool = True) -> Iterator[Manifest]:
+        """Every valid manifest in the store (invalid ones are skipped with a warning).
+
+        With ``verified=False`` also those that do not verify under this process's key
+        (for deleting them: nothing read from them is believed).
+        """
         behind.flush(self.url)
         rels = [rel for rel, _mtime in files.list_files(self, "manifests") if _is_manifest_rel(rel)]
         if self.is_local:
@@ -371,7 +389,7 @@ class ResultStore:
                 except OSError as exc:
                     self._warn(f"cannot read manifest {rel}: {exc}")
                     continue
-                m = self._parse_manifest(data, rel, rel[-37:-5])
+                m = self._parse_manifest(data, rel, rel[-37:-5], verify=verified)
                 if m is not None:
                     yield m
             return
@@ -385,7 +403,7 @@ class ResultStore:
             if isinstance(data, Exception):
                 self._warn(f"cannot read manifest {rel}: {data}")
                 continue
-            m = self._parse_manifest(data, rel, rel[-37:-5])
+            m = self._parse_manifest(data, rel, rel[-37:-5], verify=verified)
             if m is not None:
                 yield m
 
@@ -455,6 +473,7 @@ class ResultStore:
             inline=inline,
             seal=seal,
         )
+        manifest = trust.sign(self, manifest)
         if before_manifest is not None:
             try:
                 before_manifest()
@@ -532,7 +551,7 @@ class ResultStore:
         """Delete every entry (or only those of ``task``); returns how many were deleted."""
         count = 0
         try:
-            for manifest in list(self.iter_manifests()):
+            for manifest in list(self.iter_manifests(verified=False)):
                 if (task is None or manifest.task == task) and self._delete(manifest.key):
                     count += 1
         finally:
@@ -548,7 +567,9 @@ class ResultStore:
         (payload written, manifest not yet) is left alone. Returns the removed paths,
         relative to the root.
         """
-        referenced = {m.payload for m in self.iter_manifests()}
+        # Unverified manifests count too: a teammate's entries (another key) are not ours
+        # to collect.
+        referenced = {m.payload for m in self.iter_manifests(verified=False)}
         cutoff = time.time() - older_than
         removed: list[str] = []
         for top in ("results", "manifests"):
