@@ -79,7 +79,7 @@ def test_a_dead_clients_run_finished_by_a_worker_is_completed_not_crashed():
     done = RunEvent(run_id, "square", "m:square", "a" * 32, RunState.COMPLETED,
                     time.time() - 4, duration=0.5)  # fmt: skip
     store = get_store()
-    data = encode([done], None)
+    data = encode([done], store._signing_key() if store.signing else None)
     files.write_atomic(
         store, f"{session_dir('host_1_2_abc')}/w-1.json", lambda w: w(memoryview(data))
     )
