@@ -309,7 +309,7 @@ class ResultStore:
         behind.wait_key(self.url, key)
         rel = self._manifest_rel(key)
         try:
-            data = files.read_bytes(self, rel)
+            data = files.read_small(self, rel)
         except files.NotRegularFile as exc:
             self._warn(f"manifest {rel} was ignored: {exc}")
             return None
@@ -547,7 +547,7 @@ class ResultStore:
     def _read_previous(self, key: str) -> Manifest | None:
         """The current manifest, whose payload the new commit replaces (quietly)."""
         try:
-            data = files.read_bytes(self, self._manifest_rel(key))
+            data = files.read_small(self, self._manifest_rel(key))
         except OSError:
             return None
         return self._parse_quietly(data, key)

@@ -138,10 +138,22 @@ def _store_for(t: Task[Any, Any]) -> ResultStore:
     return store
 
 
+#: Where this context's run, cache-entry and lock events go instead of the store's DuckDB
+#: recorder: set on a Dask worker (``runners/dask_worker.py``), which never opens DuckDB;
+#: its events travel to the submitting process. Anything with the ``record_*`` methods.
+event_sink: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "notebook_flow_event_sink", default=None
+)
+#: The sink for events outside any run's context on a process that must not open DuckDB
+#: (a lease renewer thread on a Dask worker); None elsewhere.
+process_sink: list[Any] = [None]
+
+
 def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -> None:
     """Hand an event to the metadata recorder; a metadata problem never fails a task."""
     try:
-        action(config.get_metadata(store))
+        sink = event_sink.get() or process_sink[0]
+        action(sink if sink is not None else config.get_metadata(store))
     except Exception:
         logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
