@@ -504,7 +504,7 @@ def check_lock_manager(task: Task[..., Any], store: ResultStore) -> None:
     """Refuse a lock manager that cannot span processes (exactly-once would not hold)."""
     from notebook_flow.locks.memory import MemoryLockManager
 
-    policy = task.cache_policy
+    policy = task._policy  # the policy the call path keys and locks with
     manager = policy.lock_manager
     if isinstance(manager, MemoryLockManager):
         raise ConfigurationError(

@@ -244,7 +244,7 @@ class RemoteCall(_Call):
                 at=time.time(),
                 notebook=self.spec.notebook,
                 cell=self.spec.cell,
-                tags=t.tags,
+                tags=tuple(sorted(t.tags)),
                 **fields,
             )
         )
