@@ -423,7 +423,7 @@ class PickleSerializer:
         import cloudpickle
 
         try:
-            cloudpickle.dump(value, file, protocol=pickle.HIGHEST_PROTOCOL)
+            _pickler(cloudpickle)(file, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
         except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
             raise SerializationError(
                 f"cannot pickle a value of type {type(value).__qualname__}: {exc}. "
@@ -432,6 +432,34 @@ class PickleSerializer:
 
     def load(self, file: BinaryIO, *, local_path: str | None) -> object:
         return pickle.load(file)
+
+
+def _numpy_global_random_state() -> object:
+    """numpy's global ``RandomState`` (what ``np.random.rand`` draws from), when loading."""
+    import numpy.random.mtrand
+
+    return numpy.random.mtrand._rand
+
+
+_PICKLER: list[type] = []
+
+
+def _pickler(cloudpickle: Any) -> Any:
+    """cloudpickle's Pickler, except that numpy's global ``RandomState`` is pickled by
+    reference: an object holding it (a scipy.stats distribution) must draw from the live
+    global generator after a load, as it did before, not from a private copy."""
+    if _PICKLER:
+        return _PICKLER[0]
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: object) -> Any:
+            mtrand = sys.modules.get("numpy.random.mtrand")
+            if mtrand is not None and obj is getattr(mtrand, "_rand", None):
+                return _numpy_global_random_state, ()
+            return super().reducer_override(obj)
+
+    _PICKLER.append(Pickler)
+    return Pickler
 
 
 # ---------------------------------------------------------------------------- registry

@@ -25,6 +25,7 @@ from notebook_flow.errors import (
     StorageError,
     UnhashableError,
 )
+from notebook_flow.hashing import lineage
 from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
@@ -204,6 +205,7 @@ class CellRunner:
         ns.update(variables)
         for gone in value["deleted"]:
             ns.pop(gone, None)
+        lineage.record_outputs(cell.key, variables.items())
         self._run_definitions(cell.analysis, variables)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
@@ -303,6 +305,7 @@ class CellRunner:
                 "be stored"
             )
             raise
+        lineage.record_outputs(cell.key, variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
         self._report(cell, "computed", cell.reasons, duration)

@@ -263,6 +263,10 @@ def _h_object(v: Any, w: _Writer, ctx: _Context) -> None:
             _walk(tuple(args), w, ctx)
         except UnhashableError as exc:
             raise _at(exc, ".__reduce__()[1]") from exc.__cause__
+        if isinstance(state, dict) and getattr(cls, "__setstate__", None) is not None:
+            kept = _restorable_state(state)
+            if kept is not state:  # emptied: None, as the loaded copy's __reduce_ex__ gives
+                state = kept or None
         _walk_state(state, w, ctx)
         w.buf += b"l" if listitems is not None else b"N"
         if listitems is not None:
@@ -282,6 +286,31 @@ def _h_object(v: Any, w: _Writer, ctx: _Context) -> None:
             w.buf += _item_digests(list(dictitems), ctx)
     finally:
         _leave(v, ctx)
+
+
+_EMPTY_CONTAINERS = (dict, list, set, frozenset, tuple)
+
+
+def _restorable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``__dict__`` state of a class with its own ``__setstate__``, without the empty
+    private containers (``_cache = {}``, ``_deprecated_key_to_warnings = {}``).
+
+    Such a class decides what survives a pickle round trip, and bookkeeping like this is
+    what they drop or rebuild lazily: scikit-learn's ``Bunch`` has ``{'_deprecated_key_to_
+    warnings': {}}`` in its ``__dict__`` when made and ``{}`` once loaded. An *empty*
+    private container holds no data; anything in it (or any public or non-empty
+    attribute) is still hashed, so values that differ in content still differ.
+    """
+    if not any(
+        type(k) is str and k.startswith("_") and type(v) in _EMPTY_CONTAINERS and not v
+        for k, v in state.items()
+    ):
+        return state
+    return {
+        k: v
+        for k, v in state.items()
+        if not (type(k) is str and k.startswith("_") and type(v) in _EMPTY_CONTAINERS and not v)
+    }
 
 
 def _walk_state(state: Any, w: _Writer, ctx: _Context) -> None:

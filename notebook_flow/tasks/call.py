@@ -34,6 +34,7 @@ from notebook_flow.errors import (
     StorageError,
     TaskTimeoutError,
 )
+from notebook_flow.hashing import lineage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState
 from notebook_flow.storage import behind
@@ -239,6 +240,7 @@ class _Call:
             value = t._memory.get(key, _MISS)
             if value is not _MISS:
                 self.record(RunState.CACHED, duration=time.perf_counter() - t0)
+                lineage.record_outputs(key, [("return", value)])
             return value
         hot = _hot.get(self.store, key)
         manifest = hot[0] if hot is not None else self.store.lookup(key)
@@ -269,6 +271,7 @@ class _Call:
             saved=max(manifest.duration - elapsed, 0.0),
             size=manifest.size,
         )
+        lineage.record_outputs(key, [("return", value)])  # fingerprints of unhashable results
         return value
 
     def explain_miss(self, reasons: list[str] | None = None) -> str:
@@ -475,6 +478,8 @@ class _Call:
         elif self.key is not None:
             t._memory[self.key] = value
         t._last_components = self.components
+        if self.key is not None:
+            lineage.record_outputs(self.key, [("return", value)])
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
 
 
