@@ -116,6 +116,7 @@ def run_notebook(
     output: str | None = None,
     timeout: float | None = None,
     kernel_name: str | None = None,
+    cache_all: bool = False,
     echo: Callable[[str], None] = print,
 ) -> int:
     """Execute a notebook in a fresh kernel with notebook_flow loaded; 0 when every cell ran.
@@ -138,6 +139,8 @@ def run_notebook(
     env = dict(os.environ)
     env["NOTEBOOK_FLOW_STORE"] = store_url
     env["JPY_SESSION_NAME"] = os.path.abspath(path)  # notebook identity in the metadata
+    if cache_all:  # every code cell runs as %%task (see notebook_flow.cells.auto)
+        env["NOTEBOOK_FLOW_AUTO_CELLS"] = "1"
     kernel_name = kernel_name or nb.metadata.get("kernelspec", {}).get("name") or "python3"
     # Load the extension in the kernel unless the notebook does (IPython would then say
     # "already loaded" in the notebook's output).
@@ -229,6 +232,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         output=args.output,
         timeout=args.timeout,
         kernel_name=args.kernel,
+        cache_all=args.cache_all,
     )
 
 
@@ -388,6 +392,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "--timeout", type=float, default=None, help="seconds a cell may run (default: no limit)"
     )
     p.add_argument("--kernel", help="kernel name (default: the notebook's)")
+    p.add_argument(
+        "--cache-all",
+        action="store_true",
+        help="cache every code cell as if it began with %%%%task (%%%%task --off excludes one)",
+    )
     _add_store_option(p)
     p.set_defaults(func=_cmd_run)
 

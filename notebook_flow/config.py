@@ -11,6 +11,7 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_SIGNING_KEY``  HMAC key for pickled payloads (kept outside the store)
 ``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
 ``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30)
+``NOTEBOOK_FLOW_AUTO_CELLS``   ``1``: cache every code cell as if it began with ``%%task``
 =============================  ====================================================
 """
 
@@ -44,6 +45,7 @@ class Settings:
     lock_timeout: float | None = None
     log_misses: bool = True
     background_commits: bool = True
+    auto_cells: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -54,7 +56,17 @@ class Settings:
             signing_key=key.encode() if key else None,
             workers=_env_number("NOTEBOOK_FLOW_WORKERS", 8, int),
             lock_lease=_env_number("NOTEBOOK_FLOW_LOCK_LEASE", 30.0, float),
+            auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
         )
+
+
+def _env_flag(name: str) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigurationError(f"environment variable {name}={raw!r} must be 1 or 0")
 
 
 def _env_number(name: str, default: Any, kind: type) -> Any:
@@ -102,6 +114,7 @@ def configure(
     lock_timeout: float | None = None,
     log_misses: bool | None = None,
     background_commits: bool | None = None,
+    auto_cells: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
@@ -144,6 +157,10 @@ def configure(
                 f"background_commits must be True or False, got {background_commits!r}"
             )
         changes["background_commits"] = background_commits
+    if auto_cells is not None:
+        if not isinstance(auto_cells, bool):
+            raise ConfigurationError(f"auto_cells must be True or False, got {auto_cells!r}")
+        changes["auto_cells"] = auto_cells
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

@@ -43,6 +43,7 @@ _FLOW_COMMANDS = (
     "config",
     "dashboard",
     "explain",
+    "auto",
     "help",
 )
 
@@ -62,6 +63,9 @@ def _task_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", help="the only names to key on, comma-separated (no analysis)")
     p.add_argument("--outputs", help="the only names to store, comma-separated (no analysis)")
     p.add_argument("--lock", action="store_true", help="one kernel computes, the others wait")
+    p.add_argument("--off", action="store_true", help="run this cell plain (with %%flow auto on)")
+    # Set by %flow auto on the cells it wraps: cheap cells then run plain (not in the help).
+    p.add_argument("--auto", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -86,6 +90,7 @@ class FlowMagics(Magics):
         super().__init__(shell)
         self._runner: CellRunner | None = None
         self.await_transformer = functools.partial(_await_cell, shell)
+        self.auto_transformer = functools.partial(_auto_cell, self)
 
     @property
     def runner(self) -> CellRunner:
@@ -97,7 +102,7 @@ class FlowMagics(Magics):
 
     def pre_run_cell(self, info: Any) -> None:
         """Remember the id of the cell about to run (metadata only, never part of a key)."""
-        if self._runner is not None and self._runner.busy:
+        if self._runner is not None and self._runner.depth:
             return  # the body of a %%task cell: same cell
         _identity.set_current_cell(getattr(info, "cell_id", None))
 
@@ -128,6 +133,8 @@ class FlowMagics(Magics):
                 inputs=_names(args.inputs),
                 outputs=_names(args.outputs),
                 lock=args.lock,
+                off=args.off,
+                auto=args.auto,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
@@ -147,6 +154,8 @@ class FlowMagics(Magics):
         %flow config [key=value ...]        show or change settings (store=..., workers=...)
         %flow dashboard                     open the dashboard
         %flow explain [NAME]                why the last run of a cell (or task) missed
+        %flow auto [on | off]               treat every code cell as %%task (%%task --off
+                                            excludes one); without a word: show the mode
 
         ``%%task`` caches a cell: see ``%%task?``.
         """
@@ -286,6 +295,23 @@ class FlowMagics(Magics):
             return None
         return show(inline="--inline" in rest)
 
+    def _flow_auto(self, rest: list[str]) -> None:
+        from . import config
+
+        if rest:
+            if len(rest) != 1 or rest[0].lower() not in ("on", "off"):
+                raise UsageError("usage: %flow auto [on | off]")
+            config.configure(auto_cells=rest[0].lower() == "on")
+        state = "on" if config.settings().auto_cells else "off"
+        print(
+            f"auto caching is {state}: "
+            + (
+                "every code cell runs as %%task (%%task --off excludes one)"
+                if state == "on"
+                else "only cells that begin with %%task are cached"
+            )
+        )
+
     def _flow_explain(self, rest: list[str]) -> None:
         runner = self._runner
         name = rest[0] if rest else None
@@ -368,6 +394,34 @@ def _size(n: float) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+class _Inner(threading.local):
+    depth = 0
+
+
+_inner = _Inner()
+
+
+def _auto_cell(magics: FlowMagics, lines: list[str]) -> list[str]:
+    """An input transformer: with ``%flow auto on``, every code cell runs as ``%%task``.
+
+    Cells that start with a cell magic (``%%task``, ``%%bash``, ``%%time``, ...) are left as
+    they are, and so is the body of a ``%%task`` cell being run (the runner's depth). The
+    magic decides per cell whether caching pays off and is faithful (see
+    :mod:`notebook_flow.cells.auto`); line magics and ``!`` lines are transformed by IPython
+    inside the body as usual.
+    """
+    if not lines or _inner.depth or (magics._runner is not None and magics._runner.depth):
+        return lines
+    from .config import settings
+
+    if not settings().auto_cells:
+        return lines
+    first = next((ln for ln in lines if ln.strip()), None)
+    if first is None or first.lstrip().startswith("%%"):
+        return lines
+    return ["%%task --auto\n", *lines]
+
+
 def _await_cell(shell: Any, lines: list[str]) -> list[str]:
     """An input transformer: a ``%%task`` cell with top-level ``await`` runs uncached.
 
@@ -381,11 +435,14 @@ def _await_cell(shell: Any, lines: list[str]) -> list[str]:
         return lines
     from .cells import _parse, _top_level_await
 
+    _inner.depth += 1  # transforming the body: not a new cell for the auto transformer
     try:
         if not _top_level_await(_parse(shell.transform_cell(body))):
             return lines
     except SyntaxError:
         return lines
+    finally:
+        _inner.depth -= 1
     note = (
         "__import__('notebook_flow.cells', fromlist=['_note'])._note("
         "'running uncached: this cell uses top-level `await`, which %%task cannot run; move "
@@ -400,6 +457,8 @@ def load_ipython_extension(shell: Any) -> None:
     magics = FlowMagics(shell)
     shell.register_magics(magics)
     shell.events.register("pre_run_cell", magics.pre_run_cell)
+    # The auto transformer runs first: the await transformer then unwraps an async cell.
+    shell.input_transformers_cleanup.append(magics.auto_transformer)
     shell.input_transformers_cleanup.append(magics.await_transformer)
     _loaded[id(shell)] = magics
     _preload_in_background()
@@ -439,8 +498,9 @@ def unload_ipython_extension(shell: Any) -> None:
         shell.events.unregister("pre_run_cell", magics.pre_run_cell)
     except ValueError:
         pass
-    while magics.await_transformer in shell.input_transformers_cleanup:
-        shell.input_transformers_cleanup.remove(magics.await_transformer)
+    for transformer in (magics.auto_transformer, magics.await_transformer):
+        while transformer in shell.input_transformers_cleanup:
+            shell.input_transformers_cleanup.remove(transformer)
 
 
 _loaded: dict[int, FlowMagics] = {}

@@ -165,16 +165,17 @@ class _Walker:
             elif isinstance(sub, ast.Global):
                 self.opaque.setdefault("uses `global` " + ", ".join(sub.names))
 
-    def store_target(self, target: ast.AST, defined: set[str], definite: bool) -> None:
+    def store_target(self, target: ast.AST, defined: set[str]) -> None:
         """An assignment target: names are bound, subscripts/attributes mutate their base."""
         if isinstance(target, (ast.Tuple, ast.List)):
             for elt in target.elts:
-                self.store_target(elt, defined, definite)
+                self.store_target(elt, defined)
         elif isinstance(target, ast.Starred):
-            self.store_target(target.value, defined, definite)
+            self.store_target(target.value, defined)
         elif isinstance(target, ast.Name):
-            if definite:
-                defined.add(target.id)
+            # Bound from here on in this block (``defined`` is the block's own copy when
+            # the block may not run, so a later read outside it still counts).
+            defined.add(target.id)
         else:
             # a[i] = …, a.b = …: evaluates `a` (a read unless bound before) and mutates it.
             self.loads(target, defined)
@@ -184,11 +185,11 @@ class _Walker:
 
     # -- statements -----------------------------------------------------------------------
 
-    def block(self, body: list[ast.stmt], defined: set[str], definite: bool = True) -> None:
+    def block(self, body: list[ast.stmt], defined: set[str]) -> None:
         for stmt in body:
-            self.stmt(stmt, defined, definite)
+            self.stmt(stmt, defined)
 
-    def stmt(self, node: ast.stmt, defined: set[str], definite: bool) -> None:
+    def stmt(self, node: ast.stmt, defined: set[str]) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for dec in node.decorator_list:
                 self.loads(dec, defined)
@@ -201,73 +202,69 @@ class _Walker:
             self.loads(node.returns, defined)
             for s in node.body:
                 self._defer(s)
-            if definite:
-                defined.add(node.name)
+            defined.add(node.name)
         elif isinstance(node, ast.ClassDef):
             for part in [*node.decorator_list, *node.bases, *(k.value for k in node.keywords)]:
                 self.loads(part, defined)
             # The class body runs now, in its own namespace.
-            self.block(node.body, set(defined), definite=True)
-            if definite:
-                defined.add(node.name)
+            self.block(node.body, set(defined))
+            defined.add(node.name)
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             for alias in node.names:
                 if alias.name == "*":
                     self.opaque.setdefault("uses `import *`")
-                elif definite:
+                else:
                     defined.add(_bound_by_import(alias))
         elif isinstance(node, ast.Assign):
             self.loads(node.value, defined)
             for target in node.targets:
-                self.store_target(target, defined, definite)
+                self.store_target(target, defined)
         elif isinstance(node, ast.AnnAssign):
             self.loads(node.value, defined)
             if node.value is not None:
-                self.store_target(node.target, defined, definite)
+                self.store_target(node.target, defined)
         elif isinstance(node, ast.AugAssign):
             # x += 1 reads x first.
             if isinstance(node.target, ast.Name) and node.target.id not in defined:
                 self.reads.setdefault(node.target.id)
             self.loads(node.value, defined)
-            self.store_target(node.target, defined, definite)
-            if isinstance(node.target, ast.Name) and definite:
-                defined.add(node.target.id)
+            self.store_target(node.target, defined)
         elif isinstance(node, ast.Delete):
             for target in node.targets:
                 if isinstance(target, ast.Name):
                     self.deletes.add(target.id)
                     defined.discard(target.id)
                 else:
-                    self.store_target(target, defined, definite)
+                    self.store_target(target, defined)
         elif isinstance(node, (ast.For, ast.AsyncFor)):
             self.loads(node.iter, defined)
             inner = set(defined)
-            self.store_target(node.target, inner, True)
-            self.block(node.body, inner, definite=False)
-            self.block(node.orelse, set(defined), definite=False)
+            self.store_target(node.target, inner)
+            self.block(node.body, inner)
+            self.block(node.orelse, set(defined))
         elif isinstance(node, (ast.While, ast.If)):
             self.loads(node.test, defined)
-            self.block(node.body, set(defined), definite=False)
-            self.block(node.orelse, set(defined), definite=False)
+            self.block(node.body, set(defined))
+            self.block(node.orelse, set(defined))
         elif isinstance(node, (ast.With, ast.AsyncWith)):
             for item in node.items:
                 self.loads(item.context_expr, defined)
                 if item.optional_vars is not None:
-                    self.store_target(item.optional_vars, defined, definite)
+                    self.store_target(item.optional_vars, defined)
                     self.context_names.update(_target_names(item.optional_vars))
-            self.block(node.body, defined, definite)
+            self.block(node.body, defined)
         elif isinstance(node, ast.Try) or type(node).__name__ == "TryStar":
-            self.block(node.body, set(defined), definite=False)  # type: ignore[attr-defined]
+            self.block(node.body, set(defined))  # type: ignore[attr-defined]
             for handler in node.handlers:  # type: ignore[attr-defined]
                 self.loads(handler.type, defined)
-                self.block(handler.body, set(defined), definite=False)
-            self.block(node.orelse, set(defined), definite=False)  # type: ignore[attr-defined]
-            self.block(node.finalbody, set(defined), definite=False)  # type: ignore[attr-defined]
+                self.block(handler.body, set(defined))
+            self.block(node.orelse, set(defined))  # type: ignore[attr-defined]
+            self.block(node.finalbody, set(defined))  # type: ignore[attr-defined]
         elif isinstance(node, ast.Match):
             self.loads(node.subject, defined)
             for case in node.cases:
                 self.loads(case.guard, defined)
-                self.block(case.body, set(defined), definite=False)
+                self.block(case.body, set(defined))
         elif isinstance(node, ast.Global):
             self.opaque.setdefault("uses `global` " + ", ".join(node.names))
         else:  # Expr, Return, Raise, Assert, Pass, ...

@@ -39,6 +39,8 @@ class CellOptions:
     inputs: tuple[str, ...] | None = None
     outputs: tuple[str, ...] | None = None
     lock: bool = False
+    off: bool = False  # run plain (``%%task --off``: excluded from ``%flow auto``)
+    auto: bool = False  # wrapped by ``%flow auto``: cheap or unsafe cells run plain
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|w|d|h|m|s)?")

@@ -30,6 +30,7 @@ from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
 from .analysis import CellAnalysis, _bound_by_import, analyze_cell
+from .auto import auto_plain_reason, worth_storing
 from .capture import _Capture, _patch_instance, replay
 from .key import CellOptions, cell_components, input_names
 
@@ -46,6 +47,8 @@ CELL_FORMAT = 1
 # IPython's output history changes on every execution: keying on it would never hit.
 _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
 
+
+_CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto)"
 
 # --------------------------------------------------------------------------- the runner
 
@@ -98,6 +101,7 @@ class CellRunner:
         self.last: CellReport | None = None
         self.reports: dict[str, CellReport] = {}
         self.busy = False
+        self.depth = 0  # > 0 while a %%task cell runs (its body is not a new cell)
         self._seen: dict[str, dict[str, str]] = {}  # components last used, by cell id / name
 
     # -- entry point -----------------------------------------------------------------------
@@ -105,6 +109,16 @@ class CellRunner:
     def run(self, options: CellOptions, body: str) -> Any:
         """Run one ``%%task`` cell: restore it from the store or compute and commit it."""
         __tracebackhide__ = True
+        self.depth += 1
+        try:
+            return self._run(options, body)
+        finally:
+            self.depth -= 1
+
+    def _run(self, options: CellOptions, body: str) -> Any:
+        __tracebackhide__ = True
+        if options.off:
+            return self._plain(body)
         code = self.shell.transform_cell(body)
         try:
             analysis = analyze_cell(code)
@@ -114,6 +128,10 @@ class CellRunner:
         identity = f"cell:{options.name}" if options.name else f"cell:{analysis.code_hash[:16]}"
         cell = _Cell(options, body, analysis, name, identity)
         explicit = options.inputs is not None or options.outputs is not None
+        if options.auto:
+            why = auto_plain_reason(analysis)
+            if why is not None:
+                return self._uncached(cell, why) if why else self._plain(body)
         if analysis.opaque and not explicit:
             return self._uncached(
                 cell,
@@ -268,6 +286,10 @@ class CellRunner:
         if error is not None:
             self._failed(cell, error, duration)
             raise error.with_traceback(_user_frames(error.__traceback__))
+        if cell.options.auto and not worth_storing(duration, 0.0):
+            self._record(cell, RunState.COMPLETED, duration=duration, error=None)
+            self._report(cell, "not stored", [_CHEAP_REASON], duration)
+            return None
         variables = self._collect(cell)
         deleted = sorted(n for n in existed if n not in ns)
         payload = {
@@ -385,7 +407,12 @@ class CellRunner:
         __tracebackhide__ = True
         _note(f"running uncached: {why}.")
         self._report(cell, "uncached", [why])
-        error = self._run_nested(cell.body)
+        return self._plain(cell.body)
+
+    def _plain(self, body: str) -> Any:
+        """Run the body as a plain cell would run (errors raised the same way)."""
+        __tracebackhide__ = True
+        error = self._run_nested(body)
         if error is not None:
             raise error.with_traceback(_user_frames(error.__traceback__))
         return None
