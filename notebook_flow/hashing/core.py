@@ -94,7 +94,7 @@ class _Context:
     the digest (a back-reference is written as its distance up the stack).
     """
 
-    __slots__ = ("active", "depth", "leaves", "special")
+    __slots__ = ("active", "budget", "depth", "leaves", "special")
 
     def __init__(self) -> None:
         self.active: dict[int, int] = {}
@@ -102,8 +102,10 @@ class _Context:
         # Set when lineage entries exist (a failed part may fall back to its lineage) or
         # for a lenient walk (lineage.snapshot): every value then goes through _walk_special.
         self.special = False
-        # Lenient walks only: the parts with no stable fingerprint, in walk order.
+        # Lenient walks only: the parts with no stable fingerprint, in walk order, and how
+        # many more values the walk may visit (it never fails early, so it is bounded).
         self.leaves: list[object] | None = None
+        self.budget = 0
 
 
 class _Local(threading.local):
@@ -227,6 +229,9 @@ def _walk_special(value: object, handler: Handler, w: _Writer, ctx: _Context) ->
     are undone and its lineage token is written instead.
     """
     if ctx.leaves is not None:
+        ctx.budget -= 1
+        if ctx.budget < 0:
+            raise _lineage.TooBig
         mark = len(ctx.leaves)
         start, outer = _checkpoint(w)
         try:

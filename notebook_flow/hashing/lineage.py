@@ -65,6 +65,16 @@ __all__ = [
 
 logger = logging.getLogger("notebook_flow")
 
+#: A snapshot visits at most this many values. Unlike a fingerprint, which stops at the
+#: first part with no content hash, it walks everything: an object graph like a matplotlib
+#: figure's would take minutes. Bigger values get no lineage (a miss, never a wrong hit).
+MAX_VALUES = 20_000
+
+
+class TooBig(Exception):
+    """A snapshot walk ran out of its budget of values (:data:`MAX_VALUES`)."""
+
+
 #: At most this many objects without weak-reference support are held strongly; the oldest
 #: entries go first (they only cost a cache miss).
 MAX_STRONG = 4096
@@ -127,32 +137,41 @@ def _token(key: str, name: str) -> bytes:
     return f"{key}\x00{name}".encode("utf-8", "surrogatepass")
 
 
-def snapshot(value: object) -> tuple[str, list[object]]:
+def snapshot(value: object, *, portable: bool = False) -> tuple[str, list[object]]:
     """The lenient digest of ``value`` and the parts with no content fingerprint.
 
-    Meant only for comparison with a later snapshot of the same live object in the same
+    Meant for comparison with a later snapshot of the same live object in the same
     process: leaves are summarised by their identity (the caller keeps them alive) and
-    their pickled bytes where they pickle.
+    their pickled bytes where they pickle. ``portable=True`` leaves the identity out, for
+    comparing values across processes (a test's "same namespace as a plain run"); never
+    use that as a cache key.
     """
     from notebook_flow.hashing.core import _Context, _walk, _Writer
 
     ctx = _Context()
     ctx.special = True
     ctx.leaves = []
+    ctx.budget = MAX_VALUES
     w = _Writer()
     try:
         _walk(value, w, ctx)
     except RecursionError:
         raise UnhashableError("it is nested too deeply to walk") from None
+    except TooBig:
+        raise UnhashableError(f"it has more than {MAX_VALUES} parts to walk") from None
     for leaf in ctx.leaves:
         # Its identity (the entry keeps it alive, so the id cannot be reused) and state.
-        w.buf += f"{type(leaf).__qualname__}:{id(leaf)}".encode() + b"\x00"
+        where = "" if portable else f":{id(leaf)}"
+        w.buf += f"{type(leaf).__qualname__}{where}".encode() + b"\x00"
         try:
             data = pickle.dumps(leaf, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # no pickled state: its identity (kept alive) is all we have
             data = b""
         w.buf += xxhash.xxh3_128_digest(data)
     return w.hexdigest(), ctx.leaves
+
+
+_SKIPPED_MODULES = ("matplotlib.", "mpl_toolkits.", "PIL.")
 
 
 def _skip(value: object) -> bool:
@@ -164,6 +183,10 @@ def _skip(value: object) -> bool:
         return True
     if cls.__module__ == "numpy" and cls.__name__ == "ndarray":
         return not value.dtype.hasobject  # type: ignore[attr-defined]
+    # Figures, axes and artists: graphs of thousands of objects, which a snapshot would
+    # walk (up to MAX_VALUES) after every cell that leaves one in a variable.
+    if cls.__module__.startswith(_SKIPPED_MODULES):
+        return True
     # pandas containers content-hash in practice; walking a large frame again on every
     # restore would cost more than the rare object column of handles it could help.
     return cls.__module__.startswith("pandas.") and cls.__name__ in (
