@@ -46,6 +46,7 @@ _EXPORTS: dict[str, str] = {
     "history": "api",
     "list_locks": "api",
     "rebuild_index": "api",
+    "register_ambient": "cells.ambient",
     "resume": "runners",
     "running": "runners",
     "set_concurrency_limit": "runners",
@@ -101,6 +102,7 @@ __all__ = [
     "load_ipython_extension",
     "locks",
     "rebuild_index",
+    "register_ambient",
     "resume",
     "running",
     "serializers",
@@ -158,6 +160,7 @@ if TYPE_CHECKING:
         wait_for_commits,
     )
     from .cache_policies import CachePolicy
+    from .cells.ambient import register_ambient
     from .config import Settings, configure, settings
     from .futures import FutureList, TaskFuture, allow_failure, as_completed, unmapped, wait
     from .locks import FileLockManager, MemoryLockManager, PostgresLockManager, RedisLockManager

@@ -268,3 +268,17 @@ def test_library_modules_key_by_version_and_builtins_not_at_all(shell: Any) -> N
     assert "package `numpy`" in components
     assert not any("json" in label for label in components)  # stdlib: not keyed
     assert "variable `values`" in components
+
+
+def test_names_bound_earlier_in_a_loop_body_are_not_inputs() -> None:
+    """Issue 12, reproduction 6: a name assigned in a ``for`` body and read after it in the
+    same body is not an input (it was keyed on, so the cell missed every run)."""
+    a = analyze_cell("for i in range(3):\n    y = i * 2\n    print(y)\nwhile c:\n    w = 1\n    w")
+    assert "y" not in a.reads and "w" not in a.reads and "i" not in a.reads
+    # After the loop the old value may still be there (the loop may not run): an input.
+    assert "y" in analyze_cell("for i in r:\n    y = i\nprint(y)").reads
+
+
+def test_a_trailing_semicolon_is_part_of_the_code_hash() -> None:
+    assert analyze_cell("x.sum();").code_hash != analyze_cell("x.sum()").code_hash
+    assert analyze_cell("x.sum();  # c").code_hash == analyze_cell("x.sum() ;").code_hash

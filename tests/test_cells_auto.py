@@ -107,10 +107,10 @@ def test_run_cache_all_caches_an_unedited_notebook(
     import nbformat
 
     sources = [
-        "import time\nitems = [3, 1, 2]",
-        "items.sort()",
-        "time.sleep(0.3)\nsquares = [v * v for v in items]\nprint('squares', squares)",
-        "print(items, squares)",
+        "import time\nimport numpy as np\nitems = [3, 1, 2]",
+        "items.sort()\nnp.random.seed(0)",
+        "time.sleep(0.3)\nsquares = [v * v for v in items]\na = np.random.rand()\nprint(squares)",
+        "b = np.random.rand()\nprint(items, squares, f'{a:.6f} {b:.6f}')",
     ]
     cells = [nbformat.v4.new_code_cell(s) for s in sources]
     nb = nbformat.v4.new_notebook(
@@ -140,5 +140,6 @@ def test_run_cache_all_caches_an_unedited_notebook(
         o.get("metadata", {}).get("notebook_flow", {}).get("badge") for o in second.cells[2].outputs
     ]
     assert "cached" in badges  # the slow cell came from the store
-    assert streams(first.cells[3]) == streams(second.cells[3]) == "[1, 2, 3] [1, 4, 9]\n"
+    expected = "[1, 2, 3] [1, 4, 9] 0.548814 0.715189\n"  # as a plain run prints it
+    assert streams(first.cells[3]) == streams(second.cells[3]) == expected
     assert streams(first.cells[2]) in streams(second.cells[2])

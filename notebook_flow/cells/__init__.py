@@ -15,15 +15,24 @@ does lives here, top to bottom:
    cell's ``def``/``class``/``import`` statements (so functions stay bound to the live
    namespace), replays the outputs and shows one quiet badge. A miss runs the cell through
    the shell on the main thread (tracebacks, display, events as usual) while recording its
-   streams and rich outputs, then commits variables + outputs as one result.
+   streams and rich outputs, then commits variables, effects, ambient state + outputs as
+   one result.
 
 >>> a = analyze_cell("y = f(x)\\nx += 1\\nz[0] = y")
 >>> a.reads, sorted(a.writes)
 (('f', 'x', 'z'), ['x', 'y', 'z'])
 
+A hit leaves the state a plain run leaves (see ``docs/cells.md``): ambient state (global
+random generators, rcParams, pandas options, cwd, ``sys.path``) is part of the key when read
+and stored when changed; objects changed through called functions are outputs; outputs are
+restored in place where the cell changed them in place, so aliases stay aliases.
+
 The package follows those steps: :mod:`.analysis` (1), :mod:`.key` (the options and 2),
-:mod:`.capture` (recording and replaying outputs) and :mod:`.runner` (3). What other
-modules use is re-exported here: import it from ``notebook_flow.cells``.
+:mod:`.ambient` (ambient state) and :mod:`.effects` (what called functions reach),
+:mod:`.runner` (3) with :mod:`.execute` (running code as IPython does), :mod:`.capture`
+(recording and replaying outputs), :mod:`.state` and :mod:`.result` (storing identities,
+restoring in place), :mod:`.storable` (what cannot be stored) and :mod:`.auto` (``%flow
+auto``). What other modules use is re-exported here: import it from ``notebook_flow.cells``.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ from .runner import CELL_FORMAT as CELL_FORMAT
 from .runner import CellReport as CellReport
 from .runner import CellRunner
 from .runner import _note as _note
-from .runner import unstorable as unstorable
+from .storable import unstorable as unstorable
 
 __all__ = [
     "CellAnalysis",

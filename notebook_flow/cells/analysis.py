@@ -314,9 +314,32 @@ def _definition_names(tree: ast.Module) -> tuple[set[str], set[str]]:
     return defs, other
 
 
-def normalized_code_hash(tree: ast.AST) -> str:
-    """A hash of the code's syntax tree: comments, blank lines and spacing don't count."""
-    return xxhash.xxh3_128_hexdigest(ast.dump(tree, annotate_fields=False).encode())
+def normalized_code_hash(tree: ast.AST, quiet: bool = False) -> str:
+    """A hash of the code's syntax tree: comments, blank lines and spacing don't count.
+
+    ``quiet`` (a trailing ``;``, which the tree does not show) counts: it decides whether
+    the last value is displayed.
+    """
+    text = ast.dump(tree, annotate_fields=False) + (";" if quiet else "")
+    return xxhash.xxh3_128_hexdigest(text.encode())
+
+
+def ends_with_semicolon(code: str) -> bool:
+    """True when the code's last token is ``;``: IPython then hides the last value (the
+    same test as IPython's ``DisplayHook.semicolon_at_end_of_expression``)."""
+    import io
+    import tokenize
+
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return False
+    skip = (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)
+    for token in reversed(tokens):
+        if token.type in skip:
+            continue
+        return token.type == tokenize.OP and token.string == ";"
+    return False
 
 
 def analyze_cell(code: str) -> CellAnalysis:
@@ -349,7 +372,7 @@ def analyze_cell(code: str) -> CellAnalysis:
     definitions = frozenset(n for n in defs if n not in other and n not in walker.mutated)
     return CellAnalysis(
         code=code,
-        code_hash=normalized_code_hash(tree),
+        code_hash=normalized_code_hash(tree, ends_with_semicolon(code)),
         reads=tuple(reads),
         writes=frozenset(writes),
         definitions=definitions,

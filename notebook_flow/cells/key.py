@@ -23,7 +23,7 @@ from notebook_flow.errors import ConfigurationError, UnhashableError
 if TYPE_CHECKING:
     from .analysis import CellAnalysis
 
-__all__ = ["CellOptions", "cell_components", "input_names", "parse_duration"]
+__all__ = ["CellOptions", "cell_components", "input_names", "parse_duration", "rng_keys"]
 
 
 # --------------------------------------------------------------------------- options
@@ -174,3 +174,20 @@ def cell_components(
         if part is not None:
             components[part[0]] = part[1]
     return components
+
+
+def rng_keys(
+    identity: str, components: dict[str, str], rng: dict[str, str]
+) -> list[tuple[str, dict[str, str]]]:
+    """``(key, components)`` for each non-empty combination of the global generators'
+    states (fewest first): the keys of a cell that drew from those generators."""
+    import itertools
+
+    from notebook_flow.cache_policies import combine_components
+
+    out = []
+    for size in range(1, len(rng) + 1):
+        for labels in itertools.combinations(sorted(rng), size):
+            parts = {**components, **{lab: rng[lab] for lab in labels}}
+            out.append((combine_components(identity, parts), parts))
+    return out

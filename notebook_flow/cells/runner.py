@@ -6,17 +6,17 @@ explain, record and report each run.
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import functools
 import logging
 import re
 import sys
 import time
 import types
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity
+from notebook_flow._codehash import module_kind
 from notebook_flow.cache_policies import combine_components
 from notebook_flow.errors import (
     MetadataError,
@@ -29,10 +29,17 @@ from notebook_flow.hashing import lineage
 from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
-from .analysis import CellAnalysis, _bound_by_import, analyze_cell
+from . import ambient, effects
+from .ambient import Snapshot
+from .analysis import CellAnalysis, analyze_cell
 from .auto import auto_plain_reason, worth_storing
-from .capture import _Capture, _patch_instance, replay
-from .key import CellOptions, cell_components, input_names
+from .capture import _Capture, replay
+from .effects import Watches
+from .execute import raise_as_plain, run_definitions, run_nested, syntax_error
+from .key import CellOptions, cell_components, input_names, rng_keys
+from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
+from .state import walk
+from .storable import handle_reason, unstorable
 
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
@@ -42,7 +49,7 @@ __all__ = ["CELL_FORMAT", "CellReport", "CellRunner", "unstorable"]
 logger = logging.getLogger("notebook_flow")
 
 #: Bumped when the stored layout of a cell result changes; older results then miss.
-CELL_FORMAT = 1
+CELL_FORMAT = 2
 
 # IPython's output history changes on every execution: keying on it would never hit.
 _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
@@ -53,13 +60,6 @@ _CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto
 # --------------------------------------------------------------------------- the runner
 
 _MISS: Any = object()
-_DEFINITION_TYPES = (
-    ast.Import,
-    ast.ImportFrom,
-    ast.FunctionDef,
-    ast.AsyncFunctionDef,
-    ast.ClassDef,
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,12 @@ class _Cell:
     store: ResultStore | None = None
     reasons: list[str] = dataclasses.field(default_factory=list)
     run_id: str = dataclasses.field(default_factory=_identity.new_run_id)
+    # Ambient state before the run; the key when the cell draws from a global generator
+    # (the generators' states added to the components); what functions it calls reach.
+    ambient: Snapshot | None = None
+    rng_components: dict[str, str] = dataclasses.field(default_factory=dict)
+    rng_keys: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+    watches: Watches | None = None
 
 
 class CellRunner:
@@ -123,7 +129,7 @@ class CellRunner:
         try:
             analysis = analyze_cell(code)
         except SyntaxError as exc:
-            raise self._syntax_error(exc, code) from None
+            raise syntax_error(self.shell, exc, code) from None
         name = options.name or f"cell {analysis.code_hash[:8]}"
         identity = f"cell:{options.name}" if options.name else f"cell:{analysis.code_hash[:16]}"
         cell = _Cell(options, body, analysis, name, identity)
@@ -158,7 +164,11 @@ class CellRunner:
                 f"{exc} Pass the names to key on with --inputs, or register a fingerprint "
                 "with notebook_flow.hashing.register_fingerprint",
             )
+        why = self._watch(cell, explicit)
+        if why is not None:
+            return self._uncached(cell, why)
         cell.key = combine_components(identity, cell.components)
+        cell.rng_keys = rng_keys(identity, cell.components, cell.rng_components)
         from notebook_flow.config import get_store
 
         cell.store = get_store()
@@ -180,28 +190,45 @@ class CellRunner:
             for ref in self._refs(cell):
                 self._seen[ref] = cell.components
 
-    def _syntax_error(self, exc: SyntaxError, code: str) -> SyntaxError:
-        """Show a syntax error in the body like IPython shows one in a cell: no frames."""
-        shell = self.shell
-        exc.filename = shell.compile.cache(code, shell.execution_count)
-        show = shell.showsyntaxerror
-        undo: list[Callable[[], None]] = []
-
-        def once(filename: str | None = None, running_compiled_code: bool = False) -> None:
-            for step in undo:
-                step()
-            show(filename)
-
-        _patch_instance(shell, "showsyntaxerror", once, undo)
-        return exc
+    def _watch(self, cell: _Cell, explicit: bool) -> str | None:
+        """Add ambient state to the key and watch what called functions reach; returns why
+        the cell cannot be cached faithfully (None: it can)."""
+        ns = self.shell.user_ns
+        before = ambient.snapshot()
+        if before.failed:
+            name, error = next(iter(before.failed.items()))
+            return f"the ambient state `{name}` cannot be read or fingerprinted ({error})"
+        cell.ambient = before
+        cell.components.update(ambient.key_components(before, keyed="always"))
+        cell.rng_components = ambient.key_components(before, keyed="when-changed")
+        reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
+        data: list[tuple[str, str]] = []
+        for name in cell.inputs:
+            module = ns.get(name)
+            if isinstance(module, types.ModuleType) and module_kind(module.__name__) == "user":
+                for attr in sorted(cell.analysis.attributes.get(name, ())):
+                    if _reaches(getattr(module, attr, None)):
+                        reaching.append(f"{name}.{attr}")
+                    else:
+                        data.append((module.__name__, attr))
+        cell.watches = effects.watch(ns, reaching, data)
+        if cell.watches.opaque and not explicit:
+            return cell.watches.opaque[0]
+        return None
 
     # -- hit -------------------------------------------------------------------------------
 
     def _restore(self, cell: _Cell) -> Any:
+        """Restore the cell from the store: keyed without, then with, the generators."""
         assert cell.store is not None and cell.key is not None
         t0 = time.perf_counter()
-        manifest = cell.store.lookup(cell.key)
-        if manifest is None:
+        # Keyed on the global generators it drew from, if any: which ones is known only
+        # after a run, so each combination is looked up (a few local manifest reads).
+        for key, _ in [(cell.key, None), *cell.rng_keys]:
+            manifest = cell.store.lookup(key)
+            if manifest is not None:
+                break
+        else:
             return _MISS
         if manifest.expired():
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(manifest.expires_at or 0))
@@ -219,12 +246,18 @@ class CellRunner:
             cell.reasons = ["the stored result has an older layout"]
             return _MISS
         ns = self.shell.user_ns
-        variables: dict[str, Any] = value["variables"]
-        ns.update(variables)
-        for gone in value["deleted"]:
-            ns.pop(gone, None)
-        lineage.record_outputs(cell.key, variables.items())
-        self._run_definitions(cell.analysis, variables)
+        try:
+            restored = Restored.prepare(
+                value, ns, functools.partial(self._load_part, cell, manifest.key)
+            )
+        except Exception as exc:  # a reference or target the hit cannot find: recompute
+            logger.info("%%%%task `%s`: cannot restore the stored result: %r", cell.name, exc)
+            cell.reasons = [f"the stored result cannot be restored here: {exc}"]
+            return _MISS
+        restored.apply_variables(ns)
+        run_definitions(self.shell, cell.analysis, restored.variables)
+        restored.apply_rest(ns)
+        lineage.record_outputs(lineage.produced_by(manifest), restored.variables.items())
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
         saved = max(manifest.duration - elapsed, 0.0)
@@ -234,34 +267,6 @@ class CellRunner:
             cell, "cached", [f"computed {_when(manifest.created_at)} in {manifest.duration:.3g} s"]
         )
         return None
-
-    def _run_definitions(self, analysis: CellAnalysis, restored: dict[str, Any]) -> None:
-        """Re-run the cell's def/class/import statements, so functions use the live namespace.
-
-        Compiled under a name IPython's line cache knows, so ``inspect.getsource`` (and with
-        it the keys of tasks defined here) sees the same source as on a miss.
-        """
-        stmts: list[ast.stmt] = [
-            node
-            for node in analysis.tree.body
-            if isinstance(node, _DEFINITION_TYPES) and _bound_by(node) <= analysis.definitions
-        ]
-        if not stmts:
-            return
-        shell = self.shell
-        filename = shell.compile.cache(analysis.code, shell.execution_count)
-        module = ast.Module(body=stmts, type_ignores=[])
-        code = compile(module, filename, "exec", shell.compile.flags, dont_inherit=True)
-        exec(code, shell.user_global_ns, shell.user_ns)
-        # Restored instances of a class the cell defines get the class just defined.
-        classes = {n.name for n in stmts if isinstance(n, ast.ClassDef)}
-        for value in restored.values():
-            cls = type(value)
-            if cls.__name__ in classes and shell.user_ns.get(cls.__name__) is not cls:
-                try:
-                    value.__class__ = shell.user_ns[cls.__name__]
-                except TypeError:
-                    pass
 
     def _badge(self, manifest: Manifest, saved: float) -> None:
         text = f"✓ cached · computed {_when(manifest.created_at)} · saved {_seconds(saved)}"
@@ -278,33 +283,63 @@ class CellRunner:
         assert cell.store is not None and cell.key is not None
         ns = self.shell.user_ns
         existed = {n for n in cell.analysis.writes | cell.analysis.deletes if n in ns}
+        # The objects names held before the run: a name that still holds the same object
+        # was changed in place, and is restored in place (aliases of it see the change).
+        assert cell.watches is not None
+        reached = {w.target[1] for w in cell.watches.items if w.target[0] == "ns"}
+        names = {*cell.analysis.writes, *cell.inputs, *reached}
+        before = {n: ns[n] for n in names if n in ns}
+        # ... and their parts: which of those the cell changed in place, which it replaced.
+        before_paths = walk(((n,), v) for n, v in before.items())
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
         with _Capture(self.shell) as capture:
-            error = self._run_nested(cell.body)
+            error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
         if error is not None:
             self._failed(cell, error, duration)
-            raise error.with_traceback(_user_frames(error.__traceback__))
-        if cell.options.auto and not worth_storing(duration, 0.0):
-            self._record(cell, RunState.COMPLETED, duration=duration, error=None)
-            self._report(cell, "not stored", [_CHEAP_REASON], duration)
-            return None
+            raise raise_as_plain(self.shell, error)
         variables = self._collect(cell)
-        deleted = sorted(n for n in existed if n not in ns)
-        payload = {
-            "format": CELL_FORMAT,
-            "variables": variables,
-            "deleted": deleted,
-            "outputs": capture.outputs,
-        }
-        expires_at = time.time() + cell.options.expire if cell.options.expire else None
         handles = [
-            (n, type(v).__name__, why) for n, v in variables.items() if (why := _handle_reason(v))
+            (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
         ]
         if handles:
             return self._not_stored(cell, handles, duration)
+        assert cell.ambient is not None and cell.watches is not None
+        after = ambient.snapshot()
+        drawn = {ambient.label(n) for n in ambient.consumed(cell.ambient, after)}
+        for key, components in cell.rng_keys:
+            if drawn and drawn == components.keys() - cell.components.keys():
+                cell.key, cell.components = key, components
+        t_pack = time.perf_counter()
         try:
+            state, parts = pack_result(
+                ns,
+                variables,
+                before=before,
+                before_paths=before_paths,
+                inputs=cell.inputs,
+                deleted=[n for n in existed if n not in ns],
+                effects=cell.watches.changed(ns),
+                ambient_changed=ambient.changed(cell.ambient, after),
+            )
+        except Exception as exc:
+            bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
+            return self._not_stored(cell, bad, duration)
+        # Writing the large parts is not timed here: count them at disk speed.
+        store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
+        if cell.options.auto and not worth_storing(duration, store_seconds):
+            self._record(cell, RunState.COMPLETED, duration=duration)
+            self._report(cell, "not stored", [_CHEAP_REASON], duration)
+            return None
+        payload = {
+            "format": CELL_FORMAT,
+            **state,
+            "outputs": capture.outputs,
+        }
+        expires_at = time.time() + cell.options.expire if cell.options.expire else None
+        try:
+            self._commit_parts(cell, parts, duration, expires_at)
             manifest = cell.store.commit(
                 cell.key,
                 payload,
@@ -327,11 +362,36 @@ class CellRunner:
                 "be stored"
             )
             raise
-        lineage.record_outputs(cell.key, variables.items())
+        lineage.record_outputs(lineage.produced_by(manifest), variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
         self._report(cell, "computed", cell.reasons, duration)
         return None
+
+    def _commit_parts(
+        self, cell: _Cell, parts: list[Any], duration: float, expires_at: float | None
+    ) -> None:
+        """Store the large values of a result on their own (npy, Parquet), before the result
+        that points at them: a committed result never names a part that is not there."""
+        assert cell.store is not None and cell.key is not None
+        for i, value in enumerate(parts):
+            cell.store.commit(
+                part_key(cell.key, i),
+                value,
+                task=cell.identity,
+                components={"part of": cell.key, "part": str(i)},
+                run_id=cell.run_id,
+                duration=duration,
+                expires_at=expires_at,
+            )
+
+    def _load_part(self, cell: _Cell, key: str, i: int) -> Any:
+        """The i-th large value of the result stored under ``key`` (LookupError: gone)."""
+        assert cell.store is not None
+        manifest = cell.store.lookup(part_key(key, i))
+        if manifest is None:
+            raise LookupError(f"part {i} of the stored result is missing")
+        return writable(cell.store.load(manifest))
 
     def _not_stored(self, cell: _Cell, bad: list[tuple[str, str, str]], duration: float) -> None:
         names = "; ".join(f"`{n}` ({t}: {why})" for n, t, why in bad)
@@ -367,29 +427,6 @@ class CellRunner:
                 names.add(name)
         return {n: ns[n] for n in sorted(names) if n in ns}
 
-    def _run_nested(self, body: str) -> BaseException | None:
-        """Run the cell body through the shell, as if it were a cell of its own.
-
-        The body's traceback is not shown here: the magic re-raises the exception so the
-        cell is reported failed with the user's exception (shown once, by IPython).
-        """
-        shell = self.shell
-        show = shell.showtraceback
-
-        def quiet(*args: Any, **kwargs: Any) -> None:
-            if not kwargs.get("running_compiled_code"):
-                show(*args, **kwargs)
-
-        undo: list[Callable[[], None]] = []
-        _patch_instance(shell, "showtraceback", quiet, undo)
-        try:
-            result = shell.run_cell(body, store_history=False, cell_id=_identity.current_cell())
-        finally:
-            for step in undo:
-                step()
-        error: BaseException | None = result.error_before_exec or result.error_in_exec
-        return error
-
     def _failed(self, cell: _Cell, error: BaseException, duration: float) -> None:
         import traceback
 
@@ -412,9 +449,9 @@ class CellRunner:
     def _plain(self, body: str) -> Any:
         """Run the body as a plain cell would run (errors raised the same way)."""
         __tracebackhide__ = True
-        error = self._run_nested(body)
+        error = run_nested(self.shell, body)
         if error is not None:
-            raise error.with_traceback(_user_frames(error.__traceback__))
+            raise raise_as_plain(self.shell, error)
         return None
 
     def _locked(self, cell: _Cell) -> Any:
@@ -509,85 +546,12 @@ class CellRunner:
 # --------------------------------------------------------------------------- helpers
 
 
-def _bound_by(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {_bound_by_import(a) for a in node.names}
-    return (
-        {node.name}
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        else set()
-    )
-
-
-def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    """Drop IPython's own ``run_code`` frame from the top of a cell's traceback."""
-    while tb is not None and tb.tb_frame.f_code.co_name == "run_code":
-        tb = tb.tb_next
-    return tb
-
-
-def _handle_reason(value: Any, nested: bool = False) -> str | None:
-    """Why ``value`` is a handle on something outside the process (None: it is data).
-
-    Pickle would "succeed" on some of these (cloudpickle reads an open file's contents into
-    a StringIO), but what comes back is not what the cell made. Containers are looked into
-    one level deep (a list of futures, a dict of connections).
-    """
-    import io
-    import itertools
-
-    if not nested and isinstance(value, (list, tuple, set, frozenset, dict)):
-        items = value.values() if isinstance(value, dict) else value
-        for item in itertools.islice(items, 1000):
-            why = _handle_reason(item, nested=True)
-            if why:
-                return f"it holds {why}"
-
-    if isinstance(value, io.IOBase) and not isinstance(value, (io.BytesIO, io.StringIO)):
-        return "an open file or stream"
-    if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
-        return "a generator or coroutine, which cannot be saved mid-way"
-    checks = (
-        ("socket", "socket", "a network socket"),
-        ("sqlite3", "Connection", "a database connection"),
-        ("sqlite3", "Cursor", "a database cursor"),
-        ("threading", "Thread", "a thread"),
-        ("subprocess", "Popen", "a running process"),
-        ("notebook_flow.futures", "TaskFuture", "a future of background work; store `.result()`"),
-    )
-    for module_name, attr, why in checks:
-        cls = getattr(sys.modules.get(module_name), attr, None)
-        if isinstance(cls, type) and isinstance(value, cls):
-            return why
-    lock_types = (type(_thread_lock()), type(_thread_rlock()))
-    if isinstance(value, lock_types):
-        return "a lock"
-    return None
-
-
-def _thread_lock() -> Any:
-    import threading
-
-    return threading.Lock()
-
-
-def _thread_rlock() -> Any:
-    import threading
-
-    return threading.RLock()
-
-
-def unstorable(variables: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(name, type, reason)`` for each variable that cannot be pickled."""
-    import cloudpickle
-
-    bad = []
-    for name, value in variables.items():
-        try:
-            cloudpickle.dumps(value)
-        except Exception as exc:
-            bad.append((name, type(value).__name__, f"{type(exc).__name__}: {exc}"))
-    return bad
+def _reaches(value: Any) -> bool:
+    """True for values whose code can reach other objects: functions, callables, classes
+    and instances of the notebook's own classes (their methods)."""
+    if isinstance(value, types.ModuleType):
+        return False
+    return callable(value) or module_kind(type(value).__module__) == "user"
 
 
 def _note(text: str) -> None:

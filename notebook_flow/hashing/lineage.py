@@ -58,6 +58,7 @@ __all__ = [
     "forget",
     "is_lineage_only",
     "lineage_of",
+    "produced_by",
     "record",
     "record_outputs",
     "register_lineage_only",
@@ -131,6 +132,16 @@ def register_lineage_only(cls: type) -> None:
 def is_lineage_only(cls: type) -> bool:
     """Whether ``cls`` (or a base) was given to :func:`register_lineage_only`."""
     return bool(_lineage_only) and any(base in _lineage_only for base in cls.__mro__)
+
+
+def produced_by(manifest: Any) -> str:
+    """What a stored result is known by: its key *and* the run that stored it.
+
+    The run matters: if the entry is deleted or expires and the producer runs again with
+    the same key, a nondeterministic producer may make another value, which must not
+    inherit the fingerprint (and with it the cached dependants) of the first.
+    """
+    return f"{manifest.key}/{manifest.run_id}"
 
 
 def _token(key: str, name: str) -> bytes:

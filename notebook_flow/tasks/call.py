@@ -240,7 +240,7 @@ class _Call:
             value = t._memory.get(key, _MISS)
             if value is not _MISS:
                 self.record(RunState.CACHED, duration=time.perf_counter() - t0)
-                lineage.record_outputs(key, [("return", value)])
+                lineage.record_outputs(f"{key}/memory", [("return", value)])
             return value
         hot = _hot.get(self.store, key)
         manifest = hot[0] if hot is not None else self.store.lookup(key)
@@ -271,7 +271,7 @@ class _Call:
             saved=max(manifest.duration - elapsed, 0.0),
             size=manifest.size,
         )
-        lineage.record_outputs(key, [("return", value)])  # fingerprints of unhashable results
+        lineage.record_outputs(lineage.produced_by(manifest), [("return", value)])
         return value
 
     def explain_miss(self, reasons: list[str] | None = None) -> str:
@@ -441,6 +441,7 @@ class _Call:
         """Persist the result (payload first, manifest last), then record COMPLETED."""
         t = self.task
         size: int | None = None
+        produced = f"{self.key}/memory"  # for lineage.record_outputs, below
         if self.key is not None and t.persist_result:
             expires_at = (
                 time.time() + t.cache_expiration.total_seconds() if t.cache_expiration else None
@@ -473,13 +474,14 @@ class _Call:
             _crash_point("after_manifest")
             _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
             size = manifest.size
+            produced = lineage.produced_by(manifest)
             entry = CacheEntry.from_manifest(manifest, task=t.name)
             _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
         elif self.key is not None:
             t._memory[self.key] = value
         t._last_components = self.components
-        if self.key is not None:
-            lineage.record_outputs(self.key, [("return", value)])
+        if self.key is not None:  # results with no content fingerprint: known by their run
+            lineage.record_outputs(produced, [("return", value)])
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
 
 

@@ -1,0 +1,375 @@
+"""Ambient state: process-wide state a cell reads and changes without naming it.
+
+The global random generators, matplotlib's rcParams (and with them the style), pandas'
+options, the working directory and ``sys.path`` are not variables, yet a cell's results
+depend on them (``np.random.rand()`` after ``np.random.seed(0)``) and a cell changes them
+(``plt.rc("figure", figsize=(2, 1))``). A cached cell treats each such state as an input
+(its fingerprint is part of the key) and as an output (when the cell changes it, the new
+state is stored and set again on a hit), so the cells after a hit see what they would have
+seen after a plain run.
+
+Each state is an :class:`Ambient`: a name, a ``get`` returning a picklable snapshot, a
+``set`` putting a snapshot back, and the module it belongs to. A library's state is
+consulted only when the library is already imported: nothing is imported to look at it.
+``keyed`` says when the state counts as an input:
+
+``"always"``
+    whenever it exists (rcParams, options, cwd, ``sys.path``: read without being changed).
+``"when-changed"``
+    only by cells that change it. Drawing from a global generator changes its state, so
+    such a cell keys on it; a cell that draws nothing is keyed without it. The generators
+    of a fresh process are seeded from the OS, so keying every cell on them would make
+    every cell miss in every new kernel.
+
+Add your own with :func:`register_ambient`::
+
+    import notebook_flow
+    notebook_flow.register_ambient(
+        "mylib.settings", get=lambda: dict(mylib.SETTINGS), set=mylib.SETTINGS.update,
+        module="mylib",
+    )
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, Literal
+
+from notebook_flow.errors import ConfigurationError
+
+__all__ = ["Ambient", "Snapshot", "register_ambient", "registered", "unregister_ambient"]
+
+logger = logging.getLogger("notebook_flow")
+
+Keyed = Literal["always", "when-changed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ambient:
+    """One piece of ambient state (see the module docstring)."""
+
+    name: str
+    get: Callable[[], Any]
+    set: Callable[[Any], None]
+    module: str | None = None
+    keyed: Keyed = "always"
+    default: Callable[[], Any] | None = None
+
+
+_REGISTRY: dict[str, Ambient] = {}
+
+
+def register_ambient(
+    name: str,
+    get: Callable[[], Any],
+    set: Callable[[Any], None],
+    *,
+    module: str | None = None,
+    keyed: Keyed = "always",
+    default: Callable[[], Any] | None = None,
+) -> None:
+    """Make a piece of process-wide state an input and an output of every cached cell.
+
+    ``get()`` returns a snapshot (picklable, with a stable fingerprint: plain data, arrays);
+    ``set(snapshot)`` restores one. With ``module``, the state is consulted only while
+    that module is imported. ``default()``, if given, is the state as the library starts
+    with it: a state equal to it counts as absent, and of a dict state only the entries
+    that differ from it count (so whether the library was imported yet, by the cell or by
+    anything else, does not change a key). Registering a name again replaces it.
+
+    >>> import decimal
+    >>> register_ambient(
+    ...     "decimal.context",
+    ...     get=lambda: decimal.getcontext().prec,
+    ...     set=lambda prec: setattr(decimal.getcontext(), "prec", prec),
+    ... )
+    >>> unregister_ambient("decimal.context")
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError("register_ambient needs a non-empty name")
+    if not callable(get) or not callable(set):
+        raise ConfigurationError(
+            f"register_ambient({name!r}, get, set): get and set must be callables"
+        )
+    if keyed not in ("always", "when-changed"):
+        raise ConfigurationError(
+            f"register_ambient({name!r}): keyed must be 'always' or 'when-changed', got {keyed!r}"
+        )
+    _REGISTRY[name] = Ambient(name, get, set, module, keyed, default)
+
+
+def unregister_ambient(name: str) -> None:
+    """Forget an ambient state registered with :func:`register_ambient` (no error if absent)."""
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> list[Ambient]:
+    """Every registered ambient state, built-ins first."""
+    return list(_REGISTRY.values())
+
+
+def _imported(name: str) -> bool:
+    """True when ``name`` is imported; waits for an import another thread has under way
+    (never look at a half-initialized module)."""
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+        importlib.import_module(name)  # blocks on the module's import lock until it is done
+    return True
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """The values and fingerprints of the ambient states present at one moment.
+
+    ``failed`` names states whose ``get`` or fingerprint raised: a cell that may depend on
+    them cannot be cached faithfully.
+    """
+
+    values: dict[str, Any]
+    digests: dict[str, str]
+    failed: dict[str, str]
+
+
+def snapshot() -> Snapshot:
+    """The current value of every ambient state whose module is imported."""
+    from notebook_flow.hashing import fingerprint
+
+    values: dict[str, Any] = {}
+    digests: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    for ambient in registered():
+        if ambient.module is not None and not _imported(ambient.module):
+            continue
+        try:
+            value = ambient.get()
+            keyed = value if ambient.default is None else _from_default(value, ambient.default())
+            if keyed is not _DEFAULT:
+                digests[ambient.name] = fingerprint(keyed)
+        except Exception as exc:
+            failed[ambient.name] = f"{type(exc).__name__}: {exc}"
+            continue
+        values[ambient.name] = value
+    return Snapshot(values, digests, failed)
+
+
+_DEFAULT: Any = object()
+
+
+def _from_default(value: Any, default: Any) -> Any:
+    """What of ``value`` differs from ``default``: the differing entries of a dict,
+    :data:`_DEFAULT` when nothing differs."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        missing = object()
+        diff = {k: v for k, v in value.items() if not _same(default.get(k, missing), v)}
+        return diff or _DEFAULT
+    return _DEFAULT if _same(value, default) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # arrays and other values without a plain ==
+        return a is b
+
+
+def key_components(before: Snapshot, *, keyed: Keyed) -> dict[str, str]:
+    """``{label: digest}`` of the states in ``before`` that are keyed as ``keyed``
+    (labels ``ambient `name```, in registration order)."""
+    out = {}
+    for name, digest in before.digests.items():
+        ambient = _REGISTRY.get(name)
+        if ambient is not None and ambient.keyed == keyed:
+            out[label(name)] = digest
+    return out
+
+
+def label(name: str) -> str:
+    """The key component label of an ambient state."""
+    return f"ambient `{name}`"
+
+
+def changed(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """The states the cell changed (a first import that set one up included): their values."""
+    names = [n for n in after.values if before.digests.get(n) != after.digests.get(n)]
+    return {name: after.values[name] for name in names}
+
+
+def consumed(before: Snapshot, after: Snapshot) -> list[str]:
+    """The ``"when-changed"`` states that existed before the cell ran and that it changed
+    (drew from): the states it is keyed on."""
+    out = []
+    for name in changed(before, after):
+        ambient = _REGISTRY.get(name)
+        if ambient is not None and ambient.keyed == "when-changed" and name in before.values:
+            out.append(name)
+    return out
+
+
+def restore(values: dict[str, Any]) -> list[str]:
+    """Set stored states again; returns the names that could not be set (no such state
+    registered, its module not imported, or its ``set`` raised)."""
+    missing = []
+    for name, value in values.items():
+        ambient = _REGISTRY.get(name)
+        if ambient is None or (ambient.module is not None and not _imported(ambient.module)):
+            missing.append(name)
+            continue
+        try:
+            ambient.set(value)
+        except Exception as exc:
+            logger.warning("cannot restore the ambient state %s: %s", name, exc)
+            missing.append(name)
+    return missing
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _random_get() -> Any:
+    import random
+
+    return random.getstate()
+
+
+def _random_set(state: Any) -> None:
+    import random
+
+    random.setstate(state)
+
+
+def _numpy_get() -> Any:
+    import numpy
+
+    return numpy.random.get_state()
+
+
+def _numpy_set(state: Any) -> None:
+    import numpy
+
+    numpy.random.set_state(state)
+
+
+def _torch_get() -> Any:
+    torch: Any = importlib.import_module("torch")  # imported already (module="torch")
+
+    state: dict[str, Any] = {"cpu": torch.get_rng_state().numpy().tobytes()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _torch_set(state: Any) -> None:
+    torch: Any = importlib.import_module("torch")
+
+    def tensor(raw: bytes) -> Any:
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+# rcParams["backend"] resolves (and may switch) the backend when read; it is not style.
+_RC_SKIP = frozenset({"backend", "backend_fallback"})
+
+
+def _rc_get() -> Any:
+    import matplotlib
+
+    # dict's own items: RcParams.__getitem__ would resolve the backend and warn for
+    # deprecated keys.
+    return {k: v for k, v in dict.items(matplotlib.rcParams) if k not in _RC_SKIP}
+
+
+def _rc_default() -> Any:
+    import matplotlib
+
+    return {k: v for k, v in dict.items(matplotlib.rcParamsOrig) if k not in _RC_SKIP}
+
+
+def _rc_set(values: Any) -> None:
+    import matplotlib
+
+    params = matplotlib.rcParams
+    current = _rc_get()
+    params.update({k: v for k, v in values.items() if k not in current or current[k] != v})
+
+
+def _pandas_get() -> Any:
+    config: Any = importlib.import_module("pandas._config.config")
+
+    deprecated = config._deprecated_options
+    return {
+        key: config.get_option(key)
+        for key in sorted(config._registered_options)
+        if key not in deprecated
+    }
+
+
+def _pandas_default() -> Any:
+    config: Any = importlib.import_module("pandas._config.config")
+    return {key: config.get_default_val(key) for key in _pandas_get()}
+
+
+def _pandas_set(values: Any) -> None:
+    config: Any = importlib.import_module("pandas._config.config")
+
+    current = _pandas_get()
+    for key, value in values.items():
+        if key in current and current[key] != value:
+            config.set_option(key, value)
+
+
+def _cwd_set(path: Any) -> None:
+    os.chdir(path)
+
+
+# sys.path as the process started: only what a notebook adds (or removes) is state.
+_BASE_PATH = tuple(sys.path)
+
+
+def _path_get() -> Any:
+    base = set(_BASE_PATH)
+    return {
+        "added": [p for p in sys.path if p not in base],
+        "front": [p for p in sys.path[: _first_base_index()] if p not in base],
+        "removed": [p for p in _BASE_PATH if p not in sys.path],
+    }
+
+
+def _first_base_index() -> int:
+    base = set(_BASE_PATH)
+    return next((i for i, p in enumerate(sys.path) if p in base), len(sys.path))
+
+
+def _path_set(state: Any) -> None:
+    removed = set(state["removed"])
+    kept = [p for p in _BASE_PATH if p not in removed]
+    front = list(state["front"])
+    back = [p for p in state["added"] if p not in front]
+    # Entries the running process added that are in neither list go: the stored state is
+    # what the cell left, and the cell started where this process is now (the key says so).
+    sys.path[:] = front + kept + back
+
+
+register_ambient("random", _random_get, _random_set, keyed="when-changed")
+register_ambient("numpy.random", _numpy_get, _numpy_set, module="numpy", keyed="when-changed")
+register_ambient("torch.random", _torch_get, _torch_set, module="torch", keyed="when-changed")
+register_ambient("matplotlib.rcParams", _rc_get, _rc_set, module="matplotlib", default=_rc_default)
+register_ambient(
+    "pandas.options", _pandas_get, _pandas_set, module="pandas", default=_pandas_default
+)
+register_ambient("cwd", os.getcwd, _cwd_set)
+register_ambient(
+    "sys.path", _path_get, _path_set, default=lambda: {"added": [], "front": [], "removed": []}
+)

@@ -1,0 +1,222 @@
+"""Effects through calls: what a cell changes without naming it.
+
+``def draw(): return rs.normal()`` then ``print(draw())``: the cell's code never mentions
+``rs``, yet running it advances that generator, and the next cell sees the difference. The
+functions a cell reads were already walked for its key
+(:mod:`notebook_flow.sourcehash.walk`): the walk lists every global, closure variable and
+bound object they reach, with a fingerprint of each mutable one. :func:`watch` takes that
+list before the cell runs; :meth:`Watches.changed` compares after it ran. What changed is an
+output of the cell (stored, and restored on a hit: in place where the live object can take
+it, so aliases stay aliases).
+
+A reachable mutable object with no stable fingerprint cannot be compared, so a cell that
+calls a function reaching one is run uncached with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["Target", "Watches", "find_target", "watch"]
+
+_MISSING: Any = object()
+
+#: Where a reached object lives: ``("ns", name)`` in the notebook's namespace,
+#: ``("module", module, name)`` in a local module, ``("cell", function, i)`` the i-th closure
+#: variable and ``("obj", function, i)`` the i-th bound object its walk meets (the walk's
+#: order is fixed by the function's code and the values the key fingerprints).
+Target = tuple[Any, ...]
+
+
+@dataclasses.dataclass
+class _Watch:
+    target: Target
+    before: Any  # the object (or _MISSING) the name or cell held before the run
+    digest: str | None  # its fingerprint before, None for immutable values (identity only)
+
+
+@dataclasses.dataclass
+class Watches:
+    """The objects reachable through the functions a cell reads, as they were before it ran."""
+
+    items: list[_Watch] = dataclasses.field(default_factory=list)
+    opaque: list[str] = dataclasses.field(default_factory=list)  # reasons to run uncached
+
+    def changed(self, user_ns: dict[str, Any]) -> list[tuple[Target, Any, bool]]:
+        """``(target, value now, same object as before)`` for every watched object the cell
+        changed (rebound or mutated); a target deleted has a value :func:`missing` accepts."""
+        from notebook_flow.sourcehash.walk import _safe_fingerprint
+
+        out = []
+        for w in self.items:
+            now = _current(w.target, user_ns)
+            if now is not w.before:
+                out.append((w.target, now, False))
+            elif w.digest is not None and _safe_fingerprint(now) != w.digest:
+                out.append((w.target, now, True))
+        return out
+
+
+def _code_like(value: Any) -> bool:
+    from notebook_flow._codehash import is_immutable
+    from notebook_flow.sourcehash.walk import _is_task
+
+    return (
+        value is _MISSING
+        or is_immutable(value)
+        or isinstance(
+            value,
+            (
+                types.FunctionType,
+                types.BuiltinFunctionType,
+                types.MethodType,
+                types.ModuleType,
+                type,
+                functools.partial,
+                staticmethod,
+                classmethod,
+            ),
+        )
+        or _is_task(value)
+    )
+
+
+def _entry_lists(fn: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
+    """(namespace entries, closure cells, bound objects) the walk of ``fn`` reached."""
+    from notebook_flow.sourcehash.components import _entry
+    from notebook_flow.sourcehash.walk import _cell_value
+
+    try:
+        entry = _entry(fn)
+    except Exception:  # the key already fingerprinted it; a failure here means nothing new
+        return None
+    names: list[tuple[dict[str, Any], str, Any, str | None]]
+    names = [(ns, name, value, None) for ns, name, value in entry.ns_same]
+    names += [(ns, name, ns.get(name, _MISSING), fp) for ns, name, fp in entry.ns_value]
+    cells: list[tuple[Any, Any, str | None]]
+    cells = [(cell, value, None) for cell, value in entry.cells_same]
+    cells += [(cell, _cell_value(cell), fp) for cell, fp in entry.cells_value]
+    objects = [(obj, fp) for obj, fp in entry.objects]
+    return names, cells, objects
+
+
+def watch(
+    user_ns: dict[str, Any],
+    function_names: list[str],
+    module_attributes: Sequence[tuple[str, str]] = (),
+) -> Watches:
+    """Watches over what the functions ``function_names`` (read by the cell; dotted for a
+    local module's function, ``helpers.clean``) reach, and over the data attributes
+    ``(module, name)`` of local modules the cell reads itself."""
+    from notebook_flow._codehash import module_kind, type_name
+    from notebook_flow.sourcehash.walk import _MISSING as WALK_MISSING
+    from notebook_flow.sourcehash.walk import _safe_fingerprint
+
+    out = Watches()
+    seen: set[Target] = set()
+
+    def add(fn: str, target: Target, value: Any, digest: str | None, label: str) -> None:
+        if value is WALK_MISSING:
+            value = _MISSING
+        if target in seen:
+            return
+        seen.add(target)
+        if digest is None and not _code_like(value) and _safe_fingerprint(value) is None:
+            out.opaque.append(
+                f"it uses `{fn}`, which reaches {label}, a {type_name(value)} with no "
+                "stable fingerprint: whether the cell changes it cannot be told"
+            )
+        out.items.append(_Watch(target, value, digest))
+
+    for module, name in module_attributes:
+        value = vars(sys.modules[module]).get(name, _MISSING) if module in sys.modules else None
+        digest = None if _code_like(value) else _safe_fingerprint(value)
+        add(module, ("module", module, name), value, digest, f"`{module}.{name}`")
+    for fn in function_names:
+        lists = _entry_lists(_lookup(user_ns, fn))
+        if lists is None:
+            continue
+        names, cells, objects = lists
+        for ns, name, value, digest in names:
+            if ns is user_ns:
+                add(fn, ("ns", name), value, digest, f"`{name}`")
+            else:
+                module = ns.get("__name__")
+                if isinstance(module, str) and module_kind(module) == "user":
+                    add(fn, ("module", module, name), value, digest, f"`{module}.{name}`")
+        for i, (_cell, value, digest) in enumerate(cells):
+            add(fn, ("cell", fn, i), value, digest, f"a closure variable of `{fn}`")
+        for i, (obj, digest) in enumerate(objects):
+            add(fn, ("obj", fn, i), obj, digest, f"an object bound to `{fn}`")
+    return out
+
+
+def _current(target: Target, user_ns: dict[str, Any]) -> Any:
+    kind = target[0]
+    if kind == "ns":
+        return user_ns.get(target[1], _MISSING)
+    if kind == "module":
+        module = sys.modules.get(target[1])
+        return _MISSING if module is None else vars(module).get(target[2], _MISSING)
+    lists = _entry_lists(_lookup(user_ns, target[1]))
+    if lists is None:
+        return _MISSING
+    if kind == "cell":
+        from notebook_flow.sourcehash.walk import _cell_value
+
+        cells = lists[1]
+        return _cell_value(cells[target[2]][0]) if target[2] < len(cells) else _MISSING
+    objects = lists[2]
+    return objects[target[2]][0] if target[2] < len(objects) else _MISSING
+
+
+def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """``(live object, setter, deleter)`` for a target on a hit: ``setter(value)`` rebinds
+    it and ``deleter()`` unbinds it (both None for a bound object, which can only be
+    updated in place). Raises ``LookupError`` when the target is not there."""
+    kind = target[0]
+    if kind in ("ns", "module"):
+        if kind == "ns":
+            ns, name = user_ns, target[1]
+        else:
+            module = sys.modules.get(target[1])
+            if module is None:
+                raise LookupError(f"module {target[1]} is not imported")
+            ns, name = vars(module), target[2]
+        return (
+            ns.get(name, _MISSING),
+            functools.partial(ns.__setitem__, name),
+            functools.partial(ns.pop, name, None),
+        )
+    lists = _entry_lists(_lookup(user_ns, target[1]))
+    if lists is None:
+        raise LookupError(f"`{target[1]}` is not a function any more")
+    if kind == "cell":
+        from notebook_flow.sourcehash.walk import _cell_value
+
+        cell = lists[1][target[2]][0]
+        return (
+            _cell_value(cell),
+            functools.partial(setattr, cell, "cell_contents"),
+            functools.partial(delattr, cell, "cell_contents"),
+        )
+    return lists[2][target[2]][0], None, None
+
+
+def _lookup(user_ns: dict[str, Any], dotted: str) -> Any:
+    """``user_ns["helpers"].clean`` for ``"helpers.clean"`` (None when not there)."""
+    first, *rest = dotted.split(".")
+    value = user_ns.get(first)
+    for part in rest:
+        value = getattr(value, part, None)
+    return value
+
+
+def missing(value: Any) -> bool:
+    """True for the marker of a name or closure variable that holds nothing."""
+    return value is _MISSING

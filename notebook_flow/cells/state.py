@@ -1,0 +1,345 @@
+"""Storing a cell's results so that identities survive, and restoring them in place.
+
+A plain run leaves more than values behind: ``b = {"x": a}`` makes ``b["x"]`` *be* ``a``,
+and ``a.append(2)`` changes the list every alias of ``a`` sees. A restored cell must leave
+the same relations, so:
+
+* :func:`pack` pickles all of a cell's outputs together (shared objects stay shared), and
+  an object that existed before the cell ran and that it did not change (an input, or
+  something inside one) is stored as a *reference* to where it lives (``("ns", "a")``,
+  ``("ns", "data", ("k", "train"))``) rather than as a copy. The key fingerprints those
+  inputs, so on a hit the same objects are there to point at again.
+* :func:`unpack` resolves those references to the live objects.
+* :func:`update_in_place` puts a stored value into the live object a cell changed (lists,
+  dicts, sets, arrays of the same shape and dtype, plain objects' ``__dict__``, numpy
+  generators), recursively, so aliases of it and of its parts stay aliases. Where that is
+  not possible it returns the stored value to rebind.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import pickle
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = [
+    "kept_paths",
+    "pack",
+    "reference_map",
+    "relink",
+    "unpack",
+    "update_in_place",
+    "walk",
+]
+
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_MAX_REFERENCED = 20_000  # objects looked into per cell (a bound on the walk's cost)
+_MAX_DEPTH = 8
+_MAX_ITEMS = 5_000  # items of one container
+
+
+# --------------------------------------------------------------------------- references
+
+Path = tuple[Any, ...]  # (root, ("i", index) | ("k", key) | ("a", attribute), ...)
+
+
+def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
+    """``{path: object}`` for the objects reachable from ``roots`` (``(path, value)`` pairs)
+    through lists, tuples, dicts with str/int keys and objects' ``__dict__`` (each object at
+    the first path met; scalars left out). Bounded: a cell's inputs may be huge."""
+    found: dict[Path, Any] = {}
+    seen: set[int] = set()
+    budget = _MAX_REFERENCED
+
+    def visit(obj: Any, path: Path, depth: int) -> None:
+        nonlocal budget
+        if budget <= 0 or type(obj) in _SCALARS or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        found[path] = obj
+        budget -= 1
+        if depth < _MAX_DEPTH:
+            for step, item in _children(obj):
+                visit(item, (*path, step), depth + 1)
+
+    for path, value in roots:
+        visit(value, path, 0)
+    return found
+
+
+def reference_map(roots: Iterable[tuple[Path, Any]]) -> dict[int, tuple[str, Path]]:
+    """``{id(obj): reference}`` for the objects of :func:`walk` (they stay alive in the
+    roots): ``("ref", path)``, and ``("typeof", path)`` for the class of such an object when
+    the class would otherwise be pickled by value (a class defined in the notebook): an
+    object restored in place must keep the very class the live one has."""
+    refs: dict[int, tuple[str, Path]] = {}
+    for path, obj in walk(roots).items():
+        refs[id(obj)] = ("ref", path)
+        cls = type(obj)
+        if cls.__module__ == "__main__" and id(cls) not in refs:
+            refs[id(cls)] = ("typeof", path)
+    return refs
+
+
+def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
+    t = type(obj)
+    if t is list or t is tuple:
+        return ((("i", i), v) for i, v in enumerate(itertools.islice(obj, _MAX_ITEMS)))
+    if t is dict:
+        items = itertools.islice(obj.items(), _MAX_ITEMS)
+        return ((("k", k), v) for k, v in items if type(k) in (str, int))
+    if _state_object(obj):
+        items = itertools.islice(vars(obj).items(), _MAX_ITEMS)
+        return ((("a", k), v) for k, v in items if type(k) is str)
+    return ()
+
+
+def kept_paths(before: dict[Path, Any], root: Path, value: Any) -> set[Path]:
+    """The paths under ``root`` whose object in ``value`` now is the object ``before`` had
+    there: the parts a cell changed in place rather than replaced."""
+    after = walk([(root, value)])
+    return {path for path, obj in after.items() if before.get(path) is obj}
+
+
+def _state_object(obj: Any) -> bool:
+    """An instance of a Python class whose state is its ``__dict__``: no ``__slots__``, no
+    custom ``__reduce__`` (a custom ``__getstate__``/``__setstate__`` is fine: restoring
+    copies the ``__dict__`` of the unpickled object)."""
+    t: Any = type(obj)
+    if isinstance(obj, (type, types.ModuleType, types.FunctionType)) or t.__module__ == "builtins":
+        return False
+    base: Any = object
+    if not isinstance(getattr(obj, "__dict__", None), dict):
+        return False
+    if t.__reduce_ex__ is not base.__reduce_ex__ or t.__reduce__ is not base.__reduce__:
+        return False
+    return not any("__slots__" in vars(c) for c in t.__mro__[:-1])
+
+
+def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
+    """The live object at ``path`` (``KeyError``/``IndexError``/``AttributeError`` if gone)."""
+    obj = roots[path[0]]
+    for kind, step in path[1:]:
+        obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
+    return obj
+
+
+# --------------------------------------------------------------------------- pickling
+
+
+#: Arrays and DataFrames at least this big are stored in their own format (npy, Parquet:
+#: memory-mapped on a hit from a local store), not inside the cell's pickle.
+LARGE_BYTES = 1 << 20
+
+
+def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None = None) -> bytes:
+    """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
+    the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
+    and DataFrames appended to it and stored as their index there."""
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def persistent_id(self, obj: Any) -> Any:
+            if type(obj) in _SCALARS:
+                return None
+            ref = refs.get(id(obj))
+            if ref is not None:
+                return ref
+            if large is not None and _large(obj):
+                for i, seen in enumerate(large):
+                    if seen is obj:
+                        return ("large", i)
+                large.append(obj)
+                return ("large", len(large) - 1)
+            return None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=5).dump(value)
+    return buffer.getvalue()
+
+
+def _large(obj: Any) -> bool:
+    t = type(obj)
+    if t.__name__ == "ndarray" and t.__module__ == "numpy":
+        return bool(obj.nbytes >= LARGE_BYTES and not obj.dtype.hasobject)
+    if t.__name__ == "DataFrame" and t.__module__.partition(".")[0] == "pandas":
+        try:
+            return bool(obj.memory_usage(index=True, deep=False).sum() >= LARGE_BYTES)
+        except Exception:
+            return False
+    return False
+
+
+def unpack(
+    data: bytes, roots: dict[str, Any], load_large: Callable[[int], Any] | None = None
+) -> Any:
+    """Unpickle what :func:`pack` made, references resolved against ``roots`` and large
+    values loaded with ``load_large(index)``.
+
+    ``data`` comes from a verified store payload (never call this on anything else).
+    """
+
+    loaded: dict[int, Any] = {}  # each large value once: shared references stay shared
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            tag, where = pid
+            if tag == "ref":
+                return resolve(tuple(where), roots)
+            if tag == "typeof":
+                return type(resolve(tuple(where), roots))
+            if tag == "large" and load_large is not None:
+                if int(where) not in loaded:
+                    loaded[int(where)] = load_large(int(where))
+                return loaded[int(where)]
+            raise pickle.UnpicklingError(f"unknown reference {tag!r}")
+
+    return Unpickler(io.BytesIO(data)).load()
+
+
+# --------------------------------------------------------------------------- in place
+
+
+def update_in_place(
+    live: Any,
+    stored: Any,
+    memo: dict[int, Any],
+    kept: set[Path] | None = None,
+    path: Path = (),
+) -> Any:
+    """Make ``live`` equal to ``stored`` without replacing it where its type allows.
+
+    Returns the object to bind: ``live`` (updated) or ``stored`` (when ``live`` cannot take
+    it: another type, an array of another shape). A part is updated in place too when its
+    path (under ``path``) is in ``kept`` (the cell changed that part in place: an alias of
+    it must see the change), else replaced (the cell replaced it: an alias keeps the old
+    one). ``kept=None`` updates every part in place. ``memo`` maps ids of stored objects
+    already placed to the object now standing for them (shared parts stay shared).
+    """
+    if id(stored) in memo:
+        return memo[id(stored)]
+    if live is stored or type(live) is not type(stored) or type(live) in _SCALARS:
+        return stored
+    memo[id(stored)] = live
+
+    def part(live_part: Any, stored_part: Any, step: tuple[str, Any]) -> Any:
+        sub = (*path, step)
+        if kept is None or sub in kept:
+            return update_in_place(live_part, stored_part, memo, kept, sub)
+        return stored_part
+
+    t = type(live)
+    if t is list:
+        merged = [part(a, b, ("i", i)) for i, (a, b) in enumerate(zip(live, stored, strict=False))]
+        live[:] = merged + stored[len(live) :]
+        return live
+    if t is dict:
+        _update_mapping(live, stored, part, "k")
+        return live
+    # A tuple is immutable: the live one stays only if each item came back as itself.
+    if t is tuple and len(live) == len(stored):
+        items = [part(a, b, ("i", i)) for i, (a, b) in enumerate(zip(live, stored, strict=True))]
+        if all(a is b for a, b in zip(items, live, strict=True)):
+            return live
+        memo[id(stored)] = rebuilt = tuple(items)
+        return rebuilt
+    if t is set:
+        live.clear()
+        live.update(stored)
+        return live
+    if _generator(live):
+        live.bit_generator.state = stored.bit_generator.state
+        return live
+    if _random_state(live):
+        live.set_state(stored.get_state())
+        return live
+    if _array(live):
+        if live.shape == stored.shape and live.dtype == stored.dtype and live.flags.writeable:
+            live[...] = stored
+            return live
+    elif _pandas_object(live):
+        try:
+            live._update_inplace(stored)  # what pandas' own inplace=True operations do
+            live.attrs = stored.attrs
+            return live
+        except Exception:  # another pandas version: rebind
+            pass
+    elif _state_object(live):
+        _update_mapping(vars(live), vars(stored), part, "a")
+        return live
+    memo[id(stored)] = stored
+    return stored
+
+
+def _update_mapping(
+    live: dict[Any, Any], stored: dict[Any, Any], part: Callable[..., Any], kind: str
+) -> None:
+    for k in [k for k in live if k not in stored]:
+        del live[k]
+    for k, v in stored.items():
+        live[k] = part(live[k], v, (kind, k)) if k in live else v
+
+
+def relink(value: Any, memo: dict[int, Any]) -> Any:
+    """``value`` with every stored object that :func:`update_in_place` put into a live one
+    replaced by that live one (``c = [a]`` after ``a`` was restored in place: ``c[0] is a``)."""
+    swaps = {k: v for k, v in memo.items() if id(v) != k}
+    if not swaps:
+        return value
+    return _relink(value, swaps, set(), [_MAX_REFERENCED])
+
+
+def _relink(value: Any, swaps: dict[int, Any], seen: set[int], budget: list[int]) -> Any:
+    live = swaps.get(id(value))
+    if live is not None:
+        return live
+    if type(value) in _SCALARS or id(value) in seen or budget[0] <= 0:
+        return value
+    seen.add(id(value))
+    budget[0] -= 1
+    t = type(value)
+    if t is list:
+        value[:] = [_relink(v, swaps, seen, budget) for v in value]
+    elif t is dict:
+        for k, v in value.items():
+            value[k] = _relink(v, swaps, seen, budget)
+    elif t is tuple:
+        items = tuple(_relink(v, swaps, seen, budget) for v in value)
+        if any(a is not b for a, b in zip(items, value, strict=True)):
+            return items
+    elif _state_object(value):
+        state = vars(value)
+        for k, v in list(state.items()):
+            state[k] = _relink(v, swaps, seen, budget)
+    return value
+
+
+def _pandas_object(obj: Any) -> bool:
+    return any(
+        c.__name__ == "NDFrame" and c.__module__.partition(".")[0] == "pandas"
+        for c in type(obj).__mro__
+    )
+
+
+def _is_numpy(obj: Any, name: str) -> bool:
+    """``obj`` is an instance of numpy's class ``name`` (by name: never touches a numpy
+    another thread may be importing)."""
+    return any(
+        c.__name__ == name and c.__module__.partition(".")[0] == "numpy" for c in type(obj).__mro__
+    )
+
+
+def _generator(obj: Any) -> bool:
+    return _is_numpy(obj, "Generator")
+
+
+def _random_state(obj: Any) -> bool:
+    return _is_numpy(obj, "RandomState")
+
+
+def _array(obj: Any) -> bool:
+    t = type(obj)
+    return t.__name__ == "ndarray" and t.__module__ == "numpy"

@@ -1,0 +1,220 @@
+"""Issue 12's reproductions in real kernels: a cached run gives what a plain run gives.
+
+Each test runs the cells cold in kernel A, then again in a fresh kernel B over the same
+store (the cached run), and compares what the last, plain cell shows with the plain run's
+output quoted in the issue (a third kernel runs the cells without the magic where the issue
+quotes no number).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import _kernels
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+
+class Kernel(_kernels.Kernel):
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        super().__init__(env, cwd, ready_timeout=180, stderr=subprocess.DEVNULL)
+
+    def cell(self, code: str) -> tuple[str, list[Any]]:
+        """Run a cell that must succeed: (its stdout, its iopub messages)."""
+        content, messages = _kernels.execute(self.kc, code, 120)
+        assert content["status"] == "ok", (code, content.get("ename"), content.get("evalue"))
+        out = "".join(
+            m["content"]["text"]
+            for m in messages
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        )
+        return out, messages
+
+
+def run_cells(env: dict[str, str], cwd: Path, cells: list[str]) -> list[tuple[str, list[Any]]]:
+    """Every cell in a new kernel with the extension loaded: (stdout, messages) per cell."""
+    kernel = Kernel(env, cwd)
+    try:
+        kernel.cell("%load_ext notebook_flow")
+        return [kernel.cell(code) for code in cells]
+    finally:
+        kernel.close()
+
+
+def cold_then_cached(
+    env: dict[str, str], cwd: Path, cells: list[str]
+) -> tuple[list[str], list[str], list[list[Any]]]:
+    """Stdout per cell of the cold run (kernel A) and the cached run (kernel B), and the
+    cached run's messages."""
+    cold = run_cells(env, cwd, cells)
+    cached = run_cells(env, cwd, cells)
+    return [c[0] for c in cold], [c[0] for c in cached], [c[1] for c in cached]
+
+
+def badges(messages: list[Any]) -> list[str]:
+    return [
+        m["content"]["metadata"]["notebook_flow"]["badge"]
+        for m in messages
+        if m["msg_type"] == "display_data" and "notebook_flow" in m["content"].get("metadata", {})
+    ]
+
+
+def results(messages: list[Any]) -> list[str]:
+    return [
+        m["content"]["data"]["text/plain"] for m in messages if m["msg_type"] == "execute_result"
+    ]
+
+
+@pytest.fixture
+def env(python_env: dict[str, str]) -> dict[str, str]:
+    return dict(python_env, MPLBACKEND="agg")
+
+
+def test_rng_state_is_an_input_and_an_output(env: dict[str, str], tmp_path: Path) -> None:
+    """Reproduction 1: ``0.548814 0.715189`` cold and cached (was ``0.548814 0.771482``)."""
+    cells = [
+        "%%task\nimport numpy as np\nnp.random.seed(0)",
+        "%%task\na = np.random.rand()",
+        "b = np.random.rand()\nprint(f'{a:.6f} {b:.6f}')",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "0.548814 0.715189\n"
+    assert badges(messages[1]) == ["cached"]
+
+
+def test_rcparams_a_cached_cell_sets_reach_later_cells(env: dict[str, str], tmp_path: Path) -> None:
+    """Reproduction 1: ``[2. 1.]`` cold and cached (was ``[6.4 4.8]``)."""
+    cells = [
+        "import matplotlib.pyplot as plt",
+        "%%task\nplt.rc('figure', figsize=(2, 1))",
+        "fig = plt.figure()\nprint(fig.get_size_inches())",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "[2. 1.]\n"
+    assert badges(messages[1]) == ["cached"]
+
+
+def test_an_edited_rc_call_misses_the_plot_cells_after_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Reproduction 1: a cached plot cell keys on rcParams, so an edited ``plt.rc`` before
+    it makes it recompute (was: replayed the stale size)."""
+    plot = "%%task\nfig = plt.figure()\nsize = list(fig.get_size_inches())\nprint(size)"
+    first = ["import matplotlib.pyplot as plt", "plt.rc('figure', figsize=(2, 1))", plot]
+    edited = ["import matplotlib.pyplot as plt", "plt.rc('figure', figsize=(3, 1))", plot]
+    out_first = [c[0] for c in run_cells(env, tmp_path, first)]
+    out_edited = run_cells(env, tmp_path, edited)
+    assert out_first[2] == "[np.float64(2.0), np.float64(1.0)]\n"
+    assert out_edited[2][0] == "[np.float64(3.0), np.float64(1.0)]\n"
+    assert badges(out_edited[2][1]) == []
+
+
+def test_an_object_changed_through_a_call_is_stored(env: dict[str, str], tmp_path: Path) -> None:
+    """Reproduction 2: ``0.345584``, ``0.821618`` cold and cached (was 0.345584 twice)."""
+    cells = [
+        "import numpy as np\nrs = np.random.default_rng(1)",
+        "def draw():\n    return rs.normal()",
+        "%%task\nprint(f'{draw():.6f}')",
+        "%%task\nprint(f'{draw():.6f}')",
+        "print(f'{rs.normal():.6f}')",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2:4] == cached[2:4] == ["0.345584\n", "0.821618\n"]
+    assert cold[4] == cached[4]
+    assert badges(messages[2]) == badges(messages[3]) == ["cached"]
+
+
+def test_a_closure_and_a_module_global_changed_through_calls(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Reproduction 2, other paths: a closure variable and a local module's list."""
+    (tmp_path / "helpers.py").write_text("SEEN = []\n\ndef remember(x):\n    SEEN.append(x)\n")
+    cells = [
+        "import helpers\n"
+        "def make():\n    counts = {'n': 0}\n    def bump():\n        counts['n'] += 1\n"
+        "        return counts['n']\n    return bump\nbump = make()",
+        "%%task\nprint(bump(), helpers.remember(5))",
+        "print(bump(), helpers.SEEN)",
+    ]
+    cold, cached, _ = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "2 [5]\n"
+
+
+def test_restoring_keeps_aliases(env: dict[str, str], tmp_path: Path) -> None:
+    """Reproduction 3: ``{'x': [1, 2]}`` cold and cached (was ``{'x': [1]}``)."""
+    cells = ["%%task\na = [1]\nb = {'x': a}", "%%task\na.append(2)", "print(b)"]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "{'x': [1, 2]}\n"
+    assert badges(messages[0]) == badges(messages[1]) == ["cached"]
+
+
+def test_outputs_that_point_at_inputs_stay_aliases(env: dict[str, str], tmp_path: Path) -> None:
+    cells = [
+        "data = {'rows': [1, 2]}",
+        "%%task\nview = data['rows']\nboth = [data, data]",
+        "data['rows'].append(3)\nprint(view, both[0] is both[1] is data)",
+    ]
+    cold, cached, _ = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "[1, 2, 3] True\n"
+
+
+def test_trailing_semicolon_hides_the_value(env: dict[str, str], tmp_path: Path) -> None:
+    """Reproduction 5: ``x.sum();`` shows nothing, cold and cached (was ``np.int64(3)``)."""
+    cells = [
+        "import numpy as np\nx = np.array([1, 2])",
+        "%%task\nx.sum();",
+        "%%task\nx.sum()",
+        "%%task\nx.sum();  # a comment",
+    ]
+    cold = run_cells(env, tmp_path, cells)
+    cached = run_cells(env, tmp_path, cells)
+    for run in (cold, cached):
+        assert results(run[1][1]) == []
+        assert results(run[2][1]) == ["np.int64(3)"]
+        assert results(run[3][1]) == []
+
+
+def test_in_place_changes_of_frames_and_objects_reach_their_aliases(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``inplace=True`` on a DataFrame and a fitted model seen through another name; an
+    attribute the cell *replaced* stays replaced for an alias of the old value."""
+    cells = [
+        "import numpy as np, pandas as pd\n"
+        "df = pd.DataFrame({'x': [1.0, np.nan, 3.0]})\nalias = df\n"
+        "class Model:\n    def __init__(self):\n        self.coef = np.zeros(2)\n"
+        "        self.history = []\n"
+        "    def fit(self, k):\n        self.coef = np.full(2, k)\n"
+        "        self.history.append(k)\n        return self\n"
+        "m = Model()\npipe = [m]\nold_coef = m.coef\nhist = m.history",
+        "%%task\ndf.dropna(inplace=True)\nm.fit(3)",
+        "print(alias.shape, pipe[0].coef.tolist(), old_coef.tolist(), hist)",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "(2, 1) [3, 3] [0.0, 0.0] [3]\n"
+    assert badges(messages[1]) == ["cached"]
+
+
+def test_a_failing_cell_shows_the_traceback_a_plain_cell_shows(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """No ``run_cell_magic(...)`` frame on top: the body's frames, as without the magic."""
+    kernel = Kernel(env, tmp_path)
+    try:
+        kernel.cell("%load_ext notebook_flow\ndef f():\n    return 1 / 0")
+        shown = []
+        for code in ("x = 1\ny = f()", "%%task\nx = 1\ny = f()"):
+            content, messages = _kernels.execute(kernel.kc, code, 120)
+            assert content["status"] == "error" and content["ename"] == "ZeroDivisionError"
+            (error,) = [m for m in messages if m["msg_type"] == "error"]
+            lines = [re.sub(r"\x1b\[[0-9;]*m", "", t) for t in error["content"]["traceback"]]
+            shown.append([line for line in lines if "Cell In[" in line])
+        plain, cached = shown
+        assert len(plain) == len(cached) == 2
+        assert not any("run_cell_magic" in "".join(t) for t in shown)
+    finally:
+        kernel.close()
