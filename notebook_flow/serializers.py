@@ -420,10 +420,9 @@ class PickleSerializer:
         return True
 
     def dump(self, value: object, file: BinaryIO) -> None:
-        import cloudpickle
 
         try:
-            _pickler(cloudpickle)(file, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+            cloudpickler()(file, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
         except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
             raise SerializationError(
                 f"cannot pickle a value of type {type(value).__qualname__}: {exc}. "
@@ -444,12 +443,14 @@ def _numpy_global_random_state() -> object:
 _PICKLER: list[type] = []
 
 
-def _pickler(cloudpickle: Any) -> Any:
-    """cloudpickle's Pickler, except that numpy's global ``RandomState`` is pickled by
-    reference: an object holding it (a scipy.stats distribution) must draw from the live
-    global generator after a load, as it did before, not from a private copy."""
+def cloudpickler() -> Any:
+    """cloudpickle's Pickler class, except that numpy's global ``RandomState`` is pickled
+    by reference: an object holding it (a scipy.stats distribution) must draw from the
+    live global generator after a load, as it did before, not from a private copy. Every
+    pickle of a stored value is made by it (or a subclass)."""
     if _PICKLER:
         return _PICKLER[0]
+    import cloudpickle
 
     class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         def reducer_override(self, obj: object) -> Any:

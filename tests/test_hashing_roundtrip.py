@@ -315,3 +315,17 @@ def test_value_stored_in_one_process_fingerprints_alike_when_loaded_in_another(
         "    print(f'{k}={fingerprint(v)}')\n"
     )
     assert _fingerprints_in_subprocess(load) == stored
+
+
+def test_cell_restoring_a_distribution_keeps_it_on_the_global_generator(shell: Any) -> None:
+    # Before: the cells' pickle copied numpy's global RandomState into the distribution, so
+    # after a hit `d.rvs()` drew from a stale private copy, and `d` fingerprinted differently.
+    code = "%%task\nfrom scipy import stats\nimport numpy as np\nd = stats.t(3)\nx = np.arange(3)\n"
+    shell.run_cell(code)
+    first = fingerprint(shell.user_ns["d"])
+    shell.reset(new_session=False)
+    result = shell.run_cell(code)
+    assert result.success
+    d = shell.user_ns["d"]
+    assert d.dist._random_state is np.random.mtrand._rand
+    assert fingerprint(d) == first
