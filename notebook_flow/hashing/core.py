@@ -214,7 +214,7 @@ def _walk(value: object, w: _Writer, ctx: _Context) -> None:
         handler = _RESOLVED.get(cls)
         if handler is None:
             handler = _RESOLVED[cls] = _resolve(cls)
-    if ctx.special:
+    if ctx.special and (ctx.leaves is not None or id(value) in _LINEAGE_IDS):
         _walk_special(value, handler, w, ctx)
     else:
         handler(value, w, ctx)
@@ -244,9 +244,6 @@ def _walk_special(value: object, handler: Handler, w: _Writer, ctx: _Context) ->
             ctx.leaves.append(value)
         else:
             _commit(w, outer)
-        return
-    if not _lineage.has_entry(value):
-        handler(value, w, ctx)
         return
     start, outer = _checkpoint(w)
     try:
@@ -310,4 +307,6 @@ def _leave(value: object, ctx: _Context) -> None:
 
 # Last: dispatch imports the handler modules, which import the names above.
 from notebook_flow.hashing import lineage as _lineage  # noqa: E402
+
+_LINEAGE_IDS = _lineage._entries  # the registry's dict itself (never rebound): a fast check
 from notebook_flow.hashing.dispatch import _resolve  # noqa: E402

@@ -109,11 +109,6 @@ def active() -> bool:
     return bool(_entries)
 
 
-def has_entry(value: object) -> bool:
-    """A cheap pre-check for the walk: an entry exists for this id (not yet verified)."""
-    return id(value) in _entries
-
-
 def register_lineage_only(cls: type) -> None:
     """Fingerprint instances of ``cls`` only by their lineage, never by their content.
 
