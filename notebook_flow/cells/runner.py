@@ -257,7 +257,9 @@ class CellRunner:
         restored.apply_variables(ns)
         run_definitions(self.shell, cell.analysis, restored.variables)
         restored.apply_rest(ns)
-        lineage.record_outputs(lineage.produced_by(manifest), restored.variables.items())
+        # (from the namespace: a variable may have been updated in place, not rebound)
+        outputs = [(n, ns[n]) for n in restored.variables if n in ns]
+        lineage.record_outputs(lineage.produced_by(manifest), outputs)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
         saved = max(manifest.duration - elapsed, 0.0)
