@@ -233,11 +233,12 @@ def _frame_to_table(value: object) -> pa.Table:
     if isinstance(frame.index, (pd.DatetimeIndex, pd.TimedeltaIndex)) and frame.index.freq:
         extra["index_freq"] = frame.index.freqstr
     for dtype in [*frame.dtypes, *_index_dtypes(frame.index)]:
-        # Parquet keeps the dictionary (and so the categories) only for string categories.
-        if isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_string_dtype(
-            dtype.categories.dtype
+        # Parquet keeps the dictionary (and so the categories) only for string categories,
+        # and not at all for an empty one (it comes back as an object column).
+        if isinstance(dtype, pd.CategoricalDtype) and (
+            not pd.api.types.is_string_dtype(dtype.categories.dtype) or not len(dtype.categories)
         ):
-            raise SerializerDeclined("categorical with non-string categories")
+            raise SerializerDeclined("categorical with non-string or no categories")
     # pyarrow stringifies other labels (with a warning) and they come back changed.
     if not _labels_round_trip(frame):
         raise SerializerDeclined("column labels or index names that are not all str (or int)")
