@@ -45,7 +45,7 @@ def create_report(customer: int) -> dict[str, Any]:
     """Submit the job and answer immediately with its run id."""
     fut = build_report.submit(customer)
     _futures[fut.run_id] = fut
-    return {"run_id": fut.run_id, "state": fut.state.value}
+    return {"run_id": fut.run_id, "state": fut.run_state.value}
 
 
 @app.get("/reports/runs/{run_id}")
@@ -53,7 +53,7 @@ def report_status(run_id: str) -> dict[str, Any]:
     fut = _futures.get(run_id)
     if fut is None:
         raise HTTPException(404, f"no run {run_id} in this process")
-    body: dict[str, Any] = {"run_id": run_id, "state": fut.state.value}
+    body: dict[str, Any] = {"run_id": run_id, "state": fut.run_state.value}
     if fut.done():
         error = fut.exception()
         if error is None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _hooks
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it
@@ -147,6 +149,34 @@ def unload_ipython_extension(ipython: Any) -> None:
 
     unload(ipython)
 
+
+# -- wiring of the layers (see _hooks.py) ---------------------------------------------------
+# The package root is the one module that knows every layer: it points the hooks of the
+# lower layers at the higher ones, each imported on first use (so ``import notebook_flow``
+# imports none of them).
+
+
+def _submit_run(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any) -> Any:
+    from .runners import submit_task
+
+    return submit_task(task, args, kwargs, wait_for=wait_for)
+
+
+def _map_runs(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any) -> Any:
+    from .runners import map_task
+
+    return map_task(task, args, kwargs, wait_for=wait_for)
+
+
+def _show(obj: Any) -> None:
+    from .notebook import show
+
+    show(obj)
+
+
+_hooks.submit_run = _submit_run
+_hooks.map_runs = _map_runs
+_hooks.show = _show
 
 if TYPE_CHECKING:
     from . import cache_policies, dashboard, errors, hashing, locks, serializers, storage

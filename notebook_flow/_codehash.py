@@ -32,6 +32,8 @@ from typing import Any, Final, Literal
 
 import xxhash
 
+from notebook_flow._imports import loaded
+
 from .errors import UnhashableError
 
 logger = logging.getLogger("notebook_flow")
@@ -166,7 +168,7 @@ def is_immutable(value: object, depth: int = 0) -> bool:
         return depth < 20 and all(is_immutable(v, depth + 1) for v in value)  # type: ignore[attr-defined]
     if f"{t.__module__}.{t.__qualname__}" in _IMMUTABLE_NAMES:
         return True
-    numpy = sys.modules.get("numpy")
+    numpy = loaded("numpy")
     return numpy is not None and isinstance(value, numpy.generic)
 
 
@@ -261,7 +263,7 @@ def package_component(top: str) -> tuple[str, str]:
     The version of the *loaded* module (``__version__``) wins over the installed metadata:
     after a ``pip install -U`` in a running kernel the old code still runs.
     """
-    module = sys.modules.get(top)
+    module = loaded(top)
     version = getattr(module, "__version__", None)
     if not isinstance(version, str):
         version = _installed_version(top)

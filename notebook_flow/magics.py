@@ -254,9 +254,7 @@ class FlowMagics(Magics):
         from .futures import wait
 
         done, not_done = wait(futures, timeout=timeout)
-        failed = sum(
-            1 for f in done if getattr(f, "state", None) is not None and str(f.state) == "FAILED"
-        )
+        failed = sum(1 for f in done if f.state.is_failed())
         print(f"{len(done)} finished ({failed} failed), {len(not_done)} still running")
 
     def _flow_locks(self, rest: list[str]) -> Any:
@@ -283,7 +281,7 @@ class FlowMagics(Magics):
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         s = config.settings()
-        for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses"):
+        for field in ("store", "workers", "lock_lease", "lock_timeout", "log_misses", "auto_cells"):
             print(f"{field} = {getattr(s, field)!r}")
         print(f"signing = {'on' if s.signing_key else 'off'}")
 
@@ -378,7 +376,7 @@ def _config_value(key: str, text: str) -> Any:
         return int(text)
     if key in ("lock_lease", "lock_timeout"):
         return float(text)
-    if key == "log_misses":
+    if key in ("log_misses", "auto_cells"):
         return text.lower() in ("1", "true", "yes", "on")
     return text
 

@@ -3,8 +3,9 @@
 A future shown in a cell (``fut`` as the last expression) displays one line that moves
 pending → running with elapsed time → completed / cached with time saved / failed with
 the error; ``task.map(...)`` shows one progress bar with done, cached, failed and running
-counts and an ETA. Only ``TaskFuture._ipython_display_`` imports this module, so outside
-IPython nothing here (nor IPython itself) is imported.
+counts and an ETA. The futures reach this module only through the ``show`` hook
+(``_hooks.py``; the package root imports this module on first use), so outside IPython
+nothing here (nor IPython itself) is imported.
 
 Updates never ``print``: one daemon thread re-renders the shown objects a few times a
 second and sends ``update_display_data`` through the display handle, in the context of
@@ -27,7 +28,7 @@ from .states import format_seconds as _seconds
 if TYPE_CHECKING:
     from IPython.display import DisplayHandle
 
-__all__ = ["render_future", "render_futures", "show_future", "show_futures"]
+__all__ = ["render_future", "render_futures", "show", "show_future", "show_futures"]
 
 #: Seconds between refreshes of the live displays.
 REFRESH = 0.25
@@ -53,7 +54,7 @@ _COLORS = {
 
 def render_future(fut: TaskFuture[Any]) -> dict[str, str]:
     """The mime bundle of one future's status line."""
-    state = fut.state
+    state = fut.run_state
     text = f"{_ICONS.get(state, '')} {describe(fut)}"
     color = _COLORS.get(state, "#555")
     body = html.escape(describe(fut))
@@ -111,6 +112,14 @@ def _in_kernel() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def show(obj: TaskFuture[Any] | FutureList) -> None:
+    """Display a live status line (a future) or progress bar (a list of futures)."""
+    if isinstance(obj, TaskFuture):
+        show_future(obj)
+    else:
+        show_futures(obj)
 
 
 def show_future(fut: TaskFuture[Any]) -> None:

@@ -44,6 +44,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
+from notebook_flow._imports import loaded
+
 from .errors import ConfigurationError, SerializationError, SignatureError
 
 if TYPE_CHECKING:
@@ -128,7 +130,7 @@ class NpySerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        np = sys.modules.get("numpy")
+        np = loaded("numpy")
         if np is None or type(value) not in (np.ndarray, np.memmap):
             return False
         return not value.dtype.hasobject  # type: ignore[attr-defined]
@@ -180,7 +182,7 @@ class ParquetSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pd = sys.modules.get("pandas")
+        pd = loaded("pandas")
         return pd is not None and type(value) in (pd.DataFrame, pd.Series)
 
     def dump(self, value: object, file: BinaryIO) -> None:
@@ -345,7 +347,7 @@ class ArrowSerializer:
     pickles = False
 
     def accepts(self, value: object) -> bool:
-        pa = sys.modules.get("pyarrow")
+        pa = loaded("pyarrow")
         return pa is not None and type(value) is pa.Table
 
     def dump(self, value: object, file: BinaryIO) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+from typing import Any, Generic, TypeVar
 
-__all__ = ["FINAL_STATES", "RunState", "format_seconds"]
+__all__ = ["FINAL_STATES", "RunState", "State", "format_seconds"]
+
+R = TypeVar("R")
 
 
 class RunState(str, enum.Enum):
@@ -34,6 +37,96 @@ class RunState(str, enum.Enum):
 FINAL_STATES = frozenset(
     {RunState.COMPLETED, RunState.CACHED, RunState.FAILED, RunState.CRASHED, RunState.CANCELLED}
 )
+
+
+_NAMES = {
+    "PENDING": "Pending",
+    "RUNNING": "Running",
+    "RETRYING": "Retrying",
+    "COMPLETED": "Completed",
+    "CACHED": "Cached",
+    "FAILED": "Failed",
+    "CRASHED": "Crashed",
+    "CANCELLED": "Cancelled",
+}
+
+
+class State(Generic[R]):
+    """A run's state with its outcome, as Prefect 3's ``State`` reads: what
+    ``fut.state`` returns and what ``retry_condition_fn(task, task_run, state)`` receives.
+
+    >>> state = State(RunState.FAILED, exception=ValueError("bad row"))
+    >>> state.is_failed(), state.name
+    (True, 'Failed')
+    >>> state.result(raise_on_failure=False)
+    ValueError('bad row')
+
+    ``type`` is the :class:`RunState` (``CACHED`` is a completed state, as Prefect's
+    ``Cached`` is of type ``COMPLETED``); ``result()`` returns the value, or raises the
+    run's exception (``raise_on_failure=False``: returns it instead).
+    """
+
+    __slots__ = ("_exception", "_value", "message", "type")
+
+    def __init__(
+        self,
+        type: RunState,
+        value: Any = None,
+        exception: BaseException | None = None,
+        message: str | None = None,
+    ) -> None:
+        self.type = type
+        self._value = value
+        self._exception = exception
+        if message is None and exception is not None:
+            message = f"{_builtin_type(exception).__name__}: {exception}"
+        self.message = message
+
+    @property
+    def name(self) -> str:
+        """``"Completed"``, ``"Cached"``, ``"Failed"``, … (Prefect's state names)."""
+        return _NAMES[self.type.value]
+
+    def is_pending(self) -> bool:
+        return self.type is RunState.PENDING
+
+    def is_running(self) -> bool:
+        return self.type is RunState.RUNNING or self.type is RunState.RETRYING
+
+    def is_completed(self) -> bool:
+        return self.type is RunState.COMPLETED or self.type is RunState.CACHED
+
+    def is_failed(self) -> bool:
+        return self.type is RunState.FAILED
+
+    def is_crashed(self) -> bool:
+        return self.type is RunState.CRASHED
+
+    def is_cancelled(self) -> bool:
+        return self.type is RunState.CANCELLED
+
+    def is_final(self) -> bool:
+        return self.type in FINAL_STATES
+
+    def result(self, raise_on_failure: bool = True) -> R:
+        """The run's return value; its exception is raised (or, with
+        ``raise_on_failure=False``, returned). A run not final yet raises ``RuntimeError``.
+        """
+        exc = self._exception
+        if exc is not None:
+            if raise_on_failure:
+                raise exc
+            return exc  # type: ignore[return-value]
+        if not self.is_final():
+            raise RuntimeError(f"the run is {self.name.lower()}: it has no result yet")
+        return self._value  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        detail = f"message={self.message!r}, " if self.message else ""
+        return f"{self.name}({detail}type={self.type.value})"
+
+
+_builtin_type = type  # (``State.__init__`` takes a parameter named ``type``, as Prefect)
 
 
 def format_seconds(value: float) -> str:

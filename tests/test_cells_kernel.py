@@ -218,3 +218,16 @@ def test_a_failing_cell_shows_the_traceback_a_plain_cell_shows(
         assert not any("run_cell_magic" in "".join(t) for t in shown)
     finally:
         kernel.close()
+
+
+def test_objects_of_notebook_classes_keep_their_class(env: dict[str, str], tmp_path: Path) -> None:
+    """A cached instance of a class defined in the notebook is an instance of the live class
+    (made by a function the cell calls: the class is not read by the cell itself)."""
+    cells = [
+        "class P:\n    def __init__(self, v):\n        self.v = v\n\ndef make(v):\n    return P(v)",
+        "%%task\np = make(3)\nitems = [make(1), make(2)]",
+        "print(isinstance(p, P), type(items[1]) is P, p.v)",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "True True 3\n"
+    assert badges(messages[1]) == ["cached"]

@@ -62,6 +62,12 @@ def test_update_in_place_arrays_generators_and_objects() -> None:
     g, g2 = np.random.default_rng(1), np.random.default_rng(1)
     g2.normal()
     assert update(g, g2, {}) is g and g.normal() == g2.normal()
+    bg, bg2 = np.random.PCG64(3), np.random.PCG64(3)
+    bg2.random_raw()
+    assert update(bg, bg2, {}) is bg and bg.random_raw() == bg2.random_raw()
+    r, r2 = random.Random(4), random.Random(4)
+    r2.random()
+    assert update(r, r2, {}) is r and r.random() == r2.random()
 
     class Box:
         def __init__(self, v: Any) -> None:
@@ -192,3 +198,133 @@ def test_tuples_keep_their_live_items() -> None:
     target = [("model", fresh)]
     update(target, stored, {}, kept, ("steps",))
     assert target[0][1] is fresh and fresh == {"fitted": True}
+
+
+def test_a_part_replaced_by_an_equal_copy_is_replaced_on_a_hit(
+    shell: Any, isolated_store: Path
+) -> None:
+    code = "%%task\ndata['rows'] = list(data['rows'])"
+    for _ in range(2):
+        rows = [1, 2]
+        shell.user_ns.update(data={"rows": rows}, old=rows)
+        run(shell, code)
+        assert shell.user_ns["data"]["rows"] == [1, 2]
+        assert shell.user_ns["data"]["rows"] is not shell.user_ns["old"]  # as a plain run
+    assert status(shell) == "cached"
+
+
+def test_large_arrays_and_frames_are_stored_in_their_own_formats(
+    shell: Any, isolated_store: Path
+) -> None:
+    """Issue 12: big cell variables go to .npy / Parquet files, not into the cell's pickle;
+    on a hit they are writable (as after a plain run) and shared references stay shared."""
+    code = (
+        "%%task\nimport numpy as np, pandas as pd\n"
+        "big = np.arange(300_000, dtype=float).reshape(1000, 300)\nsame = [big, big]\n"
+        "df = pd.DataFrame({'a': np.arange(200_000), 'b': np.arange(200_000) * 0.5})"
+    )
+    run(shell, code)
+    suffixes = sorted(p.suffix for p in (isolated_store / "results").rglob("*.*"))
+    assert ".npy" in suffixes and ".parquet" in suffixes
+    for name in ("big", "same", "df"):
+        shell.user_ns.pop(name)
+    run(shell, code)
+    assert status(shell) == "cached"
+    big, same = shell.user_ns["big"], shell.user_ns["same"]
+    assert big.flags.writeable and same[0] is same[1] is big
+    big[0, 0] = 7.0
+    assert big[3, 4] == 904.0 and shell.user_ns["df"]["b"].iloc[-1] == 99_999.5
+
+
+def test_a_cell_that_seeds_first_is_not_keyed_on_the_earlier_state(
+    shell: Any, isolated_store: Path
+) -> None:
+    """``np.random.seed(0)`` (after imports) overwrites whatever state there was: a seeding
+    cell hits in a new kernel, whose generators start from OS entropy."""
+    code = "%%task\nimport numpy as np\nnp.random.seed(0)\nfirst = np.random.rand()"
+    for entropy in (11, 12):
+        np.random.seed(entropy)
+        run(shell, code)
+        assert np.random.get_state()[2] == 2  # where a plain run leaves it
+    assert status(shell) == "cached"
+    assert shell.user_ns["first"] == pytest.approx(0.5488135)
+    ambient_names = ambient.reseeded(
+        __import__("ast").parse("import random as r\nr.seed(1)\nnp.random.seed(x)"),
+        {"np": np},
+    )
+    assert ambient_names == {"random"}  # an argument that is not a constant ends the run
+
+
+def test_a_closure_variable_a_called_function_rebinds_is_restored(
+    shell: Any, isolated_store: Path
+) -> None:
+    make = (
+        "def make():\n    n = 0\n    def step():\n        nonlocal n\n        n += 1\n"
+        "        return n\n    return step\nstep = make()"
+    )
+    outs = []
+    for _ in range(2):
+        run(shell, make)
+        run(shell, "%%task\nfirst = step()")
+        run(shell, "second = step()")
+        outs.append((shell.user_ns["first"], shell.user_ns["second"]))
+    assert status(shell) == "cached"
+    assert outs == [(1, 2), (1, 2)]
+
+
+# --------------------------------------------------------------------------- files.py
+
+
+def test_a_changed_data_file_or_folder_makes_a_hit_a_miss(
+    shell: Any, isolated_store: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("x\n1\n")
+    shell.user_ns["folder"] = str(data)
+    code = (
+        "%%task\nimport glob, os\nnames = sorted(os.listdir(folder))\n"
+        "text = open(os.path.join(folder, 'a.csv')).read()"
+    )
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "a.csv").write_text("x\n2\n")  # the file changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["text"] == "x\n2\n"
+    run(shell, code)
+    assert status(shell) == "cached"
+    (data / "b.csv").write_text("x\n3\n")  # the folder changed: recompute
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["names"] == ["a.csv", "b.csv"]
+
+
+def test_a_file_named_in_the_cell_counts_even_when_read_outside_python(
+    shell: Any, isolated_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow opens files in C++, unseen by the audit hook: the name in the code is."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [1, 2]}).to_parquet("t.parquet")
+    code = "%%task\nimport pandas as pd\nt = pd.read_parquet('t.parquet')"
+    run(shell, code)
+    run(shell, code)
+    assert status(shell) == "cached"
+    pd.DataFrame({"a": [5]}).to_parquet("t.parquet")
+    run(shell, code)
+    assert status(shell) == "computed" and shell.user_ns["t"]["a"].tolist() == [5]
+
+
+def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
+    import matplotlib
+
+    with matplotlib.rc_context():  # whatever the test changes is undone
+        original = {k: v for k, v in matplotlib.rcParamsOrig.items() if "backend" not in k}
+        matplotlib.rcParams.update(original)
+        before = ambient.snapshot()
+        assert "matplotlib.rcParams" not in before.digests  # at its defaults: not keyed
+        matplotlib.rcParams["figure.figsize"] = (2.0, 1.0)
+        after = ambient.snapshot()
+        assert "matplotlib.rcParams" in ambient.changed(before, after)
+        assert after.values["matplotlib.rcParams"]["figure.figsize"] == [2.0, 1.0]

@@ -56,8 +56,8 @@ def complete(fut: TaskFuture, value=None, exc=None, state=None):
 
 def test_result_exception_and_states():
     fut = make()
-    assert fut.state is RunState.PENDING and not fut.done()
-    assert fut._claim() and fut.state is RunState.RUNNING and fut.running()
+    assert fut.run_state is RunState.PENDING and not fut.done()
+    assert fut._claim() and fut.run_state is RunState.RUNNING and fut.running()
     assert not fut._claim()  # claimed once only
     fut._finish(RunState.COMPLETED, 42, None)
     assert fut.result() == 42 and fut.exception() is None and fut.done()

@@ -86,10 +86,10 @@ def test_submit_returns_a_future_and_runs_the_call_path():
     fut = square.submit(3)
     assert isinstance(fut, TaskFuture)
     assert fut.result(timeout=30) == 9
-    assert fut.state is RunState.COMPLETED and fut.done() and fut.key is not None
+    assert fut.run_state is RunState.COMPLETED and fut.done() and fut.key is not None
     again = square.submit(3)
     assert again.result(timeout=30) == 9
-    assert again.state is RunState.CACHED  # same key → lookup hit, body not run
+    assert again.run_state is RunState.CACHED  # same key → lookup hit, body not run
     assert events == [("square", 3)]
     h = flushed_history(task="square")
     assert set(h["run_id"]) == {fut.run_id, again.run_id}
@@ -149,7 +149,7 @@ def test_wait_for_orders_without_passing_data():
     g = gate("first")
     first = wait_gate.submit("first", 1)
     second = square.submit(7, wait_for=[first])
-    assert not second.done() and second.state is RunState.PENDING
+    assert not second.done() and second.run_state is RunState.PENDING
     g.set()
     assert second.result(timeout=30) == 49
     assert events.index(("end", "first")) < events.index(("square", 7))
@@ -161,7 +161,7 @@ def test_failed_upstream_fails_downstream_naming_it():
     with pytest.raises(UpstreamFailedError, match=r"upstream run .* of task `boom`") as info:
         down.result(timeout=30)
     assert isinstance(info.value.__cause__, ValueError)
-    assert ("total", (1,)) not in events and down.state is RunState.FAILED
+    assert ("total", (1,)) not in events and down.run_state is RunState.FAILED
     with pytest.raises(ValueError, match="bad 1"):
         up.result()  # the user's own exception, not wrapped
     after = square.submit(5, wait_for=[up])
@@ -205,7 +205,7 @@ def test_cancel_pending_and_cooperative_cancel_of_running():
         pending = square.submit(11)
         downstream = add.submit(pending, 1)
     assert pending.cancel() is True
-    assert pending.cancelled() and pending.state is RunState.CANCELLED
+    assert pending.cancelled() and pending.run_state is RunState.CANCELLED
     with pytest.raises(TaskCancelledError):
         pending.result()
     g.set()
@@ -230,7 +230,7 @@ def test_cancel_pending_and_cooperative_cancel_of_running():
     assert fut.cancel() is True  # running: the cooperative flag
     with pytest.raises(TaskCancelledError):
         fut.result(timeout=30)
-    assert fut.state is RunState.CANCELLED
+    assert fut.run_state is RunState.CANCELLED
     runner.shutdown()
     states = dict(zip(*[flushed_history()[c].astype(str) for c in ("run_id", "state")]))
     assert states[pending.run_id] == "CANCELLED" and states[fut.run_id] == "CANCELLED"

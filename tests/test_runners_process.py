@@ -44,7 +44,7 @@ def _check_runs_in_other_processes(runner) -> None:
         failed = plus.submit(fails.submit(1), 1)
     assert [value for value, _ in futs.result(timeout=300)] == [1, 4, 9]
     assert {pid for _, pid in futs.result()} - {os.getpid()}, "ran in this process"
-    assert all(f.state is RunState.COMPLETED for f in futs)
+    assert all(f.run_state is RunState.COMPLETED for f in futs)
     assert chained.result(timeout=300) == 10
     with pytest.raises(UpstreamFailedError, match="fails"):
         failed.result(timeout=300)
@@ -52,10 +52,10 @@ def _check_runs_in_other_processes(runner) -> None:
         failed._upstream[0].result()
     # Committed to the same store: the embedded worker here gets cache hits.
     again = crunch.submit(2)
-    assert again.result(timeout=60)[0] == 4 and again.state is RunState.CACHED
+    assert again.result(timeout=60)[0] == 4 and again.run_state is RunState.CACHED
     with runner:  # and so does the pool
         hit = crunch.submit(3)
-    assert hit.result(timeout=300)[0] == 9 and hit.state is RunState.CACHED
+    assert hit.result(timeout=300)[0] == 9 and hit.run_state is RunState.CACHED
 
 
 def test_process_runner_with_a_shared_local_store():

@@ -153,9 +153,15 @@ def test_retries_with_delays_list_and_condition():
 
     seen = []
 
-    def only_connection_errors(t, run, exc):
-        seen.append((t.name, run.attempt))
-        return isinstance(exc, ConnectionError)
+    def only_connection_errors(t, run, state):  # Prefect's (task, task_run, state)
+        seen.append((t.name, run.run_count))
+        try:
+            state.result()
+        except ConnectionError:
+            return True
+        except Exception:
+            return False
+        return False
 
     @task(retries=5, retry_condition_fn=only_connection_errors, cache_policy=NONE)
     def wrong():

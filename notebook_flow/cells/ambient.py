@@ -32,11 +32,13 @@ Add your own with :func:`register_ambient`::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import logging
 import os
 import sys
+import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -232,6 +234,81 @@ def restore(values: dict[str, Any]) -> list[str]:
     return missing
 
 
+# --------------------------------------------------------------------------- reseeding
+
+
+def _seed_functions() -> dict[int, str]:
+    """``{id(function): ambient name}`` of the functions that overwrite a generator's
+    state whatever it was (of the libraries already imported)."""
+    found: dict[int, str] = {}
+    for module, attr, name in (
+        ("random", "seed", "random"),
+        ("numpy.random", "seed", "numpy.random"),
+        ("torch", "manual_seed", "torch.random"),
+        ("torch.random", "manual_seed", "torch.random"),
+    ):
+        top, _, rest = module.partition(".")
+        if not _imported(top):
+            continue
+        owner: Any = sys.modules[top]
+        for part in [*rest.split("."), attr] if rest else [attr]:
+            owner = getattr(owner, part, None)  # numpy imports numpy.random on first use
+        if owner is not None:
+            found[id(owner)] = name
+    return found
+
+
+def reseeded(tree: ast.Module, ns: dict[str, Any]) -> set[str]:
+    """The generators a cell seeds before anything else it does (after imports):
+    ``np.random.seed(0)`` as its first statement. Its results cannot depend on those
+    generators' earlier states, so they are not part of its key (a seeding cell would
+    otherwise miss in every new kernel, whose generators start from OS entropy)."""
+    seeds = _seed_functions()
+    out: set[str] = set()
+    names = dict(ns)  # what the names mean when the seed call runs
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            _bind_imports(node, names)
+            continue
+        call = node.value if isinstance(node, ast.Expr) else None
+        if not isinstance(call, ast.Call) or call.keywords:
+            break
+        if not all(isinstance(a, ast.Constant) for a in call.args):
+            break  # an argument could itself draw from a generator
+        name = seeds.get(id(_resolve(call.func, names)))
+        if name is None:
+            break
+        out.add(name)
+    return out
+
+
+def _bind_imports(node: ast.Import | ast.ImportFrom, names: dict[str, Any]) -> None:
+    """What ``import numpy as np`` / ``from numpy import random`` will bind, for modules
+    already imported (None for the rest: never imported here)."""
+    for alias in node.names:
+        if isinstance(node, ast.Import):
+            target = alias.name if alias.asname else alias.name.partition(".")[0]
+            module = sys.modules.get(target) if _imported(target.partition(".")[0]) else None
+            names[alias.asname or target] = module
+        elif node.module and not node.level:
+            source = (
+                sys.modules.get(node.module) if _imported(node.module.partition(".")[0]) else None
+            )
+            names[alias.asname or alias.name] = getattr(source, alias.name, None)
+
+
+def _resolve(node: ast.expr, ns: dict[str, Any]) -> Any:
+    """The object ``np.random.seed`` names in ``ns``: only through modules (no attribute of
+    an arbitrary object is read), before the cell's own imports ran (None then)."""
+    if isinstance(node, ast.Name):
+        return ns.get(node.id)
+    if isinstance(node, ast.Attribute):
+        owner = _resolve(node.value, ns)
+        if isinstance(owner, types.ModuleType):
+            return getattr(owner, node.attr, None)
+    return None
+
+
 # --------------------------------------------------------------------------- built-ins
 
 
@@ -294,7 +371,8 @@ def _rc_get() -> Any:
 def _rc_default() -> Any:
     import matplotlib
 
-    return {k: v for k, v in dict.items(matplotlib.rcParamsOrig) if k not in _RC_SKIP}
+    original = getattr(matplotlib, "rcParamsOrig", None) or matplotlib.rcParamsDefault
+    return {k: v for k, v in dict.items(original) if k not in _RC_SKIP}
 
 
 def _rc_set(values: Any) -> None:
@@ -318,7 +396,8 @@ def _pandas_get() -> Any:
 
 def _pandas_default() -> Any:
     config: Any = importlib.import_module("pandas._config.config")
-    return {key: config.get_default_val(key) for key in _pandas_get()}
+    options = config._registered_options
+    return {key: options[key].defval for key in options if key not in config._deprecated_options}
 
 
 def _pandas_set(values: Any) -> None:

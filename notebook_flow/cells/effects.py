@@ -22,6 +22,9 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
+from notebook_flow.sourcehash.walk import _MISSING as _WALK_MISSING
+from notebook_flow.sourcehash.walk import _cell_value, _safe_fingerprint
+
 __all__ = ["Target", "Watches", "find_target", "watch"]
 
 _MISSING: Any = object()
@@ -38,6 +41,10 @@ class _Watch:
     target: Target
     before: Any  # the object (or _MISSING) the name or cell held before the run
     digest: str | None  # its fingerprint before, None for immutable values (identity only)
+    # The closure cell or bound object itself: after the run it is compared directly (a
+    # new walk of a function whose globals the cell changed may meet things in another
+    # order; on a hit the state is the one before, so the order is the one recorded).
+    ref: Any = None
 
 
 @dataclasses.dataclass
@@ -50,11 +57,9 @@ class Watches:
     def changed(self, user_ns: dict[str, Any]) -> list[tuple[Target, Any, bool]]:
         """``(target, value now, same object as before)`` for every watched object the cell
         changed (rebound or mutated); a target deleted has a value :func:`missing` accepts."""
-        from notebook_flow.sourcehash.walk import _safe_fingerprint
-
         out = []
         for w in self.items:
-            now = _current(w.target, user_ns)
+            now = _current(w, user_ns)
             if now is not w.before:
                 out.append((w.target, now, False))
             elif w.digest is not None and _safe_fingerprint(now) != w.digest:
@@ -89,7 +94,6 @@ def _code_like(value: Any) -> bool:
 def _entry_lists(fn: Any) -> tuple[list[Any], list[Any], list[Any]] | None:
     """(namespace entries, closure cells, bound objects) the walk of ``fn`` reached."""
     from notebook_flow.sourcehash.components import _entry
-    from notebook_flow.sourcehash.walk import _cell_value
 
     try:
         entry = _entry(fn)
@@ -114,14 +118,14 @@ def watch(
     local module's function, ``helpers.clean``) reach, and over the data attributes
     ``(module, name)`` of local modules the cell reads itself."""
     from notebook_flow._codehash import module_kind, type_name
-    from notebook_flow.sourcehash.walk import _MISSING as WALK_MISSING
-    from notebook_flow.sourcehash.walk import _safe_fingerprint
 
     out = Watches()
     seen: set[Target] = set()
 
-    def add(fn: str, target: Target, value: Any, digest: str | None, label: str) -> None:
-        if value is WALK_MISSING:
+    def add(
+        fn: str, target: Target, value: Any, digest: str | None, label: str, *, ref: Any = None
+    ) -> None:
+        if value is _WALK_MISSING:
             value = _MISSING
         if target in seen:
             return
@@ -131,7 +135,7 @@ def watch(
                 f"it uses `{fn}`, which reaches {label}, a {type_name(value)} with no "
                 "stable fingerprint: whether the cell changes it cannot be told"
             )
-        out.items.append(_Watch(target, value, digest))
+        out.items.append(_Watch(target, value, digest, ref=ref))
 
     for module, name in module_attributes:
         value = vars(sys.modules[module]).get(name, _MISSING) if module in sys.modules else None
@@ -149,30 +153,25 @@ def watch(
                 module = ns.get("__name__")
                 if isinstance(module, str) and module_kind(module) == "user":
                     add(fn, ("module", module, name), value, digest, f"`{module}.{name}`")
-        for i, (_cell, value, digest) in enumerate(cells):
-            add(fn, ("cell", fn, i), value, digest, f"a closure variable of `{fn}`")
+        for i, (cell, value, digest) in enumerate(cells):
+            add(fn, ("cell", fn, i), value, digest, f"a closure variable of `{fn}`", ref=cell)
         for i, (obj, digest) in enumerate(objects):
-            add(fn, ("obj", fn, i), obj, digest, f"an object bound to `{fn}`")
+            add(fn, ("obj", fn, i), obj, digest, f"an object bound to `{fn}`", ref=obj)
     return out
 
 
-def _current(target: Target, user_ns: dict[str, Any]) -> Any:
-    kind = target[0]
+def _current(w: _Watch, user_ns: dict[str, Any]) -> Any:
+    """What a watched name, cell or object holds now."""
+    kind = w.target[0]
     if kind == "ns":
-        return user_ns.get(target[1], _MISSING)
+        return user_ns.get(w.target[1], _MISSING)
     if kind == "module":
-        module = sys.modules.get(target[1])
-        return _MISSING if module is None else vars(module).get(target[2], _MISSING)
-    lists = _entry_lists(_lookup(user_ns, target[1]))
-    if lists is None:
-        return _MISSING
+        module = sys.modules.get(w.target[1])
+        return _MISSING if module is None else vars(module).get(w.target[2], _MISSING)
     if kind == "cell":
-        from notebook_flow.sourcehash.walk import _cell_value
-
-        cells = lists[1]
-        return _cell_value(cells[target[2]][0]) if target[2] < len(cells) else _MISSING
-    objects = lists[2]
-    return objects[target[2]][0] if target[2] < len(objects) else _MISSING
+        value = _cell_value(w.ref)
+        return _MISSING if value is _WALK_MISSING else value
+    return w.ref
 
 
 def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]:
@@ -197,8 +196,6 @@ def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]
     if lists is None:
         raise LookupError(f"`{target[1]}` is not a function any more")
     if kind == "cell":
-        from notebook_flow.sourcehash.walk import _cell_value
-
         cell = lists[1][target[2]][0]
         return (
             _cell_value(cell),

@@ -17,13 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
+import random
 from collections.abc import Callable
 from typing import Any
 
 from . import ambient
 from .effects import Target, find_target, missing
-from .state import Path, kept_paths, pack, reference_map, relink, unpack, update_in_place
+from .state import (
+    Path,
+    kept_paths,
+    pack,
+    reference_map,
+    relink,
+    unpack,
+    update_in_place,
+    walk,
+)
 
 __all__ = ["DISK_SPEED", "Restored", "nbytes", "pack_result", "part_key", "writable"]
 
@@ -65,10 +74,17 @@ def pack_result(
                 inplace.add(name)
         else:
             outside.append((target, None if missing(value) else value, same, missing(value)))
+    # An input whose content is unchanged may still have had parts replaced by equal
+    # copies (`d["rows"] = list(d["rows"])`): an alias of the old part would tell. Store it.
+    for name in inputs:
+        if name not in ns or name in variables or name in gone:
+            continue
+        if _parts_replaced(before_paths, name, ns[name]):
+            variables[name] = ns[name]
+            if before.get(name) is ns[name]:
+                inplace.add(name)
     changed = set(variables) | gone
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
-    roots += [((t[1],), ns[t[1]]) for t, _, _ in effects if t[0] == "ns" and t[1] in ns]
-    roots = [(path, value) for path, value in roots if path[0] not in changed]
     refs = reference_map(roots)
     for name in sorted(inplace):  # restored in place: the class stays the live one's
         cls = type(variables[name])
@@ -83,6 +99,16 @@ def pack_result(
     kept = {n: sorted(kept_paths(before_paths, (n,), variables[n]), key=repr) for n in inplace}
     stored = {"state": blob, "inplace": kept, "deleted": sorted(gone)}
     return {**stored, "parts": len(large)}, large
+
+
+def _parts_replaced(before_paths: dict[Path, Any], name: str, value: Any) -> bool:
+    """True when an object met at some path under ``name`` before the run is not the one
+    there now."""
+    now = walk([((name,), value)])
+    missing = object()
+    return any(
+        now.get(path, missing) is not obj for path, obj in before_paths.items() if path[0] == name
+    )
 
 
 @dataclasses.dataclass
@@ -152,7 +178,14 @@ class Restored:
 
 def _can_update(live: Any, stored: Any) -> bool:
     """True when :func:`update_in_place` keeps ``live`` (checked before changing anything)."""
-    from .state import _array, _generator, _pandas_object, _random_state, _state_object
+    from .state import (
+        _array,
+        _generator,
+        _is_numpy,
+        _pandas_object,
+        _random_state,
+        _state_object,
+    )
 
     if type(live) is not type(stored):
         return False
@@ -161,7 +194,8 @@ def _can_update(live: Any, stored: Any) -> bool:
             live.shape == stored.shape and live.dtype == stored.dtype and live.flags.writeable
         )
     return (
-        isinstance(live, (list, dict, set))
+        isinstance(live, (list, dict, set, random.Random))
+        or _is_numpy(live, "BitGenerator")
         or _generator(live)
         or _random_state(live)
         or _pandas_object(live)
@@ -195,12 +229,14 @@ def writable(value: Any) -> Any:
     """A loaded array as a plain run has it: writable. A read-only memory map of a local
     store file is mapped again copy-on-write (pages are read lazily; writes stay private),
     with the offset, shape and dtype of the verified map."""
-    np = sys.modules.get("numpy")
-    if np is None or not isinstance(value, np.memmap) or value.flags.writeable:
+    t = type(value)
+    if t.__name__ != "memmap" or t.__module__ != "numpy" or value.flags.writeable:
         return value
+    import numpy as np  # made the value: imported already
+
     if value.filename is None:
         return np.array(value)
-    order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+    order: Any = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
     return np.memmap(
         value.filename,
         mode="c",

@@ -29,7 +29,7 @@ from notebook_flow.hashing import lineage
 from notebook_flow.states import RunState
 from notebook_flow.states import format_seconds as _seconds
 
-from . import ambient, effects
+from . import ambient, effects, files
 from .ambient import Snapshot
 from .analysis import CellAnalysis, analyze_cell
 from .auto import auto_plain_reason, worth_storing
@@ -44,7 +44,7 @@ from .storable import handle_reason, unstorable
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
 
-__all__ = ["CELL_FORMAT", "CellReport", "CellRunner", "unstorable"]
+__all__ = ["CELL_FORMAT", "CellReport", "CellRunner"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -96,6 +96,7 @@ class _Cell:
     ambient: Snapshot | None = None
     rng_components: dict[str, str] = dataclasses.field(default_factory=dict)
     rng_keys: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
+    reseeded: set[str] = dataclasses.field(default_factory=set)  # seeded first: not keyed
     watches: Watches | None = None
 
 
@@ -200,7 +201,12 @@ class CellRunner:
             return f"the ambient state `{name}` cannot be read or fingerprinted ({error})"
         cell.ambient = before
         cell.components.update(ambient.key_components(before, keyed="always"))
-        cell.rng_components = ambient.key_components(before, keyed="when-changed")
+        cell.reseeded = ambient.reseeded(cell.analysis.tree, ns)
+        cell.rng_components = {
+            lab: digest
+            for lab, digest in ambient.key_components(before, keyed="when-changed").items()
+            if lab not in {ambient.label(n) for n in cell.reseeded}
+        }
         reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
         data: list[tuple[str, str]] = []
         for name in cell.inputs:
@@ -244,6 +250,10 @@ class CellRunner:
             return _MISS
         if not isinstance(value, dict) or value.get("format") != CELL_FORMAT:
             cell.reasons = ["the stored result has an older layout"]
+            return _MISS
+        path = files.changed(value["files"])
+        if path is not None:
+            cell.reasons = [f"the file or folder {path} it read changed since"]
             return _MISS
         ns = self.shell.user_ns
         try:
@@ -295,7 +305,7 @@ class CellRunner:
         before_paths = walk(((n,), v) for n, v in before.items())
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
-        with _Capture(self.shell) as capture:
+        with _Capture(self.shell) as capture, files.recording() as read:
             error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
         if error is not None:
@@ -309,7 +319,11 @@ class CellRunner:
             return self._not_stored(cell, handles, duration)
         assert cell.ambient is not None and cell.watches is not None
         after = ambient.snapshot()
-        drawn = {ambient.label(n) for n in ambient.consumed(cell.ambient, after)}
+        if after.failed:  # a state the cell may have changed cannot be captured
+            name, why = next(iter(after.failed.items()))
+            return self._not_stored(cell, [(name, "ambient state", why)], duration)
+        consumed = set(ambient.consumed(cell.ambient, after)) - cell.reseeded
+        drawn = {ambient.label(n) for n in consumed}
         for key, components in cell.rng_keys:
             if drawn and drawn == components.keys() - cell.components.keys():
                 cell.key, cell.components = key, components
@@ -320,7 +334,8 @@ class CellRunner:
                 variables,
                 before=before,
                 before_paths=before_paths,
-                inputs=cell.inputs,
+                # What the cell reads, and the names its functions reach (keyed too).
+                inputs=[*cell.inputs, *sorted(reached - set(cell.inputs))],
                 deleted=[n for n in existed if n not in ns],
                 effects=cell.watches.changed(ns),
                 ambient_changed=ambient.changed(cell.ambient, after),
@@ -334,10 +349,15 @@ class CellRunner:
             self._record(cell, RunState.COMPLETED, duration=duration)
             self._report(cell, "not stored", [_CHEAP_REASON], duration)
             return None
+        store_dir = (cell.store.local_root,) if cell.store.local_root else ()
         payload = {
             "format": CELL_FORMAT,
             **state,
             "outputs": capture.outputs,
+            "files": files.fingerprints(
+                read | files.named_paths(cell.analysis.tree, [ns.get(n) for n in cell.inputs]),
+                exclude=store_dir,
+            ),
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
         try:
@@ -493,14 +513,9 @@ class CellRunner:
             return
         reference = next((self._seen[r] for r in self._refs(cell) if r in self._seen), None)
         busy = False
-        if reference is None and cell.options.auto:
-            # Auto mode misses on every cell of a cold run, and on every cheap cell (not
-            # stored) of every run: a run-history read per miss (a DuckDB open, ~0.1-0.2 s
-            # on a busy machine) more than doubled a notebook's run time.
-            cell.reasons = ["no earlier result of this cell in this session"]
-            logger.info("%%%%task `%s`: cache miss: %s", cell.name, cell.reasons[0])
-            return
-        if reference is None:
+        # Under %flow auto most cells are new or cheap: opening the run history to explain
+        # each miss would cost tens of ms per cell (`%flow explain` still has this run's).
+        if reference is None and not cell.options.auto:
             try:
                 from notebook_flow.config import get_metadata
 
@@ -513,7 +528,11 @@ class CellRunner:
         if busy:
             cell.reasons = [BUSY_REASON]
         elif reference is None:
-            cell.reasons = ["no earlier result of this cell's code was found"]
+            cell.reasons = [
+                "no stored result of this cell's code and inputs"
+                if cell.options.auto
+                else "no earlier result of this cell's code was found"
+            ]
         else:
             cell.reasons = diff_components(reference, cell.components)
         logger.info("%%%%task `%s`: cache miss: %s", cell.name, "; ".join(cell.reasons))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import itertools
 import pickle
+import random
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -256,6 +257,12 @@ def update_in_place(
         return live
     if _random_state(live):
         live.set_state(stored.get_state())
+        return live
+    if _is_numpy(live, "BitGenerator"):
+        live.state = stored.state
+        return live
+    if isinstance(live, random.Random):
+        live.setstate(stored.getstate())
         return live
     if _array(live):
         if live.shape == stored.shape and live.dtype == stored.dtype and live.flags.writeable:

@@ -17,9 +17,21 @@ The names follow :mod:`concurrent.futures` (``result``, ``exception``, ``done``,
 
 from __future__ import annotations
 
-from .arguments import allow_failure, collect_futures, resolve_futures, unmapped
+from notebook_flow import _hooks
+
+from .arguments import (
+    _DirectCallResolver,
+    allow_failure,
+    collect_futures,
+    resolve_futures,
+    unmapped,
+)
 from .future import TaskFuture, describe
 from .many import DoneAndNotDone, FutureList, as_completed, wait
+
+# A direct call ``task(fut)`` resolves futures through this hook (tasks/ sits below this
+# layer and does not import it; see notebook_flow/_hooks.py).
+_hooks.resolver = _DirectCallResolver()
 
 __all__ = [
     "DoneAndNotDone",

@@ -60,7 +60,7 @@ def collect_futures(obj: Any, out: dict[int, TaskFuture[Any]]) -> None:
     cls = type(obj)
     if cls is TaskFuture:
         out[id(obj)] = obj
-    elif cls is allow_failure:
+    elif cls is allow_failure or cls is unmapped:
         collect_futures(obj.value, out)
     elif isinstance(obj, _CONTAINERS):
         items = obj.values() if isinstance(obj, dict) else obj
@@ -93,6 +93,8 @@ def resolve_futures(obj: Any, allowed: bool = False) -> Any:
         ) from exc
     if cls is allow_failure:
         return resolve_futures(obj.value, True)
+    if cls is unmapped:  # a marker for .map; any other call gets the value (as Prefect)
+        return resolve_futures(obj.value, allowed)
     if isinstance(obj, _CONTAINERS):
         if isinstance(obj, dict):
             values = {k: resolve_futures(v, allowed) for k, v in obj.items()}
@@ -104,6 +106,58 @@ def resolve_futures(obj: Any, allowed: bool = False) -> Any:
             return obj
         return _rebuild(obj, items)
     return obj
+
+
+def _holds_markers(obj: Any, depth: int = 0) -> bool:
+    """True if ``obj`` is or contains (in lists, tuples, sets, dict values) a future or an
+    argument marker. Cheap for the common case: scalars are skipped by exact type."""
+    cls = type(obj)
+    if cls is TaskFuture or cls is allow_failure or cls is unmapped:
+        return True
+    if depth < 64 and isinstance(obj, _CONTAINERS):
+        for item in obj.values() if isinstance(obj, dict) else obj:
+            if type(item) in _SCALARS:
+                continue
+            if _holds_markers(item, depth + 1):
+                return True
+    return False
+
+
+class _DirectCallResolver:
+    """Futures among the arguments of a direct call ``task(...)``, resolved as Prefect's
+    ``resolve_inputs`` does: wait, then pass each future's result; a failed upstream raises
+    :class:`UpstreamFailedError` unless wrapped in :class:`allow_failure`. Installed in
+    ``notebook_flow._hooks`` when this package is imported (see there)."""
+
+    def needs(self, args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any) -> bool:
+        if wait_for:
+            return True
+        for value in args:
+            if type(value) not in _SCALARS and _holds_markers(value):
+                return True
+        for value in kwargs.values():
+            if type(value) not in _SCALARS and _holds_markers(value):
+                return True
+        return False
+
+    def resolve(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        found: dict[int, TaskFuture[Any]] = {}
+        for value in args:
+            collect_futures(value, found)
+        for value in kwargs.values():
+            collect_futures(value, found)
+        waits = list(wait_for) if wait_for else []
+        collect_futures(waits, found)
+        for fut in found.values():
+            fut.wait()  # in a worker thread, a run nobody started yet runs inline
+        if waits:
+            resolve_futures(waits)  # raises for a failed upstream; the values are unused
+        return (
+            tuple(resolve_futures(a) for a in args),
+            {k: resolve_futures(v) for k, v in kwargs.items()},
+        )
 
 
 def _rebuild(original: Any, items: Any) -> Any:

@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+from notebook_flow import _hooks
 from notebook_flow.errors import TaskCancelledError
-from notebook_flow.states import FINAL_STATES, RunState
+from notebook_flow.states import FINAL_STATES, RunState, State
 from notebook_flow.states import format_seconds as _seconds
 
 if TYPE_CHECKING:
@@ -114,12 +115,20 @@ class TaskFuture(Generic[R]):
     # -- state ---------------------------------------------------------------------------
 
     @property
-    def state(self) -> RunState:
+    def run_state(self) -> RunState:
         """PENDING, RUNNING, RETRYING, or the final state of the run."""
         state = self._state
         if state is _RUNNING:
             return self._phase if self._phase is not _PENDING else state
         return state
+
+    @property
+    def state(self) -> State[R]:
+        """The run's state as Prefect's futures have it: ``fut.state.is_completed()``,
+        ``.is_failed()``, ``.name``, ``.result(raise_on_failure=False)``; ``.type`` is the
+        :class:`RunState` (also ``fut.run_state``)."""
+        with _lock:  # state, value and exception of one moment
+            return State(self.run_state, self._value, self._exc)
 
     @property
     def key(self) -> str | None:
@@ -147,13 +156,14 @@ class TaskFuture(Generic[R]):
 
     # -- results -------------------------------------------------------------------------
 
-    def result(self, timeout: float | None = None) -> R:
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:
         """The task's return value; waits up to ``timeout`` seconds (None: forever).
 
-        Raises the task's own exception if it failed, :class:`TaskCancelledError` if it
-        was cancelled and :class:`TimeoutError` if it is not done in time (the run keeps
-        going). A worker thread that waits on a run nobody started yet runs it inline,
-        so tasks that submit and wait on other tasks cannot starve the pool.
+        Raises the task's own exception if it failed (``raise_on_failure=False``: returns
+        it, as Prefect does), :class:`TaskCancelledError` if it was cancelled and
+        :class:`TimeoutError` if it is not done in time (the run keeps going). A worker
+        thread that waits on a run nobody started yet runs it inline, so tasks that
+        submit and wait on other tasks cannot starve the pool.
         """
         if self._state not in _FINAL and not self._wait(timeout):
             raise TimeoutError(
@@ -161,6 +171,8 @@ class TaskFuture(Generic[R]):
                 f"{timeout} s; it keeps running (fut.cancel() asks it to stop)"
             )
         if self._exc is not None:
+            if not raise_on_failure:
+                return self._exc  # type: ignore[return-value]
             raise self._exc
         return self._value  # type: ignore[no-any-return]
 
@@ -255,9 +267,10 @@ class TaskFuture(Generic[R]):
         return f"<TaskFuture {describe(self)}>"
 
     def _ipython_display_(self) -> None:
-        from notebook_flow.notebook import show_future
-
-        show_future(self)
+        show = _hooks.show  # the notebook layer (set by the package root; see _hooks.py)
+        if show is None:
+            raise NotImplementedError  # IPython then shows the repr
+        show(self)
 
     # -- internal: used by the runners ---------------------------------------------------
 
@@ -345,7 +358,7 @@ def _call_callback(fn: Callable[[TaskFuture[Any]], object], fut: TaskFuture[Any]
 
 def describe(fut: TaskFuture[Any]) -> str:
     """One plain line: task, short run id, state and timing (also used by displays)."""
-    state = fut.state
+    state = fut.run_state
     text = f"`{fut.task.name}` {fut.run_id[:8]} {state.value.lower()}"
     elapsed = fut.elapsed
     if state is RunState.CACHED:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, NamedTuple
 
+from notebook_flow import _hooks
 from notebook_flow.states import RunState
 
 from .future import _FAILED_STATES, _FINAL, _PENDING, _RUNNING, TaskFuture
@@ -23,13 +24,14 @@ class FutureList(list[TaskFuture[Any]]):
     [0, 1, 4, 9, ...]
     """
 
-    def result(self, timeout: float | None = None) -> list[Any]:
-        """Every result in order; raises the first failure (in list order)."""
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> list[Any]:
+        """Every result in order; raises the first failure (in list order), or with
+        ``raise_on_failure=False`` puts each failed run's exception in its place."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
         for fut in self:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            out.append(fut.result(remaining))
+            out.append(fut.result(remaining, raise_on_failure=raise_on_failure))
         return out
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -68,9 +70,10 @@ class FutureList(list[TaskFuture[Any]]):
         return f"<FutureList of {len(self)} runs of {what or 'nothing'}: {parts}>"
 
     def _ipython_display_(self) -> None:
-        from notebook_flow.notebook import show_futures
-
-        show_futures(self)
+        show = _hooks.show  # the notebook layer (set by the package root; see _hooks.py)
+        if show is None:
+            raise NotImplementedError  # IPython then shows the repr
+        show(self)
 
 
 class DoneAndNotDone(NamedTuple):

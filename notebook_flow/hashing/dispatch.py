@@ -18,7 +18,6 @@ import decimal
 import enum
 import fractions
 import pathlib
-import sys
 import threading
 import types
 import uuid
@@ -26,6 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from notebook_flow._imports import loaded
 from notebook_flow.errors import ConfigurationError
 from notebook_flow.hashing import libraries, lineage
 from notebook_flow.hashing.arrays import (
@@ -163,10 +163,10 @@ def _unhashable_reason(cls: type) -> str | None:
         return "it is a weak reference, which may die at any moment"
     if issubclass(cls, (types.FrameType, types.TracebackType)):
         return "it is an interpreter frame or traceback"
-    socket = sys.modules.get("socket")
+    socket = loaded("socket")
     if socket is not None and issubclass(cls, socket.socket):
         return "it is a network socket, whose state lives in the operating system"
-    sqlite3 = sys.modules.get("sqlite3")
+    sqlite3 = loaded("sqlite3")
     if sqlite3 is not None and issubclass(cls, (sqlite3.Connection, sqlite3.Cursor)):
         return _CONN
     if cls.__module__.partition(".")[0] in ("psycopg", "psycopg2", "duckdb", "pymysql"):
@@ -221,9 +221,9 @@ def _resolve(cls: type) -> Handler:
 
 def _resolve_library(cls: type) -> Handler | None:
     """Handlers for numpy / pandas / pyarrow / polars / pydantic, if they are loaded."""
-    np = sys.modules.get("numpy")
+    np = loaded("numpy")
     if np is not None:
-        ma = sys.modules.get("numpy.ma")
+        ma = loaded("numpy.ma")
         if ma is not None and issubclass(cls, ma.MaskedArray):
             return _h_masked
         if issubclass(cls, np.ndarray):
@@ -232,7 +232,7 @@ def _resolve_library(cls: type) -> Handler | None:
             return _h_np_scalar
         if issubclass(cls, np.dtype):
             return _h_np_dtype
-    pd = sys.modules.get("pandas")
+    pd = loaded("pandas")
     if pd is not None:
         pairs: list[tuple[type, Handler]] = [
             (pd.DataFrame, _h_pd_frame),
@@ -248,7 +248,7 @@ def _resolve_library(cls: type) -> Handler | None:
         for base, handler in pairs:
             if issubclass(cls, base):
                 return handler
-    pa = sys.modules.get("pyarrow")
+    pa = loaded("pyarrow")
     if pa is not None:
         pa_pairs: list[tuple[type, Handler]] = [
             (pa.Table, _h_pa_table),
@@ -261,10 +261,10 @@ def _resolve_library(cls: type) -> Handler | None:
         for base, handler in pa_pairs:
             if issubclass(cls, base):
                 return handler
-    pl = sys.modules.get("polars")
+    pl = loaded("polars")
     if pl is not None and issubclass(cls, (pl.DataFrame, pl.Series)):
         return _h_polars
-    pydantic = sys.modules.get("pydantic")
+    pydantic = loaded("pydantic")
     if pydantic is not None and issubclass(cls, pydantic.BaseModel):
         return _h_pydantic
     return None

@@ -12,11 +12,11 @@ import collections
 import copyreg
 import dataclasses
 import logging
-import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
+from notebook_flow._imports import loaded
 from notebook_flow.errors import UnhashableError
 from notebook_flow.hashing.builtins import _h_str, _h_tuple, _item_digests, _set_digests
 from notebook_flow.hashing.core import (
@@ -36,7 +36,7 @@ logger = logging.getLogger("notebook_flow")
 
 
 def _package_version(module: str) -> str | None:
-    top = sys.modules.get(module.partition(".")[0])
+    top = loaded(module.partition(".")[0])
     version = getattr(top, "__version__", None)
     return version if isinstance(version, str) else None
 

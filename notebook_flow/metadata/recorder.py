@@ -46,12 +46,13 @@ class _Recorder:
         # flush at exit would fail. Importing it now (stdlib, ~1 ms) makes that a no-op.
         import concurrent.futures.thread  # noqa: F401
 
-        # Import what the recorder thread needs here, in the thread that records first: an
-        # import in a background thread, while this one runs Python, waits a GIL switch
-        # interval after each of its hundreds of file reads (~40 ms became ~600 ms).
-        import duckdb  # noqa: F401
-        import filelock  # noqa: F401
-        import pyarrow  # noqa: F401
+        # DuckDB, pyarrow and pandas are imported by the recorder thread (``_Database.locked``),
+        # not here: this runs in the first ``submit()`` of a process, whose caller must not
+        # wait ~0.4-0.8 s for them (a web server's first request). An import in a
+        # background thread runs slower while other threads run Python (it yields the GIL
+        # at each file read), which only delays the first events' write. Code that asks
+        # whether a library is loaded meanwhile uses ``_imports.loaded`` (never
+        # ``sys.modules.get``), which waits for such an import to finish.
 
         self.db = db
         self.stale_after = stale_after

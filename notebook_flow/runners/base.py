@@ -31,6 +31,7 @@ from notebook_flow.errors import TaskCancelledError
 from notebook_flow.futures import (
     FutureList,
     TaskFuture,
+    allow_failure,
     collect_futures,
     resolve_futures,
     unmapped,
@@ -520,17 +521,13 @@ def map_with(
     constants_args: list[Any] = list(args)
     constants_kwargs = dict(kwargs)
     for i, value in enumerate(args):
-        items = _as_mapped(value)
+        items, constants_args[i] = _mapping_of(value)
         if items is not None:
             columns.append((i, items))
-        elif isinstance(value, unmapped):
-            constants_args[i] = value.value
     for name, value in kwargs.items():
-        items = _as_mapped(value)
+        items, constants_kwargs[name] = _mapping_of(value)
         if items is not None:
             columns.append((name, items))
-        elif isinstance(value, unmapped):
-            constants_kwargs[name] = value.value
     if not columns:
         raise TypeError(
             f"task `{task.name}`.map needs at least one iterable argument; "
@@ -553,6 +550,29 @@ def map_with(
                 kw[k] = items[row]
         append(submit_with(runner, task, tuple(a), kw, wait_for))
     return out
+
+
+def _mapping_of(value: Any) -> tuple[list[Any] | None, Any]:
+    """``(items, None)`` for an argument mapped over, ``(None, constant)`` otherwise.
+
+    As Prefect's ``map``: a future at the top is waited for and its result mapped over
+    (a failed one raises ``UpstreamFailedError``); ``allow_failure(x)`` is looked through
+    and each element re-wrapped, so ``allow_failure(list_of_futures)`` gives every run
+    one future with failures allowed.
+    """
+    wrap = type(value) is allow_failure
+    inner = value.value if wrap else value
+    if type(inner) is TaskFuture:
+        inner.wait()  # in a worker thread, a run nobody started yet runs inline
+        inner = resolve_futures(inner, wrap)
+    if isinstance(inner, unmapped):
+        return None, allow_failure(inner.value) if wrap else inner.value
+    items = _as_mapped(inner)
+    if items is None:
+        return None, value if type(value) is not TaskFuture else inner
+    if wrap:
+        items = [allow_failure(item) for item in items]
+    return items, None
 
 
 def _as_mapped(value: Any) -> list[Any] | None:

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import sys
 import threading
 import time
 import traceback
@@ -24,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from notebook_flow import _identity, config
+from notebook_flow._imports import loaded
 from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
     CommitError,
@@ -36,7 +36,7 @@ from notebook_flow.errors import (
 )
 from notebook_flow.hashing import lineage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
-from notebook_flow.states import RunState
+from notebook_flow.states import RunState, State
 from notebook_flow.storage import behind
 
 from .context import RunContext, _current_run, new_run_id
@@ -89,16 +89,32 @@ def exponential_backoff(backoff_factor: float) -> Callable[[int], list[float]]:
     return delays
 
 
-def _delays(retries: int, spec: RetryDelay) -> list[float]:
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _delays(retries: int, spec: RetryDelay | None) -> list[float]:
+    """The delay before each retry; a ``retry_delay_seconds`` of a wrong type or sign is a
+    ``ConfigurationError`` naming what was given and what is accepted."""
+    what = "retry_delay_seconds"
+    if spec is None:  # Prefect's "use the default": no delay
+        spec = 0
     if callable(spec):
+        what = f"retry_delay_seconds({retries})"
         spec = spec(retries)
-    if isinstance(spec, (int, float)):
-        values = [float(spec)] * retries
-    else:
+    if _is_seconds(spec):
+        values = [float(spec)] * retries  # type: ignore[arg-type]
+    elif isinstance(spec, (list, tuple)) and all(_is_seconds(v) for v in spec):
         values = [float(v) for v in spec]
         if not values:
             values = [0.0]
         values += [values[-1]] * (retries - len(values))  # last delay repeats
+    else:
+        raise ConfigurationError(
+            f"{what} must be seconds (an int or float), a list of seconds, or a function "
+            f"of the number of retries that returns such a list (e.g. "
+            f"exponential_backoff(10)); got {type(spec).__name__} {spec!r}"
+        )
     if any(v < 0 for v in values):
         raise ConfigurationError(f"retry delays must be >= 0, got {values!r}")
     return values
@@ -341,8 +357,11 @@ class _Call:
         if attempt > t.retries or not isinstance(exc, Exception):
             return False
         if t.retry_condition_fn is not None and self.ctx is not None:
+            # Prefect's signature: (task, task_run, state), where state.result() raises
+            # the exception (and state.result(raise_on_failure=False) returns it).
+            state: State[Any] = State(RunState.FAILED, exception=exc)
             try:
-                return bool(t.retry_condition_fn(t, self.ctx, exc))
+                return bool(t.retry_condition_fn(t, self.ctx, state))
             except Exception:
                 logger.warning(
                     "retry_condition_fn of `%s` raised; not retrying", t.name, exc_info=True
@@ -569,7 +588,7 @@ def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, c
 
 def _background_eligible(t: Task[Any, Any], value: Any) -> bool:
     """A large array of plain values, stored as ``npy``: a copy snapshots it exactly."""
-    np = sys.modules.get("numpy")
+    np = loaded("numpy")
     if np is None or type(value) is not np.ndarray:
         return False
     if value.dtype.hasobject or value.nbytes < behind.MIN_BYTES:

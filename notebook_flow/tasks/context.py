@@ -37,7 +37,8 @@ if hasattr(os, "register_at_fork"):
 
 @dataclasses.dataclass
 class RunContext:
-    """What a running task body can see: ``notebook_flow.current_run()``.
+    """What a running task body can see: ``notebook_flow.current_run()``; also the
+    ``task_run`` that ``retry_condition_fn(task, task_run, state)`` receives.
 
     ``cancel_requested`` is set when the run is cancelled or timed out; long bodies may
     poll :meth:`cancelled` to stop early (cancellation of running threads is cooperative).
@@ -60,6 +61,21 @@ class RunContext:
                 if event is None:
                     event = self._cancel = threading.Event()
         return event
+
+    @property
+    def id(self) -> str:
+        """The run id (the name Prefect's ``TaskRun`` gives it)."""
+        return self.run_id
+
+    @property
+    def run_count(self) -> int:
+        """The attempt being run, from 1 (as Prefect's ``task_run.run_count``)."""
+        return self.attempt
+
+    @property
+    def name(self) -> str:
+        """``<task name>-<short run id>``, as Prefect names task runs."""
+        return f"{self.task.name}-{self.run_id[:8]}"
 
     def cancelled(self) -> bool:
         event = self._cancel

@@ -4,6 +4,7 @@ and its public methods. Calling a task hands over to the call path in :mod:`.cal
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -13,8 +14,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from notebook_flow import _hooks
 from notebook_flow.cache_policies import DEFAULT, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
+from notebook_flow.states import RunState, State
 
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
@@ -57,10 +60,9 @@ class Task(Generic[P, R]):
         refresh_cache: bool = False,
         persist_result: bool = True,
         retries: int = 0,
-        retry_delay_seconds: RetryDelay = 0,
+        retry_delay_seconds: RetryDelay | None = 0,
         retry_jitter_factor: float | None = None,
-        retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool]
-        | None = None,
+        retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
         timeout_seconds: float | None = None,
         result_serializer: str | Serializer | None = None,
         result_storage: str | ResultStore | None = None,
@@ -110,6 +112,11 @@ class Task(Generic[P, R]):
         if retry_jitter_factor is not None and retry_jitter_factor < 0:
             raise ConfigurationError("retry_jitter_factor must be >= 0")
         self.retry_jitter_factor = retry_jitter_factor
+        if retry_condition_fn is not None and not callable(retry_condition_fn):
+            raise ConfigurationError(
+                "retry_condition_fn must be a function (task, task_run, state) -> bool, "
+                f"got {type(retry_condition_fn).__name__}"
+            )
         self.retry_condition_fn = retry_condition_fn
         if timeout_seconds is not None and timeout_seconds <= 0:
             raise ConfigurationError(f"timeout_seconds must be positive, got {timeout_seconds!r}")
@@ -137,6 +144,8 @@ class Task(Generic[P, R]):
             self._simple_defaults = {
                 p.name: p.default for p in params if p.default is not inspect.Parameter.empty
             }
+        # Prefect's call keywords, unless the function declares a parameter of that name.
+        self._reserved_taken = {"wait_for", "return_state"} & set(self._signature.parameters)
         self._last_components: dict[str, str] | None = None
         self._memory: dict[str, Any] = {}  # results of persist_result=False tasks
         self._store_cache: tuple[int, ResultStore] | None = None
@@ -229,7 +238,32 @@ class Task(Generic[P, R]):
     @overload
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the task inline with caching (for an async task: a coroutine to await)."""
+        """Run the task inline with caching (for an async task: a coroutine to await).
+
+        As in Prefect, futures among the arguments (also inside lists, tuples, sets and
+        dicts) are waited for and replaced by their results, ``allow_failure(fut)`` passes
+        a failed upstream's exception, ``wait_for=[...]`` waits for runs without passing
+        their data, and ``return_state=True`` returns the run's ``State`` instead of its
+        value (a failure then does not raise). A function with its own parameter of one of
+        these names receives it instead.
+        """
+        wait_for = None
+        return_state = False
+        if kwargs and ("wait_for" in kwargs or "return_state" in kwargs):
+            kwargs = dict(kwargs)
+            if "wait_for" in kwargs and "wait_for" not in self._reserved_taken:
+                wait_for = kwargs.pop("wait_for")
+            if "return_state" in kwargs and "return_state" not in self._reserved_taken:
+                return_state = bool(kwargs.pop("return_state"))
+        if return_state:
+            if self.is_async:
+                return _state_of_async(self, args, kwargs, wait_for)
+            return _state_of(self, args, kwargs, wait_for)
+        resolver = _hooks.resolver  # None until the futures layer is imported: none exist
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            if self.is_async:
+                return _resolved_then_async(self, resolver, args, kwargs, wait_for)
+            args, kwargs = resolver.resolve(args, kwargs, wait_for)
         call = _Call(self, args, kwargs)
         if self.is_async:
             return _run_async(call)
@@ -241,15 +275,15 @@ class Task(Generic[P, R]):
         Futures among the arguments (also inside lists and dicts) are resolved first;
         ``wait_for=[...]`` orders without passing data.
         """
-        from notebook_flow.runners import submit_task
-
-        return submit_task(self, args, kwargs, wait_for=wait_for)
+        return _hook(_hooks.submit_run)(self, args, kwargs, wait_for)
 
     def map(self, *args: Any, wait_for: Sequence[Any] | None = None, **kwargs: Any) -> Any:
-        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant."""
-        from notebook_flow.runners import map_task
+        """Submit one run per element of the iterables (zipped); ``unmapped(x)`` is constant.
 
-        return map_task(self, args, kwargs, wait_for=wait_for)
+        A future as an argument is waited for and its result mapped over (a list of
+        futures in ``allow_failure(...)``: each run gets one of them, failures allowed).
+        """
+        return _hook(_hooks.map_runs)(self, args, kwargs, wait_for)
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str | None:
         """The cache key this call would use (None: the task runs uncached).
@@ -333,6 +367,55 @@ class Task(Generic[P, R]):
         return dict(comps) if comps else None
 
 
+def _hook(fn: Callable[..., Any] | None) -> Callable[..., Any]:
+    if fn is None:  # the package root sets every hook: this would be a bug of ours
+        raise RuntimeError("notebook_flow's runners are not wired (see notebook_flow/_hooks.py)")
+    return fn
+
+
+async def _resolved_then_async(
+    t: Task[Any, Any],
+    resolver: _hooks.Resolver,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    wait_for: Any,
+) -> Any:
+    # Waiting for futures blocks: in a thread, so the event loop keeps running meanwhile.
+    args, kwargs = await asyncio.to_thread(resolver.resolve, args, kwargs, wait_for)
+    return await _run_async(_Call(t, args, kwargs))
+
+
+def _state_of(
+    t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any
+) -> Any:
+    """``task(..., return_state=True)``: the run's ``State`` (its exception inside, if any)."""
+    try:
+        resolver = _hooks.resolver
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            args, kwargs = resolver.resolve(args, kwargs, wait_for)
+        call = _Call(t, args, kwargs)
+        value = _run_sync(call)
+    except Exception as exc:
+        return State(RunState.FAILED, exception=exc)
+    cached = call.ctx is None and call.key is not None
+    return State(RunState.CACHED if cached else RunState.COMPLETED, value)
+
+
+async def _state_of_async(
+    t: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], wait_for: Any
+) -> Any:
+    try:
+        resolver = _hooks.resolver
+        if resolver is not None and resolver.needs(args, kwargs, wait_for):
+            args, kwargs = await asyncio.to_thread(resolver.resolve, args, kwargs, wait_for)
+        call = _Call(t, args, kwargs)
+        value = await _run_async(call)
+    except Exception as exc:
+        return State(RunState.FAILED, exception=exc)
+    cached = call.ctx is None and call.key is not None
+    return State(RunState.CACHED if cached else RunState.COMPLETED, value)
+
+
 def _resolve(module: str, qualname: str) -> Any:
     import importlib
     import sys
@@ -388,9 +471,9 @@ def task(
     refresh_cache: bool = False,
     persist_result: bool = True,
     retries: int = 0,
-    retry_delay_seconds: RetryDelay = 0,
+    retry_delay_seconds: RetryDelay | None = 0,
     retry_jitter_factor: float | None = None,
-    retry_condition_fn: Callable[[Task[Any, Any], RunContext, BaseException], bool] | None = None,
+    retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
     timeout_seconds: float | None = None,
     result_serializer: str | Serializer | None = None,
     result_storage: str | ResultStore | None = None,
