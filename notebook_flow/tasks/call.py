@@ -36,6 +36,7 @@ from notebook_flow.errors import (
     TaskTimeoutError,
 )
 from notebook_flow.figures import time_saved
+from notebook_flow.hashing import lineage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
 from notebook_flow.storage import behind
@@ -282,6 +283,7 @@ class _Call:
                 logger.warning("task `%s`: its staged result cannot be read (%s)", t.name, exc)
                 return _MISS
             self.record(RunState.CACHED, duration=time.perf_counter() - t0)
+            lineage.record_outputs(lineage.produced_by(staged.manifest), [("return", value)])
             return value
         hot = _hot.get(self.store, key)
         manifest = hot[0] if hot is not None else self.store.lookup(key)
@@ -313,6 +315,7 @@ class _Call:
             saved=time_saved(manifest.duration, elapsed),
             size=manifest.size,
         )
+        lineage.record_outputs(lineage.produced_by(manifest), [("return", value)])
         return value
 
     def explain_miss(self, reasons: list[str] | None = None) -> str:
@@ -505,6 +508,7 @@ class _Call:
         t = self.task
         size: int | None = None
         staged: Manifest | None = None
+        produced: str | None = None  # the stored result's key and run, for lineage
         if self.key is not None and t.persist_result:
             expires_at = (
                 time.time() + t.cache_expiration.total_seconds() if t.cache_expiration else None
@@ -546,10 +550,13 @@ class _Call:
                 if txn is None:
                     _crash_point("after_manifest")
                     size = manifest.size
+                    produced = lineage.produced_by(manifest)
                     self.published(manifest, value)
         if txn is not None:
             transactions.stage_call(txn, self, staged, value, lease=lease, release=release)
         t._last_components = self.components
+        if produced is not None:  # results with no content fingerprint: known by their run
+            lineage.record_outputs(produced, [("return", value)])
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
 
     def published(self, manifest: Manifest, value: Any, *, remember: bool = True) -> None:
