@@ -93,14 +93,22 @@ def rebuild_index(*, store: str | ResultStore | None = None) -> int:
 
     Results stay usable from manifests alone; use this after deleting or moving a damaged
     ``metadata.duckdb``, or after copying a store. Returns the number of entries indexed.
+
+    Run events that Dask workers spooled to the store (``<store>/events/``) are ingested
+    too: the runs of a client that died before its results came back get their real
+    final states (see ``metadata/remote.py``).
     """
     from .metadata import CacheEntry
+    from .metadata.remote import ingest_store_events
 
     s = get_store(store)
     entries = (
         CacheEntry.from_manifest(m, task=m.task.split(":", 1)[-1]) for m in s.iter_manifests()
     )
-    return get_metadata(s).rebuild(entries)
+    meta = get_metadata(s)
+    count = meta.rebuild(entries)
+    ingest_store_events(s, meta)
+    return count
 
 
 # -- locks ------------------------------------------------------------------------------------

@@ -6,15 +6,18 @@ Settings(store='memory://demo', ...)
 
 Environment variables (read once, on first use):
 
-=============================  ====================================================
-``NOTEBOOK_FLOW_STORE``        result store URL (default ``.notebook_flow`` in the cwd)
-``NOTEBOOK_FLOW_SIGNING_KEY``  the key every entry is signed with (>= 16 bytes; default:
-                               the key file, see :mod:`notebook_flow.signing`)
-``NOTEBOOK_FLOW_CONFIG_DIR``   folder of that key file (default ~/.config/notebook_flow)
-``NOTEBOOK_FLOW_WORKERS``      threads of the embedded worker (default 8)
-``NOTEBOOK_FLOW_LOCK_LEASE``   lock lease in seconds (default 30; finite, > 0)
-``NOTEBOOK_FLOW_AUTO_CELLS``   ``1``: cache every code cell as if it began with ``%%task``
-=============================  ====================================================
+==================================  ================================================
+``NOTEBOOK_FLOW_STORE``             result store URL (default ``.notebook_flow`` in the cwd)
+``NOTEBOOK_FLOW_SIGNING_KEY``       the key every entry is signed with (>= 16 bytes; default:
+                                    the key file, see :mod:`notebook_flow.signing`)
+``NOTEBOOK_FLOW_CONFIG_DIR``        folder of that key file (default ~/.config/notebook_flow)
+``NOTEBOOK_FLOW_WORKERS``           threads of the embedded worker (default 8)
+``NOTEBOOK_FLOW_LOCK_LEASE``        lock lease in seconds (default 30; finite, > 0)
+``NOTEBOOK_FLOW_AUTO_CELLS``        ``1``: cache every code cell as if it began with ``%%task``
+``NOTEBOOK_FLOW_REFRESH_CACHE``     ``1``: tasks without ``refresh_cache=`` recompute
+``NOTEBOOK_FLOW_DISABLE_CACHING``   ``1``: no task computes a key, every call runs
+``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``  ``1``: tasks defined without a policy get NO_CACHE
+==================================  ================================================
 
 Every value is checked when it is read or passed (:mod:`notebook_flow.options`): a bad one
 raises ``ConfigurationError`` naming it and what is accepted.
@@ -51,6 +54,9 @@ class Settings:
     lock_timeout: float | None = None
     log_misses: bool = True
     background_commits: bool = True
+    refresh_cache: bool = False
+    disable_caching: bool = False
+    default_no_cache: bool = False
     auto_cells: bool = False
 
     @classmethod
@@ -64,6 +70,9 @@ class Settings:
             signing_key=env_signing_key(),  # at least 16 bytes, or a ConfigurationError
             workers=options.env_count("NOTEBOOK_FLOW_WORKERS", 8),
             lock_lease=options.env_seconds("NOTEBOOK_FLOW_LOCK_LEASE", 30.0),
+            refresh_cache=_env_flag("NOTEBOOK_FLOW_REFRESH_CACHE"),
+            disable_caching=_env_flag("NOTEBOOK_FLOW_DISABLE_CACHING"),
+            default_no_cache=_env_flag("NOTEBOOK_FLOW_DEFAULT_NO_CACHE"),
             auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
         )
 
@@ -74,7 +83,7 @@ def _env_flag(name: str) -> bool:
         return False
     if raw in ("1", "true", "yes", "on"):
         return True
-    raise ConfigurationError(f"environment variable {name}={raw!r} must be 1 or 0")
+    raise ConfigurationError(f"environment variable {name}={raw!r} must be 1/true or 0/false")
 
 
 _lock = threading.RLock()
@@ -106,6 +115,9 @@ def configure(
     lock_timeout: float | None = None,
     log_misses: bool | None = None,
     background_commits: bool | None = None,
+    refresh_cache: bool | None = None,
+    disable_caching: bool | None = None,
+    default_no_cache: bool | None = None,
     auto_cells: bool | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
@@ -141,6 +153,13 @@ def configure(
         changes["log_misses"] = options.boolean("log_misses", log_misses)
     if background_commits is not None:
         changes["background_commits"] = options.boolean("background_commits", background_commits)
+    for flag, value in (
+        ("refresh_cache", refresh_cache),
+        ("disable_caching", disable_caching),
+        ("default_no_cache", default_no_cache),
+    ):
+        if value is not None:
+            changes[flag] = options.boolean(flag, value)
     if auto_cells is not None:
         changes["auto_cells"] = options.boolean("auto_cells", auto_cells)
     global _settings, generation

@@ -18,6 +18,7 @@ Every error is a ``NotebookFlowError``; where a built-in fits, it is inherited t
     ├── MetadataError                        the DuckDB metadata index failed
     ├── LockError                            a lock manager failed
     │   ├── LockTimeout (TimeoutError)       waited too long; names the holder and since when
+    │   ├── LockNotHeldError (ValueError)    release_lock by a holder that does not hold it
     │   └── LeaseLostError                   our lease expired; the commit was refused (fencing)
     └── TaskError                            running a task failed for a reason of ours
         ├── TaskTimeoutError (TimeoutError)  the body ran past ``timeout_seconds``
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigurationTypeError",
     "LeaseLostError",
     "LockError",
+    "LockNotHeldError",
     "LockTimeout",
     "MetadataError",
     "MissingExtraError",
@@ -128,6 +130,11 @@ class LockError(NotebookFlowError):
 
 class LockTimeout(LockError, TimeoutError):
     """Waiting for a lock took longer than allowed; the message names the holder."""
+
+
+class LockNotHeldError(LockError, ValueError):
+    """``release_lock`` by a holder while another one holds the lock (Prefect's
+    ``ValueError``)."""
 
 
 class LeaseLostError(LockError):

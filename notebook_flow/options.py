@@ -233,6 +233,9 @@ def validate_task(**options: Any) -> None:
         "cache_namespace": lambda v: optional_str("cache_namespace", v),
         "lock_timeout": lambda v: seconds("lock_timeout", v, zero=True, optional=True),
         "max_concurrency": lambda v: count("max_concurrency", v, minimum=1, optional=True),
+        "cache_key_fn": lambda v: _callable_or_none("cache_key_fn", v),
+        "result_storage_key": lambda v: optional_str("result_storage_key", v),
+        "cache_result_in_memory": lambda v: boolean("cache_result_in_memory", v),
     }
     for name, value in options.items():
         check = checks.get(name)

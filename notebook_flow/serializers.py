@@ -39,6 +39,7 @@ import json
 import logging
 import pickle
 import re
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
@@ -234,11 +235,12 @@ def _frame_to_table(value: object) -> pa.Table:
     if isinstance(frame.index, (pd.DatetimeIndex, pd.TimedeltaIndex)) and frame.index.freq:
         extra["index_freq"] = frame.index.freqstr
     for dtype in [*frame.dtypes, *_index_dtypes(frame.index)]:
-        # Parquet keeps the dictionary (and so the categories) only for string categories.
-        if isinstance(dtype, pd.CategoricalDtype) and not pd.api.types.is_string_dtype(
-            dtype.categories.dtype
+        # Parquet keeps the dictionary (and so the categories) only for string categories,
+        # and not at all for an empty one (it comes back as an object column).
+        if isinstance(dtype, pd.CategoricalDtype) and (
+            not pd.api.types.is_string_dtype(dtype.categories.dtype) or not len(dtype.categories)
         ):
-            raise SerializerDeclined("categorical with non-string categories")
+            raise SerializerDeclined("categorical with non-string or no categories")
     # pyarrow stringifies other labels (with a warning) and they come back changed.
     if not _labels_round_trip(frame):
         raise SerializerDeclined("column labels or index names that are not all str (or int)")
@@ -421,10 +423,9 @@ class PickleSerializer:
         return True
 
     def dump(self, value: object, file: BinaryIO) -> None:
-        import cloudpickle
 
         try:
-            cloudpickle.dump(value, file, protocol=pickle.HIGHEST_PROTOCOL)
+            cloudpickler()(file, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
         except (pickle.PicklingError, TypeError, AttributeError, RecursionError) as exc:
             raise SerializationError(
                 f"cannot pickle a value of type {type(value).__qualname__}: {exc}. "
@@ -433,6 +434,36 @@ class PickleSerializer:
 
     def load(self, file: BinaryIO, *, local_path: str | None) -> object:
         return pickle.load(file)
+
+
+def _numpy_global_random_state() -> object:
+    """numpy's global ``RandomState`` (what ``np.random.rand`` draws from), when loading."""
+    import numpy.random.mtrand
+
+    return numpy.random.mtrand._rand
+
+
+_PICKLER: list[type] = []
+
+
+def cloudpickler() -> Any:
+    """cloudpickle's Pickler class, except that numpy's global ``RandomState`` is pickled
+    by reference: an object holding it (a scipy.stats distribution) must draw from the
+    live global generator after a load, as it did before, not from a private copy. Every
+    pickle of a stored value is made by it (or a subclass)."""
+    if _PICKLER:
+        return _PICKLER[0]
+    import cloudpickle
+
+    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: object) -> Any:
+            mtrand = sys.modules.get("numpy.random.mtrand")
+            if mtrand is not None and obj is getattr(mtrand, "_rand", None):
+                return _numpy_global_random_state, ()
+            return super().reducer_override(obj)
+
+    _PICKLER.append(Pickler)
+    return Pickler
 
 
 # ---------------------------------------------------------------------------- registry

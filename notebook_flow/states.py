@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import threading
+from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["FINAL_STATES", "MIN_SAVING", "RunState", "State", "format_seconds"]
+__all__ = ["FINAL_STATES", "MIN_SAVING", "Deferred", "RunState", "State", "format_seconds"]
 
 R = TypeVar("R")
 
@@ -123,7 +125,10 @@ class State(Generic[R]):
             return exc  # type: ignore[return-value]
         if not self.is_final():
             raise RuntimeError(f"the run is {self.name.lower()}: it has no result yet")
-        return self._value  # type: ignore[no-any-return]
+        value = self._value
+        if _builtin_type(value) is Deferred:
+            value = value.get()
+        return value  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         detail = f"message={self.message!r}, " if self.message else ""
@@ -131,6 +136,26 @@ class State(Generic[R]):
 
 
 _builtin_type = type  # (``State.__init__`` takes a parameter named ``type``, as Prefect)
+
+
+class Deferred:
+    """A result that stays where it is — a remote run's result in the store — until the
+    first ``result()`` asks for it (then loaded once, memory-mapped where the format
+    allows; a load that fails raises from ``result()``). Set by the Dask runner as a
+    future's value; ``TaskFuture.result()`` and ``State.result()`` resolve it."""
+
+    __slots__ = ("_load", "_loaded", "_lock")
+
+    def __init__(self, load: Callable[[], Any]) -> None:
+        self._load = load
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any] | None = None
+
+    def get(self) -> Any:
+        with self._lock:  # one load, whichever thread asks first
+            if self._loaded is None:
+                self._loaded = (self._load(),)
+            return self._loaded[0]
 
 
 def format_seconds(value: float) -> str:

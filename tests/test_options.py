@@ -67,6 +67,14 @@ TASK_BAD: list[tuple[str, Any, type[Exception]]] = [
     ("max_concurrency", True, ConfigurationTypeError),
     ("isolation_level", "EXCLUSIVE", ConfigurationError),
     ("lock_manager", object(), ConfigurationError),
+    ("cache_key_fn", "key", ConfigurationTypeError),
+    ("result_storage_key", 5, ConfigurationTypeError),
+    ("result_storage_key", "", ConfigurationError),
+    ("cache_result_in_memory", "yes", ConfigurationTypeError),
+    ("on_completion", print, ConfigurationError),  # Prefect: a list of hooks, not one
+    ("on_failure", ["not callable"], ConfigurationError),
+    ("on_commit", 3, ConfigurationError),
+    ("on_rollback", "hook", ConfigurationError),
 ]
 
 # What Prefect accepts is accepted here too.
@@ -98,6 +106,10 @@ TASK_GOOD: list[tuple[str, Any]] = [
     ("lock_timeout", 0),
     ("max_concurrency", 2),
     ("isolation_level", "SERIALIZABLE"),
+    ("cache_key_fn", lambda context, parameters: "k"),
+    ("result_storage_key", "{parameters[x]}"),
+    ("cache_result_in_memory", False),
+    ("on_completion", [lambda task, run, state: None]),
 ]
 
 
@@ -133,8 +145,8 @@ def test_good_task_option_is_accepted(option: str, value: Any) -> None:
     assert t.with_options(**options).name == t.name
 
 
-def test_tags_keep_order_and_drop_duplicates() -> None:
-    assert nf.task(tags=["b", "a", "b"])(body).tags == ("b", "a")
+def test_tags_are_a_set_as_in_prefect() -> None:
+    assert nf.task(tags=["b", "a", "b"])(body).tags == {"a", "b"}
 
 
 def test_timeout_nan_no_longer_replaces_the_tasks_own_error() -> None:
@@ -143,6 +155,9 @@ def test_timeout_nan_no_longer_replaces_the_tasks_own_error() -> None:
 
 
 CONFIGURE_BAD: list[tuple[str, Any, type[Exception]]] = [
+    ("refresh_cache", "no", ConfigurationTypeError),
+    ("disable_caching", 1, ConfigurationTypeError),
+    ("default_no_cache", "True", ConfigurationTypeError),
     ("store", 123, ConfigurationTypeError),
     ("store", " ", ConfigurationError),
     ("storage_options", ["anon"], ConfigurationTypeError),
@@ -177,6 +192,9 @@ CONFIGURE_GOOD: list[tuple[str, Any]] = [
     ("log_misses", False),
     ("background_commits", False),
     ("auto_cells", True),
+    ("refresh_cache", True),
+    ("disable_caching", False),
+    ("default_no_cache", False),
 ]
 
 

@@ -26,6 +26,7 @@ from notebook_flow.errors import (
     UnhashableError,
 )
 from notebook_flow.figures import cached_summary, time_saved
+from notebook_flow.hashing import lineage
 from notebook_flow.states import RunState
 
 from . import ambient, effects, files
@@ -266,6 +267,9 @@ class CellRunner:
         restored.apply_variables(ns)
         run_definitions(self.shell, cell.analysis, restored.variables)
         restored.apply_rest(ns)
+        # (from the namespace: a variable may have been updated in place, not rebound)
+        outputs = [(n, ns[n]) for n in restored.variables if n in ns]
+        lineage.record_outputs(lineage.produced_by(manifest), outputs)
         replay(value["outputs"], self.shell)
         elapsed = time.perf_counter() - t0
         saved = time_saved(manifest.duration, elapsed)
@@ -380,6 +384,7 @@ class CellRunner:
                 "be stored"
             )
             raise
+        lineage.record_outputs(lineage.produced_by(manifest), variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
         self._report(cell, "computed", cell.reasons, duration)

@@ -140,9 +140,10 @@ def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None 
     """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
     the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
     and DataFrames appended to it and stored as their index there."""
-    import cloudpickle
+    from notebook_flow.serializers import cloudpickler
 
-    class Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    # (numpy's global RandomState by reference: see serializers.cloudpickler)
+    class Pickler(cloudpickler()):  # type: ignore[misc]
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) in _SCALARS:
                 return None

@@ -83,7 +83,7 @@ def resolve_futures(obj: Any, allowed: bool = False) -> Any:
     if cls is TaskFuture:
         exc = obj._exc
         if exc is None:
-            return obj._value
+            return obj.result()  # (a result left in the store is loaded here)
         if allowed:
             return exc
         raise UpstreamFailedError(

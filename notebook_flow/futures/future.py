@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from notebook_flow import _hooks
 from notebook_flow.errors import TaskCancelledError
-from notebook_flow.states import FINAL_STATES, RunState, State
+from notebook_flow.states import FINAL_STATES, Deferred, RunState, State
 from notebook_flow.states import format_seconds as _seconds
 
 if TYPE_CHECKING:
@@ -174,7 +174,10 @@ class TaskFuture(Generic[R]):
             if not raise_on_failure:
                 return self._exc  # type: ignore[return-value]
             raise self._exc
-        return self._value  # type: ignore[no-any-return]
+        value = self._value
+        if type(value) is Deferred:
+            value = self._value = value.get()
+        return value  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception the run failed with (None if it succeeded); waits like ``result``."""

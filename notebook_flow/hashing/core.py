@@ -27,13 +27,18 @@ Handler = Callable[[Any, "_Writer", "_Context"], None]
 
 
 class _Writer:
-    """Stages small writes in a bytearray; big buffers go straight to the hasher."""
+    """Stages small writes in a bytearray; big buffers go straight to the hasher.
 
-    __slots__ = ("buf", "hasher")
+    While a value that may fall back to its lineage is walked, ``held`` collects the big
+    buffers (as views, not copies) instead of hashing them, so the walk can be undone.
+    """
+
+    __slots__ = ("buf", "hasher", "held")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.hasher: Any = None
+        self.held: list[Any] | None = None
 
     def blob(self, data: Any) -> None:
         """A length-prefixed buffer (bytes, memoryview, contiguous ndarray)."""
@@ -48,6 +53,11 @@ class _Writer:
             view = view.cast("B")
         if view.nbytes < _DIRECT:
             self.buf += view
+            return
+        if self.held is not None:
+            self.held.append(bytes(self.buf))
+            self.buf.clear()
+            self.held.append(view)
             return
         if self.hasher is None:
             self.hasher = xxhash.xxh3_128()
@@ -84,11 +94,18 @@ class _Context:
     the digest (a back-reference is written as its distance up the stack).
     """
 
-    __slots__ = ("active", "depth")
+    __slots__ = ("active", "budget", "depth", "leaves", "special")
 
     def __init__(self) -> None:
         self.active: dict[int, int] = {}
         self.depth = 0
+        # Set when lineage entries exist (a failed part may fall back to its lineage) or
+        # for a lenient walk (lineage.snapshot): every value then goes through _walk_special.
+        self.special = False
+        # Lenient walks only: the parts with no stable fingerprint, in walk order, and how
+        # many more values the walk may visit (it never fails early, so it is bounded).
+        self.leaves: list[object] | None = None
+        self.budget = 0
 
 
 class _Local(threading.local):
@@ -120,6 +137,7 @@ def fingerprint(value: object) -> str:
         _walk(value, writer, ctx)
         return writer.hexdigest()
     ctx = _local.ctx = _Context()
+    ctx.special = _lineage.active()
     try:
         _walk(value, writer, ctx)
     except UnhashableError as exc:
@@ -196,7 +214,78 @@ def _walk(value: object, w: _Writer, ctx: _Context) -> None:
         handler = _RESOLVED.get(cls)
         if handler is None:
             handler = _RESOLVED[cls] = _resolve(cls)
-    handler(value, w, ctx)
+    if ctx.special and (ctx.leaves is not None or id(value) in _LINEAGE_IDS):
+        _walk_special(value, handler, w, ctx)
+    else:
+        handler(value, w, ctx)
+
+
+def _walk_special(value: object, handler: Handler, w: _Writer, ctx: _Context) -> None:
+    """``handler`` with the fallbacks of :mod:`.lineage`.
+
+    A lenient walk (``ctx.leaves`` set) writes a placeholder for a part with no stable
+    fingerprint and goes on. Otherwise a value with a lineage entry is walked with its
+    writes held back: if its content turns out to have no stable fingerprint, the writes
+    are undone and its lineage token is written instead.
+    """
+    if ctx.leaves is not None:
+        ctx.budget -= 1
+        if ctx.budget < 0:
+            raise _lineage.TooBig
+        mark = len(ctx.leaves)
+        start, outer = _checkpoint(w)
+        try:
+            handler(value, w, ctx)
+        except UnhashableError:
+            _rollback(w, start, outer)
+            del ctx.leaves[mark:]
+            w.buf += b"?"
+            w.buf += _pack_u(len(ctx.leaves))
+            ctx.leaves.append(value)
+        else:
+            _commit(w, outer)
+        return
+    start, outer = _checkpoint(w)
+    try:
+        handler(value, w, ctx)
+    except UnhashableError:
+        token = _lineage.token_for(value)
+        if token is None:
+            _commit(w, outer)
+            raise
+        _rollback(w, start, outer)
+        w.buf += b"~"
+        w.buf += _pack_u(len(token))
+        w.buf += token
+    else:
+        _commit(w, outer)
+
+
+def _checkpoint(w: _Writer) -> tuple[int, list[Any] | None]:
+    outer = w.held
+    w.held = []
+    return len(w.buf), outer
+
+
+def _rollback(w: _Writer, start: int, outer: list[Any] | None) -> None:
+    held = w.held
+    w.held = outer
+    if held:  # the first held chunk begins with what the buffer held at the checkpoint
+        w.buf = bytearray(held[0][:start])
+    else:
+        del w.buf[start:]
+
+
+def _commit(w: _Writer, outer: list[Any] | None) -> None:
+    held = w.held or []
+    w.held = outer
+    for part in held:
+        if outer is not None:
+            outer.append(part)
+        elif len(part):
+            if w.hasher is None:
+                w.hasher = xxhash.xxh3_128()
+            w.hasher.update(part)
 
 
 def _enter(value: object, w: _Writer, ctx: _Context) -> bool:
@@ -217,4 +306,7 @@ def _leave(value: object, ctx: _Context) -> None:
 
 
 # Last: dispatch imports the handler modules, which import the names above.
+from notebook_flow.hashing import lineage as _lineage  # noqa: E402
+
+_LINEAGE_IDS = _lineage._entries  # the registry's dict itself (never rebound): a fast check
 from notebook_flow.hashing.dispatch import _resolve  # noqa: E402

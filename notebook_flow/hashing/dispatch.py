@@ -3,8 +3,9 @@
 ``_EXACT`` maps the core built-in types straight to their handlers. Any other type is
 resolved once (and cached in ``core._RESOLVED``) by :func:`_resolve`, in this order:
 a :func:`register_fingerprint` reducer for the class or a base; a
-``__notebook_flow_fingerprint__`` method; numpy / pandas / pyarrow / polars / pydantic,
-if loaded; enums, classes, dataclasses, named tuples, set subclasses, paths, functions,
+``__notebook_flow_fingerprint__`` method; numpy random generators and scipy
+distributions (:mod:`.libraries`); numpy / pandas / pyarrow / polars / pydantic, if
+loaded; enums, classes, dataclasses, named tuples, set subclasses, paths, functions,
 methods, mapping proxies, modules; a refusal for objects with no value to hash (files,
 locks, iterators, connections, ...); else the object's class and pickle state.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from notebook_flow._imports import loaded
 from notebook_flow.errors import ConfigurationError
+from notebook_flow.hashing import libraries, lineage
 from notebook_flow.hashing.arrays import (
     _h_masked,
     _h_ndarray,
@@ -174,6 +176,11 @@ def _unhashable_reason(cls: type) -> str | None:
 
 def _resolve(cls: type) -> Handler:
     """Choose a handler for a type outside the exact built-ins (cached per type)."""
+    if lineage.is_lineage_only(cls):
+        return _refuse(
+            "its class is registered lineage-only: it is fingerprinted only as the output of "
+            "a cached cell or task, unchanged since"
+        )
     for base in cls.__mro__:
         reducer = _REGISTRY.get(base)
         if reducer is not None:
@@ -183,7 +190,7 @@ def _resolve(cls: type) -> Handler:
         return _reduced(
             lambda v: v.__notebook_flow_fingerprint__(), b"h", "__notebook_flow_fingerprint__()"
         )
-    handler = _resolve_library(cls)
+    handler = libraries.resolve(cls) or _resolve_library(cls)
     if handler is not None:
         return handler
     if issubclass(cls, enum.Enum):

@@ -2,7 +2,8 @@
 
 Column values go through the same buffer hashing as arrays (``arrays._walk_ndarray_body``
 for numpy-backed data, ``arrays._arrow_digest`` for Arrow-backed data); pandas
-categoricals hash their categories (in order) plus codes.
+categoricals hash their categories (in order) plus codes. Float columns hash every NaN as
+the same NaN (pandas' missing-value marker; see ``_canonical_nans``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def _walk_pd_values(arr: Any, w: _Writer, ctx: _Context) -> None:
     dtype = arr.dtype
     if isinstance(dtype, np.dtype):
         w.buf += b"n"
-        _walk_ndarray_body(np.asarray(arr), w, ctx)
+        _walk_ndarray_body(_canonical_nans(np.asarray(arr)), w, ctx)
     elif isinstance(dtype, pd.CategoricalDtype):
         w.buf += b"c"
         _walk(dtype.ordered, w, ctx)
@@ -82,10 +83,26 @@ def _walk_pd_values(arr: Any, w: _Writer, ctx: _Context) -> None:
         _h_str(str(dtype), w, ctx)
         arrow = arr.__arrow_array__()
         w.buf += _arrow_digest(arrow.type, _chunks_of(arrow))
-    else:  # sparse and third-party extension arrays
+    else:  # numpy-backed extension arrays, sparse and third-party ones
         w.buf += b"o"
         _h_str(str(dtype), w, ctx)
-        _walk_ndarray_body(np.asarray(arr), w, ctx)
+        _walk_ndarray_body(_canonical_nans(np.asarray(arr)), w, ctx)
+
+
+def _canonical_nans(values: Any) -> Any:
+    """Every NaN as the one NaN. In pandas a NaN is the missing-value marker, whose sign
+    and payload never show, and a Parquet round trip rewrites them (NaN -> null -> NaN):
+    without this a loaded frame would not fingerprint like the stored one."""
+    import numpy as np
+
+    if values.dtype.kind != "f":
+        return values
+    mask = np.isnan(values)
+    if not mask.any():
+        return values
+    out = values.copy()
+    out[mask] = np.nan
+    return out
 
 
 def _h_pd_index(v: Any, w: _Writer, ctx: _Context) -> None:

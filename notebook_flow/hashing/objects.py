@@ -263,6 +263,12 @@ def _h_object(v: Any, w: _Writer, ctx: _Context) -> None:
             _walk(tuple(args), w, ctx)
         except UnhashableError as exc:
             raise _at(exc, ".__reduce__()[1]") from exc.__cause__
+        if isinstance(state, dict) and getattr(cls, "__setstate__", None) is not None:
+            kept = _restorable_state(state)
+            if kept is not state:  # emptied: None, as the loaded copy's __reduce_ex__ gives
+                state = kept or None
+        if isinstance(state, dict) and _scratch_attributes(cls):
+            state = _without_scratch(state, _scratch_attributes(cls))
         _walk_state(state, w, ctx)
         w.buf += b"l" if listitems is not None else b"N"
         if listitems is not None:
@@ -282,6 +288,61 @@ def _h_object(v: Any, w: _Writer, ctx: _Context) -> None:
             w.buf += _item_digests(list(dictitems), ctx)
     finally:
         _leave(v, ctx)
+
+
+_EMPTY_CONTAINERS = (dict, list, set, frozenset, tuple)
+
+#: Work buffers libraries allocate with ``np.empty`` and overwrite before every read: their
+#: bytes are whatever memory held, different in every process, and never part of the
+#: value. Only their shape and dtype are hashed. (module, class) → attribute names.
+SCRATCH_ATTRIBUTES: dict[tuple[str, str], frozenset[str]] = {
+    # GLM.__init__ and GLM.fit: `self._tmp_like_exog = np.empty_like(self.exog, ...)`,
+    # filled by each score/hessian evaluation before use (statsmodels lists it among the
+    # data attributes remove_data() drops).
+    ("statsmodels.genmod.generalized_linear_model", "GLM"): frozenset({"_tmp_like_exog"}),
+}
+_SCRATCH_BY_CLASS: dict[type, frozenset[str]] = {}
+
+
+def _scratch_attributes(cls: type) -> frozenset[str]:
+    found = _SCRATCH_BY_CLASS.get(cls)
+    if found is None:
+        found = frozenset().union(
+            *(SCRATCH_ATTRIBUTES.get((b.__module__, b.__qualname__), ()) for b in cls.__mro__)
+        )
+        _SCRATCH_BY_CLASS[cls] = found
+    return found
+
+
+def _without_scratch(state: dict[str, Any], names: frozenset[str]) -> dict[str, Any]:
+    out = dict(state)
+    for name in names & out.keys():
+        buf = out[name]
+        shape, dtype = getattr(buf, "shape", None), getattr(buf, "dtype", None)
+        out[name] = ("<scratch buffer>", shape, None if dtype is None else str(dtype))
+    return out
+
+
+def _restorable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``__dict__`` state of a class with its own ``__setstate__``, without the empty
+    private containers (``_cache = {}``, ``_deprecated_key_to_warnings = {}``).
+
+    Such a class decides what survives a pickle round trip, and bookkeeping like this is
+    what they drop or rebuild lazily: scikit-learn's ``Bunch`` has ``{'_deprecated_key_to_
+    warnings': {}}`` in its ``__dict__`` when made and ``{}`` once loaded. An *empty*
+    private container holds no data; anything in it (or any public or non-empty
+    attribute) is still hashed, so values that differ in content still differ.
+    """
+    if not any(
+        type(k) is str and k.startswith("_") and type(v) in _EMPTY_CONTAINERS and not v
+        for k, v in state.items()
+    ):
+        return state
+    return {
+        k: v
+        for k, v in state.items()
+        if not (type(k) is str and k.startswith("_") and type(v) in _EMPTY_CONTAINERS and not v)
+    }
 
 
 def _walk_state(state: Any, w: _Writer, ctx: _Context) -> None:

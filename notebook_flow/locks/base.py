@@ -16,6 +16,8 @@ Semantics shared by all managers (``tests/test_locks_contract.py`` checks them):
 * ``release`` by anyone but the holder raises ``LockError``; so does ``renew``-ing a lease
   that has expired: an expired lease is never revived (another holder may already have
   seen the key as free), ``renew`` returns False instead.
+* Prefect's protocol (``acquire_lock``, ``release_lock``, ``is_lock_holder``,
+  ``wait_for_lock`` and async variants) is answered too: see ``prefect.py``.
 * Each acquisition gets a ``fence`` that is larger than every earlier fence of that key,
   even across restarts of the lock server; storage writes it into the manifest.
 """
@@ -34,6 +36,8 @@ from typing import Any, Protocol, runtime_checkable
 from notebook_flow import _identity
 from notebook_flow._identity import parse_holder
 from notebook_flow.errors import LockTimeout
+
+from .prefect import PrefectNames
 
 __all__ = [
     "Acquisition",
@@ -241,8 +245,9 @@ def acquire_with_backoff(
         delay = min(delay * BACKOFF_FACTOR, backoff_max)
 
 
-class BackoffAcquire:
-    """``acquire``/``acquire_info`` for a manager that can try once without waiting.
+class BackoffAcquire(PrefectNames):
+    """``acquire``/``acquire_info`` for a manager that can try once without waiting (and
+    Prefect's names for all of it, from :class:`~.prefect.PrefectNames`).
 
     A subclass provides ``_try(key, holder, lease) -> Attempt`` and the ``_label`` it
     names itself by in messages; ``_sleep`` and ``_backoff_max`` tune the waiting (the

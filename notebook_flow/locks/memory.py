@@ -5,9 +5,14 @@ forked (the child inherits none of its parent's locks), or when its lease has ex
 Waiters sleep on a condition variable, so a release wakes them at once.
 
 Managers with the same ``name`` share one table within a process; a copy made by
-``pickle`` or ``copy`` keeps the name and therefore the table. In another process the
-name refers to a fresh, empty table: this manager never coordinates across processes (use
+``pickle`` or ``copy`` keeps the name and therefore the table. ``MemoryLockManager()``
+without a name is one object per process (as Prefect's singleton), so every unnamed use
+shares one table. In another process the name refers to a fresh, empty table (a forked
+child starts empty too): this manager never coordinates across processes (use
 ``FileLockManager``, ``RedisLockManager`` or ``PostgresLockManager`` for that).
+
+A lock taken through Prefect's ``acquire_lock`` is not tied to the acquiring thread: it
+lasts until released or until its ``hold_timeout``, as in Prefect.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import uuid
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -26,6 +30,7 @@ from .base import (
     Attempt,
     BackoffAcquire,
     LockInfo,
+    acquire_with_backoff,
     wait_until_released,
 )
 
@@ -35,17 +40,16 @@ __all__ = ["MemoryLockManager"]
 @dataclass
 class _Entry:
     info: LockInfo
-    thread: weakref.ref[threading.Thread]
+    thread: weakref.ref[threading.Thread] | None  # None: not tied to a thread (Prefect's)
     pid: int
 
     def live(self, now: float) -> bool:
+        if now >= self.info.lease_expires or self.pid != os.getpid():
+            return False
+        if self.thread is None:
+            return True
         thread = self.thread()
-        return (
-            now < self.info.lease_expires
-            and self.pid == os.getpid()
-            and thread is not None
-            and thread.is_alive()
-        )
+        return thread is not None and thread.is_alive()
 
 
 @dataclass
@@ -56,6 +60,7 @@ class _Table:
     fence: int = 0
 
 
+_DEFAULT_NAME = "default"
 _tables: dict[str, _Table] = {}
 _tables_lock = threading.Lock()
 
@@ -92,19 +97,25 @@ class MemoryLockManager(BackoffAcquire):
     >>> m.release("key", "holder-1")
     """
 
+    _default: MemoryLockManager | None = None
+
+    def __new__(cls, name: str | None = None) -> MemoryLockManager:
+        if name is None:  # one unnamed manager per process, as Prefect's singleton
+            with _tables_lock:
+                if cls._default is None:
+                    cls._default = super().__new__(cls)
+                return cls._default
+        return super().__new__(cls)
+
     def __init__(self, name: str | None = None) -> None:
-        self.name = name or f"memory-{uuid.uuid4().hex[:12]}"
+        self.name = name or _DEFAULT_NAME
         self._table = _table(self.name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (MemoryLockManager, (None if self.name == _DEFAULT_NAME else self.name,))
 
     def __repr__(self) -> str:
         return f"MemoryLockManager(name={self.name!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"name": self.name}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.name = state["name"]
-        self._table = _table(self.name)
 
     _backoff_max = 0.05  # a release wakes the waiters (_sleep); this only bounds a miss
 
@@ -114,7 +125,18 @@ class MemoryLockManager(BackoffAcquire):
 
     # -- acquiring ---------------------------------------------------------------------------
 
-    def _try(self, key: str, holder: str, lease: float) -> Attempt:
+    def _acquire_detached(self, key: str, holder: str, timeout: float | None, lease: float) -> bool:
+        found = acquire_with_backoff(
+            lambda: self._try(key, holder, lease, detached=True),
+            key=key,
+            timeout=timeout,
+            manager=self._label,
+            sleep=self._sleep,
+            backoff_max=self._backoff_max,
+        )
+        return found is not None
+
+    def _try(self, key: str, holder: str, lease: float, detached: bool = False) -> Attempt:
         table = self._table
         with table.cond:
             now = time.time()
@@ -126,7 +148,8 @@ class MemoryLockManager(BackoffAcquire):
                 return Attempt(entry.info)
             table.fence += 1
             info = LockInfo(key, holder, now, now + lease, self._label, table.fence)
-            table.locks[key] = _Entry(info, weakref.ref(threading.current_thread()), os.getpid())
+            thread = None if detached else weakref.ref(threading.current_thread())
+            table.locks[key] = _Entry(info, thread, os.getpid())
             return Attempt(info, entry.info if entry is not None else None)
 
     def _sleep(self, seconds: float) -> None:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
-__all__ = ["held_in_thread"]
+__all__ = ["HandOff", "held_in_thread"]
 
 T = TypeVar("T")
 
@@ -39,14 +39,32 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+class HandOff:
+    """Lets the ``async with held_in_thread(...)`` body keep the lock past the block:
+    :meth:`keep` returns the function that releases it later (from any thread; the
+    holder thread exits ``cm``). A transaction keeps a task's key locked this way until
+    its result is published."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.kept = False
+
+    def keep(self) -> Any:
+        self.kept = True
+        return self.event.set
+
+
 @contextlib.asynccontextmanager
-async def held_in_thread(cm: contextlib.AbstractContextManager[T]) -> AsyncIterator[T | None]:
+async def held_in_thread(
+    cm: contextlib.AbstractContextManager[T], hand_off: HandOff | None = None
+) -> AsyncIterator[T | None]:
     """Enter ``cm`` in a new thread, yield what it returned, exit it in that same thread.
 
     A ``contextlib.nullcontext`` (no lock needed) is entered inline, without a thread.
     Exceptions of the ``async with`` body are not passed to ``cm.__exit__`` (``hold()``
     releases the same way whatever happened); an exception raised by entering or exiting
-    ``cm`` propagates to the caller.
+    ``cm`` propagates to the caller. When the body called ``hand_off.keep()`` (and ended
+    without an error), the lock stays held until the function it returned is called.
     """
     if isinstance(cm, contextlib.nullcontext):
         with cm as value:
@@ -55,7 +73,8 @@ async def held_in_thread(cm: contextlib.AbstractContextManager[T]) -> AsyncItera
     loop = asyncio.get_running_loop()
     entered: asyncio.Future[T] = loop.create_future()
     exited: asyncio.Future[None] = loop.create_future()
-    leave = threading.Event()  # set once: the holder's work is over (or it gave up waiting)
+    # Set once: the holder's work is over (or it gave up waiting).
+    leave = hand_off.event if hand_off is not None else threading.Event()
 
     def report(future: asyncio.Future[Any], result: Any = None, error: Any = None) -> bool:
         try:
@@ -89,6 +108,11 @@ async def held_in_thread(cm: contextlib.AbstractContextManager[T]) -> AsyncItera
         raise
     try:
         yield value
-    finally:
+    except BaseException:
         leave.set()
         await exited
+        raise
+    if hand_off is not None and hand_off.kept:
+        return  # released later, by whoever holds the function keep() returned
+    leave.set()
+    await exited

@@ -85,7 +85,8 @@ SCHEMA_VERSION = max(_MIGRATIONS)
 # stored for the same runs are grouped by run_id. State-bound columns come from the winning
 # transition, the others from the highest-ranked row that has them. A final state beats a
 # non-final one; among equals the later transition wins, and among ties the one written
-# last (stored rows rank below the batch, the batch in queue order). Done row by row in
+# last (stored rows rank below the batch, the batch in queue order). CRASHED ranks below
+# the other final states (see _rank). Done row by row in
 # Python this cost ~15 µs of GIL time per event on the recorder thread, which slowed every
 # other thread of the kernel; DuckDB runs the GROUP BY without holding the GIL.
 _STATE_BOUND = ("state", "updated", "ended", "error", "traceback")
@@ -99,7 +100,11 @@ _event_values = operator.attrgetter(*("at" if c == "time" else c for c, _ in _RU
 
 
 def _rank(seq: str) -> str:
-    return f"{{'final': state NOT IN {_NON_FINAL_SQL}, 'updated': updated, 'seq': {seq}}}"
+    # CRASHED is inferred (the process looked dead), the other final states are observed:
+    # a run a dead client left behind that a Dask worker did finish arrives later as
+    # COMPLETED from the worker's events, and must not stay CRASHED.
+    final = f"CASE WHEN state IN {_NON_FINAL_SQL} THEN 0 WHEN state = 'CRASHED' THEN 1 ELSE 2 END"
+    return f"{{'final': {final}, 'updated': updated, 'seq': {seq}}}"
 
 
 def _fold_runs_sql() -> str:

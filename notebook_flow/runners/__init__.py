@@ -10,7 +10,8 @@ this process, started on first use — unless a runner is active::
         futs = crunch.map(chunks)
 
 Layout: ``base.py`` (the submit path, dependencies), ``limits.py`` (concurrency limits),
-``thread.py`` (the embedded worker), ``process.py`` and ``dask.py`` (other pools),
+``thread.py`` (the embedded worker), ``process.py`` and ``dask.py`` (other pools;
+``dask_worker.py`` is what runs on a Dask worker),
 ``journal.py`` (durable submissions), ``resume.py`` (:func:`resume`).
 """
 

@@ -137,7 +137,7 @@ class WorkerCall(_Call):
                 at=time.time(),
                 notebook=self._notebook,
                 cell=self._cell,
-                tags=t.tags,
+                tags=tuple(sorted(t.tags)),
                 host=p.host,
                 pid=p.pid,
                 pid_start=p.start_time,
@@ -436,6 +436,9 @@ class BaseRunner:
     def _try_inline(self, fut: TaskFuture[Any]) -> bool:
         return False
 
+    def _accept(self, task: Task[..., Any]) -> None:
+        """Raise ``ConfigurationError`` for a task this runner cannot run (see dask.py)."""
+
     def __enter__(self) -> BaseRunner:
         self._token = _current.set(self)
         return self
@@ -476,6 +479,7 @@ def submit_with(
     """The submit path shared by all runners (in-memory work only)."""
     if runner._closed:
         raise RuntimeError("this runner was shut down; create a new one (or use the default)")
+    runner._accept(task)  # a setup this runner cannot run raises here, in the caller
     call = WorkerCall(task, args, kwargs)
     run_id = call.run_id
     fut: TaskFuture[Any] = TaskFuture(task, run_id, runner)

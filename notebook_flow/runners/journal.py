@@ -29,8 +29,10 @@ Which runs cannot be resumed, and why (``resume()`` lists them in ``.skipped``):
 * runs that depend on one of the above;
 * runs submitted from a process on another host (liveness of its pid is unknown here).
 
-Resumed runs get new run ids (the old ones stay CRASHED in the history) and run on the
-embedded thread worker, also when they were first submitted to a process or Dask runner.
+Resumed runs get new run ids (the old ones stay CRASHED in the history, unless a Dask
+worker finished them and its spooled events say so) and run on the *current* runner —
+the innermost ``with runner:`` around ``resume()``, else the embedded thread worker —
+whichever runner first took them.
 Code from notebook cells is replayed with its source (the journal keeps the cells'
 ``linecache`` entries), so a resumed run computes the same cache key as the cell would.
 """

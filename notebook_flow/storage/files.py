@@ -100,6 +100,17 @@ def read_bytes(store: ResultStore, rel: str) -> bytes:
     return bytes(data)
 
 
+def read_small(store: ResultStore, rel: str) -> bytes:
+    """A file known to be small (a manifest). On S3 one GET: s3fs otherwise first sends a
+    HEAD (and, for a missing key, a LIST) to decide whether to download in parallel
+    chunks, which tripled the requests of every lookup."""
+    if not store.is_local:
+        fs = store.fs
+        if getattr(fs, "max_concurrency", None) is not None:  # s3fs
+            return bytes(fs.cat_file(store._path(rel), max_concurrency=1))
+    return read_bytes(store, rel)
+
+
 def check_local_folder(store: ResultStore, rel: str) -> None:
     """Refuse to write ``rel`` when a folder between the root and it is a symlink."""
     parts = rel.split("/")[:-1]

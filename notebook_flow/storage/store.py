@@ -309,7 +309,7 @@ class ResultStore:
         behind.wait_key(self.url, key)
         rel = self._manifest_rel(key)
         try:
-            data = files.read_bytes(self, rel)
+            data = files.read_small(self, rel)
         except files.NotRegularFile as exc:
             self._warn(f"manifest {rel} was ignored: {exc}")
             return None
@@ -433,6 +433,36 @@ class ResultStore:
         is written and before the manifest: if it raises (e.g. ``LeaseLostError``) the
         payload is removed and its exception propagates unchanged.
         """
+        staged = self.stage(
+            key,
+            value,
+            task=task,
+            components=components,
+            run_id=run_id,
+            duration=duration,
+            expires_at=expires_at,
+            serializer=serializer,
+            fence=fence,
+        )
+        return self.publish(staged, before_manifest=before_manifest)
+
+    def stage(
+        self,
+        key: str,
+        value: object,
+        *,
+        task: str,
+        components: dict[str, str],
+        run_id: str,
+        duration: float,
+        expires_at: float | None,
+        serializer: str | Serializer | None = None,
+        fence: int | None = None,
+    ) -> Manifest:
+        """Write the payload of ``value`` for ``key`` but not its manifest: nothing is
+        visible until :meth:`publish` (a transaction's commit); :meth:`discard` removes it.
+        A staged payload that is never published is an orphan that ``remove_orphans``
+        collects. Raises as :meth:`commit` does."""
         key = validate_key(key)
         behind.wait_key(self.url, key)  # after this process's pending commit of the key
         chosen = choose_serializer(value, serializer)
@@ -473,7 +503,22 @@ class ResultStore:
             inline=inline,
             seal=seal,
         )
-        manifest = trust.sign(self, manifest)
+        # Signed here: a staged manifest is published later unchanged.
+        return trust.sign(self, manifest)
+
+    def discard(self, manifest: Manifest) -> None:
+        """Remove the payload of a staged, unpublished manifest (a rolled-back result)."""
+        files.remove_quietly(self, manifest.payload)
+
+    def publish(
+        self, manifest: Manifest, *, before_manifest: Callable[[], None] | None = None
+    ) -> Manifest:
+        """Make a staged result visible: write its manifest (the commit point).
+
+        ``before_manifest`` runs first: if it raises (e.g. ``LeaseLostError``) the payload
+        is removed and its exception propagates unchanged."""
+        key = manifest.key
+        rel = manifest.payload
         if before_manifest is not None:
             try:
                 before_manifest()
@@ -502,7 +547,7 @@ class ResultStore:
     def _read_previous(self, key: str) -> Manifest | None:
         """The current manifest, whose payload the new commit replaces (quietly)."""
         try:
-            data = files.read_bytes(self, self._manifest_rel(key))
+            data = files.read_small(self, self._manifest_rel(key))
         except OSError:
             return None
         return self._parse_quietly(data, key)

@@ -19,10 +19,12 @@ The call path, top to bottom (:func:`_run_sync`):
 
 The package follows that path: :mod:`.definition` (``Task``, ``@task``, the options),
 :mod:`.call` (one call: key, lookup, lock, run with retries, commit, record; the crash
-points), :mod:`.hot` (the in-process hot cache a hit reads first), :mod:`.context` (run ids,
-``current_run()``) and :mod:`.explain` (why a call hits or misses). What other modules use
-is re-exported here: import it from ``notebook_flow.tasks``. Module state lives once, in its
-own module: patch ``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
+points), :mod:`.hooks` (completion/failure hooks), :mod:`.keys` (``result_storage_key``,
+``task_input_hash``), :mod:`.hot` (the in-process hot cache a hit reads first),
+:mod:`.context` (run ids, ``current_run()``) and :mod:`.explain` (why a call hits or
+misses). What other modules use is re-exported here: import it from
+``notebook_flow.tasks``. Module state lives once, in its own module: patch
+``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .explain import diff_components as diff_components
 from .hot import _hot as _hot
 from .hot import _HotCache as _HotCache
 from .hot import _immutable as _immutable
+from .keys import task_input_hash
 
 __all__ = [
     "Explanation",
@@ -61,6 +64,7 @@ __all__ = [
     "current_run",
     "exponential_backoff",
     "task",
+    "task_input_hash",
 ]
 
 # Pickles (worker payloads, the run journal) and cache keys that take one of these as an

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from notebook_flow import _identity, config
+from notebook_flow import _identity, config, transactions
 from notebook_flow._imports import loaded
 from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
@@ -35,17 +36,19 @@ from notebook_flow.errors import (
     TaskTimeoutError,
 )
 from notebook_flow.figures import time_saved
+from notebook_flow.hashing import lineage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
 from notebook_flow.storage import behind
 
+from . import hooks
 from .context import RunContext, _current_run, new_run_id
 from .explain import BUSY_REASON, EXPLAIN_WAIT, _expired_reason, diff_components
-from .hot import _hot
+from .hot import _hot, _immutable
 
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
-    from notebook_flow.storage import ResultStore
+    from notebook_flow.storage import Manifest, ResultStore
 
     from .definition import Task
 
@@ -128,16 +131,30 @@ def _store_for(t: Task[Any, Any]) -> ResultStore:
     cached = t._store_cache
     if cached is not None and cached[0] == config.generation:
         return cached[1]
-    storage = t.cache_policy.key_storage or t.result_storage
-    store = config.get_store(storage)  # type: ignore[arg-type]
+    storage = t._policy.key_storage or t.result_storage
+    if isinstance(storage, os.PathLike):  # pathlib.Path, as Prefect accepts
+        storage = os.fspath(storage)
+    store = config.get_store(storage)
     t._store_cache = (config.generation, store)
     return store
+
+
+#: Where this context's run, cache-entry and lock events go instead of the store's DuckDB
+#: recorder: set on a Dask worker (``runners/dask_worker.py``), which never opens DuckDB;
+#: its events travel to the submitting process. Anything with the ``record_*`` methods.
+event_sink: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "notebook_flow_event_sink", default=None
+)
+#: The sink for events outside any run's context on a process that must not open DuckDB
+#: (a lease renewer thread on a Dask worker); None elsewhere.
+process_sink: list[Any] = [None]
 
 
 def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -> None:
     """Hand an event to the metadata recorder; a metadata problem never fails a task."""
     try:
-        action(config.get_metadata(store))
+        sink = event_sink.get() or process_sink[0]
+        action(sink if sink is not None else config.get_metadata(store))
     except Exception:
         logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
@@ -212,7 +229,10 @@ class _Call:
 
     def compute_key(self) -> str | None:
         t = self.task
-        components = t.cache_policy.compute_components(KeyContext(t, self.arguments))
+        if config.settings().disable_caching:  # Prefect's PREFECT_TASKS_DISABLE_CACHING
+            components = None
+        else:
+            components = t._policy.compute_components(KeyContext(t, self.arguments, self.run_id))
         self.components = components
         if components is None:
             self.key = None
@@ -231,7 +251,7 @@ class _Call:
             t.identity,
             self.key,
             state=state,
-            tags=t.tags,
+            tags=tuple(sorted(t.tags)),
             **fields,
         )
 
@@ -249,13 +269,21 @@ class _Call:
         """The cached value for this call's key, or _MISS (logging why on a miss)."""
         t = self.task
         key = self.key
-        if key is None or t.refresh_cache:
+        if key is None or t._refreshing():
             return _MISS
         t0 = time.perf_counter()
-        if not t.persist_result:
-            value = t._memory.get(key, _MISS)
-            if value is not _MISS:
-                self.record(RunState.CACHED, duration=time.perf_counter() - t0)
+        staged = transactions.staged(self.store, key)  # this transaction's own result
+        if staged is not None:
+            try:
+                # The caller may have changed a mutable value since: read the payload.
+                value = (
+                    staged.value if _immutable(staged.value) else self.store.load(staged.manifest)
+                )
+            except (PayloadCorruptError, SerializationError, StorageError) as exc:
+                logger.warning("task `%s`: its staged result cannot be read (%s)", t.name, exc)
+                return _MISS
+            self.record(RunState.CACHED, duration=time.perf_counter() - t0)
+            lineage.record_outputs(lineage.produced_by(staged.manifest), [("return", value)])
             return value
         hot = _hot.get(self.store, key)
         manifest = hot[0] if hot is not None else self.store.lookup(key)
@@ -277,7 +305,8 @@ class _Call:
                     exc,
                 )
                 return _MISS
-            _hot.put(self.store, manifest, value)
+            if t.cache_result_in_memory:
+                _hot.put(self.store, manifest, value)
         elapsed = time.perf_counter() - t0
         t._last_components = self.components
         self.record(
@@ -286,6 +315,7 @@ class _Call:
             saved=time_saved(manifest.duration, elapsed),
             size=manifest.size,
         )
+        lineage.record_outputs(lineage.produced_by(manifest), [("return", value)])
         return value
 
     def explain_miss(self, reasons: list[str] | None = None) -> str:
@@ -309,13 +339,18 @@ class _Call:
     def locked(self) -> contextlib.AbstractContextManager[Any]:
         """A lock on the key for SERIALIZABLE policies, else a no-op."""
         t = self.task
-        policy = t.cache_policy
-        if self.key is None or policy.isolation_level != "SERIALIZABLE":
+        policy = t._policy
+        level = policy.isolation_level or transactions.isolation_level_here()
+        if self.key is None or level != "SERIALIZABLE":
             return contextlib.nullcontext()
         from notebook_flow.config import settings
-        from notebook_flow.locks import default_lock_manager_for, hold
+        from notebook_flow.locks import as_lock_manager, default_lock_manager_for, hold
 
-        manager = policy.lock_manager or default_lock_manager_for(self.store)
+        given = policy.lock_manager or transactions.lock_manager_here()
+        if given is not None:
+            manager = as_lock_manager(given)
+        else:
+            manager = default_lock_manager_for(self.store)
         s = settings()
 
         def on_event(event: str, info: dict[str, Any]) -> None:
@@ -454,10 +489,26 @@ class _Call:
 
     # -- commit ------------------------------------------------------------------------------
 
-    def commit(self, value: Any, duration: float, attempt: int, lease: Any) -> None:
-        """Persist the result (payload first, manifest last), then record COMPLETED."""
+    def commit(
+        self,
+        value: Any,
+        duration: float,
+        attempt: int,
+        lease: Any,
+        *,
+        txn: transactions.Transaction | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> None:
+        """Persist the result (payload first, manifest last), then record COMPLETED.
+
+        In a transaction (``txn``) only the payload is written: the manifest follows at the
+        transaction's commit, and ``release`` (the key's lock) runs once it is published
+        or discarded. A value that cannot be serialized is not stored: a warning says so
+        and the call returns it (as Prefect)."""
         t = self.task
         size: int | None = None
+        staged: Manifest | None = None
+        produced: str | None = None  # the stored result's key and run, for lineage
         if self.key is not None and t.persist_result:
             expires_at = (
                 time.time() + t.cache_expiration.total_seconds() if t.cache_expiration else None
@@ -469,33 +520,52 @@ class _Call:
                     lease_check()
                 _crash_point("after_payload")
 
+            options: dict[str, Any] = {
+                "task": t.identity,
+                "components": self.components or {},
+                "run_id": self.run_id,
+                "duration": duration,
+                "expires_at": expires_at,
+                "serializer": t.result_serializer,
+                "fence": getattr(lease, "fence", None),
+            }
             try:
-                manifest = self.store.commit(
-                    self.key,
-                    value,
-                    task=t.identity,
-                    components=self.components or {},
-                    run_id=self.run_id,
-                    duration=duration,
-                    expires_at=expires_at,
-                    serializer=t.result_serializer,
-                    before_manifest=check,
-                    fence=getattr(lease, "fence", None),
+                if txn is not None:
+                    staged = self.store.stage(self.key, value, **options)
+                else:
+                    manifest = self.store.commit(self.key, value, before_manifest=check, **options)
+            except SerializationError as exc:
+                logger.warning(
+                    "task `%s`: its result cannot be stored (%s); returning it without "
+                    "caching, so the next call runs again",
+                    t.name,
+                    exc,
                 )
             except Exception as exc:
                 self.failed(attempt, exc)
                 if isinstance(exc, CommitError):
                     exc.result = value  # type: ignore[attr-defined]
                 raise
-            _crash_point("after_manifest")
-            _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
-            size = manifest.size
-            entry = CacheEntry.from_manifest(manifest, task=t.name)
-            _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
-        elif self.key is not None:
-            t._memory[self.key] = value
+            else:
+                if txn is None:
+                    _crash_point("after_manifest")
+                    size = manifest.size
+                    produced = lineage.produced_by(manifest)
+                    self.published(manifest, value)
+        if txn is not None:
+            transactions.stage_call(txn, self, staged, value, lease=lease, release=release)
         t._last_components = self.components
+        if produced is not None:  # results with no content fingerprint: known by their run
+            lineage.record_outputs(produced, [("return", value)])
         self.record(RunState.COMPLETED, attempt=attempt, duration=duration, size=size)
+
+    def published(self, manifest: Manifest, value: Any, *, remember: bool = True) -> None:
+        """After the manifest is written: the hot cache (unless ``remember`` is False: a
+        mutable value the caller has had since) and the index learn the entry."""
+        if remember and self.task.cache_result_in_memory:
+            _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
+        entry = CacheEntry.from_manifest(manifest, task=self.task.name)
+        _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:
@@ -604,6 +674,8 @@ def _commit_in_background(
     key = call.key
     if key is None or not t.persist_result or not _background_eligible(t, value):
         return False
+    if transactions.active():  # staged in the transaction, in the foreground
+        return False
     if behind.foreground.get() or not config.settings().background_commits:
         return False
     job = behind.reserve(call.store.url, key, value.nbytes)
@@ -649,71 +721,92 @@ def _commit_in_background(
 
 
 def _run_sync(call: _Call) -> Any:
-    """Key → lookup → (lock → re-check) → run with retries → commit → record."""
+    """Key → lookup → (lock → re-check) → run with retries → commit → record.
+
+    Hooks (``hooks.py``) run after the final state; inside a transaction (or with
+    commit/rollback hooks) the result is staged in the call's transaction instead of
+    committed (``transactions.for_call``)."""
     if call.compute_key() is not None:
         value = call.lookup()
         if value is not _MISS:
-            return value
-    why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
+            return hooks.completed(call, value, cached=True)
+    why = call.explain_miss() if call.key is not None and not call.task._refreshing() else ""
     with _locked_past_abandoned(call) as held:
         lease = held.lease
         if lease is not None:
             _crash_point("after_lock")
             value = call.lookup()  # the holder before us may have committed it
             if value is not _MISS:
-                return value
+                return hooks.completed(call, value, cached=True)
         token = call.begin(why)
         try:
-            attempt = 1
-            while True:
-                t0 = call.start_attempt(attempt)
-                try:
-                    value = call.call_body_sync()
-                    break
-                except BaseException as exc:
-                    if (delay := call.after_failure(attempt, exc)) is None:
-                        raise
-                time.sleep(delay)
-                attempt += 1
-            duration = time.perf_counter() - t0
-            if not _commit_in_background(call, value, duration, attempt, held):
-                call.commit(value, duration, attempt, lease)
-                _crash_point("before_release")
+            with transactions.for_call(call) as txn:
+                attempt = 1
+                while True:
+                    t0 = call.start_attempt(attempt)
+                    try:
+                        value = call.call_body_sync()
+                        break
+                    except BaseException as exc:
+                        if (delay := call.after_failure(attempt, exc)) is None:
+                            hooks.failed(call, exc, attempt)
+                            raise
+                    time.sleep(delay)
+                    attempt += 1
+                duration = time.perf_counter() - t0
+                if txn is not None:
+                    release = None
+                    if lease is not None:
+                        stack = held.hand_off()
+                        release = functools.partial(_release_when_done, call, lease, stack)
+                    call.commit(value, duration, attempt, lease, txn=txn, release=release)
+                elif not _commit_in_background(call, value, duration, attempt, held):
+                    call.commit(value, duration, attempt, lease)
+                    _crash_point("before_release")
         finally:
             _current_run.reset(token)
-    return value
+    return hooks.completed(call, value, attempt=attempt)
 
 
 async def _run_async(call: _Call) -> Any:
-    """The same path for ``async def`` tasks; blocking steps run in a thread."""
+    """The same path for ``async def`` tasks; blocking steps run in a thread (the key's
+    lock in a thread of its own, kept past the call when a transaction stages the
+    result)."""
     if call.compute_key() is not None:
         value = await asyncio.to_thread(call.lookup)
         if value is not _MISS:
-            return value
-    why = call.explain_miss() if call.key is not None and not call.task.refresh_cache else ""
-    from notebook_flow.locks.threaded import held_in_thread
+            return await hooks.acompleted(call, value, cached=True)
+    why = call.explain_miss() if call.key is not None and not call.task._refreshing() else ""
+    from notebook_flow.locks.threaded import HandOff, held_in_thread
 
+    hand_off = HandOff()
     # Not on the loop's executor: waiters filled it while the holder needed it to commit.
-    async with held_in_thread(call.locked()) as lease:
+    async with held_in_thread(call.locked(), hand_off) as lease:
         if lease is not None:
             value = await asyncio.to_thread(call.lookup)
             if value is not _MISS:
-                return value
+                return await hooks.acompleted(call, value, cached=True)
         token = call.begin(why)
         try:
-            attempt = 1
-            while True:
-                t0 = call.start_attempt(attempt)
-                try:
-                    value = await call.call_body_async()
-                    break
-                except BaseException as exc:
-                    if (delay := call.after_failure(attempt, exc)) is None:
-                        raise
-                await asyncio.sleep(delay)
-                attempt += 1
-            duration = time.perf_counter() - t0
-            await asyncio.to_thread(call.commit, value, duration, attempt, lease)
+            with transactions.for_call(call) as txn:
+                attempt = 1
+                while True:
+                    t0 = call.start_attempt(attempt)
+                    try:
+                        value = await call.call_body_async()
+                        break
+                    except BaseException as exc:
+                        if (delay := call.after_failure(attempt, exc)) is None:
+                            await hooks.afailed(call, exc, attempt)
+                            raise
+                    await asyncio.sleep(delay)
+                    attempt += 1
+                duration = time.perf_counter() - t0
+                if txn is not None:  # staged; the lock is kept until it is published
+                    release = hand_off.keep() if lease is not None else None
+                    call.commit(value, duration, attempt, lease, txn=txn, release=release)
+                else:
+                    await asyncio.to_thread(call.commit, value, duration, attempt, lease)
         finally:
             _current_run.reset(token)
-    return value
+    return await hooks.acompleted(call, value, attempt=attempt)

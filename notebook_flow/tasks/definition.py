@@ -9,20 +9,23 @@ import functools
 import inspect
 import json
 import logging
+import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
-from notebook_flow import _hooks
-from notebook_flow.cache_policies import DEFAULT, CachePolicy
+from notebook_flow import _hooks, config
+from notebook_flow.cache_policies import DEFAULT, NONE, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
 from notebook_flow.options import tag_tuple, validate_task
 from notebook_flow.states import RunState, State
 
+from . import hooks
 from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
 from .hot import _hot
+from .keys import _ResultStorageKey
 
 if TYPE_CHECKING:
     from notebook_flow.locks.base import LockManager
@@ -57,22 +60,29 @@ class Task(Generic[P, R]):
         *,
         name: str | None = None,
         cache_policy: CachePolicy | None = _NOT_SET,
+        cache_key_fn: Callable[[Any, dict[str, Any]], str | None] | None = None,
         cache_expiration: timedelta | float | None = None,
-        refresh_cache: bool = False,
-        persist_result: bool = True,
+        refresh_cache: bool | None = None,
+        persist_result: bool | None = True,
         retries: int = 0,
         retry_delay_seconds: RetryDelay | None = 0,
         retry_jitter_factor: float | None = None,
         retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
         timeout_seconds: float | None = None,
         result_serializer: str | Serializer | None = None,
-        result_storage: str | ResultStore | None = None,
-        tags: Sequence[str] | None = None,
+        result_storage: str | os.PathLike[str] | ResultStore | None = None,
+        result_storage_key: str | None = None,
+        tags: Iterable[str] | None = None,
         cache_namespace: str | None = None,
         lock_manager: LockManager | None = None,
         isolation_level: str | None = None,
         lock_timeout: float | None = None,
         max_concurrency: int | None = None,
+        on_completion: Iterable[Callable[..., Any]] | None = None,
+        on_failure: Iterable[Callable[..., Any]] | None = None,
+        on_commit: Iterable[Callable[..., Any]] | None = None,
+        on_rollback: Iterable[Callable[..., Any]] | None = None,
+        cache_result_in_memory: bool = True,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"@task needs a function, got {type(fn).__name__}")
@@ -85,7 +95,8 @@ class Task(Generic[P, R]):
             retry_condition_fn=retry_condition_fn, timeout_seconds=timeout_seconds,
             result_serializer=result_serializer, result_storage=result_storage, tags=tags,
             cache_namespace=cache_namespace, lock_timeout=lock_timeout,
-            max_concurrency=max_concurrency,
+            max_concurrency=max_concurrency, cache_key_fn=cache_key_fn,
+            result_storage_key=result_storage_key, cache_result_in_memory=cache_result_in_memory,
         )  # fmt: skip
         self.fn: Callable[P, R] = fn
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -95,25 +106,41 @@ class Task(Generic[P, R]):
         # Identity namespaces keys: stable across restarts (module + qualified name, or the
         # explicit name), never id() or a cell number.
         self.identity: str = f"{module}:{name or qualname}"
-        if cache_policy is _NOT_SET:
-            cache_policy = DEFAULT
-        elif cache_policy is None:
-            from notebook_flow.cache_policies import NONE
-
-            cache_policy = NONE
-        if not isinstance(cache_policy, CachePolicy):
-            raise ConfigurationError(
-                f"cache_policy must be a CachePolicy (INPUTS, TASK_SOURCE, …), got {cache_policy!r}"
-            )
+        # As given, for with_options() and pickling (the policy below is derived).
+        self._given: dict[str, Any] = {
+            "cache_key_fn": cache_key_fn,
+            "persist_result": persist_result,
+            "result_storage_key": result_storage_key,
+            "lock_manager": lock_manager,
+            "isolation_level": isolation_level,
+        }
+        if cache_policy is not _NOT_SET:  # (the sentinel does not survive pickling)
+            self._given["cache_policy"] = cache_policy
+        self.cache_key_fn = cache_key_fn
+        self.result_storage_key = result_storage_key
+        self.persist_result = persist_result is not False  # results persist by default
+        self.cache_policy: CachePolicy | None = _cache_policy_of(
+            self.name, cache_policy, cache_key_fn, persist_result, result_storage_key
+        )
+        policy = self.cache_policy
+        if policy is None and result_storage_key is not None and self.persist_result:
+            policy = _ResultStorageKey(template=result_storage_key)
+        policy = policy if policy is not None else NONE
         if lock_manager is not None or isolation_level is not None:
-            cache_policy = cache_policy.configure(
+            policy = policy.configure(
                 lock_manager=lock_manager,
                 isolation_level=isolation_level,  # type: ignore[arg-type]
             )
-        self.cache_policy: CachePolicy = cache_policy
+            if self.cache_policy is not None:
+                self.cache_policy = policy
+        #: The policy the call path keys with (``cache_policy=None`` keys like NONE).
+        self._policy: CachePolicy = policy
         self.cache_expiration = _as_timedelta(cache_expiration)
-        self.refresh_cache = bool(refresh_cache)
-        self.persist_result = bool(persist_result)
+        if refresh_cache is not None and not isinstance(refresh_cache, bool):
+            raise ConfigurationError(
+                f"refresh_cache must be True, False or None, got {refresh_cache!r}"
+            )
+        self.refresh_cache = refresh_cache
         if not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an int >= 0, got {retries!r}")
         self.retries = retries
@@ -136,8 +163,20 @@ class Task(Generic[P, R]):
 
             get_serializer(result_serializer)  # raises a clear error for unknown names
         self.result_serializer = result_serializer
+        if isinstance(result_storage, os.PathLike):  # pathlib.Path, as Prefect accepts
+            result_storage = os.fspath(result_storage)
         self.result_storage = result_storage
-        self.tags: tuple[str, ...] = tag_tuple(tags)
+        self.tags: set[str] = set(tag_tuple(tags))  # a set, as in Prefect
+        self.on_completion_hooks = hooks.check_hooks("on_completion", on_completion)
+        self.on_failure_hooks = hooks.check_hooks("on_failure", on_failure)
+        self.on_commit_hooks = hooks.check_hooks("on_commit", on_commit)
+        self.on_rollback_hooks = hooks.check_hooks("on_rollback", on_rollback)
+        if not isinstance(cache_result_in_memory, bool):
+            raise ConfigurationError(
+                f"cache_result_in_memory must be True or False, got {cache_result_in_memory!r}"
+            )
+        # Prefect's option: False keeps this task's results out of the in-process hot cache.
+        self.cache_result_in_memory = cache_result_in_memory
         self.cache_namespace = cache_namespace
         self.lock_timeout = lock_timeout
         if max_concurrency is not None and max_concurrency < 1:
@@ -157,7 +196,6 @@ class Task(Generic[P, R]):
         # Prefect's call keywords, unless the function declares a parameter of that name.
         self._reserved_taken = {"wait_for", "return_state"} & set(self._signature.parameters)
         self._last_components: dict[str, str] | None = None
-        self._memory: dict[str, Any] = {}  # results of persist_result=False tasks
         self._store_cache: tuple[int, ResultStore] | None = None
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
@@ -184,15 +222,42 @@ class Task(Generic[P, R]):
         bound.apply_defaults()
         return dict(bound.arguments)
 
+    def _refreshing(self) -> bool:
+        """``refresh_cache``, or the global setting when it is None (as Prefect)."""
+        if self.refresh_cache is not None:
+            return self.refresh_cache
+        return config.settings().refresh_cache
+
+    # -- hooks (Prefect's decorators) ----------------------------------------------------------
+
+    def on_completion(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Add a completion hook ``fn(task, task_run, state)``; usable as a decorator."""
+        self.on_completion_hooks.extend(hooks.check_hooks("on_completion", [fn]))
+        return fn
+
+    def on_failure(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Add a failure hook ``fn(task, task_run, state)``; usable as a decorator."""
+        self.on_failure_hooks.extend(hooks.check_hooks("on_failure", [fn]))
+        return fn
+
+    def on_commit(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Add a commit hook ``fn(transaction)``; usable as a decorator."""
+        self.on_commit_hooks.extend(hooks.check_hooks("on_commit", [fn]))
+        return fn
+
+    def on_rollback(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Add a rollback hook ``fn(transaction)``; usable as a decorator."""
+        self.on_rollback_hooks.extend(hooks.check_hooks("on_rollback", [fn]))
+        return fn
+
     # -- options ---------------------------------------------------------------------------
 
     def _options(self) -> dict[str, Any]:
         return {
             "name": self.name if self.identity.endswith(":" + self.name) else None,
-            "cache_policy": self.cache_policy,
+            **self._given,
             "cache_expiration": self.cache_expiration,
             "refresh_cache": self.refresh_cache,
-            "persist_result": self.persist_result,
             "retries": self.retries,
             "retry_delay_seconds": self.retry_delay_seconds,
             "retry_jitter_factor": self.retry_jitter_factor,
@@ -204,13 +269,18 @@ class Task(Generic[P, R]):
             "cache_namespace": self.cache_namespace,
             "lock_timeout": self.lock_timeout,
             "max_concurrency": self.max_concurrency,
+            "on_completion": list(self.on_completion_hooks),
+            "on_failure": list(self.on_failure_hooks),
+            "on_commit": list(self.on_commit_hooks),
+            "on_rollback": list(self.on_rollback_hooks),
+            "cache_result_in_memory": self.cache_result_in_memory,
         }
 
     def with_options(self, **changes: Any) -> Task[P, R]:
         """A copy with some options changed: ``load.with_options(refresh_cache=True)``."""
         options = self._options()
         options["name"] = self.name
-        unknown = set(changes) - set(options) - {"lock_manager", "isolation_level"}
+        unknown = set(changes) - _OPTION_NAMES
         if unknown:
             raise ConfigurationError(f"unknown task option(s): {', '.join(sorted(unknown))}")
         options.update(changes)
@@ -231,7 +301,7 @@ class Task(Generic[P, R]):
         return (_task_from_options, (self.fn, self._options()))
 
     def __repr__(self) -> str:
-        return f"<Task {self.name!r} policy={self.cache_policy!r}>"
+        return f"<Task {self.name!r} policy={self._policy!r}>"
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         # Decorating a method: bind like a function would.
@@ -315,9 +385,6 @@ class Task(Generic[P, R]):
         if key is None:
             return Explanation(self.name, None, "uncached", ("the cache policy computes no key",))
         assert call.components is not None
-        if not self.persist_result:
-            status = "hit" if key in self._memory else "miss"
-            return Explanation(self.name, key, status, ("results are kept in memory only",))
         manifest = call.store.lookup(key)
         if manifest is not None:
             if manifest.expired():
@@ -333,7 +400,6 @@ class Task(Generic[P, R]):
 
     def clear_cache(self) -> int:
         """Remove every stored result of this task; returns how many were removed."""
-        self._memory.clear()
         _hot.clear()
         store = _store_for(self)
         removed = 0
@@ -375,6 +441,9 @@ class Task(Generic[P, R]):
         if isinstance(comps, str):
             comps = json.loads(comps)
         return dict(comps) if comps else None
+
+
+_OPTION_NAMES = frozenset(inspect.signature(Task.__init__).parameters) - {"self", "fn"}
 
 
 def _hook(fn: Callable[..., Any] | None) -> Callable[..., Any]:
@@ -455,6 +524,47 @@ def _task_from_options(fn: Callable[..., Any], options: dict[str, Any]) -> Task[
     return Task(fn, **options)
 
 
+def _cache_policy_of(
+    name: str,
+    cache_policy: Any,
+    cache_key_fn: Any,
+    persist_result: bool | None,
+    result_storage_key: str | None,
+) -> CachePolicy | None:
+    """The task's ``cache_policy`` from its options, as Prefect 3 derives it.
+
+    ``cache_key_fn`` wins over ``cache_policy`` (with a warning when both are given);
+    ``persist_result=False`` means no caching (NO_CACHE; None stays None); a
+    ``result_storage_key`` replaces the policy (None); ``cache_policy=None`` stays None
+    and computes no key; the default is DEFAULT, or NONE when the
+    ``default_no_cache`` setting is on."""
+    if cache_policy not in (_NOT_SET, None) and not isinstance(cache_policy, CachePolicy):
+        raise ConfigurationError(
+            f"cache_policy must be a CachePolicy (INPUTS, TASK_SOURCE, …), got {cache_policy!r}"
+        )
+    if cache_key_fn is not None:
+        if cache_policy is not _NOT_SET:
+            logger.warning(
+                "task `%s`: both cache_policy and cache_key_fn are set; cache_key_fn is used",
+                name,
+            )
+        cache_policy = CachePolicy.from_cache_key_fn(cache_key_fn)
+    elif cache_policy is _NOT_SET:
+        from notebook_flow.config import settings
+
+        if settings().default_no_cache:
+            cache_policy = NONE
+    if persist_result is False:
+        if isinstance(cache_policy, CachePolicy) and cache_policy != NONE:
+            logger.warning("task `%s`: ignoring cache_policy because persist_result is False", name)
+        return None if cache_policy is None else NONE
+    if cache_policy is _NOT_SET and result_storage_key is None:
+        return DEFAULT
+    if result_storage_key is not None and cache_policy != NONE:
+        return None
+    return None if cache_policy is _NOT_SET else cache_policy
+
+
 def _as_timedelta(value: timedelta | float | None) -> timedelta | None:
     if value is None or isinstance(value, timedelta):
         if value is not None and value.total_seconds() <= 0:
@@ -477,22 +587,29 @@ def task(
     *,
     name: str | None = None,
     cache_policy: CachePolicy | None = ...,
+    cache_key_fn: Callable[[Any, dict[str, Any]], str | None] | None = None,
     cache_expiration: timedelta | float | None = None,
-    refresh_cache: bool = False,
-    persist_result: bool = True,
+    refresh_cache: bool | None = None,
+    persist_result: bool | None = True,
     retries: int = 0,
     retry_delay_seconds: RetryDelay | None = 0,
     retry_jitter_factor: float | None = None,
     retry_condition_fn: Callable[[Task[Any, Any], RunContext, State[Any]], bool] | None = None,
     timeout_seconds: float | None = None,
     result_serializer: str | Serializer | None = None,
-    result_storage: str | ResultStore | None = None,
-    tags: Sequence[str] | None = None,
+    result_storage: str | os.PathLike[str] | ResultStore | None = None,
+    result_storage_key: str | None = None,
+    tags: Iterable[str] | None = None,
     cache_namespace: str | None = None,
     lock_manager: LockManager | None = None,
     isolation_level: str | None = None,
     lock_timeout: float | None = None,
     max_concurrency: int | None = None,
+    on_completion: Iterable[Callable[..., Any]] | None = None,
+    on_failure: Iterable[Callable[..., Any]] | None = None,
+    on_commit: Iterable[Callable[..., Any]] | None = None,
+    on_rollback: Iterable[Callable[..., Any]] | None = None,
+    cache_result_in_memory: bool = True,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
     """Turn a function into a cached, durable :class:`Task`.

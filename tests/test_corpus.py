@@ -1,0 +1,68 @@
+"""Real public notebooks (tests/corpus) run with ``notebook-flow run --cache-all`` give the
+results of a plain run: cold, a second time, resumed after a SIGKILL of the kernel, and
+after a one-parameter edit. Every output and the final namespace (values and aliases) are
+compared with a plain nbclient run, except what corpus.toml declares nondeterministic.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("nbclient")
+pytest.importorskip("statsmodels")
+pytest.importorskip("sklearn")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "corpus"))
+import harness  # noqa: E402
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+CORPUS = harness.load_corpus()
+
+
+def test_corpus_is_declared_and_vendored() -> None:
+    assert len(CORPUS) >= 8
+    readme = (harness.HERE / "README.md").read_text()
+    for nb in CORPUS:
+        assert nb.path.exists(), nb.name
+        assert nb.source in readme and nb.name in readme, f"{nb.name} missing from README"
+
+
+def _check(nb: harness.Notebook, reference: object, run: harness.Run, what: str) -> None:
+    assert run.returncode == 0, f"{what} run failed:\n{run.log}"
+    diffs = harness.differences(nb, reference, run.notebook)
+    assert not diffs, f"{nb.name}, {what} run differs from the plain run:\n" + "\n".join(diffs)
+
+
+@pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
+def test_cached_runs_equal_the_plain_run(nb: harness.Notebook, tmp_path: Path) -> None:
+    env = harness.kernel_env(tmp_path)
+    plain_path = harness.prepare(nb, tmp_path / "plain", edited=False, cached=False)
+    plain = harness.run_plain(plain_path, env)
+    path = harness.prepare(nb, tmp_path / "cached", edited=False, cached=True)
+    store = tmp_path / "store"
+
+    cold = harness.run_cached(path, store, env)
+    _check(nb, plain.notebook, cold, "cold")
+    second = harness.run_cached(path, store, env)
+    _check(nb, plain.notebook, second, "second")
+
+    # Killed half-way through a cold run, then run again: the first half from the store.
+    resume_store = tmp_path / "resume-store"
+    cells = len(harness._code_cells(plain.notebook))
+    killed = harness.run_cached(path, resume_store, env, kill_at=cells // 2)
+    assert killed.returncode != 0, killed.log
+    resumed = harness.run_cached(path, resume_store, env)
+    _check(nb, plain.notebook, resumed, "resumed")
+
+    # The one-parameter edit, on the store of the runs above.
+    edited_plain = harness.run_plain(
+        harness.prepare(nb, tmp_path / "plain", edited=True, cached=False), env
+    )
+    edited = harness.run_cached(
+        harness.prepare(nb, tmp_path / "cached", edited=True, cached=True), store, env
+    )
+    _check(nb, edited_plain.notebook, edited, "edited")
