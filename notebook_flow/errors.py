@@ -158,3 +158,15 @@ class UpstreamFailedError(TaskError):
 
 class TaskCancelledError(TaskError):
     """The run was cancelled before it finished."""
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Raise KeyboardInterrupt if ``exc`` hides one (e.g. an import that Ctrl-C broke off
+    comes back as an ImportError): code that logs and goes on must not swallow Ctrl-C."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__

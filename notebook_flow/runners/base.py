@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from notebook_flow import _identity
-from notebook_flow.errors import TaskCancelledError
+from notebook_flow.errors import TaskCancelledError, reraise_interrupt
 from notebook_flow.futures import (
     FutureList,
     TaskFuture,
@@ -145,7 +145,8 @@ class WorkerCall(_Call):
                 **fields,
             )
             _metadata(self.store).record_run(event)
-        except Exception:  # a metadata problem never fails a task (as in tasks/call.py)
+        except Exception as exc:  # a metadata problem never fails a task (as in tasks/call.py)
+            reraise_interrupt(exc)  # but Ctrl-C during the first event's imports is Ctrl-C
             logger.warning("could not record metadata for %s", self.store.url, exc_info=True)
 
     def begin(self, why: str) -> contextvars.Token[Any]:

@@ -34,6 +34,7 @@ from notebook_flow.errors import (
     SerializationError,
     StorageError,
     TaskTimeoutError,
+    reraise_interrupt,
 )
 from notebook_flow.figures import time_saved
 from notebook_flow.hashing import lineage
@@ -155,7 +156,8 @@ def _metadata_for(store: ResultStore, action: Callable[[MetadataStore], None]) -
     try:
         sink = event_sink.get() or process_sink[0]
         action(sink if sink is not None else config.get_metadata(store))
-    except Exception:
+    except Exception as exc:
+        reraise_interrupt(exc)
         logger.warning("could not record metadata for %s", store.url, exc_info=True)
 
 
