@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import symtable
+import sys
 from collections.abc import Iterator
 
 import xxhash
@@ -279,6 +280,10 @@ def _symbols(code: str) -> tuple[set[str], set[str]]:
     """
     table = symtable.symtable(code, "<cell>", "exec")
     bound = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+    if sys.version_info >= (3, 12):
+        # PEP 709 inlines comprehensions: their loop variables show up in the top-level
+        # table as assigned, though a run of the cell leaves no such variable behind.
+        bound -= _comprehension_only_targets(code)
     nested: set[str] = set()
     todo = list(table.get_children())
     while todo:
@@ -288,6 +293,25 @@ def _symbols(code: str) -> tuple[set[str], set[str]]:
             s.get_name() for s in child.get_symbols() if s.is_global() and s.is_referenced()
         )
     return bound, nested
+
+
+def _comprehension_only_targets(code: str) -> set[str]:
+    """Names bound as a comprehension's loop variable and stored nowhere else in ``code``."""
+    tree = ast.parse(code)
+    in_targets: set[int] = set()
+    targets: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.comprehension):
+            for name in ast.walk(node.target):
+                if isinstance(name, ast.Name):
+                    in_targets.add(id(name))
+                    targets.add(name.id)
+    elsewhere = {
+        n.id
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store) and id(n) not in in_targets
+    }
+    return targets - elsewhere
 
 
 def _definition_names(tree: ast.Module) -> tuple[set[str], set[str]]:
