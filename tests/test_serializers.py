@@ -314,7 +314,10 @@ FRAMES: dict[str, tuple[str, Any]] = {
 def test_frames_round_trip_exactly(name: str) -> None:
     expected_format, value = FRAMES[name]
     used, out = frame_roundtrip(value)
-    assert used == expected_format
+    # The format is pandas 3's choice; pandas 2 (Python 3.10) keeps some of these frames
+    # exact through Parquet. Exactness is checked on every version.
+    if int(pd.__version__.split(".")[0]) >= 3:
+        assert used == expected_format
     if isinstance(value, pd.Series):
         pd.testing.assert_series_equal(out, value, check_exact=True)  # type: ignore[arg-type]
     else:
