@@ -17,6 +17,8 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_REFRESH_CACHE``     ``1``: tasks without ``refresh_cache=`` recompute
 ``NOTEBOOK_FLOW_DISABLE_CACHING``   ``1``: no task computes a key, every call runs
 ``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``  ``1``: tasks defined without a policy get NO_CACHE
+``NOTEBOOK_FLOW_MAX_SIZE``          the store's quota (``20GB``): least recently used entries
+                                    are evicted in the background past it (default: none)
 ==================================  ================================================
 
 Every value is checked when it is read or passed (:mod:`notebook_flow.options`): a bad one
@@ -58,6 +60,7 @@ class Settings:
     disable_caching: bool = False
     default_no_cache: bool = False
     auto_cells: bool = False
+    max_size: int | None = None  # bytes; see notebook_flow.lifecycle.quota
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -74,6 +77,7 @@ class Settings:
             disable_caching=_env_flag("NOTEBOOK_FLOW_DISABLE_CACHING"),
             default_no_cache=_env_flag("NOTEBOOK_FLOW_DEFAULT_NO_CACHE"),
             auto_cells=_env_flag("NOTEBOOK_FLOW_AUTO_CELLS"),
+            max_size=options.env_size("NOTEBOOK_FLOW_MAX_SIZE"),
         )
 
 
@@ -119,10 +123,16 @@ def configure(
     disable_caching: bool | None = None,
     default_no_cache: bool | None = None,
     auto_cells: bool | None = None,
+    max_size: int | str | None = None,
 ) -> Settings:
     """Change process-wide defaults; returns the new settings.
 
+    ``max_size`` is the store's quota (bytes, or ``"20GB"``): when a commit pushes the
+    store past it, least recently used entries that are not pinned are evicted in the
+    background until it is under (see :mod:`notebook_flow.lifecycle`).
+
     >>> configure(store="s3://bucket/cache", storage_options={"anon": False})  # doctest: +SKIP
+    >>> configure(max_size="20GB")  # doctest: +SKIP
     """
     current = settings()
     changes: dict[str, Any] = {}
@@ -162,6 +172,8 @@ def configure(
             changes[flag] = options.boolean(flag, value)
     if auto_cells is not None:
         changes["auto_cells"] = options.boolean("auto_cells", auto_cells)
+    if max_size is not None:
+        changes["max_size"] = options.byte_size("max_size", max_size)
     global _settings, generation
     with _lock:
         _settings = dataclasses.replace(current, **changes)

@@ -64,6 +64,7 @@ def _task_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", help="the only names to store, comma-separated (no analysis)")
     p.add_argument("--lock", action="store_true", help="one kernel computes, the others wait")
     p.add_argument("--off", action="store_true", help="run this cell plain (with %%flow auto on)")
+    p.add_argument("--pin", action="store_true", help="never evict or prune this cell's result")
     # Set by %flow auto on the cells it wraps: cheap cells then run plain (not in the help).
     p.add_argument("--auto", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -135,6 +136,7 @@ class FlowMagics(Magics):
                 lock=args.lock,
                 off=args.off,
                 auto=args.auto,
+                pin=args.pin,
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None

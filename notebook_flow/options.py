@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -31,9 +32,12 @@ from .errors import ConfigurationError, ConfigurationTypeError
 
 __all__ = [
     "boolean",
+    "byte_size",
     "count",
+    "duration",
     "env_count",
     "env_seconds",
+    "env_size",
     "optional_str",
     "retry_delays",
     "seconds",
@@ -104,6 +108,72 @@ def boolean(name: str, value: object, *, optional: bool = False) -> bool | None:
         accepted = "True or False" + (" or None" if optional else "")
         raise _refuse(name, value, accepted, wrong_type=True)
     return value
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9,
+}  # fmt: skip
+
+
+def _amount(text: str, units: dict[str, int]) -> float | None:
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).lower() not in units:
+        return None
+    return float(match.group(1)) * units[match.group(2).lower()]
+
+
+def _duration_text(text: str) -> float | None:
+    from .cells.key import parse_duration  # the %%task --expire syntax (90s, 1h30m, 2w)
+
+    try:
+        return parse_duration(text)
+    except ConfigurationError:
+        return None
+
+
+def byte_size(name: str, value: object, *, optional: bool = False) -> int | None:
+    """A size in bytes > 0: an int, or a str such as ``"20GB"``, ``"500 MiB"``; None if
+    allowed.
+
+    >>> byte_size("max_size", "1.5GB"), byte_size("max_size", "2 KiB")
+    (1500000000, 2048)
+    """
+    if value is None and optional:
+        return None
+    accepted = "a size in bytes > 0: an int or a str such as '20GB', '500MB', '2GiB'" + (
+        " or None" if optional else ""
+    )
+    if isinstance(value, str):
+        number = _amount(value, _SIZE_UNITS)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise _refuse(name, value, accepted, wrong_type=True)
+    if number is None or not math.isfinite(number) or number < 1:
+        raise _refuse(name, value, accepted)
+    return int(number)
+
+
+def duration(name: str, value: object) -> float:
+    """A duration > 0 in seconds: a number of seconds, a timedelta, or a str such as
+    ``"30d"``, ``"12h"``, ``"1h30m"``, ``"2w"`` (as ``%%task --expire``).
+
+    >>> duration("older_than", "30d"), duration("unused_for", "1h30m")
+    (2592000.0, 5400.0)
+    """
+    accepted = "a duration such as '30d', '12h', '10m', '2w' or a number of seconds > 0"
+    if isinstance(value, timedelta):
+        number: float | None = value.total_seconds()
+    elif isinstance(value, str):
+        number = _duration_text(value)
+    elif _is_number(value):
+        number = float(value)  # type: ignore[arg-type]
+    else:
+        raise _refuse(name, value, accepted, wrong_type=True)
+    if number is None or not math.isfinite(number) or number <= 0:
+        raise _refuse(name, value, accepted)
+    return number
 
 
 def optional_str(name: str, value: object) -> str | None:
@@ -236,6 +306,8 @@ def validate_task(**options: Any) -> None:
         "cache_key_fn": lambda v: _callable_or_none("cache_key_fn", v),
         "result_storage_key": lambda v: optional_str("result_storage_key", v),
         "cache_result_in_memory": lambda v: boolean("cache_result_in_memory", v),
+        "max_size": lambda v: byte_size("max_size", v, optional=True),
+        "pin": lambda v: boolean("pin", v),
     }
     for name, value in options.items():
         check = checks.get(name)
@@ -279,6 +351,20 @@ def env_seconds(name: str, default: float) -> float:
             f"seconds > 0 such as {default!r}; fix or unset it"
         )
     return value
+
+
+def env_size(name: str) -> int | None:
+    """A size in bytes from the environment variable ``name`` (``20GB``; unset: None)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return byte_size(name, raw)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"environment variable {name}={raw!r} is not accepted: a size such as '20GB', "
+            "'500MB' or a number of bytes; fix or unset it"
+        ) from None
 
 
 def env_count(name: str, default: int, *, minimum: int = 1) -> int:

@@ -41,6 +41,7 @@ class CellOptions:
     lock: bool = False
     off: bool = False  # run plain (``%%task --off``: excluded from ``%flow auto``)
     auto: bool = False  # wrapped by ``%flow auto``: cheap or unsafe cells run plain
+    pin: bool = False  # never evicted or pruned (notebook_flow.lifecycle)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)(ms|w|d|h|m|s)?")

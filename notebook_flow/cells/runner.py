@@ -27,7 +27,9 @@ from notebook_flow.errors import (
 )
 from notebook_flow.figures import cached_summary, time_saved
 from notebook_flow.hashing import lineage
+from notebook_flow.lifecycle import quota, usage
 from notebook_flow.states import RunState
+from notebook_flow.storage.pins import pin
 
 from . import ambient, effects, files
 from .ambient import Snapshot
@@ -264,6 +266,7 @@ class CellRunner:
             logger.info("%%%%task `%s`: cannot restore the stored result: %r", cell.name, exc)
             cell.reasons = [f"the stored result cannot be restored here: {exc}"]
             return _MISS
+        usage.touch(cell.store, manifest.key)  # last use, for LRU eviction: no I/O
         restored.apply_variables(ns)
         run_definitions(self.shell, cell.analysis, restored.variables)
         restored.apply_rest(ns)
@@ -387,6 +390,10 @@ class CellRunner:
         lineage.record_outputs(lineage.produced_by(manifest), variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
+        pinned = cell.options.pin
+        if pinned:  # its large values too: a pinned cell is never left without its parts
+            pin(cell.store, [part_key(cell.key, i) for i in range(len(parts))])
+        quota.committed(cell.store, manifest, pinned=pinned)
         self._report(cell, "computed", cell.reasons, duration)
         return None
 
@@ -413,7 +420,9 @@ class CellRunner:
         manifest = cell.store.lookup(part_key(key, i))
         if manifest is None:
             raise LookupError(f"part {i} of the stored result is missing")
-        return writable(cell.store.load(manifest))
+        value = cell.store.load(manifest)
+        usage.touch(cell.store, manifest.key)  # a part is used with its cell
+        return writable(value)
 
     def _not_stored(self, cell: _Cell, bad: list[tuple[str, str, str]], duration: float) -> None:
         names = "; ".join(f"`{n}` ({t}: {why})" for n, t, why in bad)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from . import files
@@ -45,6 +45,10 @@ def _marker_rel(key: str) -> str:
     return f"{PINS_DIR}/{key[:2]}/{key}"
 
 
+def _marker_body(write: Callable[[memoryview], None]) -> None:
+    write(memoryview(json.dumps({"pinned_at": time.time()}).encode()))
+
+
 def pin(store: ResultStore, keys: Iterable[str]) -> int:
     """Pin ``keys`` (validated cache keys); returns how many were not pinned before."""
     pinned = pinned_keys(store)
@@ -52,8 +56,7 @@ def pin(store: ResultStore, keys: Iterable[str]) -> int:
     for key in dict.fromkeys(validate_key(k) for k in keys):
         if key in pinned:
             continue
-        body = json.dumps({"pinned_at": time.time()}).encode()
-        files.write_atomic(store, _marker_rel(key), lambda write, b=body: write(memoryview(b)))
+        files.write_atomic(store, _marker_rel(key), _marker_body)
         added += 1
     return added
 

@@ -38,6 +38,7 @@ from notebook_flow.errors import (
 )
 from notebook_flow.figures import time_saved
 from notebook_flow.hashing import lineage
+from notebook_flow.lifecycle import quota, usage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
 from notebook_flow.storage import behind
@@ -310,6 +311,7 @@ class _Call:
             if t.cache_result_in_memory:
                 _hot.put(self.store, manifest, value)
         elapsed = time.perf_counter() - t0
+        usage.touch(self.store, key)  # last use, for LRU eviction: a dict write, no I/O
         t._last_components = self.components
         self.record(
             RunState.CACHED,
@@ -568,6 +570,8 @@ class _Call:
             _hot.put(self.store, manifest, value)  # the next hit in this process is in memory
         entry = CacheEntry.from_manifest(manifest, task=self.task.name)
         _metadata_for(self.store, lambda m: m.record_cache_entry(entry))
+        # Pin it (@task(pin=True)); past a quota, eviction runs in the background.
+        quota.committed(self.store, manifest, max_size=self.task.max_size, pinned=self.task.pin)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

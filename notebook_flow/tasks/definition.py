@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 from notebook_flow import _hooks, config
 from notebook_flow.cache_policies import DEFAULT, NONE, CachePolicy
 from notebook_flow.errors import ConfigurationError, MetadataError
-from notebook_flow.options import tag_tuple, validate_task
+from notebook_flow.options import byte_size, tag_tuple, validate_task
 from notebook_flow.states import RunState, State
 
 from . import hooks
@@ -83,6 +83,8 @@ class Task(Generic[P, R]):
         on_commit: Iterable[Callable[..., Any]] | None = None,
         on_rollback: Iterable[Callable[..., Any]] | None = None,
         cache_result_in_memory: bool = True,
+        max_size: int | str | None = None,
+        pin: bool = False,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"@task needs a function, got {type(fn).__name__}")
@@ -97,6 +99,7 @@ class Task(Generic[P, R]):
             cache_namespace=cache_namespace, lock_timeout=lock_timeout,
             max_concurrency=max_concurrency, cache_key_fn=cache_key_fn,
             result_storage_key=result_storage_key, cache_result_in_memory=cache_result_in_memory,
+            max_size=max_size, pin=pin,
         )  # fmt: skip
         self.fn: Callable[P, R] = fn
         self.is_async = inspect.iscoroutinefunction(fn)
@@ -177,6 +180,10 @@ class Task(Generic[P, R]):
             )
         # Prefect's option: False keeps this task's results out of the in-process hot cache.
         self.cache_result_in_memory = cache_result_in_memory
+        # Cache lifecycle (notebook_flow.lifecycle): this task's own quota, in bytes, over
+        # which its least recently used results are evicted; pinned results never are.
+        self.max_size: int | None = byte_size("max_size", max_size, optional=True)
+        self.pin: bool = pin
         self.cache_namespace = cache_namespace
         self.lock_timeout = lock_timeout
         if max_concurrency is not None and max_concurrency < 1:
@@ -274,6 +281,8 @@ class Task(Generic[P, R]):
             "on_commit": list(self.on_commit_hooks),
             "on_rollback": list(self.on_rollback_hooks),
             "cache_result_in_memory": self.cache_result_in_memory,
+            "max_size": self.max_size,
+            "pin": self.pin,
         }
 
     def with_options(self, **changes: Any) -> Task[P, R]:
@@ -610,6 +619,8 @@ def task(
     on_commit: Iterable[Callable[..., Any]] | None = None,
     on_rollback: Iterable[Callable[..., Any]] | None = None,
     cache_result_in_memory: bool = True,
+    max_size: int | str | None = None,
+    pin: bool = False,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
     """Turn a function into a cached, durable :class:`Task`.

@@ -1,0 +1,155 @@
+"""What a store holds, from directory listings: entries, their bytes, last use and pins.
+
+An eviction decision needs each entry's size and last use, not its manifest's contents:
+both come from listing ``manifests/`` and ``results/`` (one ``scandir`` walk locally, one
+paginated LIST on object stores) plus the touch files of :mod:`.usage` and the pin
+markers of :mod:`notebook_flow.storage.pins`. That keeps a decision over 100,000 entries
+within a second or two. Rules that need what a manifest says (task, code version,
+creation time) read manifests on top (``with_manifests``).
+
+An entry is a key with a manifest. Payload files of a key without a manifest are a commit
+in flight or a crash's leftover: they count in the store's bytes but are never an entry
+(``gc`` removes leftovers once they are old). A key's bytes are its manifest plus every
+payload file of the key (during a replacement there are briefly two).
+
+>>> import tempfile
+>>> from notebook_flow.storage import ResultStore
+>>> store = ResultStore(tempfile.mkdtemp())
+>>> _ = store.commit("0" * 32, list(range(9000)), task="t", components={}, run_id="r",
+...                  duration=0.1, expires_at=None)
+>>> inv = scan(store)
+>>> len(inv.entries), inv.entries["0" * 32].size > 9000, inv.total >= inv.entries["0" * 32].size
+(1, True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+import time
+from typing import TYPE_CHECKING
+
+from notebook_flow.storage.pins import pinned_keys
+
+from . import usage
+
+if TYPE_CHECKING:
+    from notebook_flow.storage import Manifest, ResultStore
+
+__all__ = ["Entry", "Inventory", "scan"]
+
+_MANIFEST_RE = re.compile(r"^manifests/([0-9a-f]{2})/([0-9a-f]{32})\.json$")
+_PAYLOAD_RE = re.compile(r"^results/([0-9a-f]{2})/([0-9a-f]{32})-[0-9a-f]{16}\.[a-z0-9]{1,16}$")
+
+
+@dataclasses.dataclass
+class Entry:
+    """One committed entry: its bytes, when its manifest was written, its last use."""
+
+    key: str
+    size: int
+    committed: float
+    last_used: float
+    pinned: bool = False
+    manifest: Manifest | None = None  # filled by with_manifests()
+
+
+@dataclasses.dataclass
+class Inventory:
+    """A store's entries by key, and every byte under ``results/`` and ``manifests/``."""
+
+    entries: dict[str, Entry]
+    total: int
+    pinned: frozenset[str]
+    scanned_at: float
+
+    def with_manifests(self, store: ResultStore) -> Inventory:
+        """Fill ``Entry.manifest`` from the store (unverified manifests too: deciding to
+        delete believes only the task, times and components they name)."""
+        for manifest in store.iter_manifests(verified=False):
+            entry = self.entries.get(manifest.key)
+            if entry is not None:
+                entry.manifest = manifest
+        return self
+
+
+def _walk_local(root: str, top: str) -> list[tuple[str, int, float]]:
+    """(relative path, size, mtime) of the regular files below ``top``; no link followed."""
+    out: list[tuple[str, int, float]] = []
+    base = os.path.join(root, top)
+    try:
+        shards = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for shard in shards:
+        if not shard.is_dir(follow_symlinks=False):
+            continue
+        try:
+            items = list(os.scandir(shard.path))
+        except OSError:
+            continue
+        for item in items:
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((f"{top}/{shard.name}/{item.name}", st.st_size, st.st_mtime))
+    return out
+
+
+def _walk_remote(store: ResultStore, top: str) -> list[tuple[str, int, float]]:
+    from notebook_flow.storage.files import info_mtime
+
+    fs = store.fs
+    path = store._path(top)
+    fs.invalidate_cache(path)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = name[len(store._root) + 1 :]
+        out.append((rel, int(info.get("size") or 0), info_mtime(info) or 0.0))
+    return out
+
+
+def listing(store: ResultStore, top: str) -> list[tuple[str, int, float]]:
+    """(relative path, size, mtime) of every file below ``top`` (two levels: shards)."""
+    if store.local_root is not None:
+        return _walk_local(store.local_root, top)
+    return _walk_remote(store, top)
+
+
+def scan(store: ResultStore) -> Inventory:
+    """The entries of ``store`` with sizes, last use (merged from every process) and pins."""
+    entries: dict[str, Entry] = {}
+    total = 0
+    for rel, size, mtime in listing(store, "manifests"):
+        total += size
+        match = _MANIFEST_RE.match(rel)
+        if match is not None and match.group(2).startswith(match.group(1)):
+            key = match.group(2)
+            entries[key] = Entry(key, size, mtime, mtime)
+    for rel, size, _mtime in listing(store, "results"):
+        total += size
+        match = _PAYLOAD_RE.match(rel)
+        if match is not None:
+            entry = entries.get(match.group(2))
+            if entry is not None:
+                entry.size += size
+    for key, when in usage.last_used(store).items():
+        entry = entries.get(key)
+        if entry is not None and when > entry.last_used:
+            entry.last_used = when
+    pinned = pinned_keys(store)
+    for key in pinned:
+        entry = entries.get(key)
+        if entry is not None:
+            entry.pinned = True
+    return Inventory(entries, total, pinned, time.time())
