@@ -6,7 +6,9 @@
     notebook-flow history [TASK] [-n N]        recent runs, newest first, with attempts
     notebook-flow stats                        hits, misses, hit rate, time saved, bytes stored
     notebook-flow clear TASK | --expired | --all [-y]
-    notebook-flow gc                           expired results and leftovers of crashed writes
+    notebook-flow gc [--unreachable] [--older-than 30d] [--unused-for 14d] [--max-size 10GB]
+                     [--task NAME] [--yes]      (notebook_flow.lifecycle.gc)
+    notebook-flow pin | unpin KEY|TASK         (notebook_flow.lifecycle.pins_cli)
     notebook-flow dashboard ...                (added by notebook_flow.dashboard.cli)
     notebook-flow locks ...                    (added by notebook_flow.locks.cli)
 
@@ -55,6 +57,9 @@ EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
     "key": "notebook_flow.keycli:register",
+    "gc": "notebook_flow.lifecycle.gc:register",
+    "pin": "notebook_flow.lifecycle.pins_cli:register_pin",
+    "unpin": "notebook_flow.lifecycle.pins_cli:register_unpin",
 }
 
 #: What ``notebook-flow --help`` says of each command in :data:`EXTENSIONS` (its module is
@@ -63,6 +68,10 @@ EXTENSION_HELP: dict[str, str] = {
     "dashboard": "serve the dashboard on 127.0.0.1 (prints its URL, with a secret token)",
     "locks": "the locks held now; --break KEY removes a stuck holder's lock",
     "key": "show or import the signing key (share one with everyone using a store)",
+    "gc": "remove expired results and leftovers; rules (--unreachable, --max-size, ...) "
+    "show what else would go, --yes removes it",
+    "pin": "never evict or prune entries (KEY or TASK); without one, list the pinned",
+    "unpin": "let eviction and gc rules remove entries again (KEY or TASK)",
 }
 
 Handler = Callable[[argparse.Namespace], int]
@@ -522,17 +531,6 @@ def _cmd_clear(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_gc(args: argparse.Namespace) -> int:
-    store = _store(args)
-    count, size = clear_entries(store, expired=True)
-    orphans = store.remove_orphans(older_than=args.older_than)
-    print(
-        f"removed {count} expired results ({size / 1e6:.1f} MB) and {len(orphans)} leftover "
-        "files of interrupted writes"
-    )
-    return 0
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -631,17 +629,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="don't ask")
     _add_store_option(p)
     p.set_defaults(func=_cmd_clear)
-
-    p = sub.add_parser("gc", help="remove expired results and leftovers of interrupted writes")
-    p.add_argument(
-        "--older-than",
-        type=float,
-        default=3600.0,
-        metavar="SECONDS",
-        help="only leftovers older than this (default 3600)",
-    )
-    _add_store_option(p)
-    p.set_defaults(func=_cmd_gc)
 
     for name in EXTENSIONS:
         if name == command:

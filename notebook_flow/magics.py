@@ -38,6 +38,7 @@ _FLOW_COMMANDS = (
     "history",
     "stats",
     "clear",
+    "gc",
     "wait",
     "locks",
     "config",
@@ -151,6 +152,9 @@ class FlowMagics(Magics):
         %flow stats                         hits, misses, failures, time saved, bytes stored
         %flow clear [TASK | --expired | --all] [-y]
                                             remove stored results (of a task or named cell)
+        %flow gc [--unreachable] [--older-than 30d] [--unused-for 14d] [--max-size 10GB]
+                 [--task NAME] [--yes]      expired results and leftovers; with rules, a
+                                            table of what else would go (--yes: remove it)
         %flow wait [--timeout S]            wait for the tasks submitted from this kernel
         %flow locks                         locks held now
         %flow config [key=value ...]        show or change settings (store=..., workers=...)
@@ -246,6 +250,18 @@ class FlowMagics(Magics):
             get_store(), task=tasks[0] if tasks else None, expired=expired
         )
         print(f"removed {removed} stored results ({_size(size)})")
+
+    def _flow_gc(self, rest: list[str]) -> None:
+        from .config import get_store
+        from .lifecycle import gc
+
+        parser = gc.build_parser("%flow gc")
+        try:
+            args = parser.parse_args(rest)
+        except SystemExit:  # argparse printed the problem (or --help)
+            return
+        if gc.run(get_store(), args) != 0:
+            raise UsageError("%flow gc: see the message above")
 
     def _flow_wait(self, rest: list[str]) -> None:
         timeout = _float_arg("--timeout", rest[1:]) if rest[:1] == ["--timeout"] else None

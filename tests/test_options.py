@@ -71,6 +71,13 @@ TASK_BAD: list[tuple[str, Any, type[Exception]]] = [
     ("result_storage_key", 5, ConfigurationTypeError),
     ("result_storage_key", "", ConfigurationError),
     ("cache_result_in_memory", "yes", ConfigurationTypeError),
+    ("max_size", "lots", ConfigurationError),
+    ("max_size", "-3GB", ConfigurationError),
+    ("max_size", 0, ConfigurationError),
+    ("max_size", 1.5, ConfigurationTypeError),
+    ("max_size", True, ConfigurationTypeError),
+    ("pin", "yes", ConfigurationTypeError),
+    ("pin", 1, ConfigurationTypeError),
     ("on_completion", print, ConfigurationError),  # Prefect: a list of hooks, not one
     ("on_failure", ["not callable"], ConfigurationError),
     ("on_commit", 3, ConfigurationError),
@@ -109,6 +116,10 @@ TASK_GOOD: list[tuple[str, Any]] = [
     ("cache_key_fn", lambda context, parameters: "k"),
     ("result_storage_key", "{parameters[x]}"),
     ("cache_result_in_memory", False),
+    ("max_size", "10GB"),
+    ("max_size", "500 MiB"),
+    ("max_size", 10_000),
+    ("pin", True),
     ("on_completion", [lambda task, run, state: None]),
 ]
 
@@ -177,6 +188,9 @@ CONFIGURE_BAD: list[tuple[str, Any, type[Exception]]] = [
     ("log_misses", "yes", ConfigurationTypeError),
     ("background_commits", 1, ConfigurationTypeError),
     ("auto_cells", "yes", ConfigurationTypeError),
+    ("max_size", "20 parsecs", ConfigurationError),
+    ("max_size", -5, ConfigurationError),
+    ("max_size", 2.5, ConfigurationTypeError),
 ]
 
 CONFIGURE_GOOD: list[tuple[str, Any]] = [
@@ -195,6 +209,8 @@ CONFIGURE_GOOD: list[tuple[str, Any]] = [
     ("refresh_cache", True),
     ("disable_caching", False),
     ("default_no_cache", False),
+    ("max_size", "20GB"),
+    ("max_size", 1 << 30),
 ]
 
 
@@ -229,6 +245,8 @@ def test_good_configure_option_is_accepted(option: str, value: Any) -> None:
         ("NOTEBOOK_FLOW_WORKERS", "2.5"),
         ("NOTEBOOK_FLOW_SIGNING_KEY", "x"),
         ("NOTEBOOK_FLOW_AUTO_CELLS", "maybe"),
+        ("NOTEBOOK_FLOW_MAX_SIZE", "big"),
+        ("NOTEBOOK_FLOW_MAX_SIZE", "0"),
     ],
 )
 def test_bad_environment_variable_is_refused(
@@ -243,9 +261,11 @@ def test_bad_environment_variable_is_refused(
 def test_good_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTEBOOK_FLOW_LOCK_LEASE", "12.5")
     monkeypatch.setenv("NOTEBOOK_FLOW_WORKERS", "3")
+    monkeypatch.setenv("NOTEBOOK_FLOW_MAX_SIZE", "1.5GB")
     config._reset_for_tests()
     s = config.settings()
     assert (s.lock_lease, s.workers) == (12.5, 3) and math.isfinite(s.lock_lease)
+    assert s.max_size == 1_500_000_000
 
 
 def test_history_limit_is_checked() -> None:
