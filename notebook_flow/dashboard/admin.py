@@ -79,6 +79,15 @@ class CacheView(View):
         self.hint = html(self._hint(), css_classes=["nf-hint"], margin=(14, 10))
         self.delete_entry.on_click(self._ask_entry)
         self.delete_task.on_click(self._ask_task)
+        # The store against its quota, its pins, what gc would free (notebook_flow.lifecycle).
+        self.pins: frozenset[str] = frozenset()
+        self.lifecycle = html("", css_classes=["nf-lifecycle"], sizing_mode="stretch_width")
+        self.prune = button(
+            "Prune unreachable",
+            color="warning",
+            description="Remove the results of code no recent run uses (gc --unreachable)",
+        )
+        self.prune.on_click(self._ask_prune)
         self.confirm = Confirm()
         self.message = html("", sizing_mode="stretch_width")
         self.empty = html("", sizing_mode="stretch_width")
@@ -88,11 +97,12 @@ class CacheView(View):
                 self.search,
                 pn.Column(
                     pn.Spacer(height=18),
-                    pn.Row(self.delete_entry, self.delete_task, self.hint),
+                    pn.Row(self.delete_entry, self.delete_task, self.prune, self.hint),
                 ),
                 flex_wrap="wrap",
                 sizing_mode="stretch_width",
             ),
+            self.lifecycle,
             self.confirm.panel,
             self.message,
             self.pager.panel,
@@ -118,10 +128,25 @@ class CacheView(View):
         return {
             "tasks": self.source.cache_tasks(),
             "page": self.source.cache_page(q.pop("task"), **q),
+            "lifecycle": self._summary(),
         }
+
+    def _summary(self) -> Any:
+        from notebook_flow.lifecycle.status import summary
+
+        try:
+            return summary(self.source.store) if self.source.store is not None else None
+        except Exception:  # the table is still worth showing
+            logger.warning("could not summarize the store's lifecycle", exc_info=True)
+            return None
 
     def render(self, data: dict[str, Any]) -> None:
         self.task.options = [ALL, *data["tasks"]]
+        status = data.get("lifecycle")
+        if status is not None:
+            self.pins = status.pinned
+            self.lifecycle.object = note(status.line(), "info")
+            self.prune.disabled = not status.unreachable_entries
         self.show_page(data["page"])
 
     def load_page(self) -> None:
@@ -150,7 +175,10 @@ class CacheView(View):
                     "never" if missing(x) else ("expired" if x <= now else fmt_age(x, now))
                     for x in df["expires_at"]
                 ],
-                "Pinned": ["📌 pinned" if _truthy(p) else "" for p in df["pinned"]],
+                "Pinned": [
+                    "📌 pinned" if _truthy(p) or k in self.pins else ""
+                    for p, k in zip(df["pinned"], self.keys, strict=True)
+                ],
                 "Made in": [
                     made_in(p, nb, cell, host, pid, base=base)
                     for p, nb, cell, host, pid in df[
@@ -216,6 +244,23 @@ class CacheView(View):
             f"Delete every cached result of task {task!r}? Its next calls recompute.",
             lambda: self._invalidate_task(task),
         )
+
+    def _ask_prune(self, _: object) -> None:
+        self.confirm.ask(
+            "Delete every result of code that no recent run uses (gc --unreachable)? "
+            "Pinned results stay.",
+            self._prune,
+        )
+
+    def _prune(self) -> None:
+        from notebook_flow.lifecycle.status import prune_unreachable
+
+        assert self.source.store is not None
+        n, size = prune_unreachable(self.source.store)
+        self.message.object = note(
+            f"Pruned {n} unreachable result(s), {fmt_bytes(size)}.", "success"
+        )
+        self.refresh()
 
     def _invalidate(self, keys: list[str]) -> None:
         n = self.source.invalidate(keys)

@@ -30,13 +30,14 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 
 import xxhash
 
 from notebook_flow.storage import Manifest, ResultStore
 from notebook_flow.storage import files as _files
 
-__all__ = ["remove_entry"]
+__all__ = ["remove_entries", "remove_entry"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -44,17 +45,38 @@ logger = logging.getLogger("notebook_flow")
 CLAIMS_DIR = "evicting"
 
 
-def remove_entry(store: ResultStore, key: str, *, committed: float | None = None) -> int:
+def remove_entry(
+    store: ResultStore, key: str, *, committed: float | None = None, signal: bool = True
+) -> int:
     """Remove the entry ``key``; returns the bytes freed, 0 when another process removed it
     first or it was committed again after ``committed`` (its manifest's mtime when chosen).
-    """
+
+    With ``signal=False`` the caller rewrites the store's generation file itself, once
+    after many removals (``remove_entries``)."""
     if store.local_root is not None:
         freed = _remove_local(store, key, committed)
     else:
         freed = _remove_remote(store, key, committed)
-    if freed:
+    if freed and signal:
         store._changed()  # other processes' in-memory caches look again
     return freed
+
+
+def remove_entries(
+    store: ResultStore, chosen: Iterable[tuple[str, float | None]]
+) -> list[tuple[str, int]]:
+    """Remove ``(key, committed)`` pairs; returns ``(key, bytes freed)`` of those removed
+    here. Other processes' caches are told once, at the end."""
+    removed = []
+    try:
+        for key, committed in chosen:
+            freed = remove_entry(store, key, committed=committed, signal=False)
+            if freed:
+                removed.append((key, freed))
+    finally:
+        if removed:
+            store._changed()
+    return removed
 
 
 def _parse(data: bytes, key: str) -> Manifest | None:

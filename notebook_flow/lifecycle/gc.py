@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from notebook_flow import options
 from notebook_flow.errors import ConfigurationError
 
-from .evict import CLAIMS_DIR, remove_entry
+from .evict import CLAIMS_DIR, remove_entries
 from .inventory import Inventory, listing, scan
 from .quota import forget
 from .rules import Doomed, Rules, decide, format_bytes
@@ -96,14 +96,9 @@ def remove_leftovers(store: ResultStore, older_than: float = LEFTOVER_AGE) -> in
 
 def sweep(store: ResultStore, doomed: Sequence[Doomed]) -> tuple[int, int]:
     """Remove the ``doomed`` entries (each claimed, so never twice); (count, bytes)."""
-    keys, freed = [], 0
-    for d in doomed:
-        n = remove_entry(store, d.key, committed=d.committed)
-        if n:
-            keys.append(d.key)
-            freed += n
-    forget(store, keys)
-    return len(keys), freed
+    removed = remove_entries(store, ((d.key, d.committed) for d in doomed))
+    forget(store, [key for key, _ in removed])
+    return len(removed), sum(n for _, n in removed)
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import stat
 import time
 from typing import TYPE_CHECKING
@@ -39,9 +38,6 @@ if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
 
 __all__ = ["Entry", "Inventory", "scan"]
-
-_MANIFEST_RE = re.compile(r"^manifests/([0-9a-f]{2})/([0-9a-f]{32})\.json$")
-_PAYLOAD_RE = re.compile(r"^results/([0-9a-f]{2})/([0-9a-f]{32})-[0-9a-f]{16}\.[a-z0-9]{1,16}$")
 
 
 @dataclasses.dataclass
@@ -126,23 +122,30 @@ def listing(store: ResultStore, top: str) -> list[tuple[str, int, float]]:
     return _walk_remote(store, top)
 
 
+def _is_hex_key(text: str) -> bool:
+    return len(text) == 32 and _HEX.issuperset(text)
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
 def scan(store: ResultStore) -> Inventory:
     """The entries of ``store`` with sizes, last use (merged from every process) and pins."""
     entries: dict[str, Entry] = {}
     total = 0
+    # String tests, not a regex per file: this loop runs once per file of the store.
     for rel, size, mtime in listing(store, "manifests"):
         total += size
-        match = _MANIFEST_RE.match(rel)
-        if match is not None and match.group(2).startswith(match.group(1)):
-            key = match.group(2)
-            entries[key] = Entry(key, size, mtime, mtime)
+        name = rel[13:]  # "manifests/ab/" + "<key>.json"
+        if len(name) == 37 and name.endswith(".json") and name.startswith(rel[10:12]):
+            key = name[:32]
+            if _is_hex_key(key):
+                entries[key] = Entry(key, size, mtime, mtime)
     for rel, size, _mtime in listing(store, "results"):
         total += size
-        match = _PAYLOAD_RE.match(rel)
-        if match is not None:
-            entry = entries.get(match.group(2))
-            if entry is not None:
-                entry.size += size
+        entry = entries.get(rel[11:43])  # "results/ab/" + "<key>-<unique>.<ext>"
+        if entry is not None and rel[43:44] == "-":
+            entry.size += size
     for key, when in usage.last_used(store).items():
         entry = entries.get(key)
         if entry is not None and when > entry.last_used:

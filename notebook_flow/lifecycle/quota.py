@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from notebook_flow.storage.pins import pin
 
 from . import usage
-from .evict import remove_entry
+from .evict import remove_entries
 from .inventory import Inventory, scan
 from .rules import Rules, decide, format_bytes, matches_task
 
@@ -139,14 +139,10 @@ def enforce(
         plan = decide(inv, rules)
         if not plan:
             break
-        keys = []
-        for doomed in plan:
-            n = remove_entry(store, doomed.key, committed=doomed.committed)
-            if n:
-                freed += n
-                keys.append(doomed.key)
-        removed += len(keys)
-        forget(store, keys)
+        done = remove_entries(store, ((d.key, d.committed) for d in plan))
+        freed += sum(n for _, n in done)
+        removed += len(done)
+        forget(store, [key for key, _ in done])
     if size > max_size and removed == 0:
         ident = (store.url, task)
         if ident not in _warned:

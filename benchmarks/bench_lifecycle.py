@@ -1,0 +1,159 @@
+"""Cache lifecycle (issue 17): the gc decision over 100,000 entries, eviction beside
+``rm -rf``, and what recording last use adds to a cache hit (beside diskcache's memoize).
+
+The 100,000-entry store is written directly as files (valid manifests naming small
+payloads): committing them one by one would measure commits, not the decision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from bench_tasks import _best_per_call
+
+N_ENTRIES = 100_000
+N_EVICT = 2_000
+
+
+def _fake_store(root: Path, n: int, *, start: int = 0) -> list[str]:
+    """``n`` entries (manifest + 512-byte payload each) under ``root``; their keys."""
+    keys = []
+    payload = b"\0" * 512
+    now = time.time()
+    made: set[str] = set()
+    for i in range(start, start + n):
+        key = f"{i:032x}"[::-1]  # spread over the shards
+        shard = key[:2]
+        if shard not in made:
+            (root / "manifests" / shard).mkdir(parents=True, exist_ok=True)
+            (root / "results" / shard).mkdir(parents=True, exist_ok=True)
+            made.add(shard)
+        rel = f"results/{shard}/{key}-{'0' * 16}.bin"
+        manifest = {
+            "format_version": 1, "key": key, "task": f"m:t{i % 50}", "serializer": "pickle",
+            "payload": rel, "size": 512, "checksum": "0" * 32, "signature": None,
+            "created_at": now - i, "expires_at": None, "duration": 1.0, "components": {},
+            "run_id": "r",
+        }  # fmt: skip
+        (root / rel).write_bytes(payload)
+        (root / "manifests" / shard / f"{key}.json").write_bytes(json.dumps(manifest).encode())
+        keys.append(key)
+    return keys
+
+
+def gc_decision() -> list[dict]:
+    from notebook_flow.lifecycle import evict, inventory, usage
+    from notebook_flow.lifecycle.rules import Rules, decide
+    from notebook_flow.storage import ResultStore
+    from notebook_flow.storage.pins import pin
+
+    root = Path(tempfile.mkdtemp(prefix="nf-bench-gc-"))
+    try:
+        keys = _fake_store(root / "store", N_ENTRIES)
+        store = ResultStore(str(root / "store"))
+        for key in keys[::3]:  # a third were hit lately, from another process
+            usage.touch(store, key)
+        usage.flush(store)
+        pin(store, keys[:1000])
+        t0 = time.perf_counter()
+        inv = inventory.scan(store)
+        doomed = decide(inv, Rules(max_size=inv.total // 2))
+        decision = time.perf_counter() - t0
+        assert len(inv.entries) == N_ENTRIES and doomed
+
+        chosen = doomed[:N_EVICT]
+        t0 = time.perf_counter()
+        evict.remove_entries(store, ((d.key, d.committed) for d in chosen))
+        ours = N_EVICT / (time.perf_counter() - t0)
+        twin = root / "twin"  # the same number of files, removed by rm -rf
+        _fake_store(twin, N_EVICT)
+        t0 = time.perf_counter()
+        subprocess.run(["rm", "-rf", str(twin)], check=True)
+        rm_rate = N_EVICT / (time.perf_counter() - t0)
+        return [
+            {
+                "benchmark": f"gc decision, {N_ENTRIES:,} entries (scan + LRU to half)",
+                "metric": "s",
+                "ours": decision,
+                "peers": {},
+                "target": "≤ 2 s",
+                "ok": decision <= 2.0,
+            },
+            {
+                "benchmark": "eviction throughput (claimed, manifest then payload)",
+                "metric": "entries/s",
+                "ours": ours,
+                "peers": {"rm -rf entries/s": rm_rate, "ratio ours/rm": ours / rm_rate},
+                "target": "reported",
+                "ok": True,
+            },
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def hit_with_last_use() -> dict:
+    import diskcache
+
+    import notebook_flow as nf
+    from notebook_flow import config
+    from notebook_flow.lifecycle import usage
+
+    root = Path(tempfile.mkdtemp(prefix="nf-bench-"))
+    try:
+        config._reset_for_tests()
+        nf.configure(store=str(root / "nf"), max_size="1GB")
+
+        def plain(x, s):
+            return x + len(s)
+
+        cached = nf.task(plain)
+        cached(42, "abc")
+        dc = diskcache.Cache(str(root / "dc"))
+        dmemo = dc.memoize()(plain)
+        dmemo(42, "abc")
+        with_touch = _best_per_call(lambda: cached(42, "abc"), 2000)
+        real = usage.touch
+        usage.touch = lambda store, key: None  # type: ignore[assignment]
+        try:
+            without = _best_per_call(lambda: cached(42, "abc"), 2000)
+        finally:
+            usage.touch = real
+        disk = _best_per_call(lambda: dmemo(42, "abc"), 2000)
+        store = config.get_store()
+        key = "ab" * 16
+        touch = _best_per_call(lambda: real(store, key), 20000)
+        config.get_metadata().flush()
+        dc.close()
+        return {
+            "benchmark": "cache hit with last-use recording, f(int, str)",
+            "metric": "µs/call",
+            "ours": with_touch * 1e6,
+            "peers": {
+                "ours without recording µs": without * 1e6,
+                "diskcache memoize µs": disk * 1e6,
+                "ratio ours/diskcache": with_touch / disk,
+                "usage.touch alone µs": touch * 1e6,
+            },
+            "target": "touch ≤ 2% of a diskcache hit",
+            "ok": touch <= 0.02 * disk,
+        }
+    finally:
+        config._reset_for_tests()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run() -> list[dict]:
+    os.environ.setdefault("NOTEBOOK_FLOW_CONFIG_DIR", tempfile.mkdtemp(prefix="nf-bench-key-"))
+    return [*gc_decision(), hit_with_last_use()]
+
+
+if __name__ == "__main__":
+    for row in run():
+        print(row)
