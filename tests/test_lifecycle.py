@@ -300,3 +300,26 @@ def test_pin_command_and_flow_gc(shell: Any, capsys: Any) -> None:
     assert "would remove 3 entries" in out, out
     shell.run_cell("%flow gc --max-size 1 --task sq --yes")
     assert "removed 3 entries" in capsys.readouterr().out
+
+
+def test_a_tasks_own_quota_evicts_only_its_results() -> None:
+    from notebook_flow import config, task
+
+    @task(name="big", max_size=700_000)
+    def big(i: int) -> Any:
+        return np.full(40_000, float(i))  # 320 KB
+
+    @task(name="small")
+    def small(i: int) -> Any:
+        return np.full(40_000, float(-i))
+
+    for i in range(3):
+        small(i)
+    for i in range(4):
+        big(i)
+        assert quota.wait_idle(120)
+    store = config.get_store()
+    tasks = [m.task.rsplit(":", 1)[-1] for m in store.iter_manifests()]
+    assert tasks.count("small") == 3  # another task's results are not this quota's business
+    assert tasks.count("big") == 2  # 2 x 320 KB fit in 700 KB
+    assert big.cache_key(3) in {m.key for m in store.iter_manifests()}  # the newest stays
