@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from notebook_flow import options
 from notebook_flow.errors import ConfigurationError
 
+from . import usage
 from .evict import CLAIMS_DIR, remove_entries
 from .inventory import Inventory, listing, scan
 from .quota import forget
@@ -167,6 +168,7 @@ def run(store: ResultStore, args: argparse.Namespace, out: Any = None) -> int:
 
     count, size = clear_entries(store, expired=True, task=args.task)
     leftovers = remove_leftovers(store)
+    usage.compact(store)  # fold the touch files of every process into one
     print(
         f"removed {count} expired results ({format_bytes(size)}) and {leftovers} leftover "
         "files of interrupted writes",
