@@ -69,7 +69,7 @@ def gc_decision() -> list[dict]:
 
         chosen = doomed[:N_EVICT]
         t0 = time.perf_counter()
-        evict.remove_entries(store, ((d.key, d.committed) for d in chosen))
+        evict.remove_entries(store, ((d.key, d.committed, ()) for d in chosen))
         ours = N_EVICT / (time.perf_counter() - t0)
         twin = root / "twin"  # the same number of files, removed by rm -rf
         _fake_store(twin, N_EVICT)

@@ -30,7 +30,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import xxhash
 
@@ -46,31 +46,43 @@ CLAIMS_DIR = "evicting"
 
 
 def remove_entry(
-    store: ResultStore, key: str, *, committed: float | None = None, signal: bool = True
+    store: ResultStore,
+    key: str,
+    *,
+    committed: float | None = None,
+    signal: bool = True,
+    siblings: Sequence[str] = (),
 ) -> int:
     """Remove the entry ``key``; returns the bytes freed, 0 when another process removed it
     first or it was committed again after ``committed`` (its manifest's mtime when chosen).
 
     With ``signal=False`` the caller rewrites the store's generation file itself, once
-    after many removals (``remove_entries``)."""
+    after many removals (``remove_entries``). ``siblings`` are other payload files of the
+    key, old enough not to be a commit in flight (see ``inventory.GRACE``): they go too.
+    """
     if store.local_root is not None:
         freed = _remove_local(store, key, committed)
     else:
         freed = _remove_remote(store, key, committed)
+    if freed:
+        for rel in siblings:  # a racing writer's leftovers (the named payload is gone)
+            if rel.startswith(f"results/{key[:2]}/{key}-"):
+                with contextlib.suppress(OSError):
+                    _files.remove(store, rel)
     if freed and signal:
         store._changed()  # other processes' in-memory caches look again
     return freed
 
 
 def remove_entries(
-    store: ResultStore, chosen: Iterable[tuple[str, float | None]]
+    store: ResultStore, chosen: Iterable[tuple[str, float | None, Sequence[str]]]
 ) -> list[tuple[str, int]]:
-    """Remove ``(key, committed)`` pairs; returns ``(key, bytes freed)`` of those removed
-    here. Other processes' caches are told once, at the end."""
+    """Remove ``(key, committed, siblings)``; returns ``(key, bytes freed)`` of those
+    removed here. Other processes' caches are told once, at the end."""
     removed = []
     try:
-        for key, committed in chosen:
-            freed = remove_entry(store, key, committed=committed, signal=False)
+        for key, committed, siblings in chosen:
+            freed = remove_entry(store, key, committed=committed, signal=False, siblings=siblings)
             if freed:
                 removed.append((key, freed))
     finally:

@@ -97,7 +97,7 @@ def remove_leftovers(store: ResultStore, older_than: float = LEFTOVER_AGE) -> in
 
 def sweep(store: ResultStore, doomed: Sequence[Doomed]) -> tuple[int, int]:
     """Remove the ``doomed`` entries (each claimed, so never twice); (count, bytes)."""
-    removed = remove_entries(store, ((d.key, d.committed) for d in doomed))
+    removed = remove_entries(store, ((d.key, d.committed, ()) for d in doomed))
     forget(store, [key for key, _ in removed])
     return len(removed), sum(n for _, n in removed)
 

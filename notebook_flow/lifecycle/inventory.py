@@ -7,10 +7,12 @@ markers of :mod:`notebook_flow.storage.pins`. That keeps a decision over 100,000
 within a second or two. Rules that need what a manifest says (task, code version,
 creation time) read manifests on top (``with_manifests``).
 
-An entry is a key with a manifest. Payload files of a key without a manifest are a commit
-in flight or a crash's leftover: they count in the store's bytes but are never an entry
-(``gc`` removes leftovers once they are old). A key's bytes are its manifest plus every
-payload file of the key (during a replacement there are briefly two).
+An entry is a key with a manifest; its bytes are its manifest plus every payload file of
+its key (during a replacement there are briefly two; two writers racing on one key leave
+the loser's payload behind). Files that belong to no entry — payloads of a key without a
+manifest, temp files — are a write in flight while younger than :data:`GRACE`
+(``in_flight``: not counted, they are counted once committed) and a leftover after it
+(``leftovers``: counted, and removed by the next eviction pass).
 
 >>> import tempfile
 >>> from notebook_flow.storage import ResultStore
@@ -30,6 +32,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
+from notebook_flow._localfs import is_temp_name
 from notebook_flow.storage.pins import pinned_keys
 
 from . import usage
@@ -37,7 +40,12 @@ from . import usage
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
 
-__all__ = ["Entry", "Inventory", "scan"]
+__all__ = ["GRACE", "Entry", "Inventory", "scan"]
+
+#: Seconds a file that belongs to no entry may be a write in flight (a payload written,
+#: its manifest not yet: milliseconds in a plain commit, longer in a transaction). Older,
+#: it is the leftover of a crash or of two writers racing on one key.
+GRACE = 300.0
 
 
 @dataclasses.dataclass
@@ -50,6 +58,8 @@ class Entry:
     last_used: float
     pinned: bool = False
     manifest: Manifest | None = None  # filled by with_manifests()
+    #: (relative path, mtime) of every payload file of the key
+    files: list[tuple[str, float]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -60,6 +70,15 @@ class Inventory:
     total: int
     pinned: frozenset[str]
     scanned_at: float
+    in_flight: int = 0  # bytes of young files that belong to no entry (not in total)
+    leftovers: list[str] = dataclasses.field(default_factory=list)  # old ones (in total)
+
+    def siblings(self, key: str) -> list[str]:
+        """Payload files of ``key`` older than :data:`GRACE`: a racing writer's leftovers
+        (and the current payload), removed with the entry."""
+        entry = self.entries.get(key)
+        cutoff = time.time() - GRACE
+        return [rel for rel, mtime in entry.files if mtime <= cutoff] if entry else []
 
     def with_manifests(self, store: ResultStore) -> Inventory:
         """Fill ``Entry.manifest`` from the store (unverified manifests too: deciding to
@@ -132,20 +151,37 @@ _HEX = frozenset("0123456789abcdef")
 def scan(store: ResultStore) -> Inventory:
     """The entries of ``store`` with sizes, last use (merged from every process) and pins."""
     entries: dict[str, Entry] = {}
-    total = 0
+    total = in_flight = 0
+    leftovers: list[str] = []
+    cutoff = time.time() - GRACE
+    stray: list[tuple[str, int, float]] = []
     # String tests, not a regex per file: this loop runs once per file of the store.
     for rel, size, mtime in listing(store, "manifests"):
-        total += size
         name = rel[13:]  # "manifests/ab/" + "<key>.json"
         if len(name) == 37 and name.endswith(".json") and name.startswith(rel[10:12]):
             key = name[:32]
             if _is_hex_key(key):
                 entries[key] = Entry(key, size, mtime, mtime)
-    for rel, size, _mtime in listing(store, "results"):
-        total += size
+                total += size
+                continue
+        stray.append((rel, size, mtime))
+    for rel, size, mtime in listing(store, "results"):
         entry = entries.get(rel[11:43])  # "results/ab/" + "<key>-<unique>.<ext>"
         if entry is not None and rel[43:44] == "-":
             entry.size += size
+            entry.files.append((rel, mtime))
+            total += size
+        else:
+            stray.append((rel, size, mtime))
+    for rel, size, mtime in stray:
+        if mtime > cutoff:
+            in_flight += size
+            continue
+        total += size
+        name = rel.rsplit("/", 1)[-1]
+        payload = rel.startswith("results/") and name[32:33] == "-" and _is_hex_key(name[:32])
+        if payload or is_temp_name(name):  # nothing else is ours to remove
+            leftovers.append(rel)
     for key, when in usage.last_used(store).items():
         entry = entries.get(key)
         if entry is not None and when > entry.last_used:
@@ -155,4 +191,4 @@ def scan(store: ResultStore) -> Inventory:
         entry = entries.get(key)
         if entry is not None:
             entry.pinned = True
-    return Inventory(entries, total, pinned, time.time())
+    return Inventory(entries, total, pinned, time.time(), in_flight, leftovers)

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from notebook_flow.storage import files
 from notebook_flow.storage.pins import pin
 
 from . import usage
@@ -131,15 +132,21 @@ def enforce(
     removed = freed = 0
     size = 0
     rules = Rules(max_size=max_size, task=task)
+    swept = False
     for _ in range(rounds):
         inv = scan(store)
         if task is not None:
             inv.with_manifests(store)
+        if task is None and inv.leftovers and not swept:  # crashed or racing writers'
+            swept = True
+            for rel in inv.leftovers:
+                files.remove_quietly(store, rel)
+            continue  # list again: what they held is free
         size = inv.total if task is None else _task_size(inv, task)
         plan = decide(inv, rules)
         if not plan:
             break
-        done = remove_entries(store, ((d.key, d.committed) for d in plan))
+        done = remove_entries(store, ((d.key, d.committed, inv.siblings(d.key)) for d in plan))
         freed += sum(n for _, n in done)
         removed += len(done)
         forget(store, [key for key, _ in done])
