@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .figures import format_saved
+from .figures import format_saved, format_size
 from .states import MIN_SAVING, format_seconds
 
 if TYPE_CHECKING:
@@ -487,19 +487,6 @@ def format_stats(stats: dict[str, Any], store_url: str) -> str:
         ),
     ]
     return "\n".join(f"{name:<11} {value}" for name, value in rows)
-
-
-def format_size(n: float) -> str:
-    """Bytes in B / kB / MB / GB (powers of 1000, as ``ls -h --si`` and pip print them).
-
-    >>> format_size(512), format_size(3_400_000)
-    ('512 B', '3.4 MB')
-    """
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:

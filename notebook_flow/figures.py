@@ -109,3 +109,16 @@ STATE_COLORS = {
     "PENDING": "#8a9096",
     "CANCELLED": "#6b6b6b",
 }
+
+
+def format_size(n: float) -> str:
+    """Bytes in B / kB / MB / GB (powers of 1000, as ``ls -h --si`` and pip print them).
+
+    >>> format_size(512), format_size(3_400_000)
+    ('512 B', '3.4 MB')
+    """
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover

@@ -27,6 +27,7 @@ from IPython.core.error import UsageError  # noqa: TID253
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class  # noqa: TID253
 
 from . import _identity
+from .figures import format_size
 
 if TYPE_CHECKING:
     from .cells import CellRunner
@@ -230,7 +231,7 @@ class FlowMagics(Magics):
             f"failed {s['failures']} · crashed {s['crashed']}\n"
             f"time saved {format_saved(s['time_saved'], s['hits'])} · "
             f"{s['entries']} stored results, "
-            f"{_size(s['bytes_stored'])}"
+            f"{format_size(s['bytes_stored'])}"
         )
 
     def _flow_clear(self, rest: list[str]) -> None:
@@ -249,7 +250,7 @@ class FlowMagics(Magics):
         removed, size = clear_entries(
             get_store(), task=tasks[0] if tasks else None, expired=expired
         )
-        print(f"removed {removed} stored results ({_size(size)})")
+        print(f"removed {removed} stored results ({format_size(size)})")
 
     def _flow_gc(self, rest: list[str]) -> None:
         from .config import get_store
@@ -400,14 +401,6 @@ def _config_value(key: str, text: str) -> Any:
     if key in ("log_misses", "auto_cells"):
         return text.lower() in ("1", "true", "yes", "on")
     return text
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 # --------------------------------------------------------------------------- loading

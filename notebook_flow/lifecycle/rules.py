@@ -27,6 +27,8 @@ from collections.abc import Iterable
 
 import xxhash
 
+from notebook_flow.figures import format_size as format_bytes
+
 from .inventory import Entry, Inventory
 
 __all__ = ["Doomed", "Rules", "code_version", "decide", "format_bytes"]
@@ -60,15 +62,6 @@ class Doomed:
     size: int
     why: str
     committed: float
-
-
-def format_bytes(n: float) -> str:
-    """``1.5 GB``-style (decimal units, as quotas are given)."""
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 def code_version(components: dict[str, str]) -> str | None:
