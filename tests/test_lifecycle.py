@@ -333,3 +333,20 @@ def test_a_tasks_own_quota_evicts_only_its_results() -> None:
     assert tasks.count("small") == 3  # another task's results are not this quota's business
     assert tasks.count("big") == 2  # 2 x 320 KB fit in 700 KB
     assert big.cache_key(3) in {m.key for m in store.iter_manifests()}  # the newest stays
+
+
+def test_a_locked_entry_is_not_evicted(tmp_path: Path) -> None:
+    from notebook_flow.locks import default_lock_manager_for
+
+    store = ResultStore(str(tmp_path / "lc"))
+    for key in KEYS[:3]:
+        _commit(store, key, np.zeros(20_000))
+    manager = default_lock_manager_for(store)
+    assert manager.acquire(KEYS[0], "holder-1", timeout=1, lease=60)
+    try:
+        quota.enforce(store, max_size=1)  # everything would go...
+        assert set(inventory.scan(store).entries) == {KEYS[0]}  # ...but the locked key
+    finally:
+        manager.release(KEYS[0], "holder-1")
+    quota.enforce(store, max_size=1)
+    assert inventory.scan(store).entries == {}

@@ -9,7 +9,8 @@ safe when several processes evict from one store at once:
   ``evicting/<key>.<digest of the manifest>`` written with a conditional PUT
   (``If-None-Match: *``): only the first writer succeeds. The bytes freed are counted by
   the process that won.
-* **Never an entry being written.** An entry committed again after the decision is not
+* **Never an entry being written or locked.** Keys a live holder locks (the store's
+  default lock manager) are skipped. An entry committed again after the decision is not
   the entry that was chosen: locally, the claimed file's modification time differs from
   the one the decision saw, and it is put back with ``link`` (which never replaces a
   newer commit); on object stores the manifest is read, and nothing is removed when it
@@ -80,8 +81,11 @@ def remove_entries(
     """Remove ``(key, committed, siblings)``; returns ``(key, bytes freed)`` of those
     removed here. Other processes' caches are told once, at the end."""
     removed = []
+    locked = locked_keys(store)
     try:
         for key, committed, siblings in chosen:
+            if key in locked:  # a holder is computing it again: not now
+                continue
             freed = remove_entry(store, key, committed=committed, signal=False, siblings=siblings)
             if freed:
                 removed.append((key, freed))
@@ -89,6 +93,20 @@ def remove_entries(
         if removed:
             store._changed()
     return removed
+
+
+def locked_keys(store: ResultStore) -> frozenset[str]:
+    """Keys a live holder locks in the store's default lock manager (local stores; a lock
+    manager of a task's own, such as Redis, is not seen here)."""
+    if store.local_root is None:
+        return frozenset()
+    from notebook_flow.locks import default_lock_manager_for
+
+    try:
+        manager = default_lock_manager_for(store)
+        return frozenset(info.key for info in manager.list_locks())  # type: ignore[attr-defined]
+    except Exception:  # no locks folder yet, or unreadable: nothing known to be locked
+        return frozenset()
 
 
 def _parse(data: bytes, key: str) -> Manifest | None:
