@@ -101,7 +101,9 @@ def _take(url: str) -> dict[str, float]:
         if not pending:
             return {}
         _pending[url] = {}
-    return pending
+    # A copy (atomic under the GIL): a touch that still writes into the old dict must not
+    # change it while it is serialized. Such a late touch is lost; the next one counts.
+    return pending.copy()
 
 
 def flush(store: ResultStore | None = None) -> int:

@@ -23,6 +23,7 @@ unpin (which only makes an entry evictable); no value is ever read from a marker
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -51,14 +52,21 @@ def _marker_body(write: Callable[[memoryview], None]) -> None:
 
 def pin(store: ResultStore, keys: Iterable[str]) -> int:
     """Pin ``keys`` (validated cache keys); returns how many were not pinned before."""
-    pinned = pinned_keys(store)
     added = 0
     for key in dict.fromkeys(validate_key(k) for k in keys):
-        if key in pinned:
+        if _exists(store, _marker_rel(key)):
             continue
         files.write_atomic(store, _marker_rel(key), _marker_body)
         added += 1
     return added
+
+
+def _exists(store: ResultStore, rel: str) -> bool:
+    if store.local_root is not None:
+        return os.path.lexists(store._path(rel))
+    path = store._path(rel)
+    store.fs.invalidate_cache(path)  # another process may have (un)pinned it since
+    return bool(store.fs.exists(path))
 
 
 def unpin(store: ResultStore, keys: Iterable[str]) -> int:
