@@ -350,3 +350,19 @@ def test_a_locked_entry_is_not_evicted(tmp_path: Path) -> None:
         manager.release(KEYS[0], "holder-1")
     quota.enforce(store, max_size=1)
     assert inventory.scan(store).entries == {}
+
+
+def test_task_cell_pin_option(shell: Any) -> None:
+    from notebook_flow.config import get_store
+
+    shell.run_cell("%%task --pin --name pinned_cell\nimport numpy as np\nbig = np.ones(300_000)\n")
+    shell.run_cell("%%task --name plain_cell\nsmall = 3\n")
+    store = get_store()
+    tasks = {m.key: m.task for m in store.iter_manifests()}
+    pinned = pinned_keys(store)
+    assert any("pinned_cell" in tasks[k] for k in pinned)  # the cell...
+    assert len(pinned) >= 2  # ...and its large value, stored on its own
+    assert not any("plain_cell" in tasks[k] for k in pinned)
+    quota.enforce(store, max_size=1)
+    left = {m.task for m in store.iter_manifests()}
+    assert any("pinned_cell" in t for t in left) and not any("plain_cell" in t for t in left)
