@@ -8,7 +8,9 @@ sees), :mod:`.inventory` lists a store's entries with their sizes, last use and 
 :mod:`.evict` removes entries so that two processes never remove the same one twice and a
 reader racing with a removal gets a miss, and :mod:`.quota` runs eviction in the
 background after a commit pushes a store over its quota. :mod:`.gc` and
-:mod:`.pins_cli` are the ``notebook-flow gc`` / ``pin`` / ``unpin`` commands.
+:mod:`.pins_cli` are the ``notebook-flow gc`` / ``pin`` / ``unpin`` commands, and
+:mod:`.status` the summary the dashboard shows (size against quota, pins, what gc would
+free). Pins themselves are :mod:`notebook_flow.storage.pins` (markers in the store).
 
 Nothing here imports the task layer or a front end; the call path calls
 ``usage.touch`` (hits) and ``quota.committed`` (commits).
