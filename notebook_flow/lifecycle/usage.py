@@ -27,8 +27,6 @@ import logging
 import math
 import os
 import re
-import secrets
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -127,6 +125,9 @@ def flush(store: ResultStore | None = None) -> int:
 
 
 def _writer_id() -> str:
+    import secrets
+    import socket
+
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
 
