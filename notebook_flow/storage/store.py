@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from notebook_flow import _localfs
+from notebook_flow import _localfs, provenance
 from notebook_flow.errors import (
     CommitError,
     ConfigurationError,
@@ -53,7 +53,7 @@ logger = logging.getLogger("notebook_flow")
 CACHE_DIR_ENV = "NOTEBOOK_FLOW_CACHE_DIR"
 
 _LOCAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RESERVED_NAMES = frozenset({"results", "manifests", "metadata.duckdb"})
+_RESERVED_NAMES = frozenset({"results", "manifests", "quarantine", "metadata.duckdb"})
 
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 #: Read when a ResultStore is created (its ``inline_limit``): patch it here, in this module.
@@ -502,6 +502,7 @@ class ResultStore:
             fence=fence,
             inline=inline,
             seal=seal,
+            provenance=provenance.collect(value, chosen.name, task),
         )
         # Signed here: a staged manifest is published later unchanged.
         return trust.sign(self, manifest)
