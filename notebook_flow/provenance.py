@@ -20,7 +20,8 @@ Cost: ``collect`` runs once per commit (the miss path), never on a hit. What doe
 change in a process (user, host, Python, versions by module) is computed once. The git
 commit is read from the repository's files, not by running ``git``: ``HEAD``, the branch's
 ref file or ``packed-refs``; it is re-read only when one of those files changed (three
-``stat`` calls), so a kernel that lives across ``git commit`` records the new commit.
+``stat`` calls, at most once a second), so a kernel that lives across ``git commit``
+records the new commit.
 Whether the working tree had uncommitted changes is not recorded: that needs a scan of the
 tree, too slow for a commit path.
 
@@ -37,6 +38,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 from notebook_flow import _identity
 
@@ -55,9 +57,12 @@ MAX_VALUE = 512
 _lock = threading.Lock()
 _static: dict[str, str] | None = None
 _versions: dict[str, str | None] = {}
+_package_lines: dict[tuple[tuple[str, ...], str], str] = {}
+#: Seconds a git commit read is reused before the repository's files are looked at again.
+GIT_RECHECK = 1.0
 _git_dirs: dict[str, str | None] = {}  # start folder → .git folder (None: not in a repo)
-# .git folder → (files read, their mtimes then, the commit)
-_git_heads: dict[str, tuple[tuple[str, ...], tuple[int, ...], str | None]] = {}
+# .git folder → (files read, their mtimes then, when they were checked, the commit)
+_git_heads: dict[str, tuple[tuple[str, ...], tuple[int, ...], float, str | None]] = {}
 
 
 def _python_version() -> str:
@@ -116,12 +121,19 @@ def _libraries(value: object, serializer: str) -> list[str]:
 
 
 def _packages(value: object, serializer: str) -> str:
+    tops = tuple(_libraries(value, serializer))
+    known = _package_lines.get((tops, serializer))
+    if known is not None:
+        return known
     parts = [f"notebook_flow={_version('notebook_flow') or '?'}"]
-    for top in _libraries(value, serializer):
+    for top in tops:
         version = _version(top)
         if version is not None:
             parts.append(f"{top}={version}")
-    return " ".join(parts)
+    if len(_package_lines) > 1024:  # bounded: types are few, but a process may make many
+        _package_lines.clear()
+    line = _package_lines[(tops, serializer)] = " ".join(parts)
+    return line
 
 
 def _find_git_dir(start: str) -> str | None:
@@ -209,7 +221,8 @@ def git_commit(start: str) -> str | None:
 
     Reads the repository's files (no ``git`` process); cached, and re-read only when
     ``HEAD``, the branch's ref file or ``packed-refs`` changed (or a loose ref file
-    of the branch appeared).
+    of the branch appeared), which is looked at no more than once per ``GIT_RECHECK``
+    seconds.
 
     >>> git_commit("/") is None or len(git_commit("/")) == 40
     True
@@ -217,13 +230,17 @@ def git_commit(start: str) -> str | None:
     git_dir = _find_git_dir(os.path.abspath(start))
     if git_dir is None:
         return None
+    now = time.monotonic()
     cached = _git_heads.get(git_dir)
     if cached is not None:
-        paths, stamps, commit = cached
+        paths, stamps, checked, commit = cached
+        if now - checked < GIT_RECHECK:
+            return commit
         if tuple(_mtime(p) for p in paths) == stamps:
+            _git_heads[git_dir] = (paths, stamps, now, commit)
             return commit
     paths, commit = _resolve_head(git_dir)
-    _git_heads[git_dir] = (paths, tuple(_mtime(p) for p in paths), commit)
+    _git_heads[git_dir] = (paths, tuple(_mtime(p) for p in paths), now, commit)
     return commit
 
 

@@ -123,7 +123,10 @@ def _git(repo: Path, *args: str) -> str:
     return out.stdout.decode().strip()
 
 
-def test_git_commit_follows_new_commits_and_packed_refs(tmp_path: Path) -> None:
+def test_git_commit_follows_new_commits_and_packed_refs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provenance, "GIT_RECHECK", 0.0)  # look at the files every time
     repo = tmp_path / "repo"
     (repo / "pkg").mkdir(parents=True)
     _git(repo, "init", "-q", "-b", "main")
