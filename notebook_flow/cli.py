@@ -9,6 +9,9 @@
     notebook-flow gc                           expired results and leftovers of crashed writes
     notebook-flow dashboard ...                (added by notebook_flow.dashboard.cli)
     notebook-flow locks ...                    (added by notebook_flow.locks.cli)
+    notebook-flow check [--fix]                verify every entry; quarantine bad ones
+    notebook-flow export TASK|--all --to URL   copy entries (with provenance) to a store
+    notebook-flow import [TASK] --from URL     copy entries from a store into this one
 
 ``run`` executes a notebook headless in a fresh kernel with the extension loaded, prints a
 line per cell and writes the executed notebook. A ``%%task`` cell is *cached* (restored
@@ -55,6 +58,9 @@ EXTENSIONS: dict[str, str] = {
     "dashboard": "notebook_flow.dashboard.cli:register",
     "locks": "notebook_flow.locks.cli:register",
     "key": "notebook_flow.keycli:register",
+    "check": "notebook_flow.lifecycle.cli:register_check",
+    "export": "notebook_flow.lifecycle.cli:register_export",
+    "import": "notebook_flow.lifecycle.cli:register_import",
 }
 
 #: What ``notebook-flow --help`` says of each command in :data:`EXTENSIONS` (its module is
@@ -63,6 +69,9 @@ EXTENSION_HELP: dict[str, str] = {
     "dashboard": "serve the dashboard on 127.0.0.1 (prints its URL, with a secret token)",
     "locks": "the locks held now; --break KEY removes a stuck holder's lock",
     "key": "show or import the signing key (share one with everyone using a store)",
+    "check": "verify every entry (mac, checksum); --fix quarantines bad ones",
+    "export": "copy a task's entries (or --all) to another store, with their provenance",
+    "import": "copy entries from another store into this one (verified, re-signed)",
 }
 
 Handler = Callable[[argparse.Namespace], int]

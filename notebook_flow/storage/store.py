@@ -605,6 +605,30 @@ class ResultStore:
                 self._changed()
         return count
 
+    def find_orphans(
+        self, older_than: float = 3600.0, *, referenced: set[str] | None = None
+    ) -> list[str]:
+        """Leftovers no manifest names (see :meth:`remove_orphans`), relative to the root.
+
+        ``referenced``: the payloads the manifests name, when the caller has read them
+        already (``notebook-flow check``); by default every manifest is read.
+        """
+        if referenced is None:
+            # Unverified manifests count too: a teammate's entries (another key) are not
+            # ours to collect.
+            referenced = {m.payload for m in self.iter_manifests(verified=False)}
+        cutoff = time.time() - older_than
+        found: list[str] = []
+        for top in ("results", "manifests"):
+            for rel, mtime in files.list_files(self, top):
+                name = rel.rsplit("/", 1)[-1]
+                orphan = _localfs.is_temp_name(name) or (
+                    top == "results" and _PAYLOAD_RE.match(rel) and rel not in referenced
+                )
+                if orphan and (mtime is None or mtime <= cutoff):
+                    found.append(rel)
+        return found
+
     def remove_orphans(self, older_than: float = 3600.0) -> list[str]:
         """Delete leftovers no manifest names: temp files of interrupted writes, and payloads
         left by a crash before their manifest (or by two writers racing on one key).
@@ -613,21 +637,11 @@ class ResultStore:
         (payload written, manifest not yet) is left alone. Returns the removed paths,
         relative to the root.
         """
-        # Unverified manifests count too: a teammate's entries (another key) are not ours
-        # to collect.
-        referenced = {m.payload for m in self.iter_manifests(verified=False)}
-        cutoff = time.time() - older_than
         removed: list[str] = []
-        for top in ("results", "manifests"):
-            for rel, mtime in files.list_files(self, top):
-                name = rel.rsplit("/", 1)[-1]
-                orphan = _localfs.is_temp_name(name) or (
-                    top == "results" and _PAYLOAD_RE.match(rel) and rel not in referenced
-                )
-                if orphan and (mtime is None or mtime <= cutoff):
-                    with contextlib.suppress(OSError):
-                        if files.remove(self, rel):
-                            removed.append(rel)
+        for rel in self.find_orphans(older_than):
+            with contextlib.suppress(OSError):
+                if files.remove(self, rel):
+                    removed.append(rel)
         return removed
 
 
