@@ -284,7 +284,8 @@ def collect(value: object, serializer: str, source: str) -> dict[str, str]:
 
 
 def format_provenance(provenance: dict[str, str] | None) -> str:
-    """One line for people: ``ada@lab1 · analysis.ipynb · git 3f9a1c2 · Python 3.12.3``.
+    """One line for people, where first: ``analysis.ipynb · cell 3 · ada@lab1 · git
+    3f9a1c2 · Python 3.12.3`` (the notebook as given: callers shorten paths).
 
     >>> format_provenance({"user": "ada", "host": "lab1", "git": "3f9a1c2" + "0" * 33})
     'ada@lab1 · git 3f9a1c2'
@@ -294,16 +295,16 @@ def format_provenance(provenance: dict[str, str] | None) -> str:
     if not provenance:
         return ""
     parts = []
+    where = provenance.get("notebook") or provenance.get("source") or ""
+    if provenance.get("cell"):
+        where = f"{where} · cell {provenance['cell']}" if where else f"cell {provenance['cell']}"
+    if where:
+        parts.append(where)
     who = provenance.get("user", "")
     if provenance.get("host"):
         who = f"{who}@{provenance['host']}" if who else provenance["host"]
     if who:
         parts.append(who)
-    where = provenance.get("notebook") or ""
-    if where:
-        parts.append(os.path.basename(where))
-    elif provenance.get("source"):
-        parts.append(provenance["source"])
     if provenance.get("git"):
         parts.append(f"git {provenance['git'][:7]}")
     if provenance.get("python"):

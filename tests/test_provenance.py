@@ -194,6 +194,8 @@ def test_task_module_commit_is_recorded_in_a_fresh_process(tmp_path: Path) -> No
 
 def test_format_provenance_is_one_line() -> None:
     line = provenance.format_provenance(
-        {"user": "ada", "host": "lab", "notebook": "/x/a.ipynb", "git": "abcdef1234", "python": "3"}
+        {"user": "ada", "host": "lab", "notebook": "x/a.ipynb", "git": "abcdef1234", "python": "3"}
     )
-    assert line == "ada@lab · a.ipynb · git abcdef1 · Python 3"
+    assert line == "x/a.ipynb · ada@lab · git abcdef1 · Python 3"
+    task = provenance.format_provenance({"source": "mod:f", "cell": "c1"})
+    assert task == "mod:f · cell c1"

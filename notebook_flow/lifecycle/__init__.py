@@ -1,7 +1,20 @@
-"""Cache lifecycle: integrity check and quarantine (``check``), and sharing entries between
-stores with their provenance (``transfer``: export / import).
+"""Cache lifecycle: last use, quotas and eviction, gc rules, pins from the command line.
 
-Each is a function over a :class:`~notebook_flow.storage.ResultStore`; the ``notebook-flow``
-subcommands that drive them are registered from ``notebook_flow/cli.py`` and live beside
-them (``lifecycle/cli.py``). Nothing here is imported by ``import notebook_flow``.
+Top to bottom: :mod:`.usage` records last use on the hit path (a dict write; a background
+thread writes rate-limited "touch" files into the store, which every process and machine
+sees), :mod:`.inventory` lists a store's entries with their sizes, last use and pins
+(from directory listings alone, so a decision over 100,000 entries stays fast),
+:mod:`.rules` decides what goes (LRU down to a size, age, unused, unreachable code),
+:mod:`.evict` removes entries so that two processes never remove the same one twice and a
+reader racing with a removal gets a miss, and :mod:`.quota` runs eviction in the
+background after a commit pushes a store over its quota. :mod:`.gc` and
+:mod:`.pins_cli` are the ``notebook-flow gc`` / ``pin`` / ``unpin`` commands.
+
+Nothing here imports the task layer or a front end; the call path calls
+``usage.touch`` (hits) and ``quota.committed`` (commits).
+
+Integrity and sharing: :mod:`.check` verifies every entry and quarantines bad ones
+(``notebook-flow check [--fix]``), :mod:`.transfer` copies entries between stores,
+verified with the source's key and re-signed with the destination's (``export`` /
+``import``); :mod:`.cli` holds those three commands and :mod:`.progress` their bar.
 """
