@@ -171,6 +171,28 @@ def test_manifest_changed_meanwhile_is_not_quarantined(tmp_path: Path) -> None:
     assert found is not None and found.checksum == fresh.checksum
 
 
+def test_legacy_unsigned_entry_is_reported_then_resigned(tmp_path: Path) -> None:
+    """An entry from before signing, in a private local store: reported, re-signed by
+    --fix (as a lookup would), then a hit."""
+    import dataclasses
+
+    root = tmp_path / "private"
+    store = ResultStore(str(root), signing_key=b"a" * 32)
+    m = commit(store, 1, np.arange(10_000))
+    legacy = dataclasses.replace(m, format_version=1, provenance=None, mac=None, signature=None)
+    write_raw(store, manifest_rel(key(1)), legacy.to_json())
+    for path in [root, *root.rglob("*")]:  # private: writable by nobody else
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    report = check_mod.check_store(store)
+    assert [(p.key, p.kind) for p in report.problems] == [(key(1), "unsigned")]
+    assert "--fix re-signs it" in report.problems[0].reason
+    fixed = check_mod.check_store(store, fix=True)
+    assert fixed.ok and fixed.resigned == [manifest_rel(key(1))] and fixed.quarantined == []
+    found = store.lookup(key(1))
+    assert found is not None and found.mac is not None
+    assert (store.load(found) == np.arange(10_000)).all()
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["check", "--older-than", "soon"])

@@ -115,22 +115,27 @@ class _Verdict:
     gone: bool = False  # deleted since the listing
 
 
-def read_payload_chunks(store: ResultStore, rel: str) -> Iterator[memoryview]:
+def read_payload_chunks(
+    store: ResultStore, rel: str, *, whole: bool = False
+) -> Iterator[memoryview]:
     """The bytes of the payload file ``rel``, chunk by chunk (``_localfs.CHUNK``).
 
     Local files are opened as a reader opens them (regular files only, no symlink) and
-    read a chunk at a time; remote ones are fetched whole through fsspec. Raises
-    ``FileNotFoundError`` for a missing file.
+    read a chunk at a time, remote ones by ranged reads; with ``whole`` a remote file is
+    fetched in one GET instead (s3fs splits a big object into parallel ranges itself:
+    several times faster, but the payload is in memory at once, as on an object store's
+    commit path). Raises ``FileNotFoundError`` for a missing file.
     """
-    if not store.is_local:
-        # One GET (s3fs splits a big object into parallel ranges itself): several times
-        # faster than a file object's sequential ranged reads. The payload is then in
-        # memory at once, as on the commit path of an object store.
+    f: BinaryIO
+    if store.is_local:
+        f = os.fdopen(files.open_local(store, rel), "rb")
+    elif whole:
         view = memoryview(files.read_bytes(store, rel))
         for start in range(0, view.nbytes, _localfs.CHUNK):
             yield view[start : start + _localfs.CHUNK]
         return
-    f: BinaryIO = os.fdopen(files.open_local(store, rel), "rb")
+    else:
+        f = store.fs.open(store._path(rel), "rb", block_size=_localfs.CHUNK, cache_type="none")
     with f:
         while True:
             chunk = f.read(_localfs.CHUNK)
@@ -214,8 +219,12 @@ def _check_one(store: ResultStore, rel: str, fix: bool) -> _Verdict:
         if m.mac is not None:
             reason = "its mac does not verify under this store's key (forged, or another key)"
             return bad("forged", reason, data, m)
-        if not (fix and trust.legacy_trusted(store, rel, m)):
-            return bad("unsigned", "unsigned (written before entries were signed)", data, m)
+        legacy = trust.legacy_trusted(store, rel, m)
+        if not (fix and legacy):
+            why = "unsigned (written before entries were signed)"
+            if legacy:
+                why += "; --fix re-signs it (this private store's lookups would too)"
+            return bad("unsigned", why, data, m)
         signed = trust.resign(store, m, rel, data)
         if signed is None:
             return bad("unsigned", "unsigned, and its payload does not match", data, m)

@@ -21,9 +21,9 @@ both hold (``notebook-flow key show``), or pass theirs as ``--from-key-file``.
 
 An entry the destination already holds with the same checksum is skipped; one with
 another result for the same key is kept unless ``replace``. Expired entries are not
-copied. Several entries are copied at once (``workers``); each payload is streamed in
-8 MiB chunks, except that an object-store destination takes a payload in one PUT (so it
-appears whole), holding that payload in memory.
+copied. Several entries are copied at once (``workers``); a local payload is read in
+8 MiB chunks, a remote one fetched in one GET, and an object-store destination takes a
+payload in one PUT (so it appears whole): such a payload is held in memory once.
 
 >>> team = ResultStore("s3://team/cache")
 >>> report = transfer(ResultStore("/tmp/a"), team, task="load")  # doctest: +SKIP
@@ -140,7 +140,7 @@ def _copy_payload(
         nonlocal signature
         size = 0
         try:
-            for chunk in read_payload_chunks(source, m.payload):
+            for chunk in read_payload_chunks(source, m.payload, whole=True):
                 size += chunk.nbytes
                 if size > m.size:
                     raise _Refused(f"its payload is longer than the {m.size} bytes recorded")
