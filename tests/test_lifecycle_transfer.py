@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest_s3 import s3_server, unique_s3_url  # noqa: F401  (fixture)
 
+import notebook_flow as nf
 from notebook_flow import cli, config
 from notebook_flow.lifecycle.transfer import transfer
 from notebook_flow.storage import ResultStore, files
@@ -117,6 +118,11 @@ def test_export_to_s3_then_import_hits_in_a_fresh_process(
         assert m.provenance == alice[k].provenance and m.provenance is not None
         assert m.provenance["source"] in ("mytasks:make", "mytasks:small")
         assert m.checksum == alice[k].checksum and m.mac != alice[k].mac
+
+    # Bob's index knows them, with their provenance.
+    indexed = nf.cache_entries(store=str(store_b))
+    assert sorted(indexed["key"]) == sorted(bob)
+    assert all(json.loads(p)["user"] for p in indexed["provenance"])
 
     # A fresh process on Bob's side hits: nothing runs, the values are Alice's.
     assert run_tasks(code, store_b, KEY_B, runs) == expected

@@ -192,6 +192,19 @@ def test_task_module_commit_is_recorded_in_a_fresh_process(tmp_path: Path) -> No
     assert recorded["git"] == _git(repo, "rev-parse", "HEAD")
 
 
+def test_a_cell_records_its_name_and_notebook(shell, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``%%task`` cell's entry names the cell and the notebook the kernel runs."""
+    from notebook_flow import config
+
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/ada/analysis.ipynb")
+    result = shell.run_cell("%%task --name joined\nx = 40 + 2\n")
+    assert result.success and shell.user_ns["x"] == 42
+    made = [m.provenance for m in config.get_store().iter_manifests()]
+    assert made and all(p is not None for p in made)
+    cell = [p for p in made if p and p["source"] == "cell:joined"]
+    assert cell and cell[0]["notebook"] == "/home/ada/analysis.ipynb"
+
+
 def test_format_provenance_is_one_line() -> None:
     line = provenance.format_provenance(
         {"user": "ada", "host": "lab", "notebook": "x/a.ipynb", "git": "abcdef1234", "python": "3"}
