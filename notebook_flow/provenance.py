@@ -33,7 +33,6 @@ tree, too slow for a commit path.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import socket
 import sys
@@ -74,6 +73,8 @@ def _process_info() -> dict[str, str]:
     """User, host and Python version: computed once per process."""
     global _static
     if _static is None:
+        import getpass  # (imports termios: only when a first result is committed)
+
         try:
             user = getpass.getuser()
         except (KeyError, OSError):  # no login name (a container with an unknown uid)
