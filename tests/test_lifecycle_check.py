@@ -21,7 +21,7 @@ from notebook_flow import cli
 from notebook_flow.config import get_metadata, get_store
 from notebook_flow.lifecycle import check as check_mod
 from notebook_flow.lifecycle.progress import Progress
-from notebook_flow.storage import Manifest, ResultStore, files
+from notebook_flow.storage import Manifest, ResultStore, StorageWarning, files
 
 
 def key(i: int) -> str:
@@ -153,9 +153,16 @@ def test_invalid_manifest_and_other_key(tmp_path: Path) -> None:
     write_raw(store, manifest_rel(key(2)), b"{not json")
     teammate = ResultStore(str(tmp_path / "s"), signing_key=b"b" * 32)
     commit(teammate, 3, {"y": 2})
+    newer = json.loads(commit(store, 4, {"z": 3}).to_json())
+    newer["format_version"] = 99  # a newer notebook_flow's entry: not ours to judge
+    write_raw(store, manifest_rel(key(4)), json.dumps(newer).encode())
     report = check_mod.check_store(store)
     assert {p.key: p.kind for p in report.problems} == {key(2): "invalid", key(3): "forged"}
     assert "another key" in next(p.reason for p in report.problems if p.key == key(3))
+    assert report.skipped == [manifest_rel(key(4))]
+    with pytest.warns(StorageWarning, match="format_version 99"):  # the index skips it
+        fixed = check_mod.check_store(store, fix=True)
+    assert len(fixed.quarantined) == 2 and os.path.exists(store._path(manifest_rel(key(4))))
 
 
 def test_manifest_changed_meanwhile_is_not_quarantined(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from notebook_flow import _localfs
 from notebook_flow.errors import ConfigurationError
 from notebook_flow.serializers import get_serializer, new_signer
 from notebook_flow.storage import Manifest, behind, files, trust
-from notebook_flow.storage.manifest import _PAYLOAD_RE, _is_manifest_rel
+from notebook_flow.storage.manifest import _PAYLOAD_RE, READABLE_VERSIONS, _is_manifest_rel
 
 from .progress import Progress
 
@@ -238,14 +238,8 @@ def _check_one(store: ResultStore, rel: str, fix: bool) -> _Verdict:
 def _newer(data: bytes) -> bool:
     with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
         version = json.loads(data).get("format_version")
-        return type(version) is int and version > max(_known_versions())
+        return type(version) is int and version > max(READABLE_VERSIONS)
     return False
-
-
-def _known_versions() -> tuple[int, ...]:
-    from notebook_flow.storage.manifest import READABLE_VERSIONS
-
-    return READABLE_VERSIONS
 
 
 def _quarantine(store: ResultStore, problem: Problem, data: bytes | None) -> str | None:
