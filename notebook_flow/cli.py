@@ -11,6 +11,9 @@
     notebook-flow pin | unpin KEY|TASK         (notebook_flow.lifecycle.pins_cli)
     notebook-flow dashboard ...                (added by notebook_flow.dashboard.cli)
     notebook-flow locks ...                    (added by notebook_flow.locks.cli)
+    notebook-flow check [--fix]                verify every entry; quarantine bad ones
+    notebook-flow export TASK|--all --to URL   copy entries (with provenance) to a store
+    notebook-flow import [TASK] --from URL     copy entries from a store into this one
 
 ``run`` executes a notebook headless in a fresh kernel with the extension loaded, prints a
 line per cell and writes the executed notebook. A ``%%task`` cell is *cached* (restored
@@ -60,6 +63,9 @@ EXTENSIONS: dict[str, str] = {
     "gc": "notebook_flow.lifecycle.gc:register",
     "pin": "notebook_flow.lifecycle.pins_cli:register_pin",
     "unpin": "notebook_flow.lifecycle.pins_cli:register_unpin",
+    "check": "notebook_flow.lifecycle.cli:register_check",
+    "export": "notebook_flow.lifecycle.cli:register_export",
+    "import": "notebook_flow.lifecycle.cli:register_import",
 }
 
 #: What ``notebook-flow --help`` says of each command in :data:`EXTENSIONS` (its module is
@@ -72,6 +78,9 @@ EXTENSION_HELP: dict[str, str] = {
     "show what else would go, --yes removes it",
     "pin": "never evict or prune entries (KEY or TASK); without one, list the pinned",
     "unpin": "let eviction and gc rules remove entries again (KEY or TASK)",
+    "check": "verify every entry (mac, checksum); --fix quarantines bad ones",
+    "export": "copy a task's entries (or --all) to another store, with their provenance",
+    "import": "copy entries from another store into this one (verified, re-signed)",
 }
 
 Handler = Callable[[argparse.Namespace], int]

@@ -256,6 +256,31 @@ def test_invalidate_a_task(filled):
     assert nf.cache_entries(task="square").empty
 
 
+def test_cache_view_shows_provenance_and_pins(filled):
+    """Each entry says who made it where (its signed provenance) and whether it is pinned
+    (the store's pin markers); search finds entries by their provenance too."""
+    import getpass
+    import socket
+
+    from notebook_flow.storage.pins import pin
+
+    store = config.get_store()
+    [key] = nf.cache_entries(task="square").sort_values("key")["key"].head(1)
+    pin(store, [key])
+    dash = _dashboard()
+    dash.tabs.active = 3
+    cache = dash.cache
+    table = cache.table.value
+    pinned = dict(zip(cache.keys, table["Pinned"], strict=True))
+    assert pinned[key] == "📌 pinned"
+    assert [k for k, p in pinned.items() if p] == [key]
+    made = table["Made in"].tolist()
+    who = f"{getpass.getuser()}@{socket.gethostname()}"
+    assert all(who in m and "Python 3." in m for m in made), made
+    cache.search.value = "notebook_flow=0."  # only in the provenance's package versions
+    assert cache.page.total == 5
+
+
 # -- locks ----------------------------------------------------------------------------------
 
 

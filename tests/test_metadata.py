@@ -436,7 +436,7 @@ def test_schema_is_created_in_an_empty_duckdb_file(path):
     with MetadataStore(path, auto_mark_crashed=False) as store:
         assert store.history().empty
         versions = store.sql("SELECT version FROM schema_version").version.tolist()
-        assert versions == [metadata.SCHEMA_VERSION]
+        assert versions == list(range(1, metadata.SCHEMA_VERSION + 1))
         tables = set(store.sql("SELECT table_name FROM information_schema.tables").table_name)
         assert {
             "runs",
@@ -459,18 +459,20 @@ def test_zero_byte_file_is_replaced(path):
 def test_migrations_run_in_order_once(path, monkeypatch):
     with MetadataStore(path, auto_mark_crashed=False) as store:
         store.record_run(ev("r1", RunState.COMPLETED, T0))
+    extra = max(metadata_database._MIGRATIONS) + 1
     migrations = {
         **metadata_database._MIGRATIONS,
-        2: ("ALTER TABLE runs ADD COLUMN extra VARCHAR",),
+        extra: ("ALTER TABLE runs ADD COLUMN extra VARCHAR",),
     }
     monkeypatch.setattr(metadata_database, "_MIGRATIONS", migrations)
     metadata_registry._registry.pop(os.path.abspath(path), None)
     with MetadataStore(path, auto_mark_crashed=False) as store:
-        assert store.sql("SELECT version FROM schema_version ORDER BY 1").version.tolist() == [1, 2]
+        versions = store.sql("SELECT version FROM schema_version ORDER BY 1").version.tolist()
+        assert versions == list(range(1, extra + 1))
         assert store.sql("SELECT run_id, extra FROM runs").extra.isna().all()
         store.record_run(ev("r2", RunState.COMPLETED, T0))
         assert len(store.history()) == 2
-        assert store.sql("SELECT count(*) AS n FROM schema_version").n[0] == 2
+        assert store.sql("SELECT count(*) AS n FROM schema_version").n[0] == extra
 
 
 def test_newer_schema_is_refused(path):

@@ -177,7 +177,8 @@ class StorageContract:
     def test_manifest_records_everything(self, store: ResultStore) -> None:
         before = time.time()
         m = commit(store, KEY, np.arange(5), expires_at=before + 60, fence=7, run_id="r-9")
-        assert m.format_version == FORMAT_VERSION == 1
+        assert m.format_version == FORMAT_VERSION == 2
+        assert m.provenance is not None and m.provenance["source"] == "mod.f"
         assert (m.key, m.task, m.run_id, m.fence, m.duration) == (KEY, "mod.f", "r-9", 7, 0.25)
         assert m.components == {"source of task `f`": "a" * 32}
         assert before <= m.created_at <= time.time() and m.expires_at == before + 60

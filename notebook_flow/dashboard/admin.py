@@ -423,7 +423,15 @@ def made_in(
         except ValueError:
             return provenance
         if isinstance(parsed, dict):
-            return ", ".join(f"{k}: {v}" for k, v in parsed.items() if v)[:120]
+            from notebook_flow.provenance import format_provenance
+
+            shown = {str(k): str(v) for k, v in parsed.items() if v}
+            if shown.get("notebook"):
+                shown["notebook"] = relative_path(shown["notebook"], base)
+            if isinstance(cell, str) and cell and "cell" not in shown:
+                shown["cell"] = cell
+            text = format_provenance(shown)
+            return text[:160]
         return str(parsed)[:120]
     where = relative_path(notebook, base)
     if isinstance(cell, str) and cell:

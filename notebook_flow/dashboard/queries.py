@@ -510,18 +510,19 @@ class Source:
             like = f"%{text}%"
             # The inputs as the table shows them (``x=3, y='a'``), not their JSON.
             shown = "regexp_replace(replace(r.inputs, '\": \"', '='), '[{}\"]', '', 'g')"
-            fields = ("c.task", "c.key", shown, "r.notebook", "r.cell", "r.host")
+            fields: tuple[str, ...] = ("c.task", "c.key", shown, "r.notebook", "r.cell", "r.host")
+            if "provenance" in self.cache_columns():  # who made it, with what, git commit
+                fields += ("c.provenance",)
             clauses.append("(" + " OR ".join(f"{f} ILIKE ? ESCAPE '\\'" for f in fields) + ")")
             params.extend([like] * len(fields))
         where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         columns = self.cache_columns()
-        pinned = "c.pinned" if "pinned" in columns else "NULL"
         provenance = "c.provenance" if "provenance" in columns else "NULL"
         joined = "FROM cache_entries c LEFT JOIN runs r ON r.run_id = c.run_id"
         df = self.query(
             "SELECT c.key, c.task, c.size, c.created_at, c.expires_at, c.duration, "
             "c.serializer, c.run_id, r.inputs, r.notebook, r.cell, r.host, r.pid, "
-            f"{pinned} AS pinned, {provenance} AS provenance, "
+            f"NULL AS pinned, {provenance} AS provenance, "
             "(SELECT max(h.created) FROM runs h WHERE h.key = c.key "
             "AND h.state = 'CACHED') AS last_used, "
             f"(SELECT count(*) {joined} {where}) AS _total "
@@ -530,8 +531,22 @@ class Source:
         )
         if df.empty and page > 0:
             return self.cache_page(task, page=0, page_size=page_size, search=search)
+        # Pins are marker files in the store (storage/pins.py), shared by every machine.
+        df["pinned"] = df["key"].isin(self.pinned_keys())
         total = int(df["_total"].iloc[0]) if not df.empty else 0
         return Page(df.drop(columns="_total"), total, page, page_size)
+
+    def pinned_keys(self) -> frozenset[str]:
+        """The store's pinned keys (its ``pins/`` markers: one listing), empty if unreadable."""
+        from notebook_flow.storage.pins import pinned_keys
+
+        if self.store is None:
+            return frozenset()
+        try:
+            return pinned_keys(self.store)
+        except OSError as exc:
+            logger.warning("could not list the pins of %s: %s", self.url, exc)
+            return frozenset()
 
     def invalidate(self, keys: Sequence[str]) -> int:
         """Delete results from the store and their index rows; returns how many were stored."""

@@ -14,4 +14,9 @@ free). Pins themselves are :mod:`notebook_flow.storage.pins` (markers in the sto
 
 Nothing here imports the task layer or a front end; the call path calls
 ``usage.touch`` (hits) and ``quota.committed`` (commits).
+
+Integrity and sharing: :mod:`.check` verifies every entry and quarantines bad ones
+(``notebook-flow check [--fix]``), :mod:`.transfer` copies entries between stores,
+verified with the source's key and re-signed with the destination's (``export`` /
+``import``); :mod:`.cli` holds those three commands and :mod:`.progress` their bar.
 """

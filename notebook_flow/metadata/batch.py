@@ -152,6 +152,7 @@ def _entry_row(e: CacheEntry) -> dict[str, Any]:
         "created_at": e.created_at, "expires_at": e.expires_at, "duration": e.duration,
         "serializer": e.serializer, "payload": e.payload,
         "components": json.dumps(e.components, sort_keys=True), "run_id": e.run_id,
+        "provenance": None if e.provenance is None else json.dumps(e.provenance, sort_keys=True),
     }  # fmt: skip
 
 

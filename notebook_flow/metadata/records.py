@@ -119,6 +119,7 @@ class CacheEntry:
     payload: str
     components: dict[str, str]
     run_id: str | None = None
+    provenance: dict[str, str] | None = None  # who made it, where (notebook_flow.provenance)
 
     @classmethod
     def from_manifest(
@@ -144,6 +145,7 @@ class CacheEntry:
             payload=manifest.payload,
             components=dict(manifest.components),
             run_id=getattr(manifest, "run_id", None),
+            provenance=getattr(manifest, "provenance", None),
         )
 
 
@@ -276,6 +278,9 @@ def storable(op: _Op) -> _Op:
             changes["components"] = {
                 storable_text(k): storable_text(v) for k, v in components.items()
             }
+        origin = op.provenance
+        if origin is not None and not all(_fine(k) and _fine(v) for k, v in origin.items()):
+            changes["provenance"] = {storable_text(k): storable_text(v) for k, v in origin.items()}
         return dataclasses.replace(op, **changes) if changes else op
     if isinstance(op, LockEvent):
         changes = _fixes(op, _LOCK_TEXT, _LOCK_FLOAT, ())

@@ -177,6 +177,12 @@ def _from_dict(item: Any) -> Op:
             isinstance(k, str) and isinstance(v, str) for k, v in components.items()
         ):
             raise TypeError("components must map strings to strings")
+        origin = raw.get("provenance")
+        if origin is not None and (
+            not isinstance(origin, dict)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in origin.items())
+        ):
+            raise TypeError("provenance must map strings to strings")
         return CacheEntry(
             key=_text(raw["key"], "key", optional=False),  # type: ignore[arg-type]
             task=_text(raw["task"], "task", optional=False),  # type: ignore[arg-type]
@@ -189,6 +195,7 @@ def _from_dict(item: Any) -> Op:
             payload=_text(raw["payload"], "payload", optional=False),  # type: ignore[arg-type]
             components=dict(components),
             run_id=_text(raw.get("run_id"), "run_id"),
+            provenance=None if origin is None else dict(origin),
         )
     if kind == "lock":
         return LockEvent(

@@ -36,12 +36,14 @@ _RUN_EVENTS = (
     ("size", "BIGINT"), ("inputs", "VARCHAR"), ("host", "VARCHAR"), ("pid", "BIGINT"),
     ("pid_start", "BIGINT"), ("kernel", "VARCHAR"), ("notebook", "VARCHAR"), ("cell", "VARCHAR"),
 )  # fmt: skip
-_CACHE_ENTRIES = (
+_CACHE_ENTRIES_V1 = (
     ("key", "VARCHAR PRIMARY KEY"), ("task", "VARCHAR"), ("task_identity", "VARCHAR"),
     ("size", "BIGINT"), ("created_at", "DOUBLE"), ("expires_at", "DOUBLE"), ("duration", "DOUBLE"),
     ("serializer", "VARCHAR"), ("payload", "VARCHAR"), ("components", "VARCHAR"),
     ("run_id", "VARCHAR"),
 )  # fmt: skip
+# Version 2: the manifest's provenance (JSON), see notebook_flow.provenance.
+_CACHE_ENTRIES = (*_CACHE_ENTRIES_V1, ("provenance", "VARCHAR"))
 _LOCKS = (
     ("key", "VARCHAR PRIMARY KEY"), ("holder", "VARCHAR"), ("acquired", "DOUBLE"),
     ("lease_expires", "DOUBLE"), ("manager", "VARCHAR"), ("task", "VARCHAR"), ("updated", "DOUBLE"),
@@ -73,11 +75,12 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         _create("runs", _RUNS),
         _create("run_events", _RUN_EVENTS),
-        _create("cache_entries", _CACHE_ENTRIES),
+        _create("cache_entries", _CACHE_ENTRIES_V1),
         _create("locks", _LOCKS),
         _create("lock_events", _LOCK_EVENTS),
         _create("processes", _PROCESSES),
     ),
+    2: ("ALTER TABLE cache_entries ADD COLUMN provenance VARCHAR",),
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 

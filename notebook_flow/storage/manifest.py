@@ -24,8 +24,14 @@ from typing import Any
 
 from notebook_flow.errors import ConfigurationError
 
-#: Version of the manifest format; a reader skips manifests of versions it does not know.
-FORMAT_VERSION = 1
+#: Version of the manifest format written; a reader skips manifests of versions it does
+#: not know. 2 added ``provenance`` (see :mod:`notebook_flow.provenance`); format-1
+#: manifests stay readable and keep verifying (an absent ``provenance`` is not part of
+#: what the ``mac`` covers), and an older notebook_flow reports a format-2 manifest as
+#: "written by a newer version" (a miss), not as a forgery.
+FORMAT_VERSION = 2
+#: The formats this version reads.
+READABLE_VERSIONS = (1, 2)
 
 _KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _PAYLOAD_RE = re.compile(r"^results/([0-9a-f]{2})/([0-9a-f]{32})-[0-9a-f]{16}\.[a-z0-9]{1,16}$")
@@ -81,10 +87,19 @@ class Manifest:
     inline: str | None = None  # base64 of a small payload kept in the manifest itself
     seal: str | None = None  # the local payload file as committed: see _localfs.seal_of
     mac: str | None = None  # HMAC-SHA256 of every other field: see notebook_flow.signing
+    # Who made it, where, with what (format 2; see notebook_flow.provenance).
+    provenance: dict[str, str] | None = None
 
     def fields(self) -> dict[str, Any]:
-        """Every field by name (what ``to_json`` writes and the ``mac`` covers)."""
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        """Every field by name (what ``to_json`` writes and the ``mac`` covers).
+
+        Fields added after format 1 are left out while absent, so a format-1 manifest's
+        ``mac`` covers exactly what it covered when it was written.
+        """
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
+        if data["provenance"] is None:
+            del data["provenance"]
+        return data
 
     def expired(self, now: float | None = None) -> bool:
         """True when ``expires_at`` is set and has passed."""
@@ -110,10 +125,11 @@ class Manifest:
         if not isinstance(raw, dict):
             raise ValueError("not a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
             raise ValueError(
                 f"unknown format_version {version!r} (this notebook_flow reads "
-                f"{FORMAT_VERSION}; was it written by a newer version?)"
+                f"{', '.join(map(str, READABLE_VERSIONS))}; was it written by a newer "
+                "version? Upgrade notebook_flow to read it)"
             )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         missing = [n for n, f in fields.items() if n not in raw and n not in _OPTIONAL_FIELDS]
@@ -149,6 +165,18 @@ class Manifest:
             (self.seal is not None and not isinstance(self.seal, str), "seal"),
             (self.mac is not None and not _is_hex(self.mac, 64), "mac"),
             (
+                self.provenance is not None
+                and (
+                    not isinstance(self.provenance, dict)
+                    or self.format_version < 2
+                    or not all(
+                        isinstance(k, str) and isinstance(v, str)
+                        for k, v in self.provenance.items()
+                    )
+                ),
+                "provenance",
+            ),
+            (
                 not isinstance(self.components, dict)
                 or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in self.components.items()
@@ -161,7 +189,7 @@ class Manifest:
             raise ValueError(f"invalid {', '.join(bad)}")
 
 
-_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac")
+_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac", "provenance")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Manifest))
 # Pickles and fingerprints name the class where it was first defined (and is re-exported).
 Manifest.__module__ = "notebook_flow.storage"

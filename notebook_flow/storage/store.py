@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from notebook_flow import _localfs
+from notebook_flow import _localfs, provenance
 from notebook_flow.errors import (
     CommitError,
     ConfigurationError,
@@ -53,7 +53,7 @@ logger = logging.getLogger("notebook_flow")
 CACHE_DIR_ENV = "NOTEBOOK_FLOW_CACHE_DIR"
 
 _LOCAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RESERVED_NAMES = frozenset({"results", "manifests", "metadata.duckdb"})
+_RESERVED_NAMES = frozenset({"results", "manifests", "quarantine", "metadata.duckdb"})
 
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 #: Read when a ResultStore is created (its ``inline_limit``): patch it here, in this module.
@@ -502,6 +502,7 @@ class ResultStore:
             fence=fence,
             inline=inline,
             seal=seal,
+            provenance=provenance.collect(value, chosen.name, task),
         )
         # Signed here: a staged manifest is published later unchanged.
         return trust.sign(self, manifest)
@@ -604,6 +605,30 @@ class ResultStore:
                 self._changed()
         return count
 
+    def find_orphans(
+        self, older_than: float = 3600.0, *, referenced: set[str] | None = None
+    ) -> list[str]:
+        """Leftovers no manifest names (see :meth:`remove_orphans`), relative to the root.
+
+        ``referenced``: the payloads the manifests name, when the caller has read them
+        already (``notebook-flow check``); by default every manifest is read.
+        """
+        if referenced is None:
+            # Unverified manifests count too: a teammate's entries (another key) are not
+            # ours to collect.
+            referenced = {m.payload for m in self.iter_manifests(verified=False)}
+        cutoff = time.time() - older_than
+        found: list[str] = []
+        for top in ("results", "manifests"):
+            for rel, mtime in files.list_files(self, top):
+                name = rel.rsplit("/", 1)[-1]
+                orphan = _localfs.is_temp_name(name) or (
+                    top == "results" and _PAYLOAD_RE.match(rel) and rel not in referenced
+                )
+                if orphan and (mtime is None or mtime <= cutoff):
+                    found.append(rel)
+        return found
+
     def remove_orphans(self, older_than: float = 3600.0) -> list[str]:
         """Delete leftovers no manifest names: temp files of interrupted writes, and payloads
         left by a crash before their manifest (or by two writers racing on one key).
@@ -612,21 +637,11 @@ class ResultStore:
         (payload written, manifest not yet) is left alone. Returns the removed paths,
         relative to the root.
         """
-        # Unverified manifests count too: a teammate's entries (another key) are not ours
-        # to collect.
-        referenced = {m.payload for m in self.iter_manifests(verified=False)}
-        cutoff = time.time() - older_than
         removed: list[str] = []
-        for top in ("results", "manifests"):
-            for rel, mtime in files.list_files(self, top):
-                name = rel.rsplit("/", 1)[-1]
-                orphan = _localfs.is_temp_name(name) or (
-                    top == "results" and _PAYLOAD_RE.match(rel) and rel not in referenced
-                )
-                if orphan and (mtime is None or mtime <= cutoff):
-                    with contextlib.suppress(OSError):
-                        if files.remove(self, rel):
-                            removed.append(rel)
+        for rel in self.find_orphans(older_than):
+            with contextlib.suppress(OSError):
+                if files.remove(self, rel):
+                    removed.append(rel)
         return removed
 
 
