@@ -217,7 +217,28 @@ class CellRunner:
                         reaching.append(f"{name}.{attr}")
                     else:
                         data.append((module.__name__, attr))
-        cell.watches = effects.watch(ns, reaching, data)
+        # Functions held in containers (`fns["draw"]()`, `handlers[0]()`) run as the named
+        # ones do: the containers the cell reads, and those its functions reach, are looked
+        # through for them until no new one turns up.
+        looked: set[str] = set()
+        pending = [n for n in cell.inputs if n in ns and _holds_code(ns[n])]
+        while True:
+            for name in pending:
+                looked.add(name)
+                paths, why = effects.held_functions(name, ns[name], _reaches)
+                if why is not None and not explicit:
+                    return why
+                reaching += paths
+            cell.watches = effects.watch(ns, reaching, data)
+            pending = sorted(
+                {
+                    w.target[1]
+                    for w in cell.watches.items
+                    if w.target[0] == "ns" and w.target[1] not in looked and _holds_code(w.before)
+                }
+            )
+            if not pending:
+                break
         if cell.watches.opaque and not explicit:
             return cell.watches.opaque[0]
         return None
@@ -580,6 +601,14 @@ def _reaches(value: Any) -> bool:
     if isinstance(value, types.ModuleType):
         return False
     return callable(value) or module_kind(type(value).__module__) == "user"
+
+
+def _holds_code(value: Any) -> bool:
+    """Containers (and the notebook's own objects) that may hold functions to look for."""
+    t = type(value)
+    if t in (list, tuple, dict, set, frozenset):
+        return True
+    return not isinstance(value, type) and module_kind(t.__module__) == "user"
 
 
 def _note(text: str) -> None:
