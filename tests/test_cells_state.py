@@ -328,3 +328,26 @@ def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
         after = ambient.snapshot()
         assert "matplotlib.rcParams" in ambient.changed(before, after)
         assert after.values["matplotlib.rcParams"]["figure.figsize"] == [2.0, 1.0]
+
+
+def test_views_are_stored_as_views_and_arrays_own_their_memory_again() -> None:
+    a = np.arange(6.0)
+    f = np.asfortranarray(np.arange(12).reshape(3, 4))
+    value = {"a": a, "b": a[1:], "r": a[::-2], "f": f, "g": f[1:, ::2]}
+    out = unpack(pack(value, {}, bases=[a, f]), {})
+    assert out["b"].base is out["a"] and out["r"].base is out["a"]
+    assert out["g"].base is out["f"] and out["f"].base is None
+    out["a"][3] = 99.0
+    assert out["b"].tolist() == [1.0, 2.0, 99.0, 4.0, 5.0] and out["r"][1] == 99.0
+    assert np.array_equal(out["g"], f[1:, ::2]) and out["f"].flags.f_contiguous
+    assert out["a"].flags.owndata  # as the stored array did (`a.resize(...)` works)
+    # A view of a big array stored nowhere else is a copy (not the whole base).
+    big = np.zeros(1_000_000)
+    alone = unpack(pack({"v": big[:3]}, {}), {})["v"]
+    assert alone.base is None or alone.base.nbytes < big.nbytes
+    # A view of an input is a view of the live input after a load.
+    x = np.arange(4)
+    refs = reference_map([(("x",), x)])
+    y = unpack(pack({"y": x[2:]}, refs), {"x": x})["y"]
+    x[3] = 7
+    assert y.tolist() == [2, 7]

@@ -100,7 +100,10 @@ def pack_result(
             refs.setdefault(id(cls), ("typeof", (name,)))
     large: list[Any] = []
     blob = pack(
-        {"variables": variables, "effects": outside, "ambient": ambient_changed}, refs, large
+        {"variables": variables, "effects": outside, "ambient": ambient_changed},
+        refs,
+        large,
+        bases=variables.values(),
     )
     # Of what changed in place, which parts stayed the same objects (updated in place on a
     # hit) and which were replaced (replaced on a hit too).
