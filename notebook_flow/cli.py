@@ -338,7 +338,22 @@ def _tail(log: Any, lines: int = 5) -> list[str]:
     return ["kernel log: " + ln for ln in text[-lines:]]
 
 
+def _skip_iri_grammar() -> None:
+    """Keep jsonschema from building the RFC 3987 grammar in this process.
+
+    ``nbformat`` imports ``jsonschema``, which imports ``rfc3987_syntax`` when it is
+    installed (Jupyter's server extras pull it in) to check the "iri" string format; that
+    module builds an Earley parser at import: 1.5 s of CPU, 7 s on a busy 2-core machine,
+    paid by every ``notebook-flow run`` before its first cell. Notebook schemas use no
+    "iri" format, so the command's own process goes without (jsonschema's documented
+    behaviour when the package is absent). Only the CLI's process: never a user's.
+    """
+    if "jsonschema" not in sys.modules:
+        sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    _skip_iri_grammar()
     parameters = dict(_parse_parameter(p) for p in args.parameter or [])
     return run_notebook(
         args.notebook,
