@@ -57,6 +57,11 @@ _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
 
 _CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto)"
 
+# A commit's fixed cost before any was measured (a local store on a quiet disk), and the
+# weight of each new measurement in the running average.
+_FIRST_COMMIT_SECONDS = 0.01
+_COMMIT_WEIGHT = 0.3
+
 # --------------------------------------------------------------------------- the runner
 
 _MISS: Any = object()
@@ -110,6 +115,10 @@ class CellRunner:
         self.busy = False
         self.depth = 0  # > 0 while a %%task cell runs (its body is not a new cell)
         self._seen: dict[str, dict[str, str]] = {}  # components last used, by cell id / name
+        # What committing a result costs on this store beyond writing its bytes (manifest,
+        # signing, fsyncs), averaged over the last commits: %flow auto stores a cell only
+        # when it took a few times longer (auto.worth_storing).
+        self.commit_seconds = _FIRST_COMMIT_SECONDS
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -332,6 +341,10 @@ class CellRunner:
         if error is not None:
             self._failed(cell, error, duration)
             raise raise_as_plain(self.shell, error)
+        if cell.options.auto and not worth_storing(duration, self.commit_seconds):
+            # Cheaper than any store: nothing after the run (outputs, ambient state, pickling)
+            # is worth looking at.
+            return self._cheap(cell, duration)
         variables = self._collect(cell)
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
@@ -364,12 +377,11 @@ class CellRunner:
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
-        # Writing the large parts is not timed here: count them at disk speed.
+        # Writing the large parts is not timed here: count them at disk speed; a commit's
+        # own cost (manifest, fsyncs) as measured on this store lately.
         store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
-        if cell.options.auto and not worth_storing(duration, store_seconds):
-            self._record(cell, RunState.COMPLETED, duration=duration)
-            self._report(cell, "not stored", [_CHEAP_REASON], duration)
-            return None
+        if cell.options.auto and not worth_storing(duration, store_seconds + self.commit_seconds):
+            return self._cheap(cell, duration)
         store_dir = (cell.store.local_root,) if cell.store.local_root else ()
         payload = {
             "format": CELL_FORMAT,
@@ -381,6 +393,7 @@ class CellRunner:
             ),
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
+        t_commit = time.perf_counter()
         try:
             self._commit_parts(cell, parts, duration, expires_at)
             manifest = cell.store.commit(
@@ -405,11 +418,18 @@ class CellRunner:
                 "be stored"
             )
             raise
+        # (the parts at disk speed are counted apart: what is left is the fixed cost)
+        spent = time.perf_counter() - t_commit - sum(map(nbytes, parts)) / DISK_SPEED
+        self.commit_seconds += _COMMIT_WEIGHT * (max(spent, 0.0) - self.commit_seconds)
         lineage.record_outputs(lineage.produced_by(manifest), variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
         self._report(cell, "computed", cell.reasons, duration)
         return None
+
+    def _cheap(self, cell: _Cell, duration: float) -> None:
+        self._record(cell, RunState.COMPLETED, duration=duration)
+        self._report(cell, "not stored", [_CHEAP_REASON], duration)
 
     def _commit_parts(
         self, cell: _Cell, parts: list[Any], duration: float, expires_at: float | None
