@@ -351,3 +351,18 @@ def test_views_are_stored_as_views_and_arrays_own_their_memory_again() -> None:
     y = unpack(pack({"y": x[2:]}, refs), {"x": x})["y"]
     x[3] = 7
     assert y.tolist() == [2, 7]
+
+
+def test_snapshots_reuse_digests_only_for_equal_values() -> None:
+    import pandas as pd
+
+    first = ambient.snapshot()
+    again = ambient.snapshot()
+    assert again.digests == first.digests
+    np.random.rand()
+    random.random()
+    with pd.option_context("display.max_rows", 7):
+        changed = ambient.snapshot()
+    assert {"numpy.random", "random", "pandas.options"} <= set(ambient.changed(first, changed))
+    assert ambient.snapshot().digests.get("pandas.options") == first.digests.get("pandas.options")
+    assert not ambient._equal((1, 0.0), (1, -0.0)) and not ambient._equal(np.nan, np.nan)
