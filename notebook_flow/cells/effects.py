@@ -23,10 +23,19 @@ import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from notebook_flow._codehash import module_kind
 from notebook_flow.sourcehash.walk import _MISSING as _WALK_MISSING
 from notebook_flow.sourcehash.walk import _cell_value, _safe_fingerprint
 
-__all__ = ["Target", "Watches", "find_target", "held_functions", "watch"]
+__all__ = [
+    "Target",
+    "Watches",
+    "find_target",
+    "held_functions",
+    "holds_code",
+    "reaches",
+    "watch",
+]
 
 _MISSING: Any = object()
 
@@ -309,8 +318,6 @@ def _step(path: str | None, step: str) -> str | None:
 
 
 def _user_object(obj: Any) -> bool:
-    from notebook_flow._codehash import module_kind
-
     t = type(obj)
     return not isinstance(obj, type) and module_kind(t.__module__) == "user"
 
@@ -318,3 +325,19 @@ def _user_object(obj: Any) -> bool:
 def missing(value: Any) -> bool:
     """True for the marker of a name or closure variable that holds nothing."""
     return value is _MISSING
+
+
+def reaches(value: Any) -> bool:
+    """True for values whose code can reach other objects: functions, callables, classes
+    and instances of the notebook's own classes (their methods)."""
+    if isinstance(value, types.ModuleType):
+        return False
+    return callable(value) or module_kind(type(value).__module__) == "user"
+
+
+def holds_code(value: Any) -> bool:
+    """Containers (and the notebook's own objects) that may hold functions to look for."""
+    t = type(value)
+    if t in (list, tuple, dict, set, frozenset):
+        return True
+    return not isinstance(value, type) and module_kind(t.__module__) == "user"

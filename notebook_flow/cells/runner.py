@@ -216,13 +216,13 @@ class CellRunner:
             for lab, digest in ambient.key_components(before, keyed="when-changed").items()
             if lab not in {ambient.label(n) for n in cell.reseeded}
         }
-        reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
+        reaching = [n for n in cell.inputs if n in ns and effects.reaches(ns[n])]
         data: list[tuple[str, str]] = []
         for name in cell.inputs:
             module = ns.get(name)
             if isinstance(module, types.ModuleType) and module_kind(module.__name__) == "user":
                 for attr in sorted(cell.analysis.attributes.get(name, ())):
-                    if _reaches(getattr(module, attr, None)):
+                    if effects.reaches(getattr(module, attr, None)):
                         reaching.append(f"{name}.{attr}")
                     else:
                         data.append((module.__name__, attr))
@@ -230,11 +230,11 @@ class CellRunner:
         # ones do: the containers the cell reads, and those its functions reach, are looked
         # through for them until no new one turns up.
         looked: set[str] = set()
-        pending = [n for n in cell.inputs if n in ns and _holds_code(ns[n])]
+        pending = [n for n in cell.inputs if n in ns and effects.holds_code(ns[n])]
         while True:
             for name in pending:
                 looked.add(name)
-                paths, why = effects.held_functions(name, ns[name], _reaches)
+                paths, why = effects.held_functions(name, ns[name], effects.reaches)
                 if why is not None and not explicit:
                     return why
                 reaching += paths
@@ -243,7 +243,9 @@ class CellRunner:
                 {
                     w.target[1]
                     for w in cell.watches.items
-                    if w.target[0] == "ns" and w.target[1] not in looked and _holds_code(w.before)
+                    if w.target[0] == "ns"
+                    and w.target[1] not in looked
+                    and effects.holds_code(w.before)
                 }
             )
             if not pending:
@@ -613,22 +615,6 @@ class CellRunner:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _reaches(value: Any) -> bool:
-    """True for values whose code can reach other objects: functions, callables, classes
-    and instances of the notebook's own classes (their methods)."""
-    if isinstance(value, types.ModuleType):
-        return False
-    return callable(value) or module_kind(type(value).__module__) == "user"
-
-
-def _holds_code(value: Any) -> bool:
-    """Containers (and the notebook's own objects) that may hold functions to look for."""
-    t = type(value)
-    if t in (list, tuple, dict, set, frozenset):
-        return True
-    return not isinstance(value, type) and module_kind(t.__module__) == "user"
 
 
 def _note(text: str) -> None:
