@@ -275,3 +275,19 @@ def test_a_view_stored_by_a_cell_stays_a_view_of_its_base(
     plain = [c[0] for c in run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])]
     assert plain[2] == "[1, 9, 3, 4] [0, 1, 9, 3, 4] True\n"
     assert cold[2] == cached[2] == plain[2]
+
+
+def test_a_frame_keeps_the_index_it_shares_with_a_series(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found on the corpus (pdsh_hierarchical_indexing): a frame built from a series shares
+    the series' index object, so renaming the series' index levels renames the frame's."""
+    cells = [
+        "%%task\nimport pandas as pd\n"
+        "pop = pd.Series([1, 2], index=pd.MultiIndex.from_tuples([('a', 1), ('b', 2)]))",
+        "%%task\npop_df = pd.DataFrame({'total': pop, 'under18': [0, 1]})",
+        "pop.index.names = ['state', 'year']\nprint(list(pop_df.index.names))",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "['state', 'year']\n"
+    assert badges(messages[1]) == ["cached"]

@@ -44,13 +44,15 @@ _MAX_ITEMS = 5_000  # items of one container
 
 # --------------------------------------------------------------------------- references
 
-Path = tuple[Any, ...]  # (root, ("i", index) | ("k", key) | ("a", attribute), ...)
+# (root, ("i", index) | ("k", key) | ("a", attribute) | ("p", "index" | "columns"), ...)
+Path = tuple[Any, ...]
 
 
 def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
     """``{path: object}`` for the objects reachable from ``roots`` (``(path, value)`` pairs)
-    through lists, tuples, dicts with str/int keys and objects' ``__dict__`` (each object at
-    the first path met; scalars left out). Bounded: a cell's inputs may be huge."""
+    through lists, tuples, dicts with str/int keys, objects' ``__dict__`` and pandas axes
+    (each object at the first path met; scalars left out). Bounded: a cell's inputs may be
+    huge."""
     found: dict[Path, Any] = {}
     seen: set[int] = set()
     budget = _MAX_REFERENCED
@@ -92,10 +94,18 @@ def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
     if t is dict:
         items = itertools.islice(obj.items(), _MAX_ITEMS)
         return ((("k", k), v) for k, v in items if type(k) in (str, int))
+    axes: Iterable[tuple[tuple[str, Any], Any]] = ()
+    if t.__module__.partition(".")[0] == "pandas" and _pandas_object(obj):
+        # A frame built from a series shares its index object: `pop.index.names = [...]`
+        # renames both. Its axes are parts, so an output sharing them points at them.
+        axes = [(("p", axis), getattr(obj, axis)) for axis in _AXES if hasattr(obj, axis)]
     if _state_object(obj):
         items = itertools.islice(vars(obj).items(), _MAX_ITEMS)
-        return ((("a", k), v) for k, v in items if type(k) is str)
-    return ()
+        return itertools.chain(axes, ((("a", k), v) for k, v in items if type(k) is str))
+    return axes
+
+
+_AXES = ("index", "columns")
 
 
 def kept_paths(before: dict[Path, Any], root: Path, value: Any) -> set[Path]:
@@ -124,7 +134,12 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
     """The live object at ``path`` (``KeyError``/``IndexError``/``AttributeError`` if gone)."""
     obj = roots[path[0]]
     for kind, step in path[1:]:
-        obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
+        if kind == "p":  # a pandas axis
+            if step not in _AXES or not _pandas_object(obj):
+                raise KeyError(f"no axis {step!r} to point at")
+            obj = getattr(obj, step)
+        else:
+            obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
     return obj
 
 
