@@ -366,3 +366,23 @@ def test_snapshots_reuse_digests_only_for_equal_values() -> None:
     assert {"numpy.random", "random", "pandas.options"} <= set(ambient.changed(first, changed))
     assert ambient.snapshot().digests.get("pandas.options") == first.digests.get("pandas.options")
     assert not ambient._equal((1, 0.0), (1, -0.0)) and not ambient._equal(np.nan, np.nan)
+
+
+def test_functions_held_in_containers_are_found_by_paths_that_reach_them() -> None:
+    from notebook_flow.cells import effects
+
+    def f() -> None: ...
+
+    class Box:
+        pass
+
+    box = Box()
+    box.hook = f  # type: ignore[attr-defined]
+    ns = {"x": {"a": [1, 2, (f,)], "b": {1: f}, "c": box}}
+    paths, why = effects.held_functions("x", ns["x"], effects.reaches)
+    assert why is None and paths == ["x['a'][2][0]", "x['b'][1]", "x['c']", "x['c'].hook"]
+    assert all(effects._lookup(ns, p) is (box if p == "x['c']" else f) for p in paths)
+    # Where no path can reach a function again, the cell cannot be cached faithfully.
+    assert effects.held_functions("y", {(1, 2): f}, effects.reaches)[1]
+    assert effects.held_functions("z", [{f}], effects.reaches)[1]
+    assert effects.held_functions("n", list(range(1000)), effects.reaches) == ([], None)
