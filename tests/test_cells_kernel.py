@@ -231,3 +231,63 @@ def test_objects_of_notebook_classes_keep_their_class(env: dict[str, str], tmp_p
     cold, cached, messages = cold_then_cached(env, tmp_path, cells)
     assert cold[2] == cached[2] == "True True 3\n"
     assert badges(messages[1]) == ["cached"]
+
+
+@pytest.mark.parametrize(
+    "holder, call",
+    [
+        ("fns = {'draw': draw}", 'fns["draw"]()'),
+        ("handlers = [draw]", "handlers[0]()"),
+        ("handlers = ({'f': [draw]},)", 'handlers[0]["f"][0]()'),
+    ],
+    ids=["dict", "list", "nested"],
+)
+def test_an_object_changed_through_a_function_in_a_container_is_stored(
+    env: dict[str, str], tmp_path: Path, holder: str, call: str
+) -> None:
+    """Reproduction 2 through a container: the function that advances the generator is
+    reached through the dict or list the cell reads, not by name."""
+    cells = [
+        "import numpy as np\nrs = np.random.default_rng(1)",
+        f"def draw():\n    return rs.normal()\n{holder}",
+        f"%%task\nprint(f'{{{call}:.6f}}')",
+        f"%%task\nprint(f'{{{call}:.6f}}')",
+        "print(f'{rs.normal():.6f}')",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    plain = [c[0] for c in run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])]
+    assert cold[2:] == cached[2:] == plain[2:]
+    assert plain[2:4] == ["0.345584\n", "0.821618\n"]
+    assert badges(messages[2]) == badges(messages[3]) == ["cached"]
+
+
+def test_a_view_stored_by_a_cell_stays_a_view_of_its_base(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, array views: ``b = a[1:]`` then ``a[2] = 9``; the plain cell's ``b`` sees the
+    write in a plain run, so it must after a hit too."""
+    cells = [
+        "%%task\nimport numpy as np\na = np.arange(5)\nb = a[1:]",
+        "%%task\na[2] = 9",
+        "print(b.tolist(), a.tolist(), b.base is a)",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    plain = [c[0] for c in run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])]
+    assert plain[2] == "[1, 9, 3, 4] [0, 1, 9, 3, 4] True\n"
+    assert cold[2] == cached[2] == plain[2]
+
+
+def test_a_frame_keeps_the_index_it_shares_with_a_series(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found on the corpus (pdsh_hierarchical_indexing): a frame built from a series shares
+    the series' index object, so renaming the series' index levels renames the frame's."""
+    cells = [
+        "%%task\nimport pandas as pd\n"
+        "pop = pd.Series([1, 2], index=pd.MultiIndex.from_tuples([('a', 1), ('b', 2)]))",
+        "%%task\npop_df = pd.DataFrame({'total': pop, 'under18': [0, 1]})",
+        "pop.index.names = ['state', 'year']\nprint(list(pop_df.index.names))",
+    ]
+    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    assert cold[2] == cached[2] == "['state', 'year']\n"
+    assert badges(messages[1]) == ["cached"]

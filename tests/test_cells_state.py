@@ -328,3 +328,61 @@ def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
         after = ambient.snapshot()
         assert "matplotlib.rcParams" in ambient.changed(before, after)
         assert after.values["matplotlib.rcParams"]["figure.figsize"] == [2.0, 1.0]
+
+
+def test_views_are_stored_as_views_and_arrays_own_their_memory_again() -> None:
+    a = np.arange(6.0)
+    f = np.asfortranarray(np.arange(12).reshape(3, 4))
+    value = {"a": a, "b": a[1:], "r": a[::-2], "f": f, "g": f[1:, ::2]}
+    out = unpack(pack(value, {}, bases=[a, f]), {})
+    assert out["b"].base is out["a"] and out["r"].base is out["a"]
+    assert out["g"].base is out["f"] and out["f"].base is None
+    out["a"][3] = 99.0
+    assert out["b"].tolist() == [1.0, 2.0, 99.0, 4.0, 5.0] and out["r"][1] == 99.0
+    assert np.array_equal(out["g"], f[1:, ::2]) and out["f"].flags.f_contiguous
+    assert out["a"].flags.owndata  # as the stored array did (`a.resize(...)` works)
+    # A view of a big array stored nowhere else is a copy (not the whole base).
+    big = np.zeros(1_000_000)
+    alone = unpack(pack({"v": big[:3]}, {}), {})["v"]
+    assert alone.base is None or alone.base.nbytes < big.nbytes
+    # A view of an input is a view of the live input after a load.
+    x = np.arange(4)
+    refs = reference_map([(("x",), x)])
+    y = unpack(pack({"y": x[2:]}, refs), {"x": x})["y"]
+    x[3] = 7
+    assert y.tolist() == [2, 7]
+
+
+def test_snapshots_reuse_digests_only_for_equal_values() -> None:
+    import pandas as pd
+
+    first = ambient.snapshot()
+    again = ambient.snapshot()
+    assert again.digests == first.digests
+    np.random.rand()
+    random.random()
+    with pd.option_context("display.max_rows", 7):
+        changed = ambient.snapshot()
+    assert {"numpy.random", "random", "pandas.options"} <= set(ambient.changed(first, changed))
+    assert ambient.snapshot().digests.get("pandas.options") == first.digests.get("pandas.options")
+    assert not ambient._equal((1, 0.0), (1, -0.0)) and not ambient._equal(np.nan, np.nan)
+
+
+def test_functions_held_in_containers_are_found_by_paths_that_reach_them() -> None:
+    from notebook_flow.cells import effects
+
+    def f() -> None: ...
+
+    class Box:
+        pass
+
+    box = Box()
+    box.hook = f  # type: ignore[attr-defined]
+    ns = {"x": {"a": [1, 2, (f,)], "b": {1: f}, "c": box}}
+    paths, why = effects.held_functions("x", ns["x"], effects.reaches)
+    assert why is None and paths == ["x['a'][2][0]", "x['b'][1]", "x['c']", "x['c'].hook"]
+    assert all(effects._lookup(ns, p) is (box if p == "x['c']" else f) for p in paths)
+    # Where no path can reach a function again, the cell cannot be cached faithfully.
+    assert effects.held_functions("y", {(1, 2): f}, effects.reaches)[1]
+    assert effects.held_functions("z", [{f}], effects.reaches)[1]
+    assert effects.held_functions("n", list(range(1000)), effects.reaches) == ([], None)

@@ -66,3 +66,19 @@ def test_cached_runs_equal_the_plain_run(nb: harness.Notebook, tmp_path: Path) -
         harness.prepare(nb, tmp_path / "cached", edited=True, cached=True), store, env
     )
     _check(nb, edited_plain.notebook, edited, "edited")
+
+
+@pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
+def test_resume_after_a_kill_equals_the_plain_run(nb: harness.Notebook, tmp_path: Path) -> None:
+    """The kill-and-resume part alone, for looping (scripts/stress): a cold ``--cache-all``
+    run SIGKILLed half-way, then run again on its store, equals the plain run."""
+    env = harness.kernel_env(tmp_path)
+    plain = harness.run_plain(
+        harness.prepare(nb, tmp_path / "plain", edited=False, cached=False), env
+    )
+    path = harness.prepare(nb, tmp_path / "cached", edited=False, cached=True)
+    store = tmp_path / "store"
+    cells = len(harness._code_cells(plain.notebook))
+    killed = harness.run_cached(path, store, env, kill_at=cells // 2)
+    assert killed.returncode != 0, killed.log
+    _check(nb, plain.notebook, harness.run_cached(path, store, env), "resumed")

@@ -15,17 +15,27 @@ calls a function reaching one is run uncached with that reason.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import sys
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from notebook_flow._codehash import module_kind
 from notebook_flow.sourcehash.walk import _MISSING as _WALK_MISSING
 from notebook_flow.sourcehash.walk import _cell_value, _safe_fingerprint
 
-__all__ = ["Target", "Watches", "find_target", "watch"]
+__all__ = [
+    "Target",
+    "Watches",
+    "find_target",
+    "held_functions",
+    "holds_code",
+    "reaches",
+    "watch",
+]
 
 _MISSING: Any = object()
 
@@ -205,15 +215,130 @@ def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]
     return lists[2][target[2]][0], None, None
 
 
-def _lookup(user_ns: dict[str, Any], dotted: str) -> Any:
-    """``user_ns["helpers"].clean`` for ``"helpers.clean"`` (None when not there)."""
-    first, *rest = dotted.split(".")
-    value = user_ns.get(first)
-    for part in rest:
-        value = getattr(value, part, None)
-    return value
+def _lookup(user_ns: dict[str, Any], path: str) -> Any:
+    """The object a path of :func:`held_functions` or a dotted name names:
+    ``user_ns["helpers"].clean`` for ``"helpers.clean"``, ``user_ns["fns"]["draw"]`` for
+    ``'fns["draw"]'`` (None when not there). Only names, attributes and constant keys."""
+    if path.isidentifier():  # the common case: a plain name
+        return user_ns.get(path)
+    try:
+        node = ast.parse(path, mode="eval").body
+    except SyntaxError:
+        return None
+    return _follow(node, user_ns)
+
+
+def _follow(node: ast.expr, user_ns: dict[str, Any]) -> Any:
+    if isinstance(node, ast.Name):
+        return user_ns.get(node.id)
+    if isinstance(node, ast.Attribute):
+        owner = _follow(node.value, user_ns)
+        return None if owner is None else getattr(owner, node.attr, None)
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+        owner, key = _follow(node.value, user_ns), node.slice.value
+        if type(owner) is dict:
+            return owner.get(key)
+        if type(owner) in (list, tuple) and type(key) is int and -len(owner) <= key < len(owner):
+            return owner[key]
+    return None
+
+
+# --------------------------------------------------------------------------- containers
+
+#: Containers looked into per value for functions (a bound on the cost; past it the cell
+#: runs uncached, never with an unwatched function).
+_MAX_CONTAINERS = 50_000
+_MAX_DEPTH = 6
+_SCALARS = (type(None), bool, int, float, complex, str, bytes)
+_SCALAR_TYPES = frozenset(_SCALARS)
+
+
+def held_functions(
+    name: str, value: Any, reaches: Callable[[Any], bool]
+) -> tuple[list[str], str | None]:
+    """The paths of the functions (anything ``reaches`` accepts) held in the lists, tuples
+    and dicts ``value`` is made of, and in the attributes of the notebook's own objects
+    among them: ``['fns["draw"]', 'handlers[0]']`` for ``fns = {"draw": draw}``.
+
+    A cell calling ``fns["draw"]()`` runs ``draw``: what ``draw`` reaches is watched like
+    what a function the cell names reaches. The second item is why the cell cannot be
+    cached faithfully (a function in a set or under a key no path can name, or too many
+    containers to look through), None when it can.
+    """
+    found: list[str] = []
+    seen: set[int] = set()
+    budget = [_MAX_CONTAINERS]
+
+    def visit(obj: Any, path: str | None, depth: int) -> str | None:
+        t = type(obj)
+        if t in _SCALARS or id(obj) in seen:
+            return None
+        if depth and reaches(obj):
+            if path is None:
+                return f"`{name}` holds a function where no name or key can reach it again"
+            found.append(path)
+            if not _user_object(obj):
+                return None  # a function: what it reaches is its own walk's business
+        seen.add(id(obj))
+        items: Iterable[tuple[str | None, Any]]
+        if t is list or t is tuple:
+            if set(map(type, obj)) <= _SCALAR_TYPES:  # (at C speed: rows of numbers)
+                return None
+            items = ((_step(path, f"[{i}]"), v) for i, v in enumerate(obj))
+        elif t is dict:
+            items = (
+                (_step(path, f"[{k!r}]") if type(k) in (str, int) else None, v)
+                for k, v in obj.items()
+            )
+        elif t in (set, frozenset):
+            items = ((None, v) for v in obj)
+        elif _user_object(obj) and isinstance(getattr(obj, "__dict__", None), dict):
+            items = ((_step(path, f".{k}"), v) for k, v in vars(obj).items())
+        else:
+            return None
+        budget[0] -= 1
+        if budget[0] < 0 or depth > _MAX_DEPTH:
+            return (
+                f"`{name}` nests too many containers to look for the functions it holds "
+                "(whose effects are watched)"
+            )
+        for sub, item in items:
+            why = visit(item, sub, depth + 1)
+            if why is not None:
+                return why
+        return None
+
+    why = visit(value, name, 0)
+    return ([] if why else found), why
+
+
+def _step(path: str | None, step: str) -> str | None:
+    if path is None or (step.startswith(".") and not step[1:].isidentifier()):
+        return None
+    return path + step
+
+
+def _user_object(obj: Any) -> bool:
+    t = type(obj)
+    return not isinstance(obj, type) and module_kind(t.__module__) == "user"
 
 
 def missing(value: Any) -> bool:
     """True for the marker of a name or closure variable that holds nothing."""
     return value is _MISSING
+
+
+def reaches(value: Any) -> bool:
+    """True for values whose code can reach other objects: functions, callables, classes
+    and instances of the notebook's own classes (their methods)."""
+    if isinstance(value, types.ModuleType):
+        return False
+    return callable(value) or module_kind(type(value).__module__) == "user"
+
+
+def holds_code(value: Any) -> bool:
+    """Containers (and the notebook's own objects) that may hold functions to look for."""
+    t = type(value)
+    if t in (list, tuple, dict, set, frozenset):
+        return True
+    return not isinstance(value, type) and module_kind(t.__module__) == "user"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -86,13 +87,23 @@ def pack_result(
     changed = set(variables) | gone
     roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
     refs = reference_map(roots)
+    # Functions and classes inside inputs the cell changed (`fns = {"draw": draw}`, whose
+    # fingerprint follows what `draw` reaches) are code, not data: stored where they were
+    # (the key fingerprints them), never as copies bound to copied globals.
+    keyed = set(inputs)
+    for path, obj in before_paths.items():
+        if path[0] in keyed and isinstance(obj, (types.FunctionType, type)):
+            refs.setdefault(id(obj), ("ref", path))
     for name in sorted(inplace):  # restored in place: the class stays the live one's
         cls = type(variables[name])
         if cls.__module__ == "__main__":
             refs.setdefault(id(cls), ("typeof", (name,)))
     large: list[Any] = []
     blob = pack(
-        {"variables": variables, "effects": outside, "ambient": ambient_changed}, refs, large
+        {"variables": variables, "effects": outside, "ambient": ambient_changed},
+        refs,
+        large,
+        bases=variables.values(),
     )
     # Of what changed in place, which parts stayed the same objects (updated in place on a
     # hit) and which were replaced (replaced on a hit too).

@@ -59,6 +59,11 @@ _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
 
 _CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto)"
 
+# A commit's fixed cost before any was measured (a local store on a quiet disk), and the
+# weight of each new measurement in the running average.
+_FIRST_COMMIT_SECONDS = 0.01
+_COMMIT_WEIGHT = 0.3
+
 # --------------------------------------------------------------------------- the runner
 
 _MISS: Any = object()
@@ -112,6 +117,10 @@ class CellRunner:
         self.busy = False
         self.depth = 0  # > 0 while a %%task cell runs (its body is not a new cell)
         self._seen: dict[str, dict[str, str]] = {}  # components last used, by cell id / name
+        # What committing a result costs on this store beyond writing its bytes (manifest,
+        # signing, fsyncs), averaged over the last commits: %flow auto stores a cell only
+        # when it took a few times longer (auto.worth_storing).
+        self.commit_seconds = _FIRST_COMMIT_SECONDS
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -209,17 +218,40 @@ class CellRunner:
             for lab, digest in ambient.key_components(before, keyed="when-changed").items()
             if lab not in {ambient.label(n) for n in cell.reseeded}
         }
-        reaching = [n for n in cell.inputs if n in ns and _reaches(ns[n])]
+        reaching = [n for n in cell.inputs if n in ns and effects.reaches(ns[n])]
         data: list[tuple[str, str]] = []
         for name in cell.inputs:
             module = ns.get(name)
             if isinstance(module, types.ModuleType) and module_kind(module.__name__) == "user":
                 for attr in sorted(cell.analysis.attributes.get(name, ())):
-                    if _reaches(getattr(module, attr, None)):
+                    if effects.reaches(getattr(module, attr, None)):
                         reaching.append(f"{name}.{attr}")
                     else:
                         data.append((module.__name__, attr))
-        cell.watches = effects.watch(ns, reaching, data)
+        # Functions held in containers (`fns["draw"]()`, `handlers[0]()`) run as the named
+        # ones do: the containers the cell reads, and those its functions reach, are looked
+        # through for them until no new one turns up.
+        looked: set[str] = set()
+        pending = [n for n in cell.inputs if n in ns and effects.holds_code(ns[n])]
+        while True:
+            for name in pending:
+                looked.add(name)
+                paths, why = effects.held_functions(name, ns[name], effects.reaches)
+                if why is not None and not explicit:
+                    return why
+                reaching += paths
+            cell.watches = effects.watch(ns, reaching, data)
+            pending = sorted(
+                {
+                    w.target[1]
+                    for w in cell.watches.items
+                    if w.target[0] == "ns"
+                    and w.target[1] not in looked
+                    and effects.holds_code(w.before)
+                }
+            )
+            if not pending:
+                break
         if cell.watches.opaque and not explicit:
             return cell.watches.opaque[0]
         return None
@@ -314,6 +346,10 @@ class CellRunner:
         if error is not None:
             self._failed(cell, error, duration)
             raise raise_as_plain(self.shell, error)
+        if cell.options.auto and not worth_storing(duration, self.commit_seconds):
+            # Cheaper than any store: nothing after the run (outputs, ambient state, pickling)
+            # is worth looking at.
+            return self._cheap(cell, duration)
         variables = self._collect(cell)
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
@@ -346,12 +382,11 @@ class CellRunner:
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
-        # Writing the large parts is not timed here: count them at disk speed.
+        # Writing the large parts is not timed here: count them at disk speed; a commit's
+        # own cost (manifest, fsyncs) as measured on this store lately.
         store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
-        if cell.options.auto and not worth_storing(duration, store_seconds):
-            self._record(cell, RunState.COMPLETED, duration=duration)
-            self._report(cell, "not stored", [_CHEAP_REASON], duration)
-            return None
+        if cell.options.auto and not worth_storing(duration, store_seconds + self.commit_seconds):
+            return self._cheap(cell, duration)
         store_dir = (cell.store.local_root,) if cell.store.local_root else ()
         payload = {
             "format": CELL_FORMAT,
@@ -363,6 +398,7 @@ class CellRunner:
             ),
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
+        t_commit = time.perf_counter()
         try:
             self._commit_parts(cell, parts, duration, expires_at)
             manifest = cell.store.commit(
@@ -387,6 +423,9 @@ class CellRunner:
                 "be stored"
             )
             raise
+        # (the parts at disk speed are counted apart: what is left is the fixed cost)
+        spent = time.perf_counter() - t_commit - sum(map(nbytes, parts)) / DISK_SPEED
+        self.commit_seconds += _COMMIT_WEIGHT * (max(spent, 0.0) - self.commit_seconds)
         lineage.record_outputs(lineage.produced_by(manifest), variables.items())
         self._record(cell, RunState.COMPLETED, duration=duration, size=manifest.size)
         self._index(cell, manifest)
@@ -396,6 +435,10 @@ class CellRunner:
         quota.committed(cell.store, manifest, pinned=pinned)
         self._report(cell, "computed", cell.reasons, duration)
         return None
+
+    def _cheap(self, cell: _Cell, duration: float) -> None:
+        self._record(cell, RunState.COMPLETED, duration=duration)
+        self._report(cell, "not stored", [_CHEAP_REASON], duration)
 
     def _commit_parts(
         self, cell: _Cell, parts: list[Any], duration: float, expires_at: float | None
@@ -581,14 +624,6 @@ class CellRunner:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _reaches(value: Any) -> bool:
-    """True for values whose code can reach other objects: functions, callables, classes
-    and instances of the notebook's own classes (their methods)."""
-    if isinstance(value, types.ModuleType):
-        return False
-    return callable(value) or module_kind(type(value).__module__) == "user"
 
 
 def _note(text: str) -> None:

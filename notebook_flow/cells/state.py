@@ -44,13 +44,15 @@ _MAX_ITEMS = 5_000  # items of one container
 
 # --------------------------------------------------------------------------- references
 
-Path = tuple[Any, ...]  # (root, ("i", index) | ("k", key) | ("a", attribute), ...)
+# (root, ("i", index) | ("k", key) | ("a", attribute) | ("p", "index" | "columns"), ...)
+Path = tuple[Any, ...]
 
 
 def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
     """``{path: object}`` for the objects reachable from ``roots`` (``(path, value)`` pairs)
-    through lists, tuples, dicts with str/int keys and objects' ``__dict__`` (each object at
-    the first path met; scalars left out). Bounded: a cell's inputs may be huge."""
+    through lists, tuples, dicts with str/int keys, objects' ``__dict__`` and pandas axes
+    (each object at the first path met; scalars left out). Bounded: a cell's inputs may be
+    huge."""
     found: dict[Path, Any] = {}
     seen: set[int] = set()
     budget = _MAX_REFERENCED
@@ -92,10 +94,18 @@ def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
     if t is dict:
         items = itertools.islice(obj.items(), _MAX_ITEMS)
         return ((("k", k), v) for k, v in items if type(k) in (str, int))
+    axes: Iterable[tuple[tuple[str, Any], Any]] = ()
+    if t.__module__.partition(".")[0] == "pandas" and _pandas_object(obj):
+        # A frame built from a series shares its index object: `pop.index.names = [...]`
+        # renames both. Its axes are parts, so an output sharing them points at them.
+        axes = [(("p", axis), getattr(obj, axis)) for axis in _AXES if hasattr(obj, axis)]
     if _state_object(obj):
         items = itertools.islice(vars(obj).items(), _MAX_ITEMS)
-        return ((("a", k), v) for k, v in items if type(k) is str)
-    return ()
+        return itertools.chain(axes, ((("a", k), v) for k, v in items if type(k) is str))
+    return axes
+
+
+_AXES = ("index", "columns")
 
 
 def kept_paths(before: dict[Path, Any], root: Path, value: Any) -> set[Path]:
@@ -124,7 +134,12 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
     """The live object at ``path`` (``KeyError``/``IndexError``/``AttributeError`` if gone)."""
     obj = roots[path[0]]
     for kind, step in path[1:]:
-        obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
+        if kind == "p":  # a pandas axis
+            if step not in _AXES or not _pandas_object(obj):
+                raise KeyError(f"no axis {step!r} to point at")
+            obj = getattr(obj, step)
+        else:
+            obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
     return obj
 
 
@@ -136,11 +151,23 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
 LARGE_BYTES = 1 << 20
 
 
-def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None = None) -> bytes:
+def pack(
+    value: Any,
+    refs: dict[int, tuple[str, Path]],
+    large: list[Any] | None = None,
+    bases: Iterable[Any] = (),
+) -> bytes:
     """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
     the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
-    and DataFrames appended to it and stored as their index there."""
+    and DataFrames appended to it and stored as their index there.
+
+    An array that is a view of another (``b = a[1:]``) is stored as a view of it when that
+    array is stored too or referenced (in ``bases`` or ``refs``), or small: after a load,
+    a write to ``a`` shows in ``b`` as it did before.
+    """
     from notebook_flow.serializers import cloudpickler
+
+    keep = {id(b) for b in bases} | set(refs)
 
     # (numpy's global RandomState by reference: see serializers.cloudpickler)
     class Pickler(cloudpickler()):  # type: ignore[misc]
@@ -150,7 +177,7 @@ def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None 
             ref = refs.get(id(obj))
             if ref is not None:
                 return ref
-            if large is not None and _large(obj):
+            if large is not None and _view_of(obj, keep) is None and _large(obj):
                 for i, seen in enumerate(large):
                     if seen is obj:
                         return ("large", i)
@@ -158,9 +185,74 @@ def pack(value: Any, refs: dict[int, tuple[str, Path]], large: list[Any] | None 
                 return ("large", len(large) - 1)
             return None
 
+        def reducer_override(self, obj: Any) -> Any:
+            if _array(obj):
+                reduced = _view_of(obj, keep) or _owner(obj)
+                if reduced is not None:
+                    return reduced
+            return super().reducer_override(obj)
+
     buffer = io.BytesIO()
     Pickler(buffer, protocol=5).dump(value)
     return buffer.getvalue()
+
+
+#: A view of an array stored nowhere else is stored with that array when the array is at
+#: most this much bigger than the view (beyond it, a copy of the view is cheaper to keep).
+_VIEW_SLACK = 1 << 16
+
+
+def _view_of(obj: Any, keep: set[int]) -> tuple[Any, tuple[Any, ...]] | None:
+    """The reduction of ``obj`` as a view of the array that owns its memory, or None (not
+    an array view, or one to store as a copy)."""
+    if not _array(obj):
+        return None
+    base = obj.base
+    if not _array(base) or obj.dtype.hasobject:
+        return None
+    while _array(base.base):  # the array owning the memory (numpy mostly points there)
+        base = base.base
+    if id(base) not in keep and base.nbytes > 2 * obj.nbytes + _VIEW_SLACK:
+        return None
+    offset = obj.__array_interface__["data"][0] - base.__array_interface__["data"][0]
+    args = (base, (obj.shape, obj.dtype, offset, obj.strides, bool(obj.flags.writeable)))
+    try:
+        view_from(*args)  # checked now: a view that cannot be rebuilt is stored as a copy
+    except (TypeError, ValueError):
+        return None
+    return view_from, args
+
+
+def _owner(obj: Any) -> tuple[Any, tuple[Any, ...]] | None:
+    """The reduction of an array that owns its memory as one that will own it again
+    (numpy's own pickle loads a view of the pickle's buffer): ``a[1:].base is a`` and
+    ``a.resize(...)`` behave after a load as before."""
+    if obj.base is not None or obj.dtype.hasobject or obj.nbytes >= LARGE_BYTES:
+        return None
+    order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+    return owned_array, (obj.tobytes(order=order), obj.dtype, obj.shape, order)
+
+
+def owned_array(data: bytes, dtype: Any, shape: Any, order: Any) -> Any:
+    """An array that owns a copy of ``data`` (see :func:`_owner`)."""
+    import numpy as np  # the dtype was unpickled: imported already
+
+    out = np.empty(shape, dtype, order=order)
+    out.reshape(-1, order="A")[...] = np.frombuffer(data, dtype)
+    return out
+
+
+def view_from(base: Any, layout: tuple[Any, Any, int, Any, bool]) -> Any:
+    """The view ``_view_of`` stored: an array over ``base``'s memory with ``layout`` (shape,
+    dtype, offset, strides: numpy checks the bounds), read-only when the original was."""
+    import numpy as np  # the base is an array: imported already
+
+    shape, dtype, offset, strides, writeable = layout
+
+    view = np.ndarray(shape, dtype, buffer=base, offset=offset, strides=strides)
+    if not writeable:
+        view.flags.writeable = False
+    return view
 
 
 def _large(obj: Any) -> bool:

@@ -1,8 +1,8 @@
 """Per-process state of the metadata layer: the recorder registry and its exit/fork hooks.
 
 This module holds the only copies of that state. ``_after_fork_in_child`` rebinds
-``_registry``, ``_registry_lock`` and ``_exiting``, so other modules read them through the
-module (``registry._registry``), never through a ``from ... import`` of the name.
+``_registry``, ``_registry_lock``, ``_exiting`` and ``_runs``, so other modules read them
+through the module (``registry._registry``), never through a ``from ... import`` of the name.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ import logging
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from notebook_flow.metadata.recorder import _Recorder
+    from notebook_flow.metadata.records import RunEvent
+    from notebook_flow.states import RunState
 
 logger = logging.getLogger("notebook_flow")
 
@@ -35,11 +37,39 @@ _registry: dict[str, _Recorder] = {}
 _registry_lock = threading.Lock()
 
 
+# The runs this process recorded, by run id: [started, state, tags, saved] (the latest
+# state). ``notebook-flow run`` asks after every cell what ran in it (cli.run_tally);
+# answering from here costs microseconds, where a DuckDB history read cost 0.1-0.5 s a cell.
+_runs: dict[str, list[Any]] = {}
+_MAX_RUNS = 10_000
+
+
+def note_run(event: RunEvent) -> None:
+    """Remember a run event of this process for :func:`runs_since`."""
+    if event.pid != os.getpid():
+        return
+    entry = _runs.get(event.run_id)
+    if entry is None:
+        if len(_runs) >= _MAX_RUNS:  # the oldest go first (dicts keep insertion order)
+            for old in list(_runs)[: _MAX_RUNS // 10]:
+                _runs.pop(old, None)
+        _runs[event.run_id] = [event.at, event.state, event.tags, event.saved]
+    else:
+        entry[1:] = [event.state, event.tags, event.saved if event.saved is not None else entry[3]]
+
+
+def runs_since(since: float) -> list[tuple[RunState, tuple[str, ...], float | None]]:
+    """``(latest state, tags, seconds saved)`` of each run this process started at or after
+    ``since`` (epoch seconds)."""
+    return [(e[1], e[2], e[3]) for e in list(_runs.values()) if e[0] >= since]
+
+
 def _after_fork_in_child() -> None:
-    global _registry, _registry_lock, _exiting
+    global _registry, _registry_lock, _exiting, _runs
     _registry = {}
     _registry_lock = threading.Lock()
     _exiting = threading.Event()
+    _runs = {}
     # multiprocessing's forked children leave through os._exit(), skipping atexit; its own
     # exit hook still runs finalizers, so flush from there.
     mp_util = sys.modules.get("multiprocessing.util")

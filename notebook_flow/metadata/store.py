@@ -149,6 +149,7 @@ class MetadataStore:
 
     def record_run(self, event: RunEvent) -> None:
         """Queue one state transition of a run (returns at once)."""
+        registry.note_run(event)
         self._recorder().put(event)
 
     def record_cache_entry(self, entry: CacheEntry | Any, *, size: int | None = None) -> None:
