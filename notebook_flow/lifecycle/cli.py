@@ -104,7 +104,8 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from notebook_flow.cli import _store, format_size
+    from notebook_flow.cli import _store
+    from notebook_flow.figures import format_size
 
     from .check import check_store
     from .progress import wanted
@@ -162,7 +163,7 @@ def _other_store(url: str, key_file: str | None) -> Any:
 
 
 def _transfer(command: str, source: Any, dest: Any, args: argparse.Namespace) -> int:
-    from notebook_flow.cli import format_size
+    from notebook_flow.figures import format_size
 
     from .progress import wanted
     from .transfer import transfer

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import TextIO
 
-from notebook_flow.cli import format_size
+from notebook_flow.figures import format_size
 
 __all__ = ["Progress", "wanted"]
 
