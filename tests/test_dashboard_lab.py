@@ -374,6 +374,16 @@ def kernel_status(page: Any) -> str:
     )
 
 
+def cell_running(page: Any, index: int) -> bool:
+    """True while cell ``index`` runs (its prompt shows ``[*]``).
+
+    Not the kernel's status: ipykernel reports busy/idle for every message, also those
+    handled beside a running cell (control requests), so it reads idle now and then.
+    """
+    prompt = page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".jp-InputPrompt")
+    return "*" in prompt.inner_text()
+
+
 def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     from playwright.sync_api import expect
 
@@ -464,22 +474,28 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     )
     out.screenshot(path=str(SHOTS / "6-queue.png"))
 
-    # A running map: its bar shows cached and computed runs apart while the cell runs; the
-    # dashboard (refreshed through the same connection) catches up once the cell ends.
+    # A running map: its bar shows cached and computed runs apart while the cell runs, and
+    # the dashboard (refreshed through the same connection) follows it *during* the cell:
+    # the map's cell keeps the kernel busy until the test has seen the 27 runs.
     open_tab(out, "Overview")
+    updated = out.locator("#nf-updated")
+    before = float(updated.get_attribute("data-updated") or 0)
     run_cell(page, 2)
     bar = cell_output(page, 2).locator(".notebook-flow-map")
     expect(bar).to_have_attribute("data-cached", "4", timeout=120_000)
     expect(bar.locator(".nf-map-cached")).to_be_visible()
+    assert cell_running(page, 2)
     cell_output(page, 2).screenshot(path=str(SHOTS / "7-map-running.png"))
     expect(bar).to_have_attribute("data-done", "16", timeout=120_000)
     expect(bar.locator(".nf-map-completed")).to_be_visible()
     expect(bar).to_contain_text("4 of 16 from cache")
     assert "Traceback" not in cell_output(page, 2).inner_text()
-    (lab["root"] / "release").write_text("")
     expect(out.locator("#kpi-runs .nf-kpi-value")).to_have_text("27", timeout=180_000)
+    assert cell_running(page, 2)  # all of it while the cell still runs
+    assert float(updated.get_attribute("data-updated") or 0) > before
+    out.screenshot(path=str(SHOTS / "9-overview-during-map.png"))
     cell_output(page, 2).screenshot(path=str(SHOTS / "8-map-done.png"))
-    out.screenshot(path=str(SHOTS / "9-overview-after-map.png"))
+    (lab["root"] / "release").write_text("")
 
     assert not loopback_refusals(gate), gate.refused
     assert not errors, errors
