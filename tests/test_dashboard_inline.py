@@ -9,6 +9,7 @@ like in a browser while a cell runs is tested in ``test_dashboard_lab.py``.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,17 +119,21 @@ def test_a_running_cell_is_drawn_by_the_refresher_and_its_end_waits_for_the_draw
         "_t.start()\n"
         "_ticker['thread'] = _t\n"
         "import time\n"
-        "_deadline = time.monotonic() + 30\n"
+        "_deadline = time.monotonic() + 60\n"
         "while not _view.draws and time.monotonic() < _deadline:\n"
         "    time.sleep(0.01)\n"
+        "_ticker['cell_done'] = True\n"
     )
     ran = threading.Thread(target=shell.run_cell, args=(code,), daemon=True)
     ran.start()
-    ran.join(5)
+    deadline = time.monotonic() + 60
+    while "cell_done" not in ticker and time.monotonic() < deadline:
+        time.sleep(0.01)
     # The draw started on the refresher's thread while the cell ran, and holds the cell's
     # end until it is complete.
     assert view.draws and view.draws[0][0] is ticker["thread"]
-    assert ran.is_alive(), "the cell's end did not wait for the draw in progress"
+    ran.join(1)
+    assert ran.is_alive() and view._cell_running, "the cell's end did not wait for the draw"
     view.gate.set()
     ran.join(30)
     assert not ran.is_alive() and not view._cell_running
