@@ -62,7 +62,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def get(
-    url: str, timeout: float = 120, *, redirects: bool = True
+    url: str, timeout: float = 300, *, redirects: bool = True
 ) -> tuple[int, bytes, dict[str, str]]:
     """Status, body and headers of a GET of ``url`` (an error status too, not an exception);
     ``redirects=False`` returns a redirect itself."""
@@ -121,7 +121,8 @@ def start_jupyter(home: Path, *, lab: bool, store: Path | None = None) -> dict[s
         "base": base, "port": port, "token": token, "root": root, "proc": proc,
         "log": log_path, "log_file": log, "env": env, "store": env["NOTEBOOK_FLOW_STORE"],
     }  # fmt: skip
-    deadline = time.monotonic() + 120
+    # Generous: on a loaded machine importing the server's extensions alone took 40 s.
+    deadline = time.monotonic() + 600
     while True:
         try:
             if get(f"{base}/api?token={token}", timeout=5)[0] == 200:

@@ -402,7 +402,7 @@ def test_proxied_dashboard_ends_with_the_jupyter_server(tmp_path, how):
     down cleanly or killed outright — that process ends too, never adopted by init."""
     lab = start_jupyter(tmp_path, lab=True)
     try:
-        status, body, _ = get(f"{lab['base']}/notebook-flow/?token={lab['token']}", 180)
+        status, body, _ = get(f"{lab['base']}/notebook-flow/?token={lab['token']}")
         assert status == 200 and b"<title>notebook_flow</title>" in body
         dashboards = {
             pid: cmd
