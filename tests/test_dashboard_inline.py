@@ -65,8 +65,10 @@ def view(shell: Any, loop: Any) -> Iterator[Any]:
         square(i)
     config.get_metadata(config.get_store()).flush(60)
     view = InlineDashboard(refresh_seconds=0)
-    view._loop, view._shell, view._cell_running = loop, shell, False
+    view._loop, view._shell = loop, shell
     view._hook()
+    assert view._cell_running  # no kernel to ask: hooked by the user's code, in a cell
+    view._cell_running = False  # the cell that built it has ended
     view.draws = []  # (thread, runs shown)
     show = view.dashboard._show
 

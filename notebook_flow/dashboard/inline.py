@@ -85,8 +85,7 @@ class InlineDashboard:
             self.dashboard.defer = loop.add_callback
         # Held while the refresher draws; the end-of-cell hook takes it too (see the module).
         self._draw_lock = threading.Lock()
-        # Built inside a cell (the usual case) means a cell runs now: the hook of its end
-        # is the first to fire.
+        # True while the main thread runs a cell (set when the hooks are registered).
         self._cell_running = loop is not None
         self._read_seq = 0  # the number of the latest read (refresher thread only)
         self._drawn_seq = 0  # the number of the read on screen (under ``_draw_lock``)
@@ -170,6 +169,10 @@ class InlineDashboard:
         shell = self._shell
         if shell is None or self._hooked:
             return
+        # Called on the main thread: by a cell (built there, or auto-refresh turned on by
+        # code) or by a browser event between cells (the auto-refresh box ticked).
+        with self._draw_lock:
+            self._cell_running = _in_cell(shell)
         shell.events.register("pre_run_cell", self._cell_started)
         shell.events.register("post_run_cell", self._cell_ended)
         self._hooked = True
@@ -248,6 +251,18 @@ class InlineDashboard:
         except RuntimeError:  # the loop is closed: the kernel is shutting down
             self._pending.clear()
             self._stop.set()
+
+
+def _in_cell(shell: Any) -> bool:
+    """True when the main thread runs a cell now (the kernel's current request is an
+    ``execute_request``), False while it handles a browser's message between cells."""
+    get_parent = getattr(getattr(shell, "kernel", None), "get_parent", None)
+    if get_parent is None:
+        return True  # no kernel to ask: the caller is the user's code
+    try:
+        return bool(get_parent()["header"].get("msg_type") == "execute_request")
+    except (KeyError, TypeError, AttributeError):
+        return True
 
 
 def _shell() -> Any:
