@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
                 _fmt(r["ours"]),
                 peers,
                 r.get("target", ""),
-                "yes" if r.get("ok") else "NO",
+                "-" if r.get("ok") is None else "yes" if r["ok"] else "NO",
             )
         )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]

@@ -93,8 +93,10 @@ def setup_proxy() -> dict[str, Any]:
         "environment": _environment,
         # The backend sees the full path, so its page links to {base_url}notebook-flow/...
         "absolute_url": True,
-        # Importing Panel and building the first page takes a few seconds on a small machine.
-        "timeout": 60,
+        # Importing Panel and building the first page takes a few seconds on a small machine
+        # and over a minute on a loaded one (Panel's import alone took 38 s beside other
+        # jobs, and the proxy answered 500 after 60 s): a launcher must not fail for that.
+        "timeout": 180,
         "request_headers_override": {TOKEN_HEADER: _token()},
         "new_browser_tab": False,
         "launcher_entry": {

@@ -1,12 +1,11 @@
 """The standalone dashboard (`python -m notebook_flow.dashboard`) in headless Chromium.
 
-Debian's chromium, driven by Playwright through ``executable_path`` (no browser download).
+Debian's chromium (the ``browser`` fixture of conftest.py, see ``_browser.py``).
 Each tab's screenshot is saved to ``test-output/dashboard/`` for a person to look at.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _browser import CHROMIUM_MARKS
 from _net import http_status, listening_addresses
 
 from notebook_flow import config, task
@@ -23,26 +23,8 @@ from notebook_flow.cache_policies import INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "test-output" / "dashboard"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package"),
-]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
+pytestmark = CHROMIUM_MARKS
 
 
 def start_dashboard(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:

@@ -12,15 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from _browser import needs_chromium
 from _kernels import connect, execute_ok, start_kernel
 
 pytestmark = [pytest.mark.kernel]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 OPEN = """
 import notebook_flow
@@ -61,10 +57,11 @@ def test_flow_dashboard_renders_inline_with_nothing_port_bound(tmp_path: Path, i
         km.shutdown_kernel(now=True)
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium package")
-def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(tmp_path: Path, isolated_store):
-    from playwright.sync_api import expect, sync_playwright
+@needs_chromium
+def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(
+    tmp_path: Path, isolated_store, browser
+):
+    from playwright.sync_api import expect
 
     env = dict(os.environ, NOTEBOOK_FLOW_STORE=str(isolated_store))
     km = start_kernel(env, tmp_path)
@@ -81,29 +78,28 @@ def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(tmp_path: Path, 
         url = match.group(1).replace("&amp;", "&")
         assert url.startswith("http://127.0.0.1:") and "token=" in url
 
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.goto(url)
-                expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("2", timeout=60_000)
-                # A busy cell: it records a run, then keeps the kernel busy. The dashboard,
-                # served from a thread of that kernel, still answers and shows the new run.
-                busy = 30.0
-                started = time.monotonic()
-                kc.execute(
-                    "in_kernel(2)\n"
-                    "notebook_flow.config.get_metadata().flush(30)\n"
-                    f"import time; time.sleep({busy})"
-                )
-                expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=20_000)
-                with urllib.request.urlopen(url, timeout=10) as r:
-                    assert r.status == 200
-                # Auto-refresh (every 5 s) showed the run before the cell finished.
-                assert time.monotonic() - started < busy - 2
-                assert not kc.shell_channel.msg_ready()  # no reply yet: still busy
-            finally:
-                browser.close()
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.goto(url)
+            expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("2", timeout=60_000)
+            # A busy cell: it records a run, then keeps the kernel busy. The dashboard,
+            # served from a thread of that kernel, still answers and shows the new run.
+            busy = 30.0
+            started = time.monotonic()
+            kc.execute(
+                "in_kernel(2)\n"
+                "notebook_flow.config.get_metadata().flush(30)\n"
+                f"import time; time.sleep({busy})"
+            )
+            expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=20_000)
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200
+            # Auto-refresh (every 5 s) showed the run before the cell finished.
+            assert time.monotonic() - started < busy - 2
+            assert not kc.shell_channel.msg_ready()  # no reply yet: still busy
+        finally:
+            context.close()
         km.interrupt_kernel()
         kc.stop_channels()
     finally:

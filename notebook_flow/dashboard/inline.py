@@ -10,13 +10,23 @@ and a plain-text line saying to re-run the cell; no URL, port or token. A reopen
 shows that snapshot (or the line), never a frame pointing at a dead server.
 
 Refresh: a daemon thread re-reads the active tab every few seconds (the SQL on that
-thread) and hands the new data to the kernel's event loop, where the browser's own events (a
-click on a tab, a filter) are handled too, so one thread changes the widgets at a time.
-Widget changes made from another thread while a cell runs did not reach the browser in
-JupyterLab (tested), so a busy kernel shows the view as it was and catches up as soon as
-the cell ends; the live line of a future or a ``.map`` keeps moving meanwhile (display
-updates, not widgets). The thread ends when the output is gone (the cell re-run or
-cleared) or ``stop()`` is called.
+thread). Who draws the new data depends on what the kernel's main thread is doing:
+
+- while a cell runs, the main thread is inside that cell and handles no browser event, so
+  the refresher draws itself: Panel sends each change over the output's comm from the
+  calling thread and ipykernel forwards it to iopub, so the view moves *during* a long
+  cell (the reason it did not before: every draw was handed to the kernel's event loop,
+  which a running cell blocks);
+- while the kernel is idle, the draw is handed to the kernel's event loop, where the
+  browser's own events (a click on a tab, a filter) are handled too, so one thread changes
+  the widgets at a time.
+
+The switch is exact: ``pre_run_cell``/``post_run_cell`` hooks flip a flag under the draw
+lock, and the end-of-cell hook waits for a draw in progress, so the main thread never
+goes back to browser events while the refresher is drawing. Each read carries a sequence
+number and an older read is never drawn over a newer one (a draw handed to the loop just
+before a cell started runs only after it ended). The thread ends when the output is gone
+(the cell re-run or cleared) or ``stop()`` is called.
 """
 
 from __future__ import annotations
@@ -69,10 +79,18 @@ class InlineDashboard:
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
         self._loop = _kernel_loop()
-        self._pending = threading.Event()  # a refresh waits for the kernel's loop
+        self._pending = threading.Event()  # a draw waits for the kernel's loop
         loop = self._loop
         if loop is not None:
             self.dashboard.defer = loop.add_callback
+        # Held while the refresher draws; the end-of-cell hook takes it too (see the module).
+        self._draw_lock = threading.Lock()
+        # True while the main thread runs a cell (set when the hooks are registered).
+        self._cell_running = loop is not None
+        self._read_seq = 0  # the number of the latest read (refresher thread only)
+        self._drawn_seq = 0  # the number of the read on screen (under ``_draw_lock``)
+        self._shell = _shell() if loop is not None else None
+        self._hooked = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if refresh_seconds > 0:
@@ -104,10 +122,12 @@ class InlineDashboard:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(10)
+        self._unhook()
 
     def _start(self) -> None:
         if self.alive():
             return
+        self._hook()
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name="notebook_flow-dashboard", daemon=True
@@ -128,27 +148,74 @@ class InlineDashboard:
     def _run(self) -> None:
         started = time.monotonic()
         seen = False
-        while not self._stop.wait(self.refresh_seconds):
-            shown = self._shown()
-            seen = seen or shown
-            if not shown and (seen or time.monotonic() - started > FIRST_SHOW_GRACE):
-                return  # the output was cleared or the cell re-run
-            if not shown:
-                continue
+        try:
+            while not self._stop.wait(self.refresh_seconds):
+                shown = self._shown()
+                seen = seen or shown
+                if not shown and (seen or time.monotonic() - started > FIRST_SHOW_GRACE):
+                    return  # the output was cleared or the cell re-run
+                if not shown:
+                    continue
+                try:
+                    self.tick()
+                except Exception:  # a refresh bug must not leave a thread spinning on errors
+                    logger.debug("inline dashboard refresh failed", exc_info=True)
+        finally:
+            self._unhook()
+
+    # -- the kernel's cells ----------------------------------------------------------------------
+
+    def _hook(self) -> None:
+        shell = self._shell
+        if shell is None or self._hooked:
+            return
+        # Called on the main thread: by a cell (built there, or auto-refresh turned on by
+        # code) or by a browser event between cells (the auto-refresh box ticked).
+        with self._draw_lock:
+            self._cell_running = _in_cell(shell)
+        shell.events.register("pre_run_cell", self._cell_started)
+        shell.events.register("post_run_cell", self._cell_ended)
+        self._hooked = True
+
+    def _unhook(self) -> None:
+        shell = self._shell
+        if shell is None or not self._hooked:
+            return
+        self._hooked = False
+        for event, callback in (
+            ("pre_run_cell", self._cell_started),
+            ("post_run_cell", self._cell_ended),
+        ):
             try:
-                self.tick()
-            except Exception:  # a refresh bug must not leave a thread spinning on errors
-                logger.debug("inline dashboard refresh failed", exc_info=True)
+                shell.events.unregister(event, callback)
+            except ValueError:  # already gone (the shell was reset)
+                pass
+
+    def _cell_started(self, info: Any = None) -> None:
+        with self._draw_lock:
+            self._cell_running = True
+
+    def _cell_ended(self, result: Any = None) -> None:
+        # Waits for a draw the refresher is making: after this hook the main thread goes
+        # back to the browser's events, which must not meet a half-drawn tab.
+        with self._draw_lock:
+            self._cell_running = False
+
+    # -- drawing ---------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """One refresh of the active tab: read on this thread, draw on the kernel's loop.
+        """One refresh of the active tab: read on this thread, then draw it here while a
+        cell runs or on the kernel's loop while the kernel is idle.
 
-        Skipped while the previous one still waits for the loop (a cell is running).
+        While an earlier draw still waits for the loop and no cell runs, the read is
+        skipped (the loop is busy with the browser's events).
         """
-        if self._pending.is_set():
-            return
         dashboard = self.dashboard
+        if self._pending.is_set() and not self._cell_running:
+            return
         view = dashboard.active
+        self._read_seq += 1
+        seq = self._read_seq
         try:
             data: Any = view.load()
             failed: Exception | None = None
@@ -156,23 +223,54 @@ class InlineDashboard:
             data, failed = None, exc
 
         def draw() -> None:
+            if seq <= self._drawn_seq:
+                return  # a newer read is on screen already
+            self._drawn_seq = seq
+            if failed is not None:
+                dashboard._failed(failed)
+            elif view is dashboard.active:
+                dashboard._show(view, data)
+
+        with self._draw_lock:
+            if self._loop is None or self._cell_running:
+                # No kernel loop (a plain Python session) or the main thread is inside a
+                # cell: nothing else touches the widgets now.
+                draw()
+                return
+
+        def draw_on_loop() -> None:
             try:
-                if failed is not None:
-                    dashboard._failed(failed)
-                elif view is dashboard.active:
-                    dashboard._show(view, data)
+                with self._draw_lock:
+                    draw()
             finally:
                 self._pending.clear()
 
-        if self._loop is None:
-            draw()  # no kernel loop (a plain Python session): nothing else draws
-            return
         self._pending.set()
         try:
-            self._loop.add_callback(draw)
+            self._loop.add_callback(draw_on_loop)
         except RuntimeError:  # the loop is closed: the kernel is shutting down
             self._pending.clear()
             self._stop.set()
+
+
+def _in_cell(shell: Any) -> bool:
+    """True when the main thread runs a cell now (the kernel's current request is an
+    ``execute_request``), False while it handles a browser's message between cells."""
+    get_parent = getattr(getattr(shell, "kernel", None), "get_parent", None)
+    if get_parent is None:
+        return True  # no kernel to ask: the caller is the user's code
+    try:
+        return bool(get_parent()["header"].get("msg_type") == "execute_request")
+    except (KeyError, TypeError, AttributeError):
+        return True
+
+
+def _shell() -> Any:
+    """The running IPython shell (its ``events`` tell when a cell starts and ends)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell if shell is not None and hasattr(shell, "events") else None
 
 
 def _kernel_loop() -> Any:

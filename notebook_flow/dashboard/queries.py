@@ -69,6 +69,11 @@ _REVERSED: dict[str, str] = {
     "oldest": "created DESC, run_id DESC",
     "slowest": "duration ASC NULLS FIRST, created ASC, run_id DESC",
 }
+#: The side of a read's last ``created`` on which a listing's first rows lie, by the first
+#: term of its order (see ``Source._read_runs``).
+_PREFIX_SIDE = {"created DESC": ">=", "created ASC": "<="}
+#: Bounds kept per session (one per listing, page window and direction looked at).
+_MAX_BOUNDS = 64
 #: Bucket widths for "hits and misses over time", smallest first (seconds).
 BUCKETS = (60, 300, 900, 3600, 6 * 3600, 86400, 7 * 86400, 30 * 86400)
 #: What a row of the runs table needs (not the traceback or inputs: those are per run).
@@ -197,6 +202,8 @@ class Source:
     store: ResultStore | None = None
     meta: MetadataStore = field(init=False)
     _cache_columns: set[str] | None = field(default=None, init=False, repr=False)
+    #: (listing, limit, offset) → ``created`` of the last row it returned (``_read_runs``).
+    _bounds: dict[tuple[Any, ...], float] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         from notebook_flow.config import get_metadata, get_store, wait_startup
@@ -394,11 +401,7 @@ class Source:
                 start = (page - first) * page_size
                 rows = window.iloc[start : start + page_size].reset_index(drop=True)
                 return Page(rows, total_hint, page, page_size, window=window, first=first)
-        sql = (
-            f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
-            f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?"
-        )
-        df = self.query(sql, [*params, *params, limit, first * page_size])
+        df = self._read_runs(where, params, order, limit=limit, offset=first * page_size)
         if not df.empty:
             total = int(df["_total"].iloc[0])
         else:  # nothing from ``first`` on: count, unless that is the very start
@@ -422,15 +425,59 @@ class Source:
         if stop <= offset:
             return None
         order = _REVERSED.get(sort, _REVERSED["newest"])
-        df = self.query(
-            f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
-            f"FROM runs {where} ORDER BY {order} LIMIT ? OFFSET ?",
-            [*params, *params, stop - offset, total - stop],
-        )
+        df = self._read_runs(where, params, order, limit=stop - offset, offset=total - stop)
         if df.empty or int(df["_total"].iloc[0]) != total:
             return None  # runs came or went: read it the usual way
         window: pd.DataFrame = df.drop(columns="_total").iloc[::-1].reset_index(drop=True)
         return window
+
+    def _read_runs(
+        self, where: str, params: list[Any], order: str, *, limit: int, offset: int
+    ) -> pd.DataFrame:
+        """Rows ``offset`` … ``offset + limit`` of the runs ``where`` in ``order``, with the
+        total of the unbounded listing in ``_total``.
+
+        A read made before with the same listing, offset and limit left a bound: the
+        ``created`` of its last row. The rows with ``created`` on this side of it are a
+        prefix of the listing (ties included; NULLs sort last), so when that prefix still
+        holds ``limit`` rows from ``offset`` on, they are exactly the rows asked for, and
+        DuckDB finds them by skipping every row group whose min/max of ``created`` lies
+        beyond the bound (runs are stored roughly in creation order). Otherwise (rows
+        removed since) the read runs unbounded. Only orders that start on ``created``
+        qualify.
+        """
+
+        def sql(clause: str) -> str:
+            return (
+                f"SELECT {_RUN_COLUMNS}, (SELECT count(*) FROM runs {where}) AS _total "
+                f"FROM runs {clause} ORDER BY {order} LIMIT ? OFFSET ?"
+            )
+
+        side = _PREFIX_SIDE.get(order.split(",", maxsplit=1)[0])
+        memo = (where, tuple(params), order, limit, offset)
+        bound = self._bounds.get(memo) if side else None
+        if bound is not None:
+            clause = f"{where} AND created {side} ?" if where else f"WHERE created {side} ?"
+            df = self.query(sql(clause), [*params, *params, bound, limit, offset])
+            if len(df) == limit:
+                self._remember(memo, df)
+                return df
+        df = self.query(sql(where), [*params, *params, limit, offset])
+        if side:
+            if len(df) == limit:
+                self._remember(memo, df)
+            else:
+                self._bounds.pop(memo, None)
+        return df
+
+    def _remember(self, memo: tuple[Any, ...], df: pd.DataFrame) -> None:
+        last = df["created"].iloc[-1]
+        if last is None or math.isnan(last):  # NULL: no bound
+            self._bounds.pop(memo, None)
+            return
+        self._bounds[memo] = float(last)
+        while len(self._bounds) > _MAX_BOUNDS:  # oldest first (dicts keep insertion order)
+            self._bounds.pop(next(iter(self._bounds)), None)
 
     def count_runs(self, filters: RunFilters) -> int:
         where, params = filters.where()
