@@ -95,7 +95,11 @@ def test_history_after_a_map_is_complete_and_nothing_opens_duckdb_on_workers(
     ours = {f.run_id for f in [*futs, *again, failed, plain]}
     assert set(history["run_id"]) == ours
     pids = set(cluster.worker_pids(runner.client).values())
-    assert set(history["pid"]) <= pids, "the final events are the workers'"
+    by_run = history.set_index("run_id")
+    ran = [f.run_id for f in [*futs, failed, plain]]
+    assert set(by_run.loc[ran, "pid"]) <= pids, "the final events of runs are the workers'"
+    # Hits are decided here, in one batched lookup: they never went to the cluster.
+    assert set(by_run.loc[[f.run_id for f in again], "pid"]) == {os.getpid()}
     row = history.set_index("run_id").loc[failed.run_id]
     assert "ArithmeticError: cannot 1" in row["error"] and "Traceback" in row["traceback"]
     stats = nf.stats()
