@@ -217,6 +217,39 @@ def test_a_worker_killed_mid_map_is_replaced_and_every_run_completes_once(
     cluster.wait_for_workers(runner.client)  # the nanny restarts the killed worker
 
 
+def test_a_worker_killed_mid_chunk_loses_no_run_and_repeats_only_what_it_was_running(
+    cluster, runner, s3_store, tmp_path, monkeypatch
+):
+    from notebook_flow.runners import dask as dask_runner
+
+    # 32 runs in 4 chunks of 8 (one per worker thread): each Dask task runs 8 items.
+    monkeypatch.setattr(dask_runner, "RUNS_PER_THREAD", 1)
+    monkeypatch.setattr(dask_runner, "MAX_CHUNK", 8)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    n = 32
+    with runner:
+        futs = square.map(range(n), str(marks), 0.3)
+    deadline = time.monotonic() + 120
+    while len(os.listdir(marks)) < 6:  # chunks are under way on both workers
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.05)
+    victim = cluster.worker_pids(runner.client)["w0"]
+    os.kill(victim, signal.SIGKILL)
+    assert [f.result(timeout=600) for f in futs] == [x * x for x in range(n)]
+    assert {f.run_state for f in futs} <= {RunState.COMPLETED, RunState.CACHED}
+    # Dask ran the dead worker's chunks again: what they had committed was a hit there.
+    # Only the item each of its 2 threads was running (past its marker, before its
+    # commit) may have run twice.
+    executed = count_marks(str(marks))
+    assert set(executed) == set(range(n))
+    assert sum(executed.values()) - n <= 2 and set(executed.values()) <= {1, 2}, executed
+    assert len({m.key for m in get_store().iter_manifests()}) == n
+    history = nf.history()
+    assert set(history["run_id"]) == {f.run_id for f in futs}
+    cluster.wait_for_workers(runner.client)
+
+
 def _client_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])

@@ -35,6 +35,7 @@ Upstream futures are resolved here (their values are loaded and sent with the ru
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -43,6 +44,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity, config
@@ -192,20 +194,14 @@ class DaskRunner(BaseRunner):
             self.worker_hosts_elsewhere()
         return self._threads[1]
 
-    def map(
-        self,
-        task: Task[..., Any],
-        /,
-        *args: Any,
-        wait_for: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        """As ``BaseRunner.map``; the runs leave for the cluster together once the map has
-        submitted them all (one batched lookup, then chunks of the misses)."""
+    @contextlib.contextmanager
+    def _burst(self) -> Iterator[None]:
+        """The runs of one map leave for the cluster together once it has submitted them
+        all (or :data:`MAP_BURST` of them): one batched lookup, then chunks of misses."""
         with self._lock:
             self._holding += 1
         try:
-            return super().map(task, *args, wait_for=wait_for, **kwargs)
+            yield
         finally:
             with self._lock:
                 self._holding -= 1
@@ -338,7 +334,7 @@ class DaskRunner(BaseRunner):
     def _submit_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
         from .dask_worker import ChunkPayload, run_chunk, run_on_worker
 
-        batch = self._hits_here(batch)
+        batch, absent = self._hits_here(batch)
         if not batch:
             return
         size = min(MAX_CHUNK, len(batch) // (self.worker_threads() * RUNS_PER_THREAD))
@@ -360,7 +356,12 @@ class DaskRunner(BaseRunner):
             pendings = self.client.map(
                 run_chunk,
                 [
-                    ChunkPayload(chunk[0][2].token, chunk_id, [p for _, _, p in chunk])
+                    ChunkPayload(
+                        chunk[0][2].token,
+                        chunk_id,
+                        [p for _, _, p in chunk],
+                        frozenset(c.key for _, c, _ in chunk if c.key in absent),
+                    )
                     for chunk, chunk_id in zip(chunks, ids, strict=True)
                 ],
                 key=[f"notebook_flow-chunk-{chunk_id}" for chunk_id in ids],
@@ -376,12 +377,14 @@ class DaskRunner(BaseRunner):
 
     def _hits_here(
         self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]
-    ) -> list[tuple[TaskFuture[Any], WorkerCall, Any]]:
-        """Finish the runs whose keys are hits (one batched lookup per store); the rest."""
+    ) -> tuple[list[tuple[TaskFuture[Any], WorkerCall, Any]], set[str]]:
+        """Finish the runs whose keys are hits (one batched lookup per store); the rest,
+        and the keys found without a manifest."""
         from notebook_flow.storage.batch import lookup_many
 
         by_store: dict[int, list[tuple[TaskFuture[Any], WorkerCall, Any]]] = {}
         rest = []
+        absent: set[str] = set()
         for item in batch:
             if _lookup_here(item[0].task, item[1]):
                 by_store.setdefault(id(item[1].store), []).append(item)
@@ -399,6 +402,8 @@ class DaskRunner(BaseRunner):
             now = time.time()
             for fut, call, payload in items:
                 manifest = found.get(call.key) if call.key else None
+                if manifest is None and call.key in found:
+                    absent.add(call.key)
                 if manifest is None or manifest.expired(now):
                     rest.append((fut, call, payload))  # (an expiry is explained there)
                     continue
@@ -410,7 +415,7 @@ class DaskRunner(BaseRunner):
                 )
                 fut.task._last_components = call.components
                 fut._finish(RunState.CACHED, Deferred(_loader(store, call.key, manifest)), None)
-        return rest
+        return rest, absent
 
     def _complete_chunk(
         self, chunk: list[tuple[TaskFuture[Any], WorkerCall, Any]], pending: Any

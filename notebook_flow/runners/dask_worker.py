@@ -20,10 +20,13 @@ re-check → run with retries → commit) with two differences:
   bytes), and the client loads the value when ``result()`` asks. Only a value that was
   not stored (an uncached or ``persist_result=False`` task) travels back.
 
-A chunk first looks all its keys up at once (``storage/batch.py``: one listing instead
-of a GET per key); the lookup before a run's lock uses that answer, the re-check after
-the lock reads the store. When Dask runs a chunk again (its worker died), the runs its
-first attempt committed are hits.
+A chunk's runs are those the client's batched lookup found absent a moment ago: on its
+first attempt, the lookup before a run's lock takes that answer (and the commit skips
+reading the manifest it would replace), instead of two GETs per run; the re-check after
+a lock reads the store as always. A chunk leaves a marker in the store while it runs
+(``chunks/<id>``, one PUT and one DELETE): when Dask runs it again because its worker
+died, the marker says so, and the chunk looks every key up first (``storage/batch.py``:
+a listing and concurrent reads), so what its first attempt committed is a hit.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from notebook_flow import _identity
 from notebook_flow.metadata import RunEvent
 from notebook_flow.metadata.remote import Op, encode, session_dir
 from notebook_flow.states import RunState
-from notebook_flow.storage import behind
+from notebook_flow.storage import behind, files
 from notebook_flow.storage.batch import lookup_many
 from notebook_flow.storage.store import assumed_absent
 from notebook_flow.tasks import _Call, _run_async, _run_sync
@@ -68,7 +71,7 @@ __all__ = [
 logger = logging.getLogger("notebook_flow")
 
 #: Seconds between two writes of a worker's spooled events to the store.
-SPOOL_INTERVAL = 1.0
+SPOOL_INTERVAL = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,18 +183,22 @@ class RunPayload:
 
 
 class ChunkPayload:
-    """Several runs in one Dask task (a chunk of a map): one scheduler round trip and one
-    batched lookup for all of them. ``chunk_id`` ends the Dask key, as a run id does."""
+    """Several runs in one Dask task (a chunk of a map's misses): one scheduler round trip
+    for all of them. ``chunk_id`` (32 hex digits) ends the Dask key, as a run id does;
+    ``absent`` holds the keys the client's lookup found without a manifest."""
 
-    __slots__ = ("chunk_id", "runs", "token")
+    __slots__ = ("absent", "chunk_id", "runs", "token")
 
-    def __init__(self, token: str, chunk_id: str, runs: list[RunPayload]) -> None:
+    def __init__(
+        self, token: str, chunk_id: str, runs: list[RunPayload], absent: frozenset[str]
+    ) -> None:
         self.token = token
         self.chunk_id = chunk_id
         self.runs = runs
+        self.absent = absent
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ChunkPayload, (self.token, self.chunk_id, self.runs))
+        return (ChunkPayload, (self.token, self.chunk_id, self.runs, self.absent))
 
 
 @dataclasses.dataclass
@@ -380,28 +387,62 @@ def run_on_worker(payload: RunPayload) -> Outcome:
     return outcome
 
 
+#: Where a chunk's marker lives while it runs (``<store>/chunks/<chunk id>``).
+CHUNKS_DIR = "chunks"
+
+
 def run_chunk(chunk: ChunkPayload) -> list[Outcome]:
-    """Run a chunk of runs one after the other on this worker (one Dask task), after one
-    batched lookup of their keys; their outcomes in order."""
+    """Run a chunk of runs one after the other on this worker (one Dask task); their
+    outcomes in order."""
     config = _setup_for(chunk.token)
     store = config.apply()
     _executing[chunk.chunk_id] = config.client_id
+    marker = f"{CHUNKS_DIR}/{chunk.chunk_id}" if _HEX32.match(chunk.chunk_id) else None
     try:
-        keys = [p.spec.key for p in chunk.runs if p.spec.key is not None]
-        try:
-            found: dict[str, Any] = lookup_many(store, keys) if keys else {}
-        except Exception as exc:  # the runs then look their keys up one by one
-            logger.warning("batched lookup of %d keys failed (%s)", len(keys), exc)
-            found = {}
+        found: dict[str, Any]
+        if marker is not None and _first_attempt(store, marker):
+            found = dict.fromkeys(chunk.absent)  # the client's answer: no manifest
+        else:
+            keys = [p.spec.key for p in chunk.runs if p.spec.key is not None]
+            try:
+                found = lookup_many(store, keys) if keys else {}
+            except Exception as exc:  # the runs then look their keys up one by one
+                logger.warning("batched lookup of %d keys failed (%s)", len(keys), exc)
+                found = {}
         outcomes = []
         for payload in chunk.runs:
             key = payload.spec.key
             outcome = _run_one(payload, found.get(key, _UNKNOWN) if key else _UNKNOWN)
             _spool.add(chunk.token, outcome.events)
             outcomes.append(outcome)
+        if marker is not None:
+            files.remove_quietly(store, marker)
     finally:
         _executing.pop(chunk.chunk_id, None)
     return outcomes
+
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _first_attempt(store: ResultStore, marker: str) -> bool:
+    """True when no worker started this chunk before (its marker is not in the store);
+    the marker is left for a later attempt to find. False when unsure."""
+    if store.is_local:
+        return False  # local lookups cost microseconds: always look up
+    try:
+        files.read_small(store, marker)
+        return False  # a worker started it and died before it finished
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        files.write_atomic(store, marker, lambda write: write(memoryview(b"")))
+    except Exception as exc:  # unmarked, a rerun could not tell: look up every key
+        logger.warning("could not mark a chunk as started in %s (%s)", store.url, exc)
+        return False
+    return True
 
 
 def _run_one(payload: RunPayload, prefetched: Any = _UNKNOWN) -> Outcome:
