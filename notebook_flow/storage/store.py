@@ -375,6 +375,8 @@ class ResultStore:
                 ) from exc
         elif self.is_local:
             return payload.load_local(self, manifest, serializer, mac)
+        elif payload.maps_remote(self, manifest):
+            return payload.load_remote_mapped(self, manifest, serializer, mac)
         else:
             data = payload.read_payload(self, manifest)
         payload.check(self, manifest, len(data), xxhash.xxh3_128_hexdigest(data))
