@@ -332,6 +332,18 @@ class DaskRunner(BaseRunner):
                 self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
+        """Send a burst (in the sender thread, which must survive anything: a run it
+        could not send fails, the next burst is sent as usual)."""
+        try:
+            self._send_batch(batch)
+        except Exception as exc:  # e.g. the scheduler is gone (scheduler_info)
+            logger.warning("could not send %d runs to the cluster", len(batch), exc_info=True)
+            for fut, call, _ in batch:
+                if not fut.done():
+                    call.failed(1, exc)
+                    fut._finish(RunState.FAILED, None, exc)
+
+    def _send_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
         from .dask_worker import ChunkPayload, run_chunk, run_on_worker
 
         batch, absent = self._hits_here(batch)
