@@ -151,6 +151,24 @@ def test_results_stay_in_the_store_until_asked_for(cluster, runner, s3_store):
     assert fut.state.is_completed() and fut.state.result() is value
 
 
+def test_a_burst_that_cannot_be_sent_fails_its_runs_and_the_next_one_goes(
+    cluster, runner, s3_store, monkeypatch
+):
+    def broken() -> int:
+        raise OSError("scheduler unreachable")
+
+    monkeypatch.setattr(runner, "worker_threads", broken)
+    with runner:
+        lost = square.map([101, 102])
+    for fut in lost:
+        with pytest.raises(OSError, match="scheduler unreachable"):
+            fut.result(timeout=300)
+    monkeypatch.undo()
+    with runner:
+        futs = square.map([101, 102])
+    assert [f.result(timeout=300) for f in futs] == [101 * 101, 102 * 102]
+
+
 def test_refuses_a_memory_store_and_a_memory_lock_manager(runner, s3_store):
     @task(cache_policy=INPUTS.configure(lock_manager=MemoryLockManager()))
     def locked(x: int) -> int:
