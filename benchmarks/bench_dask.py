@@ -282,7 +282,7 @@ def run() -> list[dict]:
         peers = {"plain client.map": plain}
         if prefect is not None:
             peers["prefect DaskTaskRunner"] = prefect
-        note = "" if prefect is not None else " (prefect: not measured, no offline venv)"
+        note = "" if prefect is not None else " (prefect: no venv, or did not finish)"
         rows = [
             {
                 "benchmark": f"dask: {N:,} no-op runs, uncached, committed to S3{note}",
