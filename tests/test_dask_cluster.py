@@ -95,7 +95,11 @@ def test_history_after_a_map_is_complete_and_nothing_opens_duckdb_on_workers(
     ours = {f.run_id for f in [*futs, *again, failed, plain]}
     assert set(history["run_id"]) == ours
     pids = set(cluster.worker_pids(runner.client).values())
-    assert set(history["pid"]) <= pids, "the final events are the workers'"
+    by_run = history.set_index("run_id")
+    ran = [f.run_id for f in [*futs, failed, plain]]
+    assert set(by_run.loc[ran, "pid"]) <= pids, "the final events of runs are the workers'"
+    # Hits are decided here, in one batched lookup: they never went to the cluster.
+    assert set(by_run.loc[[f.run_id for f in again], "pid"]) == {os.getpid()}
     row = history.set_index("run_id").loc[failed.run_id]
     assert "ArithmeticError: cannot 1" in row["error"] and "Traceback" in row["traceback"]
     stats = nf.stats()
@@ -145,6 +149,24 @@ def test_results_stay_in_the_store_until_asked_for(cluster, runner, s3_store):
     assert value.shape == (100_000,) and value[-1] == 99_999.0
     assert fut.result() is value  # loaded once
     assert fut.state.is_completed() and fut.state.result() is value
+
+
+def test_a_burst_that_cannot_be_sent_fails_its_runs_and_the_next_one_goes(
+    cluster, runner, s3_store, monkeypatch
+):
+    def broken() -> int:
+        raise OSError("scheduler unreachable")
+
+    monkeypatch.setattr(runner, "worker_threads", broken)
+    with runner:
+        lost = square.map([101, 102])
+    for fut in lost:
+        with pytest.raises(OSError, match="scheduler unreachable"):
+            fut.result(timeout=300)
+    monkeypatch.undo()
+    with runner:
+        futs = square.map([101, 102])
+    assert [f.result(timeout=300) for f in futs] == [101 * 101, 102 * 102]
 
 
 def test_refuses_a_memory_store_and_a_memory_lock_manager(runner, s3_store):
@@ -211,6 +233,39 @@ def test_a_worker_killed_mid_map_is_replaced_and_every_run_completes_once(
     assert sum(executed.values()) - 16 <= 2 and set(executed.values()) <= {1, 2}
     assert len({m.key for m in get_store().iter_manifests()}) == 16
     cluster.wait_for_workers(runner.client)  # the nanny restarts the killed worker
+
+
+def test_a_worker_killed_mid_chunk_loses_no_run_and_repeats_only_what_it_was_running(
+    cluster, runner, s3_store, tmp_path, monkeypatch
+):
+    from notebook_flow.runners import dask as dask_runner
+
+    # 32 runs in 4 chunks of 8 (one per worker thread): each Dask task runs 8 items.
+    monkeypatch.setattr(dask_runner, "RUNS_PER_THREAD", 1)
+    monkeypatch.setattr(dask_runner, "MAX_CHUNK", 8)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    n = 32
+    with runner:
+        futs = square.map(range(n), str(marks), 0.3)
+    deadline = time.monotonic() + 120
+    while len(os.listdir(marks)) < 6:  # chunks are under way on both workers
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.05)
+    victim = cluster.worker_pids(runner.client)["w0"]
+    os.kill(victim, signal.SIGKILL)
+    assert [f.result(timeout=600) for f in futs] == [x * x for x in range(n)]
+    assert {f.run_state for f in futs} <= {RunState.COMPLETED, RunState.CACHED}
+    # Dask ran the dead worker's chunks again: what they had committed was a hit there.
+    # Only the item each of its 2 threads was running (past its marker, before its
+    # commit) may have run twice.
+    executed = count_marks(str(marks))
+    assert set(executed) == set(range(n))
+    assert sum(executed.values()) - n <= 2 and set(executed.values()) <= {1, 2}, executed
+    assert len({m.key for m in get_store().iter_manifests()}) == n
+    history = nf.history()
+    assert set(history["run_id"]) == {f.run_id for f in futs}
+    cluster.wait_for_workers(runner.client)
 
 
 def _client_env(cluster: Cluster, tmp_path: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ key → lookup → (lock) → run with retries and timeout → commit → record
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import logging
@@ -440,6 +441,10 @@ class BaseRunner:
     def _accept(self, task: Task[..., Any]) -> None:
         """Raise ``ConfigurationError`` for a task this runner cannot run (see dask.py)."""
 
+    def _burst(self) -> contextlib.AbstractContextManager[Any]:
+        """Around the submissions of one map: a runner may send them together (dask.py)."""
+        return contextlib.nullcontext()
+
     def __enter__(self) -> BaseRunner:
         self._token = _current.set(self)
         return self
@@ -548,15 +553,16 @@ def map_with(
     out = FutureList()
     append = out.append
     positions = [(k, items) for k, items in columns]
-    for row in range(lengths.pop()):
-        a = list(constants_args)
-        kw = dict(constants_kwargs)
-        for k, items in positions:
-            if isinstance(k, int):
-                a[k] = items[row]
-            else:
-                kw[k] = items[row]
-        append(submit_with(runner, task, tuple(a), kw, wait_for))
+    with runner._burst():
+        for row in range(lengths.pop()):
+            a = list(constants_args)
+            kw = dict(constants_kwargs)
+            for k, items in positions:
+                if isinstance(k, int):
+                    a[k] = items[row]
+                else:
+                    kw[k] = items[row]
+            append(submit_with(runner, task, tuple(a), kw, wait_for))
     return out
 
 

@@ -17,9 +17,14 @@ How a run travels (``docs/dask.md`` is the deployment guide):
   land in this process's index (queued, as local runs' are), and are also spooled to the
   store (``<store>/events/``) for the case this process dies first — a later ``DaskRunner``
   or ``notebook_flow.rebuild_index()`` ingests them (``metadata/remote.py``).
-* **Results stay where they are**: a run that committed or hit returns no bytes; the
-  future loads the value from the store when ``result()`` asks (memory-mapped where the
-  format and store allow). Values that were not stored (uncached tasks) come back in-band.
+* **Results stay where they are**: a run that committed or hit returns its manifest, not
+  its value; the future loads the value from the store when ``result()`` asks
+  (memory-mapped where the format and store allow). Values that were not stored
+  (uncached tasks) come back in-band.
+* **Hits never reach the cluster**: the runs of a burst (a map) are looked up here in one
+  batch (``storage/batch.py``: a listing and concurrent reads instead of a GET per run),
+  and only the misses are sent, in chunks of several runs per Dask task when there are
+  many (:data:`RUNS_PER_THREAD`), so the scheduler's per-task cost is paid per chunk.
 * **What cannot work is refused** (``ConfigurationError``): a ``memory://`` store, a
   ``MemoryLockManager``, and a local-folder store while workers run on other hosts (pass
   ``shared_filesystem=True`` when that folder is a shared mount on every host).
@@ -30,6 +35,7 @@ Upstream futures are resolved here (their values are loaded and sent with the ru
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import re
@@ -38,6 +44,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from notebook_flow import _identity, config
@@ -49,7 +56,7 @@ from notebook_flow.states import Deferred, RunState
 from .base import BaseRunner, WorkerCall, resolve_arguments
 
 if TYPE_CHECKING:
-    from notebook_flow.storage import ResultStore
+    from notebook_flow.storage import Manifest, ResultStore
     from notebook_flow.tasks import Task
 
     from .dask_worker import Outcome
@@ -60,6 +67,13 @@ logger = logging.getLogger("notebook_flow")
 
 #: Seconds the client trusts its list of worker hosts before asking the scheduler again.
 HOSTS_RECHECK = 5.0
+#: A burst of misses is cut into about this many chunks per worker thread (each chunk one
+#: Dask task), so that threads which finish early find more work.
+RUNS_PER_THREAD = 4
+#: At most this many runs in one chunk (a chunk's results come back together).
+MAX_CHUNK = 64
+#: A map holds its runs back until it has submitted them all, or this many.
+MAP_BURST = 4096
 
 
 class DaskRunner(BaseRunner):
@@ -110,6 +124,8 @@ class DaskRunner(BaseRunner):
         self._accepted: weakref.WeakKeyDictionary[Task[..., Any], int] = weakref.WeakKeyDictionary()
         self._references: dict[str, dict[str, str] | None] = {}
         self._hosts: tuple[float, list[str]] = (0.0, [])
+        self._threads: tuple[float, int] = (0.0, 1)
+        self._holding = 0  # maps submitting right now (their runs leave as one burst)
         self._outbox: collections.deque[tuple[TaskFuture[Any], WorkerCall, Any]] = (
             collections.deque()
         )
@@ -166,8 +182,30 @@ class DaskRunner(BaseRunner):
         hosts = sorted(
             {str(w.get("host") or "") for w in workers.values()} - {""} - local_addresses()
         )
-        self._hosts = (time.monotonic(), hosts)
+        now = time.monotonic()
+        self._hosts = (now, hosts)
+        self._threads = (now, max(1, sum(int(w.get("nthreads") or 1) for w in workers.values())))
         return hosts
+
+    def worker_threads(self) -> int:
+        """The threads of all workers of the cluster (cached a few s)."""
+        if time.monotonic() - self._threads[0] >= HOSTS_RECHECK:
+            self._hosts = (0.0, [])
+            self.worker_hosts_elsewhere()
+        return self._threads[1]
+
+    @contextlib.contextmanager
+    def _burst(self) -> Iterator[None]:
+        """The runs of one map leave for the cluster together once it has submitted them
+        all (or :data:`MAP_BURST` of them): one batched lookup, then chunks of misses."""
+        with self._lock:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holding -= 1
+            self._poke()
 
     # -- sending a run ----------------------------------------------------------------------
 
@@ -260,7 +298,12 @@ class DaskRunner(BaseRunner):
             fut._finish(RunState.FAILED, None, exc)
             return
         self._outbox.append((fut, call, payload))
-        if not self._poked:
+        if self._holding and len(self._outbox) < MAP_BURST:
+            return  # the map pokes the sender when it has submitted all its runs
+        self._poke()
+
+    def _poke(self) -> None:
+        if not self._poked and self._outbox:
             self._poked = True
             if self._sender is None:
                 self._start_sender()
@@ -289,13 +332,51 @@ class DaskRunner(BaseRunner):
                 self._submit_batch(batch)
 
     def _submit_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
-        from .dask_worker import run_on_worker
-
+        """Send a burst (in the sender thread, which must survive anything: a run it
+        could not send fails, the next burst is sent as usual)."""
         try:
+            self._send_batch(batch)
+        except Exception as exc:  # e.g. the scheduler is gone (scheduler_info)
+            logger.warning("could not send %d runs to the cluster", len(batch), exc_info=True)
+            for fut, call, _ in batch:
+                if not fut.done():
+                    call.failed(1, exc)
+                    fut._finish(RunState.FAILED, None, exc)
+
+    def _send_batch(self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]) -> None:
+        from .dask_worker import ChunkPayload, run_chunk, run_on_worker
+
+        batch, absent = self._hits_here(batch)
+        if not batch:
+            return
+        size = min(MAX_CHUNK, len(batch) // (self.worker_threads() * RUNS_PER_THREAD))
+        try:
+            if size <= 1:
+                pendings = self.client.map(
+                    run_on_worker,
+                    [payload for _, _, payload in batch],
+                    key=[f"notebook_flow-{fut.task.name}-{fut.run_id}" for fut, _, _ in batch],
+                    pure=False,
+                )
+                for (fut, call, _), pending in zip(batch, pendings, strict=True):
+                    pending.add_done_callback(
+                        lambda done, fut=fut, call=call: self._complete(fut, call, done)
+                    )
+                return
+            chunks = [batch[i : i + size] for i in range(0, len(batch), size)]
+            ids = [secrets.token_hex(16) for _ in chunks]
             pendings = self.client.map(
-                run_on_worker,
-                [payload for _, _, payload in batch],
-                key=[f"notebook_flow-{fut.task.name}-{fut.run_id}" for fut, _, _ in batch],
+                run_chunk,
+                [
+                    ChunkPayload(
+                        chunk[0][2].token,
+                        chunk_id,
+                        [p for _, _, p in chunk],
+                        frozenset(c.key for _, c, _ in chunk if c.key in absent),
+                    )
+                    for chunk, chunk_id in zip(chunks, ids, strict=True)
+                ],
+                key=[f"notebook_flow-chunk-{chunk_id}" for chunk_id in ids],
                 pure=False,
             )
         except Exception as exc:  # the cluster is gone: every run of the burst fails
@@ -303,15 +384,78 @@ class DaskRunner(BaseRunner):
                 call.failed(1, exc)
                 fut._finish(RunState.FAILED, None, exc)
             return
-        for (fut, call, _), pending in zip(batch, pendings, strict=True):
-            pending.add_done_callback(
-                lambda done, fut=fut, call=call: self._complete(fut, call, done)
-            )
+        for chunk, pending in zip(chunks, pendings, strict=True):
+            pending.add_done_callback(lambda done, chunk=chunk: self._complete_chunk(chunk, done))
 
-    def _complete(self, fut: TaskFuture[Any], call: WorkerCall, pending: Any) -> None:
-        """Record the run's events here and finish its future (in Dask's callback thread)."""
+    def _hits_here(
+        self, batch: list[tuple[TaskFuture[Any], WorkerCall, Any]]
+    ) -> tuple[list[tuple[TaskFuture[Any], WorkerCall, Any]], set[str]]:
+        """Finish the runs whose keys are hits (one batched lookup per store); the rest,
+        and the keys found without a manifest."""
+        from notebook_flow.storage.batch import lookup_many
+
+        by_store: dict[int, list[tuple[TaskFuture[Any], WorkerCall, Any]]] = {}
+        rest = []
+        absent: set[str] = set()
+        for item in batch:
+            if _lookup_here(item[0].task, item[1]):
+                by_store.setdefault(id(item[1].store), []).append(item)
+            else:
+                rest.append(item)
+        for items in by_store.values():
+            store = items[0][1].store
+            t0 = time.perf_counter()
+            try:
+                found = lookup_many(store, [call.key for _, call, _ in items if call.key])
+            except Exception as exc:  # the workers look them up instead
+                logger.warning("batched lookup in %s failed (%s)", store.url, exc)
+                found = {}
+            elapsed = (time.perf_counter() - t0) / len(items)  # each run's share
+            now = time.time()
+            for fut, call, payload in items:
+                manifest = found.get(call.key) if call.key else None
+                if manifest is None and call.key in found:
+                    absent.add(call.key)
+                if manifest is None or manifest.expired(now):
+                    rest.append((fut, call, payload))  # (an expiry is explained there)
+                    continue
+                call.record(
+                    RunState.CACHED,
+                    duration=elapsed,
+                    saved=max(manifest.duration - elapsed, 0.0),
+                    size=manifest.size,
+                )
+                fut.task._last_components = call.components
+                fut._finish(RunState.CACHED, Deferred(_loader(store, call.key, manifest)), None)
+        return rest, absent
+
+    def _complete_chunk(
+        self, chunk: list[tuple[TaskFuture[Any], WorkerCall, Any]], pending: Any
+    ) -> None:
+        """Finish every run of a chunk (in Dask's callback thread)."""
         try:
-            outcome: Outcome = pending.result()
+            outcomes: list[Outcome] = pending.result()
+        except BaseException as exc:  # the cluster gave up on it (KilledWorker, cancelled)
+            for fut, call, _ in chunk:
+                self._complete(fut, call, None, exc)
+            return
+        for (fut, call, _), outcome in zip(chunk, outcomes, strict=True):
+            self._complete(fut, call, outcome)
+
+    def _complete(
+        self,
+        fut: TaskFuture[Any],
+        call: WorkerCall,
+        pending: Any,
+        error: BaseException | None = None,
+    ) -> None:
+        """Record the run's events here and finish its future (in Dask's callback thread).
+        ``pending``: the run's Dask future, or its outcome (from a chunk's)."""
+        outcome: Outcome
+        try:
+            if error is not None:
+                raise error
+            outcome = pending.result() if hasattr(pending, "add_done_callback") else pending
         except BaseException as exc:  # the cluster gave up on it (KilledWorker, cancelled)
             call.record(
                 RunState.FAILED,
@@ -341,6 +485,10 @@ class DaskRunner(BaseRunner):
         fut.saved = outcome.saved
         value: Any = outcome.value
         if outcome.manifest is not None:
+            if call.key is not None:  # known here: a later batched lookup need not read it
+                from notebook_flow.storage.batch import remember
+
+                remember(store, call.key, outcome.manifest)
             value = Deferred(_loader(store, call.key, outcome.manifest))
         elif outcome.stored:
             value = Deferred(_loader(store, call.key, None))
@@ -471,12 +619,30 @@ class DaskRunner(BaseRunner):
 # --------------------------------------------------------------------------- helpers
 
 
-def _loader(store: ResultStore, key: str | None, manifest_json: bytes | None) -> Any:
+def _lookup_here(task: Task[..., Any], call: WorkerCall) -> bool:
+    """Whether the client may decide a hit for this run itself: a stored result to look
+    for, and nothing that must run on a hit (hooks run where the run runs)."""
+    return (
+        call.key is not None
+        and task.persist_result is not False
+        and not task._refreshing()
+        and not (
+            task.on_completion_hooks
+            or task.on_failure_hooks
+            or task.on_commit_hooks
+            or task.on_rollback_hooks
+        )
+    )
+
+
+def _loader(store: ResultStore, key: str | None, manifest_json: bytes | Manifest | None) -> Any:
     def load() -> Any:
         from notebook_flow.storage import Manifest
 
         assert key is not None
-        if manifest_json is not None:
+        if isinstance(manifest_json, Manifest):
+            manifest = manifest_json
+        elif manifest_json is not None:
             manifest = Manifest.from_json(manifest_json, key=key)
         else:
             found = store.lookup(key)

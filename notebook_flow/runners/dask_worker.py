@@ -4,8 +4,9 @@ Per worker, once: :class:`WorkerSetup` — the store's URL and options and the s
 — arrives inside a worker plugin (registered by the client, replayed by the scheduler to
 workers that join later), so secrets cross the network once per worker, never per run.
 
-Per run: :func:`run_on_worker` gets the token of that setup, the task (pickled once per
-task on the client, unpickled once per worker), the arguments and a :class:`RunSpec`
+Per run: :func:`run_on_worker` (or :func:`run_chunk`, which runs a chunk of a map's
+misses one after the other in one Dask task) gets the token of that setup, the task
+(unpickled once per worker), the arguments and a :class:`RunSpec`
 whose cache key and components the *client* computed — source fingerprints are taken
 where the source lives (a notebook cell exists only there), so client and worker agree on
 the key by construction. The run goes through the usual call path (lookup → lock →
@@ -15,9 +16,17 @@ re-check → run with retries → commit) with two differences:
   event sink) and returned with the outcome, and also spooled to the store (see
   ``metadata/remote.py``) in case the client is gone; a miss is explained against the
   components the client sent;
-* the result stays where it is: a hit returns its manifest, a commit only its key, and
-  the client loads the value when ``result()`` asks. Only a value that was not stored
-  (an uncached or ``persist_result=False`` task) travels back.
+* the result stays where it is: a hit or a commit returns its manifest (a few hundred
+  bytes), and the client loads the value when ``result()`` asks. Only a value that was
+  not stored (an uncached or ``persist_result=False`` task) travels back.
+
+A chunk's runs are those the client's batched lookup found absent a moment ago: on its
+first attempt, the lookup before a run's lock takes that answer (and the commit skips
+reading the manifest it would replace), instead of two GETs per run; the re-check after
+a lock reads the store as always. A chunk leaves a marker in the store while it runs
+(``chunks/<id>``, one PUT and one DELETE): when Dask runs it again because its worker
+died, the marker says so, and the chunk looks every key up first (``storage/batch.py``:
+a listing and concurrent reads), so what its first attempt committed is a hit.
 """
 
 from __future__ import annotations
@@ -38,7 +47,9 @@ from notebook_flow import _identity
 from notebook_flow.metadata import RunEvent
 from notebook_flow.metadata.remote import Op, encode, session_dir
 from notebook_flow.states import RunState
-from notebook_flow.storage import behind
+from notebook_flow.storage import behind, files
+from notebook_flow.storage.batch import lookup_many
+from notebook_flow.storage.store import assumed_absent
 from notebook_flow.tasks import _Call, _run_async, _run_sync
 from notebook_flow.tasks import call as _callmod
 from notebook_flow.tasks.explain import _expired_reason, diff_components
@@ -47,12 +58,20 @@ if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
     from notebook_flow.tasks import Task
 
-__all__ = ["Outcome", "RunPayload", "RunSpec", "WorkerSetup", "run_on_worker"]
+__all__ = [
+    "ChunkPayload",
+    "Outcome",
+    "RunPayload",
+    "RunSpec",
+    "WorkerSetup",
+    "run_chunk",
+    "run_on_worker",
+]
 
 logger = logging.getLogger("notebook_flow")
 
 #: Seconds between two writes of a worker's spooled events to the store.
-SPOOL_INTERVAL = 1.0
+SPOOL_INTERVAL = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +182,25 @@ class RunPayload:
         return (RunPayload, (self.token, self.task_ref, self.args, self.kwargs, self.spec))
 
 
+class ChunkPayload:
+    """Several runs in one Dask task (a chunk of a map's misses): one scheduler round trip
+    for all of them. ``chunk_id`` (32 hex digits) ends the Dask key, as a run id does;
+    ``absent`` holds the keys the client's lookup found without a manifest."""
+
+    __slots__ = ("absent", "chunk_id", "runs", "token")
+
+    def __init__(
+        self, token: str, chunk_id: str, runs: list[RunPayload], absent: frozenset[str]
+    ) -> None:
+        self.token = token
+        self.chunk_id = chunk_id
+        self.runs = runs
+        self.absent = absent
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ChunkPayload, (self.token, self.chunk_id, self.runs, self.absent))
+
+
 @dataclasses.dataclass
 class Outcome:
     """What a run sends back: its final state, its events, and where its result is."""
@@ -170,10 +208,13 @@ class Outcome:
     state: str
     events: list[Op]
     saved: float | None = None
-    manifest: bytes | None = None  # a hit: the manifest to load the value from
+    manifest: bytes | None = None  # a hit or a commit: the manifest to load the value from
     stored: bool = False  # the value was committed under the run's key
     value: Any = None  # only for a value that was not stored
     error: BaseException | None = None
+
+
+_UNKNOWN: Any = object()  # sentinel: no batched lookup was made for this run
 
 
 class _InStore:
@@ -213,16 +254,25 @@ class _OrphanSink(_Events):
 class RemoteCall(_Call):
     """A ``_Call`` whose key came from the client and whose events stay in memory."""
 
-    __slots__ = ("events", "final", "saved", "spec")
+    __slots__ = ("committed", "events", "final", "prefetched", "saved", "spec")
 
     def __init__(
-        self, t: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], spec: RunSpec
+        self,
+        t: Task[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        spec: RunSpec,
+        prefetched: Any = _UNKNOWN,
     ) -> None:
         super().__init__(t, args, kwargs, run_id=spec.run_id)
         self.spec = spec
         self.events = _Events()
         self.saved: float | None = None  # what a hit saved
         self.final: RunState | None = None  # the last final state recorded
+        self.committed: Any = None  # the manifest this run published
+        # The chunk's batched lookup of this key (a Manifest, None: absent), used once: the
+        # re-check after taking the key's lock reads the store.
+        self.prefetched = prefetched
 
     def compute_key(self) -> str | None:
         self.key, self.components = self.spec.key, self.spec.components
@@ -267,7 +317,9 @@ class RemoteCall(_Call):
         if key is None or t.refresh_cache or not t.persist_result:
             return super().lookup()
         t0 = time.perf_counter()
-        manifest = self.store.lookup(key)
+        manifest, self.prefetched = self.prefetched, _UNKNOWN
+        if manifest is _UNKNOWN:
+            manifest = self.store.lookup(key)
         if manifest is None:
             return _callmod._MISS
         if manifest.expired():
@@ -281,6 +333,10 @@ class RemoteCall(_Call):
             size=manifest.size,
         )
         return _InStore(manifest)
+
+    def published(self, manifest: Any, value: Any, *, remember: bool = True) -> None:
+        self.committed = manifest  # sent back: the client loads the value from it
+        super().published(manifest, value, remember=remember)
 
 
 # --------------------------------------------------------------------------- the run
@@ -305,16 +361,7 @@ def _task(ref: tuple[str, bytes]) -> Task[..., Any]:
     return t
 
 
-def run_on_worker(payload: RunPayload) -> Outcome:
-    """Run one call on this worker; never raises for the task's own failure (the
-    exception travels in the outcome, with the events that describe it)."""
-    token, task_ref, args, kwargs, spec = (
-        payload.token,
-        payload.task_ref,
-        payload.args,
-        payload.kwargs,
-        payload.spec,
-    )
+def _setup_for(token: str) -> WorkerSetup:
     config = _setups.get(token)
     if config is None:
         from notebook_flow.errors import ConfigurationError
@@ -323,41 +370,117 @@ def run_on_worker(payload: RunPayload) -> Outcome:
             "this Dask worker has no notebook_flow setup for the run (the plugin that "
             "carries it did not reach it); restart the DaskRunner"
         )
+    return config
+
+
+def run_on_worker(payload: RunPayload) -> Outcome:
+    """Run one call on this worker; never raises for the task's own failure (the
+    exception travels in the outcome, with the events that describe it)."""
+    config = _setup_for(payload.token)
     config.apply()
-    t = _task(task_ref)
-    call = RemoteCall(t, args, kwargs, spec)
+    _executing[payload.spec.run_id] = config.client_id
+    try:
+        outcome = _run_one(payload)
+    finally:
+        _executing.pop(payload.spec.run_id, None)
+    _spool.add(payload.token, outcome.events)
+    return outcome
+
+
+#: Where a chunk's marker lives while it runs (``<store>/chunks/<chunk id>``).
+CHUNKS_DIR = "chunks"
+
+
+def run_chunk(chunk: ChunkPayload) -> list[Outcome]:
+    """Run a chunk of runs one after the other on this worker (one Dask task); their
+    outcomes in order."""
+    config = _setup_for(chunk.token)
+    store = config.apply()
+    _executing[chunk.chunk_id] = config.client_id
+    marker = f"{CHUNKS_DIR}/{chunk.chunk_id}" if _HEX32.match(chunk.chunk_id) else None
+    try:
+        found: dict[str, Any]
+        if marker is not None and _first_attempt(store, marker):
+            found = dict.fromkeys(chunk.absent)  # the client's answer: no manifest
+        else:
+            keys = [p.spec.key for p in chunk.runs if p.spec.key is not None]
+            try:
+                found = lookup_many(store, keys) if keys else {}
+            except Exception as exc:  # the runs then look their keys up one by one
+                logger.warning("batched lookup of %d keys failed (%s)", len(keys), exc)
+                found = {}
+        outcomes = []
+        for payload in chunk.runs:
+            key = payload.spec.key
+            outcome = _run_one(payload, found.get(key, _UNKNOWN) if key else _UNKNOWN)
+            _spool.add(chunk.token, outcome.events)
+            outcomes.append(outcome)
+        if marker is not None:
+            files.remove_quietly(store, marker)
+    finally:
+        _executing.pop(chunk.chunk_id, None)
+    return outcomes
+
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _first_attempt(store: ResultStore, marker: str) -> bool:
+    """True when no worker started this chunk before (its marker is not in the store);
+    the marker is left for a later attempt to find. False when unsure."""
+    if store.is_local:
+        return False  # local lookups cost microseconds: always look up
+    try:
+        files.read_small(store, marker)
+        return False  # a worker started it and died before it finished
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    try:
+        files.write_atomic(store, marker, lambda write: write(memoryview(b"")))
+    except Exception as exc:  # unmarked, a rerun could not tell: look up every key
+        logger.warning("could not mark a chunk as started in %s (%s)", store.url, exc)
+        return False
+    return True
+
+
+def _run_one(payload: RunPayload, prefetched: Any = _UNKNOWN) -> Outcome:
+    t = _task(payload.task_ref)
+    spec = payload.spec
+    call = RemoteCall(t, payload.args, payload.kwargs, spec, prefetched)
     sink_token = _callmod.event_sink.set(call.events)
     fg_token = behind.foreground.set(True)  # durable before we return
-    _executing[spec.run_id] = config.client_id
+    absent_token = assumed_absent.set(
+        frozenset((spec.key,)) if prefetched is None and spec.key else frozenset()
+    )
     try:
         value = asyncio.run(_run_async(call)) if t.is_async else _run_sync(call)
     except BaseException as exc:
         if call.final not in (RunState.FAILED, RunState.CANCELLED):
             call.failed(1, exc)  # (a failure before the body: lock timeout, bad store)
-        outcome = Outcome(RunState.FAILED.value, list(call.events), error=_portable(exc))
-    else:
-        if isinstance(value, _InStore):
-            outcome = Outcome(
-                RunState.CACHED.value,
-                list(call.events),
-                saved=call.saved,
-                manifest=value.manifest.to_json(),
-            )
-        else:
-            cached = call.ctx is None and call.key is not None
-            stored = not cached and call.key is not None and t.persist_result
-            outcome = Outcome(
-                (RunState.CACHED if cached else RunState.COMPLETED).value,
-                list(call.events),
-                stored=stored,
-                value=None if stored else value,
-            )
+        return Outcome(RunState.FAILED.value, list(call.events), error=_portable(exc))
     finally:
-        _executing.pop(spec.run_id, None)
+        assumed_absent.reset(absent_token)
         behind.foreground.reset(fg_token)
         _callmod.event_sink.reset(sink_token)
-    _spool.add(token, outcome.events)
-    return outcome
+    if isinstance(value, _InStore):
+        return Outcome(
+            RunState.CACHED.value,
+            list(call.events),
+            saved=call.saved,
+            manifest=value.manifest.to_json(),
+        )
+    cached = call.ctx is None and call.key is not None
+    stored = not cached and call.key is not None and t.persist_result
+    committed = call.committed
+    return Outcome(
+        (RunState.CACHED if cached else RunState.COMPLETED).value,
+        list(call.events),
+        stored=stored,
+        value=None if stored else value,
+        manifest=committed.to_json() if stored and committed is not None else None,
+    )
 
 
 class RemoteTaskError(Exception):

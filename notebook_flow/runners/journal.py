@@ -5,9 +5,13 @@ Every ``submit`` is recorded twice, both off the caller's path:
 * a PENDING run event, through the metadata recorder's queue (DuckDB, batched) — so a
   dead process's pending and running runs show as CRASHED on the next start;
 * a journal entry — the task (cloudpickled once per task object) and the call's
-  arguments — appended by one writer thread to ``<store>/…/journal/<host>_<pid>_…``, so
-  :func:`resume` can re-submit the runs a dead session left unfinished without
-  re-running its cells.
+  arguments — appended by one writer thread to
+  ``journal/<host>_<pid>_<start>_<session>.journal`` in the store's local folder (inside a
+  local store; for a remote store, its folder in this user's cache: see
+  ``ResultStore.local_dir``), so :func:`~notebook_flow.runners.resume` can re-submit the
+  runs a dead session left unfinished without re-running its cells. A finished run
+  (completed, cached, failed or cancelled) is marked done in the journal; a clean exit
+  with nothing in flight removes the file.
 
 What "durable" means, honestly: ``submit()`` returns before anything touches the disk
 (that is how it stays in the tens of microseconds). The writer thread appends each burst
@@ -29,10 +33,16 @@ Which runs cannot be resumed, and why (``resume()`` lists them in ``.skipped``):
 * runs that depend on one of the above;
 * runs submitted from a process on another host (liveness of its pid is unknown here).
 
+If the journal cannot be written (a full disk, permissions), a warning says so once and
+journaling of that store stops in this process: runs still run, but are not resumable
+after a crash.
+
 Resumed runs get new run ids (the old ones stay CRASHED in the history, unless a Dask
 worker finished them and its spooled events say so) and run on the *current* runner —
-the innermost ``with runner:`` around ``resume()``, else the embedded thread worker —
-whichever runner first took them.
+the innermost ``with runner:`` around ``resume()`` (a ``DaskRunner`` sends them to its
+cluster), else the embedded thread worker — not on the runner that first took them. An
+upstream run that a resumed run needs is re-submitted with it (a cache hit when its
+result was committed).
 Code from notebook cells is replayed with its source (the journal keeps the cells'
 ``linecache`` entries), so a resumed run computes the same cache key as the cell would.
 """

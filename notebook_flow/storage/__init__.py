@@ -6,6 +6,8 @@ Layout under the store's root::
     manifests/<key[:2]>/<key>.json             the commit point: names payload, size, checksum
     manifests/GENERATION                       rewritten after a manifest is deleted or replaced
     metadata.duckdb, locks/, ...               local stores only (remote: a per-URL cache dir)
+    events/, chunks/                           a Dask runner's spooled run events and
+                                               chunk markers (``runners/dask_worker.py``)
 
 The commit protocol, and why it is crash-safe:
 

@@ -23,6 +23,7 @@ import contextlib
 import io
 import os
 import secrets
+import stat
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -232,8 +233,89 @@ def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, m
         raise missing(store, manifest) from None
     except OSError as exc:
         raise PayloadCorruptError(f"cannot read {what(store, manifest)}: {exc}") from exc
+    return _load_fd(store, manifest, serializer, mac, fd=fd, real=store._path(manifest.payload))
+
+
+#: Remote payloads of a format that maps a local file (``npy``, ``arrow``), from this size
+#: on, are downloaded once into the store's local cache folder and mapped from there.
+MAP_REMOTE_MIN = 16 * 2**20
+_MAPPABLE = frozenset({"npy", "arrow"})
+
+
+def maps_remote(store: ResultStore, manifest: Manifest) -> bool:
+    """Whether ``load`` maps a local copy of this remote payload (see load_remote_mapped)."""
+    return (
+        not store.is_local
+        and manifest.inline is None
+        and manifest.serializer in _MAPPABLE
+        and manifest.size >= MAP_REMOTE_MIN
+    )
+
+
+def load_remote_mapped(
+    store: ResultStore, manifest: Manifest, serializer: Serializer, mac: Any
+) -> object:
+    """Load a large remote payload memory-mapped: downloaded once (streamed to a file, not
+    held in memory) into ``payloads/`` of the store's local cache folder, then verified
+    (size, checksum, HMAC: the copy is as untrusted as the store) and mapped read-only.
+
+    Payload names are unique per commit, so a copy never goes stale; a copy that does not
+    verify (damaged on disk) is fetched again once. Copies stay until removed (they are
+    caches: delete the folder at will; a mapped copy stays readable after it is deleted).
+    """
+    folder = store.local_dir("payloads")
+    name = manifest.payload.rsplit("/", 1)[-1]
+    path = os.path.join(folder, name)
+    for attempt in (1, 2):
+        if attempt == 2 or not os.path.exists(path):
+            _download(store, manifest, path)
+        try:
+            flags = os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise PayloadCorruptError(f"cannot read the local copy {path}: {exc}") from exc
+        try:
+            return _load_fd(store, manifest, serializer, mac.copy(), fd=fd, real=path)
+        except PayloadCorruptError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # damaged, or the object was: fetch it again once
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _download(store: ResultStore, manifest: Manifest, path: str) -> None:
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    try:
+        store.fs.get_file(store._path(manifest.payload), tmp)
+        os.replace(tmp, path)
+    except FileNotFoundError:
+        raise missing(store, manifest) from None
+    except Exception as exc:  # fsspec backends raise more than OSError (boundary)
+        raise PayloadCorruptError(f"cannot download {what(store, manifest)}: {exc}") from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _load_fd(
+    store: ResultStore,
+    manifest: Manifest,
+    serializer: Serializer,
+    mac: Any,
+    *,
+    fd: int,
+    real: str,
+) -> object:
+    """Verify (unless this file was verified before) and load the open payload file
+    ``fd``, whose path is ``real``."""
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PayloadCorruptError(f"{real} is not a regular file; it was not loaded")
         identity = _localfs.file_identity(st)
         known = _localfs.verified_checksum(identity)
         if known != manifest.checksum and (
@@ -249,7 +331,6 @@ def load_local(store: ResultStore, manifest: Manifest, serializer: Serializer, m
             _localfs.remember_verified(identity, manifest.checksum)
         # Formats that map the file by path get this descriptor's path, so they map the
         # file just verified, even if the name was replaced meanwhile.
-        real = store._path(manifest.payload)
         path = _fd_path(fd, real)
         value = deserialize(store, serializer, f, path, manifest)
     if path != real and getattr(value, "filename", None) == path:

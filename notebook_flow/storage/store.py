@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import io
 import logging
 import os
@@ -68,6 +69,15 @@ class StorageWarning(UserWarning):
 _GENERATION_REL = "manifests/GENERATION"
 #: url → deletes and replacements made by this process (any ResultStore object of it).
 _generations: dict[str, int] = {}
+
+#: Keys this context has just seen absent from the store (a batched lookup on a Dask
+#: worker, ``storage/batch.py``): their commit skips reading the manifest it would
+#: replace. Only the removal of a replaced payload depends on that read, so a wrong hint
+#: (someone committed the key meanwhile) leaves an orphan payload that
+#: ``remove_orphans`` collects, never a wrong or torn entry.
+assumed_absent: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "notebook_flow_assumed_absent", default=frozenset()
+)
 
 
 class ResultStore:
@@ -365,6 +375,8 @@ class ResultStore:
                 ) from exc
         elif self.is_local:
             return payload.load_local(self, manifest, serializer, mac)
+        elif payload.maps_remote(self, manifest):
+            return payload.load_remote_mapped(self, manifest, serializer, mac)
         else:
             data = payload.read_payload(self, manifest)
         payload.check(self, manifest, len(data), xxhash.xxh3_128_hexdigest(data))
@@ -526,7 +538,7 @@ class ResultStore:
             except BaseException:
                 files.remove_quietly(self, rel)
                 raise
-        previous = self._read_previous(key)
+        previous = None if key in assumed_absent.get() else self._read_previous(key)
         data = manifest.to_json()
         try:
             files.write_atomic(self, self._manifest_rel(key), lambda write: write(memoryview(data)))
