@@ -139,7 +139,7 @@ class Worker:
         )
         self.reaped_at: float | None = None
 
-    def finish(self, timeout: float = 120) -> Outcome:
+    def finish(self, timeout: float = 400) -> Outcome:
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
