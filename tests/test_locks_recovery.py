@@ -90,7 +90,9 @@ class Child:
         for line in self.proc.stdout:
             self.lines.put(line.strip())
 
-    def expect(self, prefix: str, timeout: float = 30) -> str:
+    def expect(self, prefix: str, timeout: float = 180) -> str:
+        """The next line starting with ``prefix``; the deadline is generous: a child
+        interpreter and its imports can take tens of seconds at a load average of 60."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -184,17 +186,17 @@ def test_paused_holder_loses_its_lease_and_cannot_commit(
     child.signal(signal.SIGSTOP)
     try:
         stopped_at = time.time()
-        with hold(manager, key, ME, lease=30, timeout=60) as held:
+        with hold(manager, key, ME, lease=30, timeout=180) as held:
             assert held.fence is not None and held.fence > child_fence
             child.signal(signal.SIGCONT)
-            child.expect("LOST", timeout=60)  # its Lease.check() raised LeaseLostError
-            _, renewed, at = child.expect("RENEW", timeout=60).split()
+            child.expect("LOST")  # its Lease.check() raised LeaseLostError
+            _, renewed, at = child.expect("RENEW").split()
             # Under heavy load the child's own clock may call the lease lost (and its renewal
             # still succeed) before it was stopped, i.e. before we took the lock over; any
             # renewal after that must be refused.
             assert renewed == "False" or float(at) < stopped_at, (renewed, at, stopped_at)
-            child.expect("EXIT", timeout=60)
-            assert child.proc.wait(60) == 0
+            child.expect("EXIT")
+            assert child.proc.wait(180) == 0
             held.check()  # the successor still holds it: the child's exit released nothing
             info = manager.holder_of(key)
             assert info is not None and info.holder == ME
@@ -233,8 +235,8 @@ def test_killed_redis_connection_is_survived_and_a_lost_key_noticed(tmp_path: Pa
             time.sleep(0.02)
 
     try:
-        # Renewals every 1.5 s: a loaded machine's stalls of a second or two lose nothing.
-        with hold(manager, key, ME, lease=4.5, on_event=on_event) as held:
+        # Renewals every 3 s: a loaded machine's stalls of several seconds lose nothing.
+        with hold(manager, key, ME, lease=9.0, on_event=on_event) as held:
             assert kill_connections() >= 1
             wait_for(lambda: events.count("renewed") >= 2)  # each reconnects: still ours
             held.check()
@@ -259,15 +261,15 @@ def test_killed_redis_connection_is_survived_and_a_lost_key_noticed(tmp_path: Pa
 
 @pytest.mark.parametrize("kind", ["memory", "file", "redis", "postgres"])
 def test_hold_many_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) -> None:
-    """Held through renewals (every lease / 3) for three leases while a thief keeps trying.
+    """Held through renewals (every lease / 3) for two leases while a thief keeps trying.
 
-    The lease is long enough for a loaded machine: a heartbeat stalled for 2 s still
+    The lease is long enough for a loaded machine: a heartbeat stalled for 4 s still
     renews in time. The hold ends on events (renewals seen and leases outlived), not on a
     count of sleeps."""
     manager, cleanup = new_manager(kind, tmp_path)
     key = new_key()
     events, on_event = _events()
-    lease = 3.0
+    lease = 6.0
     stolen: list[bool] = []
     stop = threading.Event()
 
@@ -281,9 +283,9 @@ def test_hold_many_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) ->
     with hold(manager, key, ME, lease=lease, on_event=on_event) as held:
         thief = threading.Thread(target=contender)
         thief.start()
-        outlived = time.monotonic() + 3 * lease
-        deadline = time.monotonic() + 120
-        while events.count("renewed") < 6 or time.monotonic() < outlived:
+        outlived = time.monotonic() + 2 * lease
+        deadline = time.monotonic() + 180
+        while events.count("renewed") < 4 or time.monotonic() < outlived:
             held.check(confirm=False)  # only what the heartbeat achieved
             assert time.monotonic() < deadline, events
             time.sleep(0.05)
