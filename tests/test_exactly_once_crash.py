@@ -222,7 +222,7 @@ class PrivateRedis:
             except redis.ConnectionError:
                 return False
 
-        wait_until(answers, "the private redis-server to answer", timeout=20)
+        wait_until(answers, "the private redis-server to answer", timeout=120)
         client.close()
 
     def stop(self) -> None:
