@@ -1,15 +1,15 @@
 """Issue 12's reproductions in real kernels: a cached run gives what a plain run gives.
 
 Each test runs the cells cold in kernel A, then again in a fresh kernel B over the same
-store (the cached run), and compares what the last, plain cell shows with the plain run's
-output quoted in the issue (a third kernel runs the cells without the magic where the issue
-quotes no number).
+store (the cached run, ``cold_then_again``): every cell must print the same in both, and the
+last, plain cell what a plain run prints (the output quoted in the issue).
 """
 
 from __future__ import annotations
 
 import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +45,30 @@ def run_cells(env: dict[str, str], cwd: Path, cells: list[str]) -> list[tuple[st
         kernel.close()
 
 
-def cold_then_cached(
-    env: dict[str, str], cwd: Path, cells: list[str]
-) -> tuple[list[str], list[str], list[list[Any]]]:
-    """Stdout per cell of the cold run (kernel A) and the cached run (kernel B), and the
-    cached run's messages."""
-    cold = run_cells(env, cwd, cells)
-    cached = run_cells(env, cwd, cells)
-    return [c[0] for c in cold], [c[0] for c in cached], [c[1] for c in cached]
+@dataclass(frozen=True)
+class Runs:
+    """The cells run cold in kernel A, then again in a fresh kernel B over the same store."""
+
+    cold: list[tuple[str, list[Any]]]
+    cached: list[tuple[str, list[Any]]]
+
+    @property
+    def last(self) -> str:
+        """What the last (plain) cell printed, the same in both runs."""
+        return self.cached[-1][0]
+
+    def badges(self, cell: int) -> list[str]:
+        """The badges cell ``cell`` showed in the cached run."""
+        return badges(self.cached[cell][1])
+
+
+def cold_then_again(env: dict[str, str], cwd: Path, cells: list[str]) -> Runs:
+    """Run ``cells`` cold, then in a fresh kernel; every cell must print the same both times
+    (a cached cell replays its output, and the plain cells after it see the same state)."""
+    runs = Runs(cold=run_cells(env, cwd, cells), cached=run_cells(env, cwd, cells))
+    cold, cached = ([out for out, _ in run] for run in (runs.cold, runs.cached))
+    assert cold == cached, f"the cached run printed {cached}, the cold one {cold}"
+    return runs
 
 
 def badges(messages: list[Any]) -> list[str]:
@@ -81,9 +97,9 @@ def test_rng_state_is_an_input_and_an_output(env: dict[str, str], tmp_path: Path
         "%%task\na = np.random.rand()",
         "b = np.random.rand()\nprint(f'{a:.6f} {b:.6f}')",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "0.548814 0.715189\n"
-    assert badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "0.548814 0.715189\n"
+    assert runs.badges(1) == ["cached"]
 
 
 def test_rcparams_a_cached_cell_sets_reach_later_cells(env: dict[str, str], tmp_path: Path) -> None:
@@ -93,9 +109,9 @@ def test_rcparams_a_cached_cell_sets_reach_later_cells(env: dict[str, str], tmp_
         "%%task\nplt.rc('figure', figsize=(2, 1))",
         "fig = plt.figure()\nprint(fig.get_size_inches())",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "[2. 1.]\n"
-    assert badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "[2. 1.]\n"
+    assert runs.badges(1) == ["cached"]
 
 
 def test_an_edited_rc_call_misses_the_plot_cells_after_it(
@@ -122,10 +138,9 @@ def test_an_object_changed_through_a_call_is_stored(env: dict[str, str], tmp_pat
         "%%task\nprint(f'{draw():.6f}')",
         "print(f'{rs.normal():.6f}')",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2:4] == cached[2:4] == ["0.345584\n", "0.821618\n"]
-    assert cold[4] == cached[4]
-    assert badges(messages[2]) == badges(messages[3]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert [out for out, _ in runs.cached[2:4]] == ["0.345584\n", "0.821618\n"]
+    assert runs.badges(2) == runs.badges(3) == ["cached"]
 
 
 def test_a_closure_and_a_module_global_changed_through_calls(
@@ -140,16 +155,16 @@ def test_a_closure_and_a_module_global_changed_through_calls(
         "%%task\nprint(bump(), helpers.remember(5))",
         "print(bump(), helpers.SEEN)",
     ]
-    cold, cached, _ = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "2 [5]\n"
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "2 [5]\n"
 
 
 def test_restoring_keeps_aliases(env: dict[str, str], tmp_path: Path) -> None:
     """Reproduction 3: ``{'x': [1, 2]}`` cold and cached (was ``{'x': [1]}``)."""
     cells = ["%%task\na = [1]\nb = {'x': a}", "%%task\na.append(2)", "print(b)"]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "{'x': [1, 2]}\n"
-    assert badges(messages[0]) == badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "{'x': [1, 2]}\n"
+    assert runs.badges(0) == runs.badges(1) == ["cached"]
 
 
 def test_outputs_that_point_at_inputs_stay_aliases(env: dict[str, str], tmp_path: Path) -> None:
@@ -158,8 +173,8 @@ def test_outputs_that_point_at_inputs_stay_aliases(env: dict[str, str], tmp_path
         "%%task\nview = data['rows']\nboth = [data, data]",
         "data['rows'].append(3)\nprint(view, both[0] is both[1] is data)",
     ]
-    cold, cached, _ = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "[1, 2, 3] True\n"
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "[1, 2, 3] True\n"
 
 
 def test_trailing_semicolon_hides_the_value(env: dict[str, str], tmp_path: Path) -> None:
@@ -170,9 +185,8 @@ def test_trailing_semicolon_hides_the_value(env: dict[str, str], tmp_path: Path)
         "%%task\nx.sum()",
         "%%task\nx.sum();  # a comment",
     ]
-    cold = run_cells(env, tmp_path, cells)
-    cached = run_cells(env, tmp_path, cells)
-    for run in (cold, cached):
+    runs = cold_then_again(env, tmp_path, cells)
+    for run in (runs.cold, runs.cached):
         assert results(run[1][1]) == []
         assert results(run[2][1]) == ["np.int64(3)"]
         assert results(run[3][1]) == []
@@ -194,9 +208,9 @@ def test_in_place_changes_of_frames_and_objects_reach_their_aliases(
         "%%task\ndf.dropna(inplace=True)\nm.fit(3)",
         "print(alias.shape, pipe[0].coef.tolist(), old_coef.tolist(), hist)",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "(2, 1) [3, 3] [0.0, 0.0] [3]\n"
-    assert badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "(2, 1) [3, 3] [0.0, 0.0] [3]\n"
+    assert runs.badges(1) == ["cached"]
 
 
 def test_a_failing_cell_shows_the_traceback_a_plain_cell_shows(
@@ -228,9 +242,9 @@ def test_objects_of_notebook_classes_keep_their_class(env: dict[str, str], tmp_p
         "%%task\np = make(3)\nitems = [make(1), make(2)]",
         "print(isinstance(p, P), type(items[1]) is P, p.v)",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "True True 3\n"
-    assert badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "True True 3\n"
+    assert runs.badges(1) == ["cached"]
 
 
 @pytest.mark.parametrize(
@@ -254,11 +268,11 @@ def test_an_object_changed_through_a_function_in_a_container_is_stored(
         f"%%task\nprint(f'{{{call}:.6f}}')",
         "print(f'{rs.normal():.6f}')",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    runs = cold_then_again(env, tmp_path, cells)
     plain = [c[0] for c in run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])]
-    assert cold[2:] == cached[2:] == plain[2:]
+    assert [out for out, _ in runs.cached[2:]] == plain[2:]
     assert plain[2:4] == ["0.345584\n", "0.821618\n"]
-    assert badges(messages[2]) == badges(messages[3]) == ["cached"]
+    assert runs.badges(2) == runs.badges(3) == ["cached"]
 
 
 def test_a_view_stored_by_a_cell_stays_a_view_of_its_base(
@@ -271,10 +285,10 @@ def test_a_view_stored_by_a_cell_stays_a_view_of_its_base(
         "%%task\na[2] = 9",
         "print(b.tolist(), a.tolist(), b.base is a)",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
+    runs = cold_then_again(env, tmp_path, cells)
     plain = [c[0] for c in run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])]
     assert plain[2] == "[1, 9, 3, 4] [0, 1, 9, 3, 4] True\n"
-    assert cold[2] == cached[2] == plain[2]
+    assert runs.last == plain[2]
 
 
 def test_a_frame_keeps_the_index_it_shares_with_a_series(
@@ -288,6 +302,6 @@ def test_a_frame_keeps_the_index_it_shares_with_a_series(
         "%%task\npop_df = pd.DataFrame({'total': pop, 'under18': [0, 1]})",
         "pop.index.names = ['state', 'year']\nprint(list(pop_df.index.names))",
     ]
-    cold, cached, messages = cold_then_cached(env, tmp_path, cells)
-    assert cold[2] == cached[2] == "['state', 'year']\n"
-    assert badges(messages[1]) == ["cached"]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "['state', 'year']\n"
+    assert runs.badges(1) == ["cached"]

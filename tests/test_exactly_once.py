@@ -139,7 +139,7 @@ class Worker:
         )
         self.reaped_at: float | None = None
 
-    def finish(self, timeout: float = 120) -> Outcome:
+    def finish(self, timeout: float = 400) -> Outcome:
         try:
             out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -174,7 +174,9 @@ def executions(tmp_path: Path, name: str) -> int:
     return len(list(folder.iterdir())) if folder.exists() else 0
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll ``predicate``; the default deadline is generous (a worker interpreter took more
+    than 60 s to reach its task body at a load average of 70)."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -281,7 +283,7 @@ def test_async_callers_execute_once_without_exhausting_the_default_executor():
     @task(
         name="fetch",
         cache_policy=INPUTS.configure(lock_manager=MemoryLockManager()),
-        lock_timeout=30,
+        lock_timeout=300,  # generous: 40 waiters at a load average of 70 outlived 30 s
     )
     async def fetch(x: int) -> int:
         calls.append(x)
@@ -323,25 +325,34 @@ def test_async_caller_cancelled_while_waiting_leaves_no_lock():
 
     assert asyncio.run(main()) == 1
     # The waiter's thread gets the lock once the holder is done, and gives it straight back.
-    wait_until(lambda: lock_threads() == 0, "the lock threads to end", timeout=30)
+    wait_until(lambda: lock_threads() == 0, "the lock threads to end")
     assert manager.list_locks() == []
 
 
 # -- leases --------------------------------------------------------------------------------------
 
 
-def test_body_running_ten_leases_executes_once_and_renewals_are_recorded(tmp_path):
-    lease = 0.5
-    nf.configure(lock_lease=lease, lock_timeout=60)
+def test_body_running_many_leases_executes_once_and_renewals_are_recorded(tmp_path):
+    # Long enough for a loaded machine (a heartbeat stalled 4 s still renews in time); the
+    # body ends once it saw its lock renewed several times and outlived two leases.
+    lease = 6.0
+    nf.configure(lock_lease=lease, lock_timeout=180)
     started = threading.Event()
+    manager = default_lock_manager_for(config.get_store())
 
     @task(name="report", cache_policy=INPUTS.configure(isolation_level="SERIALIZABLE"))
     def report(day: str) -> dict[str, str]:
         os.close(os.open(tmp_path / "ran", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         started.set()
-        time.sleep(10 * lease)
         run = current_run()
-        assert run is not None
+        assert run is not None and run.key is not None
+        expiries: set[float] = set()
+        outlived, deadline = time.monotonic() + 2 * lease, time.monotonic() + 180
+        while len(expiries) < 5 or time.monotonic() < outlived:  # acquired + 4 renewals
+            info = manager.holder_of(run.key)
+            assert info is not None and time.monotonic() < deadline, (info, expiries)
+            expiries.add(info.lease_expires)
+            time.sleep(0.05)
         return {"day": day, "run": run.run_id}
 
     with ThreadPoolExecutor(2) as pool:
@@ -356,8 +367,7 @@ def test_body_running_ten_leases_executes_once_and_renewals_are_recorded(tmp_pat
     events = config.get_metadata().lock_events(limit=None)
     events = events[events["key"] == key]
     counts = events["event"].value_counts().to_dict()
-    # A renewal every lease / 3: ~30 in ten leases; a third of that allows for a slow machine.
-    assert counts.get("renewed", 0) >= 10, counts
+    assert counts.get("renewed", 0) >= 4, counts
     assert counts.get("acquired") == 2 and counts.get("released") == 2, counts
     assert counts.get("waited") == 1, counts
     assert "lost" not in counts and "renew_failed" not in counts, counts

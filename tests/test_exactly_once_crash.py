@@ -1,8 +1,15 @@
 """Exactly once through crashes, pauses and lost connections, with real processes and servers.
 
 * Crash matrix: a holder is SIGKILLed at each named point of the miss path; its lock comes
-  back within lease + 2 s (PostgreSQL: at once), a rerun in a new process succeeds, the
-  body ran at most twice, and the stored result loads (its checksum verifies).
+  back (when its lease runs out on another host; at once on this host or with PostgreSQL),
+  a rerun in a new process succeeds, the body ran at most twice, and the stored result
+  loads (its checksum verifies).
+
+Leases: a holder that must live through its work gets the default 30 s (a loaded machine
+stalls a process for seconds, and a lease lost that way is a failed commit, not a flake to
+retry). Only a holder the test stops (SIGSTOP) to let its lease run out gets a short one,
+and nothing then depends on it surviving; a crashed holder on "another host" keeps 30 s and
+the test waits for that to run out.
 * Fencing: a holder stopped (SIGSTOP) past its lease resumes after a successor committed;
   its commit is refused with LeaseLostError and recorded FAILED; one result stays visible.
 * Redis: connections killed, or the server restarted empty, during a hold: never two
@@ -20,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_exactly_once import (
@@ -46,14 +54,21 @@ EXECUTIONS = {
     "after_manifest": 1,
     "before_release": 1,
 }
-LEASE = 2.0
+#: The lease of holders that must survive their work (the library's default).
+LEASE = 30.0
+#: The lease of a holder whose renewals a test watches: they come every lease / 3.
+RENEWING_LEASE = 9.0
 
 
-def finish_all(workers: dict[str, Worker], timeout: float = 120) -> dict[str, Outcome]:
-    """Wait for every worker, noting when each one ended (they run at the same time)."""
+def finish_all(workers: dict[str, Worker], timeout: float = 400) -> dict[str, Outcome]:
+    """Wait for every worker, noting when each one ended (they run at the same time).
+
+    The deadline is generous: five interpreters starting at once on a machine with a load
+    average of 40 took more than two minutes to reach their crash points."""
     deadline = time.monotonic() + timeout
     while any(w.proc.poll() is None for w in workers.values()):
-        assert time.monotonic() < deadline, "workers did not end"
+        running = [name for name, w in workers.items() if w.proc.poll() is None]
+        assert time.monotonic() < deadline, f"workers {running} did not end in {timeout} s"
         for w in workers.values():
             if w.reaped_at is None and w.proc.poll() is not None:
                 w.reaped_at = time.monotonic()
@@ -63,18 +78,19 @@ def finish_all(workers: dict[str, Worker], timeout: float = 120) -> dict[str, Ou
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("kind", "host", "bound"),
+    ("kind", "host"),
     [
-        ("file", "", LEASE + 2),  # same host: the dead pid is seen at once
-        ("redis", "elsewhere", LEASE + 2),  # as if on another machine: the TTL runs out
-        ("postgres", "", 2.0),  # the session ends with the process: at once
+        ("file", ""),  # same host: the dead pid is seen at once
+        # As if on another machine: the TTL runs out. The holder must live up to its crash
+        # point first, and a 6 s lease was lost on the way at a load average of 65.
+        ("redis", "elsewhere"),
+        ("postgres", ""),  # the session ends with the process: at once
     ],
     ids=["file", "redis-other-host", "postgres"],
 )
 def test_holder_killed_at_each_crash_point_is_recovered(
     kind,
     host,
-    bound,
     tmp_path,
     python_env,
     lock_managers,  # noqa: F811 (the fixture imported above)
@@ -100,11 +116,13 @@ def test_holder_killed_at_each_crash_point_is_recovered(
     observer = manager_of(manager)
     me = _identity.holder_id("observer")
     # No wall-clock bound is asserted (shared machines stall for seconds): the lock must be
-    # taken over at all, well before a generous timeout; `bound` is how soon it usually is.
+    # taken over at all, before a generous timeout (a same-host or PostgreSQL recovery does
+    # not wait for the 30 s lease: the timeout is shorter than it).
     for point in POINTS:
         reaped_at = crashed[point].reaped_at
         assert reaped_at is not None
-        taken = observer.acquire(keys[point], me, timeout=LEASE + 60 + bound, lease=30)
+        timeout = LEASE + 60 if host else LEASE - 5
+        taken = observer.acquire(keys[point], me, timeout=timeout, lease=30)
         recovered_after = time.monotonic() - reaped_at
         assert taken, f"{point}: lock still held {recovered_after:.1f} s after its holder died"
         observer.release(keys[point], me)
@@ -138,8 +156,9 @@ def test_holder_paused_past_its_lease_cannot_overwrite_its_successor(
         wait_until((pause / "in-body").exists, "the first worker to run the body")
         os.kill(first.proc.pid, signal.SIGSTOP)
         # The successor waits for the lease to run out (PostgreSQL: then ends the stuck
-        # session), takes the lock over, runs the body and commits.
-        second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+        # session), takes the lock over, runs the body and commits. (Had the first lost its
+        # short lease before it was stopped, all the same would follow.)
+        second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=LEASE).finish()
         assert second.returncode == 0, (second.errors, second.stderr[-3000:])
     finally:
         (pause / "proceed").touch()
@@ -203,7 +222,7 @@ class PrivateRedis:
             except redis.ConnectionError:
                 return False
 
-        wait_until(answers, "the private redis-server to answer", timeout=20)
+        wait_until(answers, "the private redis-server to answer", timeout=120)
         client.close()
 
     def stop(self) -> None:
@@ -216,6 +235,20 @@ class PrivateRedis:
         """Stop and start again: every key is gone (nothing is saved)."""
         self.stop()
         self.start()
+
+
+def wait_for_renewals(admin: Any, prefix: str, count: int, timeout: float = 60) -> None:
+    """Wait until the one lock under ``prefix`` had its TTL renewed ``count`` times."""
+    (name,) = admin.scan_iter(match=f"{prefix}:lock:*")
+    seen, last = 0, admin.pttl(name)
+    deadline = time.monotonic() + timeout
+    while seen < count:
+        assert time.monotonic() < deadline, f"{seen} of {count} renewals of {name!r} seen"
+        time.sleep(0.05)
+        ttl = admin.pttl(name)
+        assert ttl > 0, f"the lock {name!r} expired or vanished (pttl {ttl})"
+        seen += ttl > last
+        last = ttl
 
 
 @pytest.fixture
@@ -234,22 +267,27 @@ def test_redis_disrupted_during_a_hold_never_commits_twice(
 ):
     import redis
 
-    manager = RedisLockManager(url=private_redis.url, prefix=f"nftest-{uuid.uuid4().hex[:8]}")
+    prefix = f"nftest-{uuid.uuid4().hex[:8]}"
+    manager = RedisLockManager(url=private_redis.url, prefix=prefix)
     pause = tmp_path / "pause"
     pause.mkdir()
-    first = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0, pause=str(pause))
+    first = Worker(
+        python_env, tmp_path, ["pay"], manager=manager, lease=RENEWING_LEASE, pause=str(pause)
+    )
     try:
         wait_until((pause / "in-body").exists, "the first worker to run the body")
         if disruption == "kill-connections":
             admin = redis.Redis.from_url(private_redis.url)
-            assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
-            admin.close()
-            time.sleep(1.2)  # several renewals, each on a new connection
+            try:
+                assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+                wait_for_renewals(admin, prefix, 2)  # they reconnect: the key is still ours
+            finally:
+                admin.close()
             (pause / "proceed").touch()  # the holder finishes; a newcomer loads its result
-            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=LEASE).finish()
         else:
             private_redis.restart()  # the lock is gone: a newcomer takes it and runs
-            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=1.0).finish()
+            second = Worker(python_env, tmp_path, ["pay"], manager=manager, lease=LEASE).finish()
             (pause / "proceed").touch()
     finally:
         (pause / "proceed").touch()

@@ -41,7 +41,7 @@ def holding(policy=None) -> Iterator[dict[str, object]]:
         assert run is not None
         seen.update(key=run.key, run_id=run.run_id)
         inside.set()
-        leave.wait(30)
+        leave.wait(300)  # generous: under a load average of 70 a test's block outlived 30 s
         return user
 
     def call() -> None:
@@ -53,11 +53,11 @@ def holding(policy=None) -> Iterator[dict[str, object]]:
     worker = threading.Thread(target=call)
     worker.start()
     try:
-        assert inside.wait(30)
+        assert inside.wait(300)
         yield seen
     finally:
         leave.set()
-        worker.join(30)
+        worker.join(300)
 
 
 # -- the index ------------------------------------------------------------------------------------

@@ -90,7 +90,9 @@ class Child:
         for line in self.proc.stdout:
             self.lines.put(line.strip())
 
-    def expect(self, prefix: str, timeout: float = 30) -> str:
+    def expect(self, prefix: str, timeout: float = 180) -> str:
+        """The next line starting with ``prefix``; the deadline is generous: a child
+        interpreter and its imports can take tens of seconds at a load average of 60."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -138,35 +140,36 @@ ME = _identity.holder_id("parent-run")
 
 
 @pytest.mark.parametrize(
-    ("kind", "lease", "host", "limit"),
+    ("kind", "lease", "host"),
     [
-        # `limit` is no timing target (shared machines stall for seconds): it only tells a
-        # recovery by liveness (well before the 30 s lease) from one by lease expiry.
-        ("file", 30.0, "", 15.0),  # same host: the dead pid is seen at once
-        ("file", 1.5, "elsewhere", 1.5 + 10),  # another host: the lease runs out
-        ("redis", 30.0, "", 15.0),  # same host: dead pid seen, value swapped
-        ("redis", 1.5, "elsewhere", 1.5 + 10),  # another host: the TTL runs out
-        ("postgres", 30.0, "", 15.0),  # the session ends with the process
+        ("file", 600.0, ""),  # same host: the dead pid is seen at once
+        ("file", 1.5, "elsewhere"),  # another host: the lease runs out
+        ("redis", 600.0, ""),  # same host: dead pid seen, value swapped
+        ("redis", 1.5, "elsewhere"),  # another host: the TTL runs out
+        ("postgres", 600.0, ""),  # the session ends with the process
     ],
     ids=["file-same-host", "file-other-host", "redis-same-host", "redis-other-host", "postgres"],
 )
 def test_sigkilled_holder_is_recovered(
-    kind: str, lease: float, host: str, limit: float, tmp_path: Path, children: list[Child]
+    kind: str, lease: float, host: str, tmp_path: Path, children: list[Child]
 ) -> None:
     manager, cleanup = new_manager(kind, tmp_path)
     key = new_key()
     child = Child(manager, key, lease, "sleep", host)
     children.append(child)
     child_fence = int(child.expect("ACQUIRED").split()[1])
-    assert manager.is_locked(key)
+    info = manager.holder_of(key)
+    assert info is not None
     child.signal(signal.SIGKILL)  # not reaped yet: a zombie must count as dead too
     events, on_event = _events()
-    start = time.monotonic()
-    with hold(manager, key, ME, lease=30, timeout=lease + 10, on_event=on_event) as held:
-        elapsed = time.monotonic() - start
+    timeout = 60 if host == "" else lease + 60  # liveness must not wait for the lease
+    with hold(manager, key, ME, lease=30, timeout=timeout, on_event=on_event) as held:
+        taken_at = time.time()
         assert held.fence is not None and held.fence > child_fence
-    assert elapsed <= limit, f"recovered after {elapsed:.2f} s"
     if host == "":
+        # Taken over by liveness: long before the dead holder's 10-minute lease ran out
+        # (no timing target: only what tells liveness from expiry).
+        assert taken_at < info.lease_expires, "recovered by lease expiry, not liveness"
         assert "recovered" in events  # the dead holder's record was taken over
     cleanup()
 
@@ -183,17 +186,17 @@ def test_paused_holder_loses_its_lease_and_cannot_commit(
     child.signal(signal.SIGSTOP)
     try:
         stopped_at = time.time()
-        with hold(manager, key, ME, lease=30, timeout=15) as held:
+        with hold(manager, key, ME, lease=30, timeout=180) as held:
             assert held.fence is not None and held.fence > child_fence
             child.signal(signal.SIGCONT)
-            child.expect("LOST", timeout=15)  # its Lease.check() raised LeaseLostError
-            _, renewed, at = child.expect("RENEW", timeout=15).split()
+            child.expect("LOST")  # its Lease.check() raised LeaseLostError
+            _, renewed, at = child.expect("RENEW").split()
             # Under heavy load the child's own clock may call the lease lost (and its renewal
             # still succeed) before it was stopped, i.e. before we took the lock over; any
             # renewal after that must be refused.
             assert renewed == "False" or float(at) < stopped_at, (renewed, at, stopped_at)
-            child.expect("EXIT", timeout=15)
-            assert child.proc.wait(15) == 0
+            child.expect("EXIT")
+            assert child.proc.wait(180) == 0
             held.check()  # the successor still holds it: the child's exit released nothing
             info = manager.holder_of(key)
             assert info is not None and info.holder == ME
@@ -224,19 +227,24 @@ def test_killed_redis_connection_is_survived_and_a_lost_key_noticed(tmp_path: Pa
 
     key = new_key()
     events, on_event = _events()
+
+    def wait_for(what: Callable[[], bool], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, f"events so far: {events}"
+            time.sleep(0.02)
+
     try:
-        with hold(manager, key, ME, lease=1.0, on_event=on_event) as held:
+        # Renewals every 3 s: a loaded machine's stalls of several seconds lose nothing.
+        with hold(manager, key, ME, lease=9.0, on_event=on_event) as held:
             assert kill_connections() >= 1
-            time.sleep(1.2)  # several renewals: each reconnects, the key is still ours
+            wait_for(lambda: events.count("renewed") >= 2)  # each reconnects: still ours
             held.check()
-            assert events.count("renewed") >= 2 and "lost" not in events
+            assert "lost" not in events, events
             # As if Redis restarted without persistence: the key is gone.
             admin.delete(f"{prefix}:lock:{{{key}}}")
             kill_connections()
-            deadline = time.monotonic() + 3
-            while "lost" not in events and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert "lost" in events
+            wait_for(lambda: "lost" in events)  # the next heartbeat is refused
             with pytest.raises(LeaseLostError):
                 held.check()
             assert not manager.renew(key, ME, 1.0)
@@ -252,11 +260,16 @@ def test_killed_redis_connection_is_survived_and_a_lost_key_noticed(tmp_path: Pa
 
 
 @pytest.mark.parametrize("kind", ["memory", "file", "redis", "postgres"])
-def test_hold_ten_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) -> None:
+def test_hold_many_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) -> None:
+    """Held through renewals (every lease / 3) for two leases while a thief keeps trying.
+
+    The lease is long enough for a loaded machine: a heartbeat stalled for 4 s still
+    renews in time. The hold ends on events (renewals seen and leases outlived), not on a
+    count of sleeps."""
     manager, cleanup = new_manager(kind, tmp_path)
     key = new_key()
     events, on_event = _events()
-    lease = 0.5
+    lease = 6.0
     stolen: list[bool] = []
     stop = threading.Event()
 
@@ -270,15 +283,16 @@ def test_hold_ten_times_its_lease_stays_exclusive(kind: str, tmp_path: Path) -> 
     with hold(manager, key, ME, lease=lease, on_event=on_event) as held:
         thief = threading.Thread(target=contender)
         thief.start()
-        end = time.monotonic() + 10 * lease
-        while time.monotonic() < end:
+        outlived = time.monotonic() + 2 * lease
+        deadline = time.monotonic() + 180
+        while events.count("renewed") < 4 or time.monotonic() < outlived:
             held.check(confirm=False)  # only what the heartbeat achieved
+            assert time.monotonic() < deadline, events
             time.sleep(0.05)
         stop.set()
         thief.join()
         held.check()
     assert not stolen
-    assert events.count("renewed") >= 10, events
     assert "lost" not in events and events[-1] == "released"
     cleanup()
 

@@ -23,6 +23,12 @@ logger = logging.getLogger("notebook_flow")
 
 # How long an exiting process waits for the index before it spills what is left (spill.py).
 _EXIT_FLUSH_TIMEOUT = 10.0
+# How long it then waits for a write session already in flight (in another thread) to end.
+# That session holds the file lock, so it waits for no other process, only for CPU; but it
+# must end before the interpreter finalizes (see _exiting), and on a loaded machine (load
+# average 40 on 2 cores) it outlived a 10 s wait: the process aborted with SIGABRT instead
+# of exiting 0 (tests/test_exactly_once.py, 16 processes exiting at once).
+_EXIT_DRAIN_TIMEOUT = 120.0
 
 # Set by the exit hook once this process's queues are flushed. A daemon thread still inside
 # DuckDB when the interpreter finalizes is unwound through C++ frames and aborts the whole
@@ -110,7 +116,7 @@ def _flush_all_at_exit() -> None:
         rec.stop(timeout=5.0)
     _exiting.set()
     for rec in recorders:  # sessions other threads began before the flag was set
-        rec.db.drain(timeout=_EXIT_FLUSH_TIMEOUT)
+        rec.db.drain(timeout=_EXIT_DRAIN_TIMEOUT)
 
 
 if hasattr(os, "register_at_fork"):
