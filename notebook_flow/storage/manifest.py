@@ -81,10 +81,20 @@ class Manifest:
     inline: str | None = None  # base64 of a small payload kept in the manifest itself
     seal: str | None = None  # the local payload file as committed: see _localfs.seal_of
     mac: str | None = None  # HMAC-SHA256 of every other field: see notebook_flow.signing
+    # The transaction whose commit record makes this entry visible (see .group); None for
+    # an entry committed on its own, which a reader believes without further I/O.
+    txn: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        """Every field by name (what ``to_json`` writes and the ``mac`` covers)."""
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        """Every field by name (what ``to_json`` writes and the ``mac`` covers).
+
+        ``txn`` came later: it is left out when None, so the macs of entries written before
+        it existed still verify (and an older reader refuses an entry that has one: its
+        mac does not verify there, a miss, which is what an uncommitted entry must be)."""
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
+        if data["txn"] is None:
+            del data["txn"]
+        return data
 
     def expired(self, now: float | None = None) -> bool:
         """True when ``expires_at`` is set and has passed."""
@@ -148,6 +158,7 @@ class Manifest:
             (self.fence is not None and type(self.fence) is not int, "fence"),
             (self.seal is not None and not isinstance(self.seal, str), "seal"),
             (self.mac is not None and not _is_hex(self.mac, 64), "mac"),
+            (self.txn is not None and not _is_hex(self.txn, 32), "txn"),
             (
                 not isinstance(self.components, dict)
                 or not all(
@@ -161,7 +172,7 @@ class Manifest:
             raise ValueError(f"invalid {', '.join(bad)}")
 
 
-_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac")
+_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac", "txn")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Manifest))
 # Pickles and fingerprints name the class where it was first defined (and is re-exported).
 Manifest.__module__ = "notebook_flow.storage"

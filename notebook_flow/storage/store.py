@@ -41,7 +41,7 @@ from notebook_flow.serializers import (
 )
 from notebook_flow.signing import check_key, default_signing_key
 
-from . import behind, files, payload, trust
+from . import behind, files, group, payload, trust
 from .manifest import _PAYLOAD_RE, FORMAT_VERSION, Manifest, _is_manifest_rel, validate_key
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ logger = logging.getLogger("notebook_flow")
 CACHE_DIR_ENV = "NOTEBOOK_FLOW_CACHE_DIR"
 
 _LOCAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RESERVED_NAMES = frozenset({"results", "manifests", "metadata.duckdb"})
+_RESERVED_NAMES = frozenset({"results", "manifests", "transactions", "metadata.duckdb"})
 
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 #: Read when a ResultStore is created (its ``inline_limit``): patch it here, in this module.
@@ -303,7 +303,8 @@ class ResultStore:
 
         Expired manifests are returned too (check ``manifest.expired()``). A manifest that
         cannot be read or parsed, or names an unknown format, is reported with a
-        ``StorageWarning`` and treated as missing: a bad file never crashes a task.
+        ``StorageWarning`` and treated as missing: a bad file never crashes a task. So is
+        one of a transaction whose commit record does not exist (yet): see :mod:`.group`.
         """
         key = validate_key(key)
         behind.wait_key(self.url, key)
@@ -318,7 +319,10 @@ class ResultStore:
         except OSError as exc:
             self._warn(f"cannot read manifest {rel}: {exc}")
             return None
-        return self._parse_manifest(data, rel, key)
+        manifest = self._parse_manifest(data, rel, key)
+        if manifest is not None and manifest.txn is not None and not group.visible(self, manifest):
+            return None  # its transaction has not committed (or never will)
+        return manifest
 
     def _parse_manifest(
         self, data: bytes, rel: str, key: str | None, *, verify: bool = True
@@ -375,9 +379,18 @@ class ResultStore:
     def iter_manifests(self, *, verified: bool = True) -> Iterator[Manifest]:
         """Every valid manifest in the store (invalid ones are skipped with a warning).
 
-        With ``verified=False`` also those that do not verify under this process's key
-        (for deleting them: nothing read from them is believed).
+        With ``verified=False`` also those that do not verify under this process's key, and
+        those of uncommitted transactions (for deleting them: nothing read from them is
+        believed).
         """
+        if verified:
+            for m in self._iter_manifests(verified=True):
+                if m.txn is None or group.visible(self, m):
+                    yield m
+        else:
+            yield from self._iter_manifests(verified=False)
+
+    def _iter_manifests(self, *, verified: bool) -> Iterator[Manifest]:
         behind.flush(self.url)
         rels = [rel for rel, _mtime in files.list_files(self, "manifests") if _is_manifest_rel(rel)]
         if self.is_local:
@@ -609,15 +622,16 @@ class ResultStore:
         left by a crash before their manifest (or by two writers racing on one key).
 
         Only files older than ``older_than`` seconds are touched, so a commit in flight
-        (payload written, manifest not yet) is left alone. Returns the removed paths,
-        relative to the root.
+        (payload written, manifest not yet) is left alone. Transactions whose committer
+        died are finished first (:func:`.group.recover`: rolled forward once their commit
+        record exists, else back). Returns the removed paths, relative to the root.
         """
+        removed = group.recover(self, older_than)
         # Unverified manifests count too: a teammate's entries (another key) are not ours
         # to collect.
         referenced = {m.payload for m in self.iter_manifests(verified=False)}
         cutoff = time.time() - older_than
-        removed: list[str] = []
-        for top in ("results", "manifests"):
+        for top in ("results", "manifests", group.RECORDS):
             for rel, mtime in files.list_files(self, top):
                 name = rel.rsplit("/", 1)[-1]
                 orphan = _localfs.is_temp_name(name) or (

@@ -24,7 +24,7 @@ points), :mod:`.hooks` (completion/failure hooks), :mod:`.keys` (``result_storag
 :mod:`.context` (run ids, ``current_run()``) and :mod:`.explain` (why a call hits or
 misses). What other modules use is re-exported here: import it from
 ``notebook_flow.tasks``. Module state lives once, in its own module: patch
-``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
+``notebook_flow._crash.CRASH_AT`` or ``hot._hot``, not a name re-exported here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 from .call import _MISS as _MISS
 from .call import RetryDelay as RetryDelay
 from .call import _Call as _Call
-from .call import _crash_point as _crash_point
 from .call import _delays as _delays
 from .call import _metadata_for as _metadata_for
 from .call import _run_async as _run_async

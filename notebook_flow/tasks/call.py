@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from notebook_flow import _identity, config, transactions
+from notebook_flow._crash import crash_point as _crash_point
 from notebook_flow._imports import loaded
 from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
@@ -58,21 +59,6 @@ logger = logging.getLogger("notebook_flow")
 _MISS: Any = object()  # sentinel: "no usable cached result"
 
 RetryDelay = float | int | Sequence[float | int] | Callable[[int], Sequence[float | int]]
-
-
-# --------------------------------------------------------------------------- crash points
-
-# Fault injection for the crash-matrix tests: NOTEBOOK_FLOW_CRASH_AT=<point> SIGKILLs this
-# process at that point of the miss path (after_lock, after_payload, after_manifest,
-# before_release). Read once at import; one string comparison per point when unset.
-_CRASH_AT = os.environ.get("NOTEBOOK_FLOW_CRASH_AT") or None
-
-
-def _crash_point(name: str) -> None:
-    if name == _CRASH_AT:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- retries

@@ -1,0 +1,202 @@
+"""A SIGKILL at every point of a transaction's commit leaves none of its entries visible, or
+all of them (after the commit record): on a local folder and on S3 (moto's server).
+
+The child process (``_CHILD``) runs three tasks in one transaction; the environment's
+``NOTEBOOK_FLOW_CRASH_AT`` kills it at one named point (``notebook_flow/_crash.py``). This
+process then reads the store as any other process would, recovers it
+(``remove_orphans``), and reruns the child unkilled: the bodies run again exactly when
+the transaction had not committed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest_s3 import s3_options, s3_server, unique_s3_url  # noqa: F401 (fixture)
+
+from notebook_flow.storage import ResultStore
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    import notebook_flow as nf
+    from notebook_flow import task
+    from notebook_flow.transactions import transaction
+
+    nf.configure(store=os.environ["TXN_STORE"],
+                 storage_options=json.loads(os.environ["TXN_OPTIONS"]))
+
+    @task(name="crash_small")
+    def small(x):
+        print("ran small", x, flush=True)
+        return [x, x]
+
+    @task(name="crash_big")
+    def big(n):
+        print("ran big", n, flush=True)
+        return bytes(range(256)) * n   # a payload file of its own
+
+    with transaction():
+        small(1)
+        big(200)
+        small(2)
+    print("committed", flush=True)
+    """
+)
+
+EXPECTED = [[1, 1], bytes(range(256)) * 200, [2, 2]]
+BEFORE_RECORD = [
+    "after_stage",
+    "transaction_commit",
+    "group_manifest_1",
+    "group_manifest_2",
+    "group_manifest_3",
+    "group_before_record",
+]
+AFTER_RECORD = [
+    "group_after_record",
+    "group_final_1",
+    "group_final_2",
+    "group_final_3",
+    "group_before_forget",
+]
+
+
+def _run(env: dict[str, str], crash_at: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in env.items() if k != "NOTEBOOK_FLOW_CRASH_AT"}
+    if crash_at is not None:
+        env["NOTEBOOK_FLOW_CRASH_AT"] = crash_at
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+def _values(store: ResultStore) -> list[Any]:
+    """What a reader sees: every visible entry's value, looked up by its key."""
+    out = []
+    for manifest in store.iter_manifests():
+        found = store.lookup(manifest.key)
+        assert found is not None
+        out.append(store.load(found))
+    return sorted(out, key=repr)
+
+
+def _files(store: ResultStore, top: str) -> list[str]:
+    from notebook_flow.storage import files
+
+    return [rel for rel, _ in files.list_files(store, top) if not rel.endswith("GENERATION")]
+
+
+@pytest.fixture(params=["local", "s3"])
+def target(
+    request: pytest.FixtureRequest, python_env: dict[str, str], isolated_store: Path, tmp_path: Path
+) -> tuple[ResultStore, dict[str, str]]:
+    """(a reader's store, the child's environment) for a local folder or an S3 prefix."""
+    env = dict(python_env)
+    if request.param == "local":
+        url, options = str(isolated_store), {}
+    else:
+        endpoint = request.getfixturevalue("s3_server")
+        url, options = unique_s3_url(), s3_options(endpoint)
+        env["NOTEBOOK_FLOW_CACHE_DIR"] = str(tmp_path / "cache")
+    env["TXN_STORE"] = url
+    env["TXN_OPTIONS"] = json.dumps(options)
+    return ResultStore(url, storage_options=options), env
+
+
+@pytest.mark.parametrize("point", BEFORE_RECORD)
+def test_killed_before_the_commit_record_none_is_visible(
+    target: tuple[ResultStore, dict[str, str]], point: str
+) -> None:
+    store, env = target
+    done = _run(env, point)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert "committed" not in done.stdout
+    assert _values(store) == []
+    # No manifest the child wrote is believed, not even by a direct lookup.
+    for rel in _files(store, "manifests"):
+        key = rel.rsplit("/", 1)[-1][:-5]
+        assert store.lookup(key) is None
+
+    # Recovery takes back what the dead committer wrote: no manifest, no payload is left.
+    store.remove_orphans(older_than=0)
+    assert _files(store, "manifests") == []
+    assert _files(store, "results") == []
+    assert _files(store, "transactions") == []
+
+    # Rerun: every body runs again (nothing was served), and all three commit.
+    rerun = _run(env, None)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.count("ran ") == 3
+    assert _values(store) == sorted(EXPECTED, key=repr)
+
+
+@pytest.mark.parametrize("point", AFTER_RECORD)
+def test_killed_after_the_commit_record_all_are_visible(
+    target: tuple[ResultStore, dict[str, str]], point: str
+) -> None:
+    store, env = target
+    done = _run(env, point)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert _values(store) == sorted(EXPECTED, key=repr)
+
+    # Recovery rolls the transaction forward: plain manifests, no record left.
+    store.remove_orphans(older_than=0)
+    assert _files(store, "transactions") == []
+    manifests = list(store.iter_manifests(verified=False))
+    assert len(manifests) == 3
+    assert all(m.txn is None for m in manifests)
+    assert _values(store) == sorted(EXPECTED, key=repr)
+
+    # Rerun: all three are hits (no body runs).
+    rerun = _run(env, None)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "ran " not in rerun.stdout
+
+
+def test_a_committed_transaction_leaves_plain_manifests_and_no_record(
+    target: tuple[ResultStore, dict[str, str]],
+) -> None:
+    store, env = target
+    done = _run(env, None)
+    assert done.returncode == 0, done.stderr
+    assert _files(store, "transactions") == []
+    assert all(m.txn is None for m in store.iter_manifests(verified=False))
+    assert _values(store) == sorted(EXPECTED, key=repr)
+
+
+def test_a_forged_commit_record_does_not_make_entries_visible(
+    target: tuple[ResultStore, dict[str, str]],
+) -> None:
+    """A record written without the signing key (or changed) is not believed."""
+    from notebook_flow.storage import files, group
+
+    store, env = target
+    done = _run(env, "group_before_record")
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    pending = list(store.iter_manifests(verified=False))
+    assert pending and all(m.txn is not None for m in pending)
+    txn = pending[0].txn
+    assert txn is not None
+    body = json.dumps(
+        {
+            "format_version": 1,
+            "txn": txn,
+            "keys": sorted(m.key for m in pending),
+            "created_at": 0.0,
+            "mac": "0" * 64,
+        }
+    ).encode()
+    with pytest.warns(Warning, match="not signed"):
+        files.write_atomic(store, group.record_rel(txn), lambda write: write(memoryview(body)))
+        assert _values(store) == []
+    # Recovery leaves a record it cannot verify alone (another key's?), and so its entries.
+    store.remove_orphans(older_than=0)
+    assert _values(store) == []
