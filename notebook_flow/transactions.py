@@ -571,15 +571,15 @@ async def atransaction(  # noqa: PLR0917 (Prefect's signature)
     lock_manager: Any = None,
 ) -> AsyncIterator[Transaction]:
     """:func:`transaction` for ``async with`` (the same transaction object)."""
-    with Transaction(
-        key=key,
-        store=store,
-        commit_mode=commit_mode,
-        isolation_level=isolation_level,
-        overwrite=overwrite,
-        write_on_commit=write_on_commit,
+    with transaction(
+        key,
+        store,
+        commit_mode,
+        isolation_level,
+        overwrite,
+        write_on_commit,
+        logger,
         lock_manager=lock_manager,
-        logger=logger,
     ) as txn:
         yield txn
 

@@ -17,7 +17,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import xxhash
 
@@ -46,6 +46,7 @@ from .manifest import _PAYLOAD_RE, FORMAT_VERSION, Manifest, _is_manifest_rel, v
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("notebook_flow")
 
@@ -58,6 +59,23 @@ _RESERVED_NAMES = frozenset({"results", "manifests", "transactions", "metadata.d
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 #: Read when a ResultStore is created (its ``inline_limit``): patch it here, in this module.
 INLINE_LIMIT = 16 * 1024
+
+
+class _EntryFields(TypedDict):
+    task: str
+    components: dict[str, str]
+    run_id: str
+    duration: float
+    expires_at: float | None
+
+
+class StageOptions(_EntryFields, total=False):
+    """What :meth:`ResultStore.stage` (and ``commit``) record with a value, besides its key:
+    the task's identity, the key's components, the run, its duration and expiry; a forced
+    serializer; the lock's fencing token."""
+
+    serializer: str | Serializer | None
+    fence: int | None
 
 
 class StorageWarning(UserWarning):
@@ -427,37 +445,21 @@ class ResultStore:
         key: str,
         value: object,
         *,
-        task: str,
-        components: dict[str, str],
-        run_id: str,
-        duration: float,
-        expires_at: float | None,
-        serializer: str | Serializer | None = None,
         before_manifest: Callable[[], None] | None = None,
-        fence: int | None = None,
+        **options: Unpack[StageOptions],
     ) -> Manifest:
         """Store ``value`` as the result for ``key``; returns the committed manifest.
 
-        ``serializer`` forces a format (by name or object); by default one is chosen by
-        type, and a DataFrame that Parquet cannot hold exactly is pickled. Raises
+        ``options`` are :meth:`stage`'s (:class:`StageOptions`). ``serializer`` forces a
+        format (by name or object); by default one is chosen by type, and a DataFrame that
+        Parquet cannot hold exactly is pickled. Raises
         ``CommitError`` (cause attached) when the store cannot be written and
         ``SerializationError`` when the value cannot be serialized; in both cases nothing is
         committed and no partial file is visible. ``before_manifest`` runs after the payload
         is written and before the manifest: if it raises (e.g. ``LeaseLostError``) the
         payload is removed and its exception propagates unchanged.
         """
-        staged = self.stage(
-            key,
-            value,
-            task=task,
-            components=components,
-            run_id=run_id,
-            duration=duration,
-            expires_at=expires_at,
-            serializer=serializer,
-            fence=fence,
-        )
-        return self.publish(staged, before_manifest=before_manifest)
+        return self.publish(self.stage(key, value, **options), before_manifest=before_manifest)
 
     def stage(
         self,

@@ -51,6 +51,7 @@ from .hot import _hot, _immutable
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
     from notebook_flow.storage import Manifest, ResultStore
+    from notebook_flow.storage.store import StageOptions
 
     from .definition import Task
 
@@ -508,7 +509,7 @@ class _Call:
                     lease_check()
                 _crash_point("after_payload")
 
-            options: dict[str, Any] = {
+            options: StageOptions = {
                 "task": t.identity,
                 "components": self.components or {},
                 "run_id": self.run_id,
