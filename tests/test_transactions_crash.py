@@ -200,3 +200,74 @@ def test_a_forged_commit_record_does_not_make_entries_visible(
     # Recovery leaves a record it cannot verify alone (another key's?), and so its entries.
     store.remove_orphans(older_than=0)
     assert _values(store) == []
+
+
+# -- a failed group commit takes back what it wrote ------------------------------------------
+
+_OPTS: dict[str, Any] = {
+    "task": "mod.f",
+    "components": {},
+    "run_id": "r",
+    "duration": 0.1,
+    "expires_at": None,
+}
+K1, K2 = "1" * 32, "2" * 32
+
+
+class LeaseLost(Exception):
+    pass
+
+
+def test_a_lost_lease_before_the_record_restores_the_previous_entries(
+    isolated_store: Path,
+) -> None:
+    from notebook_flow.storage import group
+
+    store = ResultStore(str(isolated_store))
+    store.commit(K1, "old", **_OPTS)
+    staged = [store.stage(K1, "new" * 10_000, **_OPTS), store.stage(K2, [2], **_OPTS)]
+    calls = []
+
+    def check() -> None:  # the fencing check: the lease is lost by the second time
+        calls.append(1)
+        if len(calls) == 2:
+            raise LeaseLost
+
+    with pytest.raises(LeaseLost):
+        group.publish_group(store, staged, check=check)
+    found = store.lookup(K1)
+    assert found is not None and store.load(found) == "old"
+    assert store.lookup(K2) is None
+    assert _files(store, "transactions") == []
+
+
+def test_an_unwritable_record_is_a_commit_error_and_nothing_changes(
+    isolated_store: Path,
+) -> None:
+    from notebook_flow.errors import CommitError
+    from notebook_flow.storage import group
+
+    store = ResultStore(str(isolated_store))
+    store.commit(K1, "old", **_OPTS)
+    (isolated_store / "transactions").write_text("a file where the folder goes")
+    staged = [store.stage(K1, "new", **_OPTS), store.stage(K2, [2], **_OPTS)]
+    with pytest.raises(CommitError, match="nothing was committed"):
+        group.publish_group(store, staged)
+    found = store.lookup(K1)
+    assert found is not None and store.load(found) == "old"
+    assert store.lookup(K2) is None
+
+
+def test_a_group_commit_replaces_previous_entries_and_removes_their_payloads(
+    isolated_store: Path,
+) -> None:
+    from notebook_flow.storage import group
+
+    store = ResultStore(str(isolated_store))
+    old = store.commit(K1, "old" * 10_000, **_OPTS)  # a payload file of its own
+    staged = [store.stage(K1, "new" * 10_000, **_OPTS), store.stage(K2, [2], **_OPTS)]
+    final = group.publish_group(store, staged)
+    assert [m.txn for m in final] == [None, None]
+    assert [store.lookup(k) for k in (K1, K2)] == final
+    assert store.load(final[0]) == "new" * 10_000
+    assert not (isolated_store / old.payload).exists()
