@@ -31,11 +31,12 @@ Several results commit together (a transaction) through :mod:`.group`: their man
 name the transaction and are misses until one signed commit record makes them all visible.
 
 The package follows the protocol: :mod:`.manifest` (the commit record, its JSON format and
-validation), :mod:`.group` (group commits), :mod:`.payload` (writing a payload while hashing it; verifying it before it is
-loaded), :mod:`.files` (low-level I/O: local files directly, the rest through fsspec) and
-:mod:`.store` (``ResultStore``: lookup, load, commit, delete, the generation file). What other
-modules use is re-exported here: import it from ``notebook_flow.storage``. Module globals
-live in their submodule: patch ``INLINE_LIMIT`` as ``notebook_flow.storage.store.INLINE_LIMIT``.
+validation), :mod:`.group` (group commits), :mod:`.payload` (writing a payload while
+hashing it; verifying it before it is loaded), :mod:`.files` (low-level I/O: local files
+directly, the rest through fsspec) and :mod:`.store` (``ResultStore``: lookup, load,
+commit, delete, the generation file). What other modules use is re-exported here: import
+it from ``notebook_flow.storage``. Module globals live in their submodule: patch
+``INLINE_LIMIT`` as ``notebook_flow.storage.store.INLINE_LIMIT``.
 
 >>> import tempfile
 >>> store = ResultStore(tempfile.mkdtemp())
