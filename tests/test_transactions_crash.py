@@ -78,6 +78,12 @@ def _run(env: dict[str, str], crash_at: str | None) -> subprocess.CompletedProce
     )
 
 
+def _killed_at(env: dict[str, str], point: str) -> None:
+    done = _run(env, point)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert "committed" not in done.stdout
+
+
 def _values(store: ResultStore) -> list[Any]:
     """What a reader sees: every visible entry's value, looked up by its key."""
     out = []
@@ -116,9 +122,7 @@ def test_killed_before_the_commit_record_none_is_visible(
     target: tuple[ResultStore, dict[str, str]], point: str
 ) -> None:
     store, env = target
-    done = _run(env, point)
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    assert "committed" not in done.stdout
+    _killed_at(env, point)
     assert _values(store) == []
     # No manifest the child wrote is believed, not even by a direct lookup.
     for rel in _files(store, "manifests"):
@@ -143,8 +147,7 @@ def test_killed_after_the_commit_record_all_are_visible(
     target: tuple[ResultStore, dict[str, str]], point: str
 ) -> None:
     store, env = target
-    done = _run(env, point)
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    _killed_at(env, point)
     assert _values(store) == sorted(EXPECTED, key=repr)
 
     # Recovery rolls the transaction forward: plain manifests, no record left.
@@ -179,8 +182,7 @@ def test_a_forged_commit_record_does_not_make_entries_visible(
     from notebook_flow.storage import files, group
 
     store, env = target
-    done = _run(env, "group_before_record")
-    assert done.returncode == -signal.SIGKILL, done.stderr
+    _killed_at(env, "group_before_record")
     pending = list(store.iter_manifests(verified=False))
     assert pending and all(m.txn is not None for m in pending)
     txn = pending[0].txn
