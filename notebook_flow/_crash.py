@@ -2,10 +2,11 @@
 process when it reaches that named point.
 
 The points: the miss path's ``after_lock``, ``after_payload``, ``after_manifest``,
-``before_release`` (:mod:`notebook_flow.tasks.call`, :mod:`notebook_flow.tasks.held`); a transaction's ``after_stage`` and
-``transaction_commit`` (:mod:`notebook_flow.transactions`); a group commit's
-``group_manifest_<n>``, ``group_before_record``, ``group_after_record``,
-``group_final_<n>`` and ``group_before_forget`` (:mod:`notebook_flow.storage.group`).
+``before_release`` (:mod:`notebook_flow.tasks.call`, :mod:`notebook_flow.tasks.held`); a
+transaction's ``after_stage`` and ``transaction_commit``
+(:mod:`notebook_flow.transactions`); a group commit's ``group_manifest_<n>``,
+``group_before_record``, ``group_after_record``, ``group_final_<n>`` and
+``group_before_forget`` (:mod:`notebook_flow.storage.group`).
 Read once at import; one string comparison per point when unset.
 """
 

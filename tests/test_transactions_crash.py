@@ -273,3 +273,18 @@ def test_a_group_commit_replaces_previous_entries_and_removes_their_payloads(
     assert [store.lookup(k) for k in (K1, K2)] == final
     assert store.load(final[0]) == "new" * 10_000
     assert not (isolated_store / old.payload).exists()
+
+
+def test_a_reader_racing_the_roll_forward_gets_the_plain_manifest(isolated_store: Path) -> None:
+    """The reader read a manifest naming the transaction; the committer then rewrote it and
+    removed the record: the reader finds the record gone, and reads the key again."""
+    import dataclasses
+
+    from notebook_flow.storage import group, trust
+
+    store = ResultStore(str(isolated_store))
+    plain = store.commit(K1, [1], **_OPTS)
+    seen = trust.sign(store, dataclasses.replace(plain, txn="a" * 32, mac=None))
+    assert group.believe(store, seen) == plain
+    store.delete(K1)
+    assert group.believe(store, seen) is None

@@ -71,6 +71,22 @@ def visible(store: ResultStore, manifest: Manifest) -> bool:
     return keys is not None and manifest.key in keys
 
 
+def believe(store: ResultStore, manifest: Manifest) -> Manifest | None:
+    """What a reader that found ``manifest`` (naming a transaction) may believe for its key:
+    ``manifest`` once its group committed; the plain manifest that replaced it, if the
+    committer finished (rewrote it and removed the record) between the two reads; else None.
+    """
+    if visible(store, manifest):
+        return manifest
+    rel = store._manifest_rel(manifest.key)
+    try:
+        data = files.read_small(store, rel)
+    except OSError:
+        return None
+    again = store._parse_manifest(data, rel, manifest.key)
+    return again if again is not None and again.txn is None else None
+
+
 def read_record(store: ResultStore, txn: str) -> frozenset[str] | None:
     """The keys the group ``txn`` committed, or None (no record, or one not to believe)."""
     try:

@@ -338,8 +338,8 @@ class ResultStore:
             self._warn(f"cannot read manifest {rel}: {exc}")
             return None
         manifest = self._parse_manifest(data, rel, key)
-        if manifest is not None and manifest.txn is not None and not group.visible(self, manifest):
-            return None  # its transaction has not committed (or never will)
+        if manifest is not None and manifest.txn is not None:
+            return group.believe(self, manifest)  # None until its transaction committed
         return manifest
 
     def _parse_manifest(
