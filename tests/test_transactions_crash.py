@@ -288,3 +288,24 @@ def test_a_reader_racing_the_roll_forward_gets_the_plain_manifest(isolated_store
     assert group.believe(store, seen) == plain
     store.delete(K1)
     assert group.believe(store, seen) is None
+
+
+def test_stripping_the_transaction_from_a_manifest_does_not_make_it_visible(
+    isolated_store: Path,
+) -> None:
+    """``txn`` is covered by the manifest's mac: a writer without the key cannot turn an
+    uncommitted entry into a plain one."""
+    import dataclasses
+
+    from notebook_flow.storage import files, trust
+
+    store = ResultStore(str(isolated_store))
+    staged = store.stage(K1, [1], **_OPTS)
+    pending = trust.sign(store, dataclasses.replace(staged, txn="b" * 32, mac=None))
+    raw = json.loads(pending.to_json())
+    assert raw["txn"] == "b" * 32
+    del raw["txn"]
+    body = json.dumps(raw).encode()
+    files.write_atomic(store, store._manifest_rel(K1), lambda write: write(memoryview(body)))
+    with pytest.warns(Warning, match="signature does not match"):
+        assert store.lookup(K1) is None
