@@ -309,3 +309,30 @@ def test_stripping_the_transaction_from_a_manifest_does_not_make_it_visible(
     files.write_atomic(store, store._manifest_rel(K1), lambda write: write(memoryview(body)))
     with pytest.warns(Warning, match="signature does not match"):
         assert store.lookup(K1) is None
+
+
+def test_a_failed_rewrite_after_the_record_keeps_the_group_committed(
+    isolated_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the record the group is committed: a rewrite that fails (a full disk) leaves
+    the record in place, both entries visible, and ``remove_orphans`` finishes it."""
+    from notebook_flow.storage import group
+
+    store = ResultStore(str(isolated_store))
+    staged = [store.stage(K1, [1], **_OPTS), store.stage(K2, [2], **_OPTS)]
+    real = group._put
+
+    def full_disk(store: ResultStore, manifest: Any) -> None:
+        if manifest.txn is None and manifest.key == K2:
+            raise OSError("No space left on device")
+        real(store, manifest)
+
+    monkeypatch.setattr(group, "_put", full_disk)
+    group.publish_group(store, staged)
+    assert [store.load(store.lookup(k)) for k in (K1, K2)] == [[1], [2]]  # type: ignore[arg-type]
+    assert len(_files(store, "transactions")) == 1
+    monkeypatch.undo()
+    store.remove_orphans(older_than=0)
+    assert _files(store, "transactions") == []
+    assert all(m.txn is None for m in store.iter_manifests(verified=False))
+    assert [store.load(store.lookup(k)) for k in (K1, K2)] == [[1], [2]]  # type: ignore[arg-type]

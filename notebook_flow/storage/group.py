@@ -181,9 +181,10 @@ def publish_group(
         _take_back(store, replaced)
         raise
     crash_point("group_after_record")
-    final = _roll_forward(store, txn, pending)
+    final, complete = _roll_forward(store, txn, pending)
     crash_point("group_before_forget")
-    files.remove_quietly(store, record_rel(txn))
+    if complete:
+        files.remove_quietly(store, record_rel(txn))
     # The results these replaced are gone for good now: their payloads, and in-process
     # caches elsewhere that may hold them.
     olds = [old for _ours, old in replaced if old is not None]
@@ -209,20 +210,31 @@ def _take_back(store: ResultStore, replaced: list[tuple[Manifest, Manifest | Non
             logger.warning("could not take back the manifest of %s: %s", ours.key, exc)
 
 
-def _roll_forward(store: ResultStore, txn: str, pending: Sequence[Manifest]) -> list[Manifest]:
-    """Rewrite the committed group's manifests without ``txn``: plain entries again."""
+def _roll_forward(
+    store: ResultStore, txn: str, pending: Sequence[Manifest]
+) -> tuple[list[Manifest], bool]:
+    """Rewrite the committed group's manifests without ``txn``: plain entries again.
+    Returns them, and False if a rewrite failed: the group is committed all the same
+    (visible through its record, which must then stay for ``recover`` to finish)."""
     final = []
+    complete = True
     for n, manifest in enumerate(pending, 1):
         plain = trust.sign(store, dataclasses.replace(manifest, txn=None, mac=None))
         final.append(plain)
         try:
             if _still_ours(store, manifest):  # (not replaced since by a later commit)
                 _put(store, plain)
-        except OSError as exc:  # still visible through the record, which then stays
-            logger.warning("could not finish the commit of %s: %s", manifest.key, exc)
-            raise CommitError(store._commit_failure(manifest.key, exc)) from exc
+        except OSError as exc:
+            complete = False
+            logger.warning(
+                "the transaction %s committed, but rewriting the manifest of %s failed (%s); "
+                "`notebook-flow gc` finishes it",
+                txn,
+                manifest.key,
+                exc,
+            )
         crash_point(f"group_final_{n}")
-    return final
+    return final, complete
 
 
 def recover(store: ResultStore, older_than: float) -> list[str]:
@@ -239,12 +251,13 @@ def recover(store: ResultStore, older_than: float) -> list[str]:
         keys = read_record(store, txn)
         if keys is None:  # not ours to finish (another key's), or damaged: left alone
             continue
+        complete = True
         for key in keys:
             current = store._read_previous(key)
             if current is not None and current.txn == txn and trust.verified(store, current):
-                _roll_forward(store, txn, [current])
+                complete = _roll_forward(store, txn, [current])[1] and complete
         with contextlib.suppress(OSError):
-            if files.remove(store, rel):
+            if complete and files.remove(store, rel):
                 removed.append(rel)
     mtimes = dict(files.list_files(store, "manifests"))
     for manifest in store.iter_manifests(verified=False):
