@@ -68,16 +68,37 @@ _SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
 MAX_DEPTH = 64
 
 
+#: class → "dataclass", "pydantic" or None: decided once per class (a hot path: every
+#: argument of every direct call is asked). Stable: a class's bases never change, and no
+#: pydantic model exists before pydantic is imported.
+_kinds: dict[type, str | None] = {}
+
+
+def _record_kind(cls: type) -> str | None:
+    kind = _kinds.get(cls, "")
+    if kind != "":
+        return kind
+    if dataclasses.is_dataclass(cls):
+        kind = "dataclass"
+    else:
+        pydantic = sys.modules.get("pydantic")
+        is_model = pydantic is not None and issubclass(cls, pydantic.BaseModel)
+        kind = "pydantic" if is_model else None
+    if len(_kinds) < 4096:  # (classes made on the fly are not remembered forever)
+        _kinds[cls] = kind
+    return kind
+
+
 def _record_fields(obj: Any) -> dict[str, Any] | None:
     """The fields of a dataclass instance or pydantic model by name; None for anything
-    else. (pydantic is only asked about when imported: no model exists before.)"""
+    else."""
     cls = type(obj)
-    if dataclasses.is_dataclass(cls):
+    kind = _record_kind(cls)
+    if kind == "dataclass":
         return {
             f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if hasattr(obj, f.name)
         }
-    pydantic = sys.modules.get("pydantic")
-    if pydantic is not None and isinstance(obj, pydantic.BaseModel):
+    if kind == "pydantic":
         names = list(cls.model_fields)
         names += [n for n in obj.model_fields_set if n not in cls.model_fields]  # extra="allow"
         return {name: getattr(obj, name) for name in names}
@@ -100,6 +121,8 @@ def collect_futures(obj: Any, out: dict[int, TaskFuture[Any]], depth: int = 0) -
         out[id(obj)] = obj
     elif cls is allow_failure or cls is unmapped:
         collect_futures(obj.value, out, depth)
+    elif _kinds.get(cls, "") is None:  # a class known to hold nothing
+        return
     elif depth < MAX_DEPTH and (items := _children(obj)) is not None:
         for item in items:
             if type(item) in _SCALARS:
@@ -160,6 +183,8 @@ def _holds_markers(obj: Any, depth: int = 0) -> bool:
     cls = type(obj)
     if cls is TaskFuture or cls is allow_failure or cls is unmapped:
         return True
+    if _kinds.get(cls, "") is None:  # a class known to hold nothing (the common case)
+        return False
     if depth < MAX_DEPTH and (items := _children(obj)) is not None:
         for item in items:
             if type(item) in _SCALARS:
@@ -210,8 +235,7 @@ def _with_fields(obj: Any, changed: dict[str, Any]) -> Any:
     """A copy of a dataclass instance or model with ``changed`` fields (validators and
     ``__post_init__`` not run again: the values are the upstream results, as Prefect
     passes them)."""
-    pydantic = sys.modules.get("pydantic")
-    if pydantic is not None and isinstance(obj, pydantic.BaseModel):
+    if _record_kind(type(obj)) == "pydantic":
         return obj.model_copy(update=changed)
     new = copy.copy(obj)
     for name, value in changed.items():
