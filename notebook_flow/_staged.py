@@ -58,13 +58,19 @@ class StagedResult:
 
 def publish_all(results: list[StagedResult]) -> None:
     """Make staged results visible: all of a store's at once (one commit record, see
-    ``storage/group.py``), store by store; a single result by its manifest alone."""
+    ``storage/group.py``), store by store; a single result by its manifest alone. Of a key
+    staged twice (``refresh_cache``), the later result is published."""
     from .storage import group
 
     by_store: dict[str, list[StagedResult]] = {}
     for r in results:
         by_store.setdefault(r.store.url, []).append(r)
-    for batch in by_store.values():
+    for staged in by_store.values():
+        latest = {r.manifest.key: r for r in staged}  # a key staged twice: the last one
+        batch = list(latest.values())
+        for r in staged:
+            if latest[r.manifest.key] is not r:
+                r.discard()
         store = batch[0].store
         if len(batch) == 1:
             batch[0].done(store.publish(batch[0].manifest, before_manifest=batch[0].check))

@@ -336,3 +336,33 @@ def test_a_failed_rewrite_after_the_record_keeps_the_group_committed(
     assert _files(store, "transactions") == []
     assert all(m.txn is None for m in store.iter_manifests(verified=False))
     assert [store.load(store.lookup(k)) for k in (K1, K2)] == [[1], [2]]  # type: ignore[arg-type]
+
+
+def test_a_key_staged_twice_in_a_transaction_publishes_the_later_result(
+    isolated_store: Path,
+) -> None:
+    from notebook_flow import task
+    from notebook_flow.transactions import transaction
+
+    class Runs(list):  # opts out of the key
+        def __notebook_flow_fingerprint__(self) -> str:
+            return "runs"
+
+    runs = Runs()
+
+    @task(refresh_cache=True)
+    def count(x: int) -> int:
+        runs.append(x)
+        return len(runs)
+
+    @task
+    def other(x: int) -> int:
+        return -x
+
+    with transaction():
+        assert count(1) == 1
+        assert count(1) == 2  # refresh: staged again under the same key
+        other(1)
+    store = ResultStore(str(isolated_store))
+    assert sorted(_values(store)) == [-1, 2]
+    assert len(_files(store, "results")) == 0  # small results: inline; nothing left over
