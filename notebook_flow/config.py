@@ -181,6 +181,15 @@ def configure(
         return _settings
 
 
+def use_store(store: str, storage_options: dict[str, Any], signing_key: bytes | None) -> None:
+    """Make these the store settings of this process unless they already are (a worker
+    process taking the settings a run was sent with; ``configure`` only on a change, which
+    would drop the cached stores)."""
+    s = settings()
+    if (s.store, s.storage_options, s.signing_key) != (store, storage_options, signing_key):
+        configure(store=store, storage_options=storage_options, signing_key=signing_key)
+
+
 def _normalize_url(url: str) -> str:
     """Local paths become absolute, so a later ``os.chdir`` does not move the store."""
     if "://" in url or url.startswith("memory:"):

@@ -52,6 +52,7 @@ __all__ = [
     "key_id",
     "manifest_mac",
     "new_key_text",
+    "record_mac",
 ]
 
 #: Environment variable holding a shared signing key (its UTF-8 bytes are the key).
@@ -62,6 +63,7 @@ CONFIG_DIR_ENV = "NOTEBOOK_FLOW_CONFIG_DIR"
 MIN_KEY_BYTES = 16
 
 _MANIFEST_DOMAIN = b"notebook_flow manifest v1\0"
+_RECORD_DOMAIN = b"notebook_flow transaction record v1\0"
 _lock = threading.Lock()
 _cached: tuple[str, bytes] | None = None  # (key file path, key) read by this process
 
@@ -152,12 +154,25 @@ def key_id(key: bytes) -> str:
 def manifest_mac(key: bytes, fields: dict[str, Any]) -> str:
     """HMAC-SHA256 (hex) of a manifest's fields, ``mac`` itself left out.
 
+    (A transaction's commit record is signed by :func:`record_mac`, in another domain: a
+    manifest's mac never verifies as a record's, nor the reverse.)
+
     The serialization is canonical (sorted keys, no spaces, ASCII, absent optional fields
     as null), so it is the same bytes for a manifest and for its JSON read back.
     """
+    return _mac(key, _MANIFEST_DOMAIN, fields)
+
+
+def record_mac(key: bytes, fields: dict[str, Any]) -> str:
+    """HMAC-SHA256 (hex) of a transaction commit record's fields, ``mac`` left out
+    (canonical as :func:`manifest_mac`; see ``notebook_flow.storage.group``)."""
+    return _mac(key, _RECORD_DOMAIN, fields)
+
+
+def _mac(key: bytes, domain: bytes, fields: dict[str, Any]) -> str:
     body = {name: value for name, value in fields.items() if name != "mac"}
     data = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    mac = hmac.new(key, _MANIFEST_DOMAIN, hashlib.sha256)
+    mac = hmac.new(key, domain, hashlib.sha256)
     mac.update(data.encode("ascii"))
     return mac.hexdigest()
 

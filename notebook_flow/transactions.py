@@ -11,9 +11,11 @@ error, every staged result is published (manifests written, ``on_commit`` hooks 
 when it ends with an error, or any task inside fails, they are all discarded and the
 tasks' ``on_rollback`` hooks run. Until the commit no other process (and no later call)
 sees any of them; a process killed before the commit leaves only unreferenced payloads,
-which ``ResultStore.remove_orphans`` collects. The commit writes one manifest per result,
-in order: a crash *during* it can leave the first results published and not the others —
-each of them a correct result for its key, so nothing wrong is ever served.
+which ``ResultStore.remove_orphans`` collects. The commit itself is atomic per store: the
+results' manifests are written naming the transaction, and are misses until one signed
+commit record makes them all visible at once (``storage/group.py``). A SIGKILL at any
+instant of it leaves all of a store's results of the transaction visible, or none;
+``remove_orphans`` finishes what a dead committer left (forward or back).
 
 A task call gets a transaction of its own (``get_transaction()`` in its body returns it;
 its ``on_commit``/``on_rollback`` hooks receive it) when it runs inside a transaction or
@@ -35,7 +37,6 @@ import contextvars
 import copy
 import enum
 import logging
-import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -43,6 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from ._crash import crash_point as _crash_point
+from ._staged import StagedResult as _StagedResult
+from ._staged import publish_all as _publish_all
 from .cache_policies import IsolationLevel, isolation_level_name
 from .errors import ConfigurationError, SerializationError
 
@@ -64,16 +68,6 @@ __all__ = [
 logger = logging.getLogger("notebook_flow")
 
 _NOT_SET: Any = object()
-
-# Fault injection for the crash tests (as tasks/call.py): SIGKILL at a named point.
-_CRASH_AT = os.environ.get("NOTEBOOK_FLOW_CRASH_AT") or None
-
-
-def _crash_point(name: str) -> None:
-    if name == _CRASH_AT:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class CommitMode(str, enum.Enum):
@@ -105,31 +99,6 @@ class TransactionRecord:
 
     def __repr__(self) -> str:
         return f"TransactionRecord(key={self.key!r})"
-
-
-class _StagedResult:
-    """A task's result staged in a store: published at commit, discarded at rollback."""
-
-    __slots__ = ("call", "lease", "manifest", "value")
-
-    def __init__(self, call: _Call, manifest: Manifest, value: Any, lease: Any) -> None:
-        self.call = call
-        self.manifest = manifest
-        self.value = value
-        self.lease = lease
-
-    def publish(self) -> None:
-        lease_check = getattr(self.lease, "check", None)
-        self.call.store.publish(self.manifest, before_manifest=lease_check)
-        # A mutable value has been the caller's since the call returned: the hot cache
-        # must not take it as it is now (the payload was written at staging).
-        from .tasks.hot import _immutable
-
-        self.call.published(self.manifest, self.value, remember=_immutable(self.value))
-        _crash_point("after_publish")
-
-    def discard(self) -> None:
-        self.call.store.discard(self.manifest)
 
 
 # Submitted tasks carry the submitter's context, so a child may finish on a worker thread
@@ -347,17 +316,18 @@ class Transaction:
             return None
         return TransactionRecord(self.key, store.load(manifest))
 
-    def _write(self) -> None:
+    def _to_write(self) -> _StagedResult | None:
+        """What this transaction writes at commit: a task's staged result, or the value
+        staged under its key (its payload written now)."""
         staged = self._staged
         if isinstance(staged, _StagedResult):
-            staged.publish()
-            return
+            return staged
         store = self._keyed_store()
         if store is None or self.key is None or not self.write_on_commit or staged is _NOT_SET:
-            return
+            return None
         from .tasks.context import new_run_id
 
-        store.commit(
+        manifest = store.stage(
             _store_key(self.key),
             staged,
             task="notebook_flow.transactions",
@@ -366,6 +336,9 @@ class Transaction:
             duration=0.0,
             expires_at=None,
         )
+        result = _StagedResult(store, manifest, staged)
+        self._staged = result  # (its payload is discarded on a rollback)
+        return result
 
     # -- staging, committing, rolling back ---------------------------------------------------
 
@@ -428,10 +401,23 @@ class Transaction:
             self._run_hook(hook, "commit")
 
     def _publish(self) -> None:
+        results: list[_StagedResult] = []
+        self._collect(results)
+        _publish_all(results)
+        self._committed()
+
+    def _collect(self, results: list[_StagedResult]) -> None:
         for child in self.children:
             if not child._settled():
-                child._publish()
-        self._write()
+                child._collect(results)
+        result = self._to_write()
+        if result is not None:
+            results.append(result)
+
+    def _committed(self) -> None:
+        for child in self.children:
+            if not child._settled():
+                child._committed()
         self.state = TransactionState.COMMITTED
         self._finish.close()
 
@@ -521,15 +507,15 @@ async def atransaction(  # noqa: PLR0917 (Prefect's signature)
     lock_manager: Any = None,
 ) -> AsyncIterator[Transaction]:
     """:func:`transaction` for ``async with`` (the same transaction object)."""
-    with Transaction(
-        key=key,
-        store=store,
-        commit_mode=commit_mode,
-        isolation_level=isolation_level,
-        overwrite=overwrite,
-        write_on_commit=write_on_commit,
+    with transaction(
+        key,
+        store,
+        commit_mode,
+        isolation_level,
+        overwrite,
+        write_on_commit,
+        logger,
         lock_manager=lock_manager,
-        logger=logger,
     ) as txn:
         yield txn
 
@@ -600,7 +586,7 @@ def _find_staged(txn: Transaction, url: str, key: str) -> _StagedResult | None:
     if (
         isinstance(value, _StagedResult)
         and value.manifest.key == key
-        and value.call.store.url == url
+        and value.store.url == url
         and not txn._settled()
     ):
         return value
@@ -624,6 +610,8 @@ def stage_call(
     t = call.task
     if release is not None:  # the key stays locked until the result is published or discarded
         txn._finish.callback(release)
-    staged = _StagedResult(call, manifest, value, lease) if manifest is not None else None
+    staged = (
+        _StagedResult(call.store, manifest, value, lease, call) if manifest is not None else None
+    )
     txn.stage(staged, on_rollback_hooks=t.on_rollback_hooks, on_commit_hooks=t.on_commit_hooks)
     _crash_point("after_stage")

@@ -15,7 +15,7 @@ import notebook_flow as nf
 from notebook_flow import config
 from notebook_flow.cache_policies import NONE
 from notebook_flow.errors import ConfigurationError, ConfigurationTypeError
-from notebook_flow.tasks.call import exponential_backoff
+from notebook_flow.tasks import exponential_backoff
 
 NAN, INF = float("nan"), float("inf")
 

@@ -188,7 +188,7 @@ class StorageContract:
         on_disk = json.loads(raw_read(store, manifest_rel(KEY)))
         assert on_disk["checksum"] == m.checksum and on_disk["signature"] == m.signature
         assert on_disk["mac"] == m.mac and len(m.mac or "") == 64
-        optional = {"inline"} | ({"seal"} if m.seal is None else set())
+        optional = {"inline", "txn"} | ({"seal"} if m.seal is None else set())
         assert set(on_disk) == {f.name for f in Manifest.__dataclass_fields__.values()} - optional
         # Only a local payload file is sealed (see test_sealed_payload_loads_without_rehash...)
         sealable = store.is_local and _localfs.seal_of(os.stat(".")) is not None

@@ -322,23 +322,6 @@ def rerun_commits_all(env: dict[str, str], isolated_store: Path) -> None:
     assert os.path.isdir(isolated_store / "manifests")
 
 
-def test_sigkill_while_publishing_leaves_only_correct_results(
-    isolated_store: Path, python_env: dict[str, str]
-) -> None:
-    """The commit writes one manifest per result: a kill between two of them leaves the
-    first published (documented). Each visible result is the right one for its key."""
-    env = {**python_env, "NOTEBOOK_FLOW_CRASH_AT": "after_publish"}
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == -signal.SIGKILL, done.stderr
-    store = ResultStore(str(isolated_store))
-    manifests = list(store.iter_manifests())
-    assert len(manifests) == 1
-    assert store.load(manifests[0]) == [1, 1]  # small(1), published first
-    rerun_commits_all(env, isolated_store)
-
-
 def test_a_transaction_reads_its_own_staged_results(isolated_store: Path) -> None:
     manager = FileLockManager(isolated_store.parent / "locks")
 

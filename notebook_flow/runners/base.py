@@ -265,17 +265,9 @@ class RemoteConfig:
         return cls(store.url, dict(s.storage_options), s.signing_key or store._signing_key())
 
     def apply(self) -> None:
-        from notebook_flow.config import configure, settings
+        from notebook_flow.config import use_store
 
-        s = settings()
-        if (s.store, s.storage_options, s.signing_key) != (
-            self.store,
-            self.storage_options,
-            self.signing_key,
-        ):
-            configure(
-                store=self.store, storage_options=self.storage_options, signing_key=self.signing_key
-            )
+        use_store(self.store, self.storage_options, self.signing_key)
 
 
 def remote_run(

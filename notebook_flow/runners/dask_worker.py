@@ -87,17 +87,9 @@ class WorkerSetup:
 
     def apply(self) -> ResultStore:
         """Make these the worker's settings (if another client changed them) → its store."""
-        from notebook_flow.config import configure, get_store, settings
+        from notebook_flow.config import get_store, use_store
 
-        s = settings()
-        if (s.store, s.storage_options, s.signing_key) != (
-            self.store,
-            self.storage_options,
-            self.signing_key,
-        ):
-            configure(
-                store=self.store, storage_options=self.storage_options, signing_key=self.signing_key
-            )
+        use_store(self.store, self.storage_options, self.signing_key)
         return get_store()
 
 

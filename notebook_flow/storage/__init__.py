@@ -5,6 +5,7 @@ Layout under the store's root::
     results/<key[:2]>/<key>-<unique>.<ext>     payloads (a new unique name on every commit)
     manifests/<key[:2]>/<key>.json             the commit point: names payload, size, checksum
     manifests/GENERATION                       rewritten after a manifest is deleted or replaced
+    transactions/<id>.json                     a transaction's commit record (see .group)
     metadata.duckdb, locks/, ...               local stores only (remote: a per-URL cache dir)
     events/, chunks/                           a Dask runner's spooled run events and
                                                chunk markers (``runners/dask_worker.py``)
@@ -28,12 +29,16 @@ names are never reused, so a reader holding the old manifest never sees its payl
 temp files and unreferenced payloads (a crash between steps 1 and 3, or two writers racing on
 one key) are invisible to readers and removed by ``remove_orphans``.
 
+Several results commit together (a transaction) through :mod:`.group`: their manifests
+name the transaction and are misses until one signed commit record makes them all visible.
+
 The package follows the protocol: :mod:`.manifest` (the commit record, its JSON format and
-validation), :mod:`.payload` (writing a payload while hashing it; verifying it before it is
-loaded), :mod:`.files` (low-level I/O: local files directly, the rest through fsspec) and
-:mod:`.store` (``ResultStore``: lookup, load, commit, delete, the generation file). What other
-modules use is re-exported here: import it from ``notebook_flow.storage``. Module globals
-live in their submodule: patch ``INLINE_LIMIT`` as ``notebook_flow.storage.store.INLINE_LIMIT``.
+validation), :mod:`.group` (group commits), :mod:`.payload` (writing a payload while
+hashing it; verifying it before it is loaded), :mod:`.files` (low-level I/O: local files
+directly, the rest through fsspec) and :mod:`.store` (``ResultStore``: lookup, load,
+commit, delete, the generation file). What other modules use is re-exported here: import
+it from ``notebook_flow.storage``. Module globals live in their submodule: patch
+``INLINE_LIMIT`` as ``notebook_flow.storage.store.INLINE_LIMIT``.
 
 >>> import tempfile
 >>> store = ResultStore(tempfile.mkdtemp())

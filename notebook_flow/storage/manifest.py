@@ -89,16 +89,22 @@ class Manifest:
     mac: str | None = None  # HMAC-SHA256 of every other field: see notebook_flow.signing
     # Who made it, where, with what (format 2; see notebook_flow.provenance).
     provenance: dict[str, str] | None = None
+    # The transaction whose commit record makes this entry visible (see .group); None for
+    # an entry committed on its own, which a reader believes without further I/O.
+    txn: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """Every field by name (what ``to_json`` writes and the ``mac`` covers).
 
-        Fields added after format 1 are left out while absent, so a format-1 manifest's
-        ``mac`` covers exactly what it covered when it was written.
+        Fields added after format 1 (``provenance``, ``txn``) are left out while absent, so
+        a format-1 manifest's ``mac`` covers exactly what it covered when it was written
+        (and an older reader refuses an entry that names a transaction: its mac does not
+        verify there, a miss, which is what an uncommitted entry must be).
         """
         data = {name: getattr(self, name) for name in _FIELD_NAMES}
-        if data["provenance"] is None:
-            del data["provenance"]
+        for late in ("provenance", "txn"):
+            if data[late] is None:
+                del data[late]
         return data
 
     def expired(self, now: float | None = None) -> bool:
@@ -164,6 +170,7 @@ class Manifest:
             (self.fence is not None and type(self.fence) is not int, "fence"),
             (self.seal is not None and not isinstance(self.seal, str), "seal"),
             (self.mac is not None and not _is_hex(self.mac, 64), "mac"),
+            (self.txn is not None and not _is_hex(self.txn, 32), "txn"),
             (
                 self.provenance is not None
                 and (
@@ -189,7 +196,7 @@ class Manifest:
             raise ValueError(f"invalid {', '.join(bad)}")
 
 
-_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac", "provenance")
+_OPTIONAL_FIELDS = ("fence", "inline", "seal", "mac", "provenance", "txn")
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Manifest))
 # Pickles and fingerprints name the class where it was first defined (and is re-exported).
 Manifest.__module__ = "notebook_flow.storage"

@@ -18,7 +18,7 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import xxhash
 
@@ -42,11 +42,12 @@ from notebook_flow.serializers import (
 )
 from notebook_flow.signing import check_key, default_signing_key
 
-from . import behind, files, payload, trust
+from . import behind, files, group, payload, trust
 from .manifest import _PAYLOAD_RE, FORMAT_VERSION, Manifest, _is_manifest_rel, validate_key
 
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
+    from typing_extensions import Unpack
 
 logger = logging.getLogger("notebook_flow")
 
@@ -54,11 +55,30 @@ logger = logging.getLogger("notebook_flow")
 CACHE_DIR_ENV = "NOTEBOOK_FLOW_CACHE_DIR"
 
 _LOCAL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RESERVED_NAMES = frozenset({"results", "manifests", "quarantine", "metadata.duckdb"})
+_RESERVED_NAMES = frozenset(
+    {"results", "manifests", "transactions", "quarantine", "metadata.duckdb"}
+)
 
 #: Payloads up to this many bytes are kept inside their manifest (one write, one read).
 #: Read when a ResultStore is created (its ``inline_limit``): patch it here, in this module.
 INLINE_LIMIT = 16 * 1024
+
+
+class _EntryFields(TypedDict):
+    task: str
+    components: dict[str, str]
+    run_id: str
+    duration: float
+    expires_at: float | None
+
+
+class StageOptions(_EntryFields, total=False):
+    """What :meth:`ResultStore.stage` (and ``commit``) record with a value, besides its key:
+    the task's identity, the key's components, the run, its duration and expiry; a forced
+    serializer; the lock's fencing token."""
+
+    serializer: str | Serializer | None
+    fence: int | None
 
 
 class StorageWarning(UserWarning):
@@ -313,7 +333,8 @@ class ResultStore:
 
         Expired manifests are returned too (check ``manifest.expired()``). A manifest that
         cannot be read or parsed, or names an unknown format, is reported with a
-        ``StorageWarning`` and treated as missing: a bad file never crashes a task.
+        ``StorageWarning`` and treated as missing: a bad file never crashes a task. So is
+        one of a transaction whose commit record does not exist (yet): see :mod:`.group`.
         """
         key = validate_key(key)
         behind.wait_key(self.url, key)
@@ -328,7 +349,10 @@ class ResultStore:
         except OSError as exc:
             self._warn(f"cannot read manifest {rel}: {exc}")
             return None
-        return self._parse_manifest(data, rel, key)
+        manifest = self._parse_manifest(data, rel, key)
+        if manifest is not None and manifest.txn is not None:
+            return group.believe(self, manifest)  # None until its transaction committed
+        return manifest
 
     def _parse_manifest(
         self, data: bytes, rel: str, key: str | None, *, verify: bool = True
@@ -387,9 +411,18 @@ class ResultStore:
     def iter_manifests(self, *, verified: bool = True) -> Iterator[Manifest]:
         """Every valid manifest in the store (invalid ones are skipped with a warning).
 
-        With ``verified=False`` also those that do not verify under this process's key
-        (for deleting them: nothing read from them is believed).
+        With ``verified=False`` also those that do not verify under this process's key, and
+        those of uncommitted transactions (for deleting them: nothing read from them is
+        believed).
         """
+        if verified:
+            for m in self._iter_manifests(verified=True):
+                if m.txn is None or group.visible(self, m):
+                    yield m
+        else:
+            yield from self._iter_manifests(verified=False)
+
+    def _iter_manifests(self, *, verified: bool) -> Iterator[Manifest]:
         behind.flush(self.url)
         rels = [rel for rel, _mtime in files.list_files(self, "manifests") if _is_manifest_rel(rel)]
         if self.is_local:
@@ -426,37 +459,21 @@ class ResultStore:
         key: str,
         value: object,
         *,
-        task: str,
-        components: dict[str, str],
-        run_id: str,
-        duration: float,
-        expires_at: float | None,
-        serializer: str | Serializer | None = None,
         before_manifest: Callable[[], None] | None = None,
-        fence: int | None = None,
+        **options: Unpack[StageOptions],
     ) -> Manifest:
         """Store ``value`` as the result for ``key``; returns the committed manifest.
 
-        ``serializer`` forces a format (by name or object); by default one is chosen by
-        type, and a DataFrame that Parquet cannot hold exactly is pickled. Raises
+        ``options`` are :meth:`stage`'s (:class:`StageOptions`). ``serializer`` forces a
+        format (by name or object); by default one is chosen by type, and a DataFrame that
+        Parquet cannot hold exactly is pickled. Raises
         ``CommitError`` (cause attached) when the store cannot be written and
         ``SerializationError`` when the value cannot be serialized; in both cases nothing is
         committed and no partial file is visible. ``before_manifest`` runs after the payload
         is written and before the manifest: if it raises (e.g. ``LeaseLostError``) the
         payload is removed and its exception propagates unchanged.
         """
-        staged = self.stage(
-            key,
-            value,
-            task=task,
-            components=components,
-            run_id=run_id,
-            duration=duration,
-            expires_at=expires_at,
-            serializer=serializer,
-            fence=fence,
-        )
-        return self.publish(staged, before_manifest=before_manifest)
+        return self.publish(self.stage(key, value, **options), before_manifest=before_manifest)
 
     def stage(
         self,
@@ -631,7 +648,7 @@ class ResultStore:
             referenced = {m.payload for m in self.iter_manifests(verified=False)}
         cutoff = time.time() - older_than
         found: list[str] = []
-        for top in ("results", "manifests"):
+        for top in ("results", "manifests", group.RECORDS):
             for rel, mtime in files.list_files(self, top):
                 name = rel.rsplit("/", 1)[-1]
                 orphan = _localfs.is_temp_name(name) or (
@@ -646,10 +663,11 @@ class ResultStore:
         left by a crash before their manifest (or by two writers racing on one key).
 
         Only files older than ``older_than`` seconds are touched, so a commit in flight
-        (payload written, manifest not yet) is left alone. Returns the removed paths,
-        relative to the root.
+        (payload written, manifest not yet) is left alone. Transactions whose committer
+        died are finished first (:func:`.group.recover`: rolled forward once their commit
+        record exists, else back). Returns the removed paths, relative to the root.
         """
-        removed: list[str] = []
+        removed = group.recover(self, older_than)
         for rel in self.find_orphans(older_than):
             with contextlib.suppress(OSError):
                 if files.remove(self, rel):

@@ -18,28 +18,25 @@ The call path, top to bottom (:func:`_run_sync`):
    retries and timeout, commit payload then manifest, record COMPLETED, release.
 
 The package follows that path: :mod:`.definition` (``Task``, ``@task``, the options),
-:mod:`.call` (one call: key, lookup, lock, run with retries, commit, record; the crash
-points), :mod:`.hooks` (completion/failure hooks), :mod:`.keys` (``result_storage_key``,
-``task_input_hash``), :mod:`.hot` (the in-process hot cache a hit reads first),
-:mod:`.context` (run ids, ``current_run()``) and :mod:`.explain` (why a call hits or
-misses). What other modules use is re-exported here: import it from
-``notebook_flow.tasks``. Module state lives once, in its own module: patch
-``call._CRASH_AT`` or ``hot._hot``, not a name re-exported here.
+:mod:`.call` (one call: key, lookup, lock, run with retries, commit, record),
+:mod:`.retries` (retry delays), :mod:`.held` (a lock kept past the call), :mod:`.hooks`
+(completion/failure hooks), :mod:`.keys` (``result_storage_key``, ``task_input_hash``),
+:mod:`.hot` (the in-process hot cache a hit reads first), :mod:`.context` (run ids,
+``current_run()``) and :mod:`.explain` (why a call hits or misses). What other modules use
+is re-exported here: import it from ``notebook_flow.tasks``. Module state lives once, in
+its own module: patch ``notebook_flow._crash.CRASH_AT`` or ``hot._hot``, not a name
+re-exported here.
 """
 
 from __future__ import annotations
 
 from .call import _MISS as _MISS
-from .call import RetryDelay as RetryDelay
 from .call import _Call as _Call
-from .call import _crash_point as _crash_point
-from .call import _delays as _delays
 from .call import _metadata_for as _metadata_for
 from .call import _run_async as _run_async
 from .call import _run_sync as _run_sync
 from .call import _short_repr as _short_repr
 from .call import _store_for as _store_for
-from .call import exponential_backoff
 from .context import RunContext, current_run
 from .context import _current_run as _current_run
 from .context import new_run_id as new_run_id
@@ -56,6 +53,9 @@ from .hot import _hot as _hot
 from .hot import _HotCache as _HotCache
 from .hot import _immutable as _immutable
 from .keys import task_input_hash
+from .retries import RetryDelay as RetryDelay
+from .retries import _delays as _delays
+from .retries import exponential_backoff
 
 __all__ = [
     "Explanation",

@@ -1,5 +1,5 @@
 """One call of a task, top to bottom: key → lookup → (lock → re-check) → run with retries →
-commit → record.
+commit → record. (Retry delays: :mod:`.retries`; a lock kept past the call: :mod:`.held`.)
 
 :class:`_Call` holds the state of one invocation and one method per step; :func:`_run_sync`
 and :func:`_run_async` chain the steps (the embedded worker runs ``_run_sync`` on a
@@ -20,15 +20,14 @@ import random
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from notebook_flow import _identity, config, transactions
-from notebook_flow._imports import loaded
+from notebook_flow._crash import crash_point as _crash_point
 from notebook_flow.cache_policies import KeyContext, combine_components
 from notebook_flow.errors import (
     CommitError,
-    ConfigurationError,
     MetadataError,
     PayloadCorruptError,
     SerializationError,
@@ -41,88 +40,24 @@ from notebook_flow.hashing import lineage
 from notebook_flow.lifecycle import quota, usage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
-from notebook_flow.storage import behind
 
 from . import hooks
 from .context import RunContext, _current_run, new_run_id
 from .explain import BUSY_REASON, EXPLAIN_WAIT, _expired_reason, diff_components
+from .held import _commit_in_background, _locked_past_abandoned, _release_when_done
 from .hot import _hot, _immutable
+from .retries import _delays
 
 if TYPE_CHECKING:
     from notebook_flow.metadata import MetadataStore
     from notebook_flow.storage import Manifest, ResultStore
+    from notebook_flow.storage.store import StageOptions
 
     from .definition import Task
 
 logger = logging.getLogger("notebook_flow")
 
 _MISS: Any = object()  # sentinel: "no usable cached result"
-
-RetryDelay = float | int | Sequence[float | int] | Callable[[int], Sequence[float | int]]
-
-
-# --------------------------------------------------------------------------- crash points
-
-# Fault injection for the crash-matrix tests: NOTEBOOK_FLOW_CRASH_AT=<point> SIGKILLs this
-# process at that point of the miss path (after_lock, after_payload, after_manifest,
-# before_release). Read once at import; one string comparison per point when unset.
-_CRASH_AT = os.environ.get("NOTEBOOK_FLOW_CRASH_AT") or None
-
-
-def _crash_point(name: str) -> None:
-    if name == _CRASH_AT:
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# --------------------------------------------------------------------------- retries
-
-
-def exponential_backoff(backoff_factor: float) -> Callable[[int], list[float]]:
-    """Retry delays ``factor * 2**n`` for ``retry_delay_seconds`` (as in Prefect).
-
-    >>> exponential_backoff(10)(3)
-    [10.0, 20.0, 40.0]
-    """
-    if backoff_factor < 0:
-        raise ConfigurationError("backoff_factor must be >= 0")
-    # A lambda named by the package, as when this was tasks.py: a task passed as an argument
-    # is keyed with its options, this function's result among them.
-    delays = lambda retries: [float(backoff_factor) * 2**n for n in range(retries)]  # noqa: E731
-    delays.__module__ = "notebook_flow.tasks"
-    return delays
-
-
-def _is_seconds(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _delays(retries: int, spec: RetryDelay | None) -> list[float]:
-    """The delay before each retry; a ``retry_delay_seconds`` of a wrong type or sign is a
-    ``ConfigurationError`` naming what was given and what is accepted."""
-    what = "retry_delay_seconds"
-    if spec is None:  # Prefect's "use the default": no delay
-        spec = 0
-    if callable(spec):
-        what = f"retry_delay_seconds({retries})"
-        spec = spec(retries)
-    if _is_seconds(spec):
-        values = [float(spec)] * retries  # type: ignore[arg-type]
-    elif isinstance(spec, (list, tuple)) and all(_is_seconds(v) for v in spec):
-        values = [float(v) for v in spec]
-        if not values:
-            values = [0.0]
-        values += [values[-1]] * (retries - len(values))  # last delay repeats
-    else:
-        raise ConfigurationError(
-            f"{what} must be seconds (an int or float), a list of seconds, or a function "
-            f"of the number of retries that returns such a list (e.g. "
-            f"exponential_backoff(10)); got {type(spec).__name__} {spec!r}"
-        )
-    if any(v < 0 for v in values):
-        raise ConfigurationError(f"retry delays must be >= 0, got {values!r}")
-    return values
 
 
 # --------------------------------------------------------------------------- store and metadata
@@ -524,7 +459,7 @@ class _Call:
                     lease_check()
                 _crash_point("after_payload")
 
-            options: dict[str, Any] = {
+            options: StageOptions = {
                 "task": t.identity,
                 "components": self.components or {},
                 "run_id": self.run_id,
@@ -586,144 +521,6 @@ def _short_repr(value: Any, limit: int = 80) -> str:
 
 
 # --------------------------------------------------------------------------- the call path
-
-
-class _Held:
-    """The key's lock for one call (``lease`` None when the policy takes none), which the
-    call may hand to a background commit (``hand_off``) instead of releasing it itself."""
-
-    __slots__ = ("handed_off", "lease", "stack")
-
-    def __init__(self, lease: Any, stack: contextlib.ExitStack) -> None:
-        self.lease = lease
-        self.stack = stack
-        self.handed_off = False
-
-    def hand_off(self) -> contextlib.ExitStack:
-        """The lock, to be released by whoever closes the returned stack."""
-        self.handed_off = True
-        return self.stack.pop_all()
-
-
-@contextlib.contextmanager
-def _locked_past_abandoned(call: _Call) -> Iterator[_Held]:
-    """``call.locked()``, released only once no body this call abandoned still runs.
-
-    ``timeout_seconds`` stops waiting for a body it cannot stop; while that body runs, no
-    one else may start the same key (SERIALIZABLE). A daemon thread waits for it and then
-    releases (the lease is renewed meanwhile); if the process dies first, the lock goes
-    with it as usual."""
-    with contextlib.ExitStack() as stack:
-        held = _Held(stack.enter_context(call.locked()), stack)
-        try:
-            yield held
-        finally:
-            if not held.handed_off and held.lease is not None and (alive := _still_running(call)):
-                _release_after(alive, stack.pop_all(), call)
-
-
-def _still_running(call: _Call) -> list[threading.Thread]:
-    """The bodies this call abandoned (``timeout_seconds``) that have not ended yet."""
-    return [t for t in call.abandoned or () if t.is_alive()]
-
-
-def _release_when_done(call: _Call, lease: Any, held: contextlib.ExitStack) -> None:
-    """Release a handed-off lock now, or (on a thread) once the bodies this call abandoned
-    end."""
-    alive = _still_running(call)
-    if lease is not None and alive:
-        _release_after(alive, held, call)
-    else:
-        held.close()
-
-
-def _release_after(bodies: list[threading.Thread], held: contextlib.ExitStack, call: _Call) -> None:
-    def release() -> None:
-        for thread in bodies:
-            thread.join()
-        try:
-            held.close()
-        except Exception:
-            logger.warning("releasing the lock of `%s` failed", call.task.name, exc_info=True)
-
-    logger.info(
-        "task `%s`: its timed-out body still runs; key %s stays locked until it ends",
-        call.task.name,
-        call.key,
-    )
-    threading.Thread(
-        target=release, name=f"notebook_flow-release-{call.task.name}", daemon=True
-    ).start()
-
-
-def _background_eligible(t: Task[Any, Any], value: Any) -> bool:
-    """A large array of plain values, stored as ``npy``: a copy snapshots it exactly."""
-    np = loaded("numpy")
-    if np is None or type(value) is not np.ndarray:
-        return False
-    if value.dtype.hasobject or value.nbytes < behind.MIN_BYTES:
-        return False
-    serializer = t.result_serializer
-    name = serializer if serializer is None or isinstance(serializer, str) else serializer.name
-    return name in (None, "npy")
-
-
-def _commit_in_background(
-    call: _Call, value: Any, duration: float, attempt: int, held: _Held
-) -> bool:
-    """Hand the commit of a large array result to the committer thread, with the key's
-    lock and what follows the commit (see ``storage/behind.py``); False when the caller
-    must commit it: not such a result, background commits off, in a worker process, or
-    over the memory budget. The committed bytes are a snapshot taken here, so the caller
-    may change its array at once."""
-    t = call.task
-    key = call.key
-    if key is None or not t.persist_result or not _background_eligible(t, value):
-        return False
-    if transactions.active():  # staged in the transaction, in the foreground
-        return False
-    if behind.foreground.get() or not config.settings().background_commits:
-        return False
-    job = behind.reserve(call.store.url, key, value.nbytes)
-    if job is None:
-        return False
-    try:
-        snapshot = value.copy(order="K")
-    except BaseException as exc:  # (a reservation must never be left behind: waiters)
-        behind.cancel(job)
-        if isinstance(exc, MemoryError):
-            return False
-        raise
-    lease = held.lease
-    context = contextvars.copy_context()  # the run's notebook, cell and context vars
-
-    def commit() -> None:
-        try:
-            context.run(call.commit, snapshot, duration, attempt, lease)
-            _crash_point("before_release")
-        except Exception as exc:  # recorded FAILED by commit(); the caller has its value
-            logger.warning(
-                "task `%s` returned its result, but storing it failed (%s: %s); "
-                "the next call with the same key computes it again",
-                t.name,
-                type(exc).__name__,
-                exc,
-            )
-        finally:
-            try:
-                _release_when_done(call, lease, lock)
-            except Exception:  # (its lease then expires, as for a dead holder)
-                logger.warning("releasing the lock of `%s` failed", t.name, exc_info=True)
-
-    lock = held.hand_off()
-    try:
-        behind.start(job, commit)
-    except BaseException as exc:
-        behind.cancel(job)
-        commit()  # in the foreground after all (it also releases the lock)
-        if not isinstance(exc, Exception):
-            raise
-    return True
 
 
 def _run_sync(call: _Call) -> Any:

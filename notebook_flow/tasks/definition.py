@@ -22,10 +22,11 @@ from notebook_flow.options import byte_size, tag_tuple, validate_task
 from notebook_flow.states import RunState, State
 
 from . import hooks
-from .call import RetryDelay, _Call, _delays, _metadata_for, _run_async, _run_sync, _store_for
+from .call import _Call, _metadata_for, _run_async, _run_sync, _store_for
 from .explain import Explanation, _expired_reason, diff_components
 from .hot import _hot
 from .keys import _ResultStorageKey
+from .retries import RetryDelay, _delays
 
 if TYPE_CHECKING:
     from notebook_flow.locks.base import LockManager
