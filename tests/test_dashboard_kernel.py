@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 import urllib.request
 from pathlib import Path
 
@@ -83,21 +82,22 @@ def test_flow_dashboard_in_a_kernel_refreshes_while_a_cell_runs(
             page = context.new_page()
             page.goto(url)
             expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("2", timeout=60_000)
-            # A busy cell: it records a run, then keeps the kernel busy. The dashboard,
-            # served from a thread of that kernel, still answers and shows the new run.
-            busy = 30.0
-            started = time.monotonic()
+            # A busy cell: it records a run, then keeps the kernel busy until the test
+            # lets it go (a marker file), so "still busy" does not depend on the clock. The
+            # dashboard, served from a thread of that kernel, still answers and shows it.
+            release = tmp_path / "release-the-cell"
             kc.execute(
                 "in_kernel(2)\n"
                 "notebook_flow.config.get_metadata().flush(30)\n"
-                f"import time; time.sleep({busy})"
+                "import os, time\n"
+                f"while not os.path.exists({str(release)!r}): time.sleep(0.05)"
             )
-            expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=20_000)
-            with urllib.request.urlopen(url, timeout=10) as r:
+            # Auto-refresh (every 5 s) shows the run while the cell is still running.
+            expect(page.locator("#kpi-runs .nf-kpi-value")).to_have_text("3", timeout=120_000)
+            with urllib.request.urlopen(url, timeout=60) as r:
                 assert r.status == 200
-            # Auto-refresh (every 5 s) showed the run before the cell finished.
-            assert time.monotonic() - started < busy - 2
-            assert not kc.shell_channel.msg_ready()  # no reply yet: still busy
+            assert not kc.shell_channel.msg_ready()  # no reply yet: the cell still runs
+            release.touch()
         finally:
             context.close()
         km.interrupt_kernel()
