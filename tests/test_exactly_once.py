@@ -185,8 +185,11 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 300) -
 
 
 def states(name: str = "charge") -> dict[str, int]:
-    """Run states of a task in this test's store, counted."""
-    config.get_metadata().flush(30)
+    """Run states of a task in this test's store, counted.
+
+    The flush may wait for the metadata file lock while worker processes still exit (their
+    exit hook writes their last events under it): generous, as at a load average of 70."""
+    config.get_metadata().flush(300)
     counts = nf.history(task=name)["state"].astype(str).value_counts()
     return {str(k): int(v) for k, v in counts.items()}
 
