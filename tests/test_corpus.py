@@ -31,6 +31,19 @@ def test_corpus_is_declared_and_vendored() -> None:
         assert nb.source in readme and nb.name in readme, f"{nb.name} missing from README"
 
 
+_PLAIN: dict[str, harness.Run] = {}
+
+
+def _plain(nb: harness.Notebook, factory: pytest.TempPathFactory) -> harness.Run:
+    """The notebook's plain run, once per session: both tests below compare with it (its
+    outputs do not depend on the folder it ran in, or no cached run could equal it)."""
+    if nb.name not in _PLAIN:
+        home = factory.mktemp(f"plain-{nb.name}")
+        path = harness.prepare(nb, home / "plain", edited=False, cached=False)
+        _PLAIN[nb.name] = harness.run_plain(path, harness.kernel_env(home))
+    return _PLAIN[nb.name]
+
+
 def _check(nb: harness.Notebook, reference: object, run: harness.Run, what: str) -> None:
     assert run.returncode == 0, f"{what} run failed:\n{run.log}"
     diffs = harness.differences(nb, reference, run.notebook)
@@ -38,10 +51,11 @@ def _check(nb: harness.Notebook, reference: object, run: harness.Run, what: str)
 
 
 @pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
-def test_cached_runs_equal_the_plain_run(nb: harness.Notebook, tmp_path: Path) -> None:
+def test_cached_runs_equal_the_plain_run(
+    nb: harness.Notebook, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     env = harness.kernel_env(tmp_path)
-    plain_path = harness.prepare(nb, tmp_path / "plain", edited=False, cached=False)
-    plain = harness.run_plain(plain_path, env)
+    plain = _plain(nb, tmp_path_factory)
     path = harness.prepare(nb, tmp_path / "cached", edited=False, cached=True)
     store = tmp_path / "store"
 
@@ -61,14 +75,14 @@ def test_cached_runs_equal_the_plain_run(nb: harness.Notebook, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
-def test_resume_after_a_kill_equals_the_plain_run(nb: harness.Notebook, tmp_path: Path) -> None:
+def test_resume_after_a_kill_equals_the_plain_run(
+    nb: harness.Notebook, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """Killed half-way through a cold ``--cache-all`` run, then run again on its store (the
     first half from the store): equals the plain run. Its own test, so that scripts/stress
     can loop it alone."""
     env = harness.kernel_env(tmp_path)
-    plain = harness.run_plain(
-        harness.prepare(nb, tmp_path / "plain", edited=False, cached=False), env
-    )
+    plain = _plain(nb, tmp_path_factory)
     path = harness.prepare(nb, tmp_path / "cached", edited=False, cached=True)
     store = tmp_path / "store"
     cells = len(harness._code_cells(plain.notebook))
