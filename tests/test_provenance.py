@@ -68,9 +68,7 @@ def test_format_1_manifests_keep_verifying_and_loading(tmp_path: Path) -> None:
     body = old.to_json()
     assert b"provenance" not in body and b'"format_version": 1' in body
     # The mac of a format-1 manifest is computed over exactly the format-1 fields.
-    v1_names = [
-        f.name for f in dataclasses.fields(Manifest) if f.name not in ("provenance", "txn")
-    ]
+    v1_names = [f.name for f in dataclasses.fields(Manifest) if f.name not in ("provenance", "txn")]
     v1_fields = {name: getattr(old, name) for name in v1_names}
     assert manifest_mac(SIGNING_KEY, v1_fields) == old.mac
     (tmp_path / "s" / "manifests" / KEY[:2] / f"{KEY}.json").write_bytes(body)
