@@ -305,3 +305,54 @@ def test_a_frame_keeps_the_index_it_shares_with_a_series(
     runs = cold_then_again(env, tmp_path, cells)
     assert runs.last == "['state', 'year']\n"
     assert runs.badges(1) == ["cached"]
+
+
+def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, views and shared memory: every write after the cached cells shows where a
+    plain run shows it. Views of one array nobody names (the array is stored with them) are
+    restored as views of one array; memory a restore cannot share again (a DataFrame over an
+    array, an array of Python objects, a view of an array the cell changed in place, the
+    array `to_numpy()` gives) makes the cell run uncached with a one-line reason."""
+    cached = [  # cells whose views come back as views of one stored array
+        "%%task\nimport numpy as np\nbig = np.arange(1_000_000)\nv1, v2 = big[:3], big[1:4]\n"
+        "w1, w2 = big[:300_000], big[1:300_001]\nd = {'a': big, 'v': big[:3]}\ndel big",
+        "%%task\nla = np.arange(1_000_000)\nlb = la[1:]\nlc = la[400_000:]",
+    ]
+    uncached = [  # cells a restore could not rebuild
+        "%%task\nimport pandas as pd\narr = np.zeros((200_000, 2))\n"
+        "df = pd.DataFrame(arr, copy=False)",
+        "%%task\no = np.array([1, 'x', None], dtype=object)\np = o[1:]",
+        "%%task\nia = np.arange(5)",
+        "%%task\nia[2] = 9\nic = ia[1:]",
+        "%%task\nframe = pd.DataFrame({'t': [1.0, 2.0]})\ny = frame['t'].to_numpy()",
+    ]
+    check = (
+        "v1[1] = 7; w1[1] = 7; d['a'][2] = -5; la[2] = 9; lb[500_000] = -1\n"
+        "arr[1, 1] = 5; o[1] = 'changed'; ia[3] = 7; frame.iloc[0, 0] = 99\n"
+        "print(v2.tolist(), w2[:3].tolist(), d['v'].tolist(), lb[:2].tolist(), lc[100_001])\n"
+        "print(df.iloc[1, 1], p.tolist(), ic.tolist(), y.tolist())"
+    )
+    cells = [*cached, *uncached, check]
+    runs = cold_then_again(env, tmp_path, cells)
+    plain = run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])
+    assert (
+        runs.last
+        == plain[-1][0]
+        == (
+            "[7, -5, 3] [7, -5, 3] [0, 7, -5] [1, 9] -1\n"
+            "5.0 ['changed', None] [1, 9, 7, 4] [99.0, 2.0]\n"
+        )
+    )
+    assert [runs.badges(i) for i in range(len(cached))] == [["cached"]] * len(cached)
+    for i in range(len(cached), len(cells) - 1):
+        if i == len(cached) + 2:  # `ia = np.arange(5)` alone shares nothing
+            continue
+        assert runs.badges(i) != ["cached"], cells[i]
+        notes = [
+            m["content"]["text"]
+            for m in runs.cached[i][1]
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+        ]
+        assert any("share memory" in n and "not cached" in n for n in notes), (cells[i], notes)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from notebook_flow.cells import ambient
+from notebook_flow.cells.sharing import SplitMemory, plan_sharing
 from notebook_flow.cells.state import kept_paths, pack, reference_map, relink, unpack, walk
 from notebook_flow.cells.state import update_in_place as update
 from notebook_flow.errors import ConfigurationError
@@ -386,3 +387,57 @@ def test_functions_held_in_containers_are_found_by_paths_that_reach_them() -> No
     assert effects.held_functions("y", {(1, 2): f}, effects.reaches)[1]
     assert effects.held_functions("z", [{f}], effects.reaches)[1]
     assert effects.held_functions("n", list(range(1000)), effects.reaches) == ([], None)
+
+
+def _plan(outputs: dict[str, Any], inputs: dict[str, Any] | None = None, existed: Any = ()) -> Any:
+    ins = walk([((n,), v) for n, v in (inputs or {}).items()])
+    outs = walk([((n,), v) for n, v in outputs.items()])
+    return plan_sharing(outs, ins, reference_map(ins), {id(o) for o in existed})
+
+
+def test_views_of_an_array_nobody_names_are_stored_with_it() -> None:
+    """Two views of one array that is no output: the array is stored with them, so a write
+    through one shows in the other after a load, as in the run."""
+    big = np.arange(1_000_000)
+    value = {"v1": big[:3], "v2": big[1:4]}
+    owners = _plan(value)
+    assert len(owners) == 1 and owners[0] is big
+    out = unpack(pack(value, {}, [], bases=[*value.values(), *owners]), {}, lambda i: big.copy())
+    out["v1"][1] = 7
+    assert out["v2"].tolist() == [7, 2, 3]
+    # One view alone shares nothing: no owner stored, a copy is as good.
+    assert _plan({"v": big[:3]}) == []
+    # A view of an input is a view of the live input: nothing to store.
+    assert _plan({"v": big[:3], "w": big[2:5]}, {"big": big}) == []
+    # Read-only views of one array: a write cannot show, so nothing is needed.
+    ro = np.arange(10)
+    a, b = ro[:5], ro[3:]
+    a.flags.writeable = b.flags.writeable = False
+    assert _plan({"a": a, "b": b}) == []
+
+
+def test_memory_a_restore_cannot_share_again_is_refused_with_the_names() -> None:
+    import pandas as pd
+
+    arr = np.zeros((4, 2))
+    with pytest.raises(SplitMemory, match=r"`df` and `arr` share memory \(a pandas object"):
+        _plan({"df": pd.DataFrame(arr, copy=False), "arr": arr})
+    frame = pd.DataFrame({"t": [1.0, 2.0]})
+    with pytest.raises(SplitMemory, match="`y` and `frame`|`frame` and `y`"):
+        _plan({"y": frame["t"].to_numpy()}, {"frame": frame})
+    o = np.array([1, "x", None], dtype=object)
+    with pytest.raises(SplitMemory, match="Python objects"):
+        _plan({"o": o, "p": o[1:]})
+    # An array the cell changed in place (it existed before, and is restored in place):
+    # a new view of it would be a view of the stored copy.
+    ia = np.arange(5)
+    with pytest.raises(SplitMemory, match="earlier object"):
+        _plan({"ia": ia, "ic": ia[1:]}, existed=[ia])
+    # A view stored inside a container is named by its path.
+    with pytest.raises(SplitMemory, match=r"`d\['o'\]`"):
+        _plan({"d": {"o": o}, "p": o[1:]})
+    buffer = bytearray(16)
+    with pytest.raises(SplitMemory, match="one buffer"):
+        _plan({"f1": np.frombuffer(buffer, np.int64), "f2": np.frombuffer(buffer, np.int32)})
+    # pandas objects sharing memory among themselves: copy-on-write keeps them apart.
+    assert _plan({"frame": frame, "col": frame["t"]}) == []

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import ambient
 from .effects import Target, find_target, missing
+from .sharing import plan_sharing
 from .state import (
     Path,
     kept_paths,
@@ -85,8 +86,8 @@ def pack_result(
             if before.get(name) is ns[name]:
                 inplace.add(name)
     changed = set(variables) | gone
-    roots = [((n,), ns[n]) for n in inputs if n in ns and n not in changed]
-    refs = reference_map(roots)
+    unchanged = walk([((n,), ns[n]) for n in inputs if n in ns and n not in changed])
+    refs = reference_map(unchanged)
     # Functions and classes inside inputs the cell changed (`fns = {"draw": draw}`, whose
     # fingerprint follows what `draw` reaches) are code, not data: stored where they were
     # (the key fingerprints them), never as copies bound to copied globals.
@@ -98,18 +99,31 @@ def pack_result(
         cls = type(variables[name])
         if cls.__module__ == "__main__":
             refs.setdefault(id(cls), ("typeof", (name,)))
+    # Arrays owning memory that several outputs share are stored too: views stay views.
+    produced = walk(
+        [*(((n,), v) for n, v in variables.items()), *(((_label(t),), v) for t, v, *_ in outside)]
+    )
+    existed = {id(v) for v in before.values()} | {id(v) for v in before_paths.values()}
+    owners = plan_sharing(produced, unchanged, refs, existed)
     large: list[Any] = []
     blob = pack(
         {"variables": variables, "effects": outside, "ambient": ambient_changed},
         refs,
         large,
-        bases=variables.values(),
+        bases=[*variables.values(), *owners],
     )
     # Of what changed in place, which parts stayed the same objects (updated in place on a
     # hit) and which were replaced (replaced on a hit too).
     kept = {n: sorted(kept_paths(before_paths, (n,), variables[n]), key=repr) for n in inplace}
     stored = {"state": blob, "inplace": kept, "deleted": sorted(gone)}
     return {**stored, "parts": len(large)}, large
+
+
+def _label(target: Target) -> str:
+    """How a user names the object at ``target`` (``("module", "m", "x")``: ``m.x``)."""
+    if target[0] == "module":
+        return f"{target[1]}.{target[2]}"
+    return f"{getattr(target[1], '__qualname__', target[1])}'s {target[0]} {target[2]}"
 
 
 def _parts_replaced(before_paths: dict[Path, Any], name: str, value: Any) -> bool:

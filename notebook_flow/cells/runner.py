@@ -40,6 +40,7 @@ from .effects import Watches
 from .execute import raise_as_plain, run_definitions, run_nested, syntax_error
 from .key import CellOptions, cell_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
+from .sharing import SplitMemory
 from .state import walk
 from .storable import handle_reason, unstorable
 
@@ -379,6 +380,10 @@ class CellRunner:
                 effects=cell.watches.changed(ns),
                 ambient_changed=ambient.changed(cell.ambient, after),
             )
+        except SplitMemory as exc:
+            _note(f"not cached: {exc}")
+            self._record(cell, RunState.COMPLETED, duration=duration, error=f"not stored: {exc}")
+            return self._report(cell, "not stored", [str(exc)], duration)
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)

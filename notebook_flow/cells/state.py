@@ -73,13 +73,16 @@ def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
     return found
 
 
-def reference_map(roots: Iterable[tuple[Path, Any]]) -> dict[int, tuple[str, Path]]:
+def reference_map(
+    roots: Iterable[tuple[Path, Any]] | dict[Path, Any],
+) -> dict[int, tuple[str, Path]]:
     """``{id(obj): reference}`` for the objects of :func:`walk` (they stay alive in the
-    roots): ``("ref", path)``, and ``("typeof", path)`` for the class of such an object when
-    the class would otherwise be pickled by value (a class defined in the notebook): an
-    object restored in place must keep the very class the live one has."""
+    roots; ``roots`` may be what ``walk`` returned): ``("ref", path)``, and ``("typeof",
+    path)`` for the class of such an object when the class would otherwise be pickled by
+    value (a class defined in the notebook): an object restored in place must keep the very
+    class the live one has."""
     refs: dict[int, tuple[str, Path]] = {}
-    for path, obj in walk(roots).items():
+    for path, obj in (roots if isinstance(roots, dict) else walk(roots)).items():
         refs[id(obj)] = ("ref", path)
         cls = type(obj)
         if cls.__module__ == "__main__" and id(cls) not in refs:
