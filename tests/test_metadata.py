@@ -578,7 +578,15 @@ def test_foreign_duckdb_connection_is_waited_for(path):
         store.flush()
         code = textwrap.dedent(f"""
             import duckdb, sys, time
-            con = duckdb.connect({path!r})
+            deadline = time.monotonic() + 120
+            while True:  # our recorder may still be closing its session: wait for it
+                try:
+                    con = duckdb.connect({path!r})
+                    break
+                except duckdb.IOException:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
             print("open", flush=True)
             time.sleep(0.7)
             con.close()
