@@ -14,7 +14,11 @@ Why a guard instead of ``O_EXCL`` alone: taking over a dead holder's file is a
 read-check-replace, and two waiters that both saw the holder dead must not both win. Under
 the guard that sequence is atomic; the kernel drops an ``flock`` when its process dies, so
 a crash inside the guard blocks no one. The guard is only ever tried without blocking
-(``LOCK_NB``): a holder stopped (SIGSTOP) inside it delays the others, never hangs them.
+(``LOCK_NB``): a process stopped (SIGSTOP, a suspended laptop) inside it, a window of
+microseconds, keeps the others from taking the key, even one whose lease ran out, until it
+resumes; their ``acquire`` then gives up at its timeout instead of hanging, and
+release/renew/break raise ``LockError`` after ``GUARD_TIMEOUT``. (Known limit: breaking a
+stopped process's guard would need the guard itself to be a lease.)
 
 Recovery: a record whose lease has expired is free; on the record's own host a holder
 whose process is gone (pid plus start time, so a recycled pid does not count as alive) is
