@@ -356,3 +356,36 @@ def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
             if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
         ]
         assert any("share memory" in n and "not cached" in n for n in notes), (cells[i], notes)
+
+
+def test_functions_in_a_local_modules_containers_are_watched(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, effects through calls: a function held in a local module's dict, called
+    through it (`helpers.REG["draw"]()`) or by a function that reaches the dict, draws from
+    the module's generator: the draws are outputs, restored on a hit, so the next cached
+    cell and the plain cell after them see what a plain run sees (the second cell replayed
+    the first one's number, and the plain cell the first draw, before)."""
+    (tmp_path / "helpers.py").write_text(
+        "import numpy as np\nrng = np.random.default_rng(1)\n"
+        "def draw():\n    return rng.normal()\n"
+        "REG = {'draw': draw}\n"
+        "def run():\n    return REG['draw']()\n"
+    )
+    cells = [
+        "%%task\nimport helpers\nfrom helpers import run",
+        "%%task\nprint(f'{helpers.REG[\"draw\"]():.6f}')",
+        "%%task\nprint(f'{helpers.REG[\"draw\"]():.6f}')",
+        "%%task\nprint(f'{run():.6f}')",
+        "print(f'{helpers.rng.normal():.6f}')",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    plain = run_cells(env, tmp_path, [c.replace("%%task\n", "") for c in cells])
+    assert [out for out, _ in plain] == [out for out, _ in runs.cached]
+    assert [out for out, _ in plain][1:] == [
+        "0.345584\n",
+        "0.821618\n",
+        "0.330437\n",
+        "-1.303157\n",
+    ]
+    assert [runs.badges(i) for i in (1, 2, 3)] == [["cached"]] * 3

@@ -33,7 +33,10 @@ __all__ = [
     "find_target",
     "held_functions",
     "holds_code",
+    "lookup",
+    "module_path",
     "reaches",
+    "target_path",
     "watch",
 ]
 
@@ -228,7 +231,32 @@ def _lookup(user_ns: dict[str, Any], path: str) -> Any:
     return _follow(node, user_ns)
 
 
+def module_path(module: str, name: str) -> str:
+    """The path :func:`lookup` follows to a local module's global ``name``, whatever the
+    notebook calls the module (``sys.modules['helpers'].REG``)."""
+    return f"sys.modules[{module!r}].{name}"
+
+
+def target_path(target: Target) -> str:
+    """The path of a watched name (``("ns", name)``) or module global."""
+    return target[1] if target[0] == "ns" else module_path(target[1], target[2])
+
+
+def lookup(user_ns: dict[str, Any], path: str) -> Any:
+    """The object at ``path`` (:func:`_lookup`), None when not there."""
+    return _lookup(user_ns, path)
+
+
 def _follow(node: ast.expr, user_ns: dict[str, Any]) -> Any:
+    if (  # sys.modules['name']: the module itself, whatever the notebook binds to `sys`
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Attribute)
+        and isinstance(node.value.value, ast.Name)
+        and (node.value.value.id, node.value.attr) == ("sys", "modules")
+        and isinstance(node.slice, ast.Constant)
+        and isinstance(node.slice.value, str)
+    ):
+        return sys.modules.get(node.slice.value)
     if isinstance(node, ast.Name):
         return user_ns.get(node.id)
     if isinstance(node, ast.Attribute):

@@ -232,23 +232,29 @@ class CellRunner:
         # Functions held in containers (`fns["draw"]()`, `handlers[0]()`) run as the named
         # ones do: the containers the cell reads, and those its functions reach, are looked
         # through for them until no new one turns up.
+        # A local module's containers count too (`helpers.REG["draw"]()`), named by a path
+        # that finds them again on a hit (:func:`effects.module_path`).
         looked: set[str] = set()
         pending = [n for n in cell.inputs if n in ns and effects.holds_code(ns[n])]
+        pending += [effects.module_path(m, a) for m, a in data]
         while True:
-            for name in pending:
-                looked.add(name)
-                paths, why = effects.held_functions(name, ns[name], effects.reaches)
+            for path in pending:
+                looked.add(path)
+                value = effects.lookup(ns, path)
+                if not effects.holds_code(value):
+                    continue
+                paths, why = effects.held_functions(path, value, effects.reaches)
                 if why is not None and not explicit:
                     return why
                 reaching += paths
             cell.watches = effects.watch(ns, reaching, data)
             pending = sorted(
                 {
-                    w.target[1]
+                    path
                     for w in cell.watches.items
-                    if w.target[0] == "ns"
-                    and w.target[1] not in looked
-                    and effects.holds_code(w.before)
+                    if w.target[0] in ("ns", "module") and effects.holds_code(w.before)
+                    for path in [effects.target_path(w.target)]
+                    if path not in looked
                 }
             )
             if not pending:
