@@ -389,3 +389,23 @@ def test_functions_in_a_local_modules_containers_are_watched(
         "-1.303157\n",
     ]
     assert [runs.badges(i) for i in (1, 2, 3)] == [["cached"]] * 3
+
+
+def test_environment_and_numpy_print_and_error_settings_are_ambient_state(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, ambient state: a cached cell that sets an environment variable, numpy's
+    print options or its floating-point error handling leaves them set on a hit, as a plain
+    run does (the plain cell printed `None [0.33333333] warn` after a hit before)."""
+    cells = [
+        "%%task\nimport os\nos.environ['NF_PROBE'] = '1'\nos.environ.pop('NF_GONE', None)",
+        "%%task\nimport numpy as np\nnp.set_printoptions(precision=2)",
+        "%%task\nold = np.seterr(all='ignore')",
+        "%%task\nprint(np.array([2 / 3]), os.environ.get('NF_PROBE'))",
+        "print(os.environ.get('NF_PROBE'), os.environ.get('NF_GONE'), np.array([1 / 3]),"
+        " np.geterr()['divide'])",
+    ]
+    runs = cold_then_again(dict(env, NF_GONE="x"), tmp_path, cells)
+    assert runs.last == "1 None [0.33] ignore\n"
+    assert runs.cached[3][0] == "[0.67] 1\n"
+    assert [runs.badges(i) for i in range(4)] == [["cached"]] * 4

@@ -511,3 +511,82 @@ register_ambient("cwd", os.getcwd, _cwd_set)
 register_ambient(
     "sys.path", _path_get, _path_set, default=lambda: {"added": [], "front": [], "removed": []}
 )
+
+
+# os.environ as the process started: only what a notebook sets or unsets is state.
+_BASE_ENV = dict(os.environ)
+
+
+def _env_get() -> Any:
+    env = os.environ
+    return {
+        "set": {k: v for k, v in env.items() if _BASE_ENV.get(k) != v},
+        "removed": sorted(k for k in _BASE_ENV if k not in env),
+    }
+
+
+def _env_set(state: Any) -> None:
+    target = dict(_BASE_ENV)
+    target.update(state["set"])
+    for name in state["removed"]:
+        target.pop(name, None)
+    for name in [k for k in os.environ if k not in target]:
+        del os.environ[name]
+    for name, value in target.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+# numpy's print options and floating-point error handling as numpy starts with them.
+_NUMPY_PRINT_DEFAULT = {
+    "edgeitems": 3,
+    "threshold": 1000,
+    "floatmode": "maxprec",
+    "precision": 8,
+    "suppress": False,
+    "linewidth": 75,
+    "nanstr": "nan",
+    "infstr": "inf",
+    "sign": "-",
+    "formatter": None,
+    "legacy": False,
+    "override_repr": None,
+}
+_NUMPY_ERR_DEFAULT = {"divide": "warn", "over": "warn", "under": "ignore", "invalid": "warn"}
+
+
+def _print_get() -> Any:
+    import numpy as np  # (consulted only while numpy is imported)
+
+    return dict(np.get_printoptions())
+
+
+def _print_set(options: Any) -> None:
+    import numpy as np
+
+    np.set_printoptions(**options)
+
+
+def _err_get() -> Any:
+    import numpy as np
+
+    return dict(np.geterr())
+
+
+def _err_set(modes: Any) -> None:
+    import numpy as np
+
+    np.seterr(**modes)
+
+
+register_ambient("os.environ", _env_get, _env_set, default=lambda: {"set": {}, "removed": []})
+register_ambient(
+    "numpy.printoptions",
+    _print_get,
+    _print_set,
+    module="numpy",
+    default=lambda: dict(_NUMPY_PRINT_DEFAULT),
+)
+register_ambient(
+    "numpy.errstate", _err_get, _err_set, module="numpy", default=lambda: dict(_NUMPY_ERR_DEFAULT)
+)
