@@ -409,3 +409,41 @@ def test_environment_and_numpy_print_and_error_settings_are_ambient_state(
     assert runs.last == "1 None [0.33] ignore\n"
     assert runs.cached[3][0] == "[0.67] 1\n"
     assert [runs.badges(i) for i in range(4)] == [["cached"]] * 4
+
+
+def test_a_local_module_the_cell_imports_itself_is_watched_or_the_cell_runs_uncached(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, effects through calls: a cell that imports a local module and changes it
+    (`import helpers as h2; h2.ITEMS.append(2)`, `from helpers import draw; draw()`) leaves
+    the module as a plain run does after a hit (the append and the draws were lost, so the
+    plain cell printed `[1]` and the first draw again). A module the cell imports for the
+    first time has no state before to compare with: that cell runs uncached, saying so."""
+    module = "import numpy as np\nITEMS = []\nrng = np.random.default_rng(1)\n"
+    module += "def draw():\n    return rng.normal()\n"
+    (tmp_path / "helpers.py").write_text(module)
+    (tmp_path / "fresh.py").write_text(module)
+    cells = [
+        "%%task\nimport helpers",
+        "%%task\nhelpers.ITEMS.append(1)",
+        "%%task\nimport helpers as h2\nh2.ITEMS.append(2)",
+        "%%task\nfrom helpers import draw\nprint(f'{draw():.6f}')",
+        "%%task\nfrom helpers import draw\nprint(f'{draw():.6f}')",
+        "%%task\nimport fresh\nprint(f'{fresh.draw():.6f}')",
+        "print(helpers.ITEMS, f'{helpers.rng.normal():.6f}', f'{fresh.rng.normal():.6f}')",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert [out for out, _ in runs.cached][3:] == [
+        "0.345584\n",
+        "0.821618\n",
+        "0.345584\n",
+        "[1, 2] 0.330437 0.821618\n",
+    ]
+    assert [runs.badges(i) for i in range(5)] == [["cached"]] * 5
+    assert runs.badges(5) != ["cached"]
+    notes = "".join(
+        m["content"]["text"]
+        for m in runs.cached[5][1]
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+    )
+    assert "imports the local module `fresh` and uses it in the same cell" in notes

@@ -513,15 +513,21 @@ register_ambient(
 )
 
 
-# os.environ as the process started: only what a notebook sets or unsets is state.
+# os.environ as the process started: only what a notebook sets or unsets is state, apart
+# from this package's own settings (where results go, not what they are) and pytest's
+# record of the test in progress.
 _BASE_ENV = dict(os.environ)
+
+
+def _env_state(name: str) -> bool:
+    return not name.startswith("NOTEBOOK_FLOW_") and name != "PYTEST_CURRENT_TEST"
 
 
 def _env_get() -> Any:
     env = os.environ
     return {
-        "set": {k: v for k, v in env.items() if _BASE_ENV.get(k) != v},
-        "removed": sorted(k for k in _BASE_ENV if k not in env),
+        "set": {k: v for k, v in env.items() if _BASE_ENV.get(k) != v and _env_state(k)},
+        "removed": sorted(k for k in _BASE_ENV if k not in env and _env_state(k)),
     }
 
 
@@ -530,10 +536,10 @@ def _env_set(state: Any) -> None:
     target.update(state["set"])
     for name in state["removed"]:
         target.pop(name, None)
-    for name in [k for k in os.environ if k not in target]:
+    for name in [k for k in os.environ if k not in target and _env_state(k)]:
         del os.environ[name]
     for name, value in target.items():
-        if os.environ.get(name) != value:
+        if os.environ.get(name) != value and _env_state(name):
             os.environ[name] = value
 
 

@@ -22,6 +22,7 @@ from notebook_flow.errors import ConfigurationError, UnhashableError
 
 if TYPE_CHECKING:
     from .analysis import CellAnalysis
+    from .imports import ImportedModules
 
 __all__ = ["CellOptions", "cell_components", "input_names", "parse_duration", "rng_keys"]
 
@@ -175,6 +176,22 @@ def cell_components(
         if part is not None:
             components[part[0]] = part[1]
     return components
+
+
+def imported_components(analysis: CellAnalysis, imported: ImportedModules) -> dict[str, str]:
+    """``{label: hash}`` of the local modules (or their functions and values) the cell
+    imports itself and then uses, imported already by an earlier cell
+    (:mod:`.imports`): their state is an input as a module the cell reads would be."""
+    out = {}
+    for bound, (module, attr) in imported.watched.items():
+        value: Any = sys.modules[module]
+        attrs = analysis.attributes.get(bound, frozenset())
+        if attr is not None:
+            value, attrs = getattr(value, attr, None), frozenset()
+        part = _value_component(bound, value, attrs)
+        if part is not None:
+            out[f"imported {part[0]}"] = part[1]
+    return out
 
 
 def rng_keys(

@@ -38,7 +38,8 @@ from .auto import auto_plain_reason, worth_storing
 from .capture import _Capture, replay
 from .effects import Watches
 from .execute import raise_as_plain, run_definitions, run_nested, syntax_error
-from .key import CellOptions, cell_components, input_names, rng_keys
+from .imports import ImportedModules, imported_modules
+from .key import CellOptions, cell_components, imported_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
 from .sharing import SplitMemory
 from .state import walk
@@ -106,6 +107,7 @@ class _Cell:
     rng_keys: list[tuple[str, dict[str, str]]] = dataclasses.field(default_factory=list)
     reseeded: set[str] = dataclasses.field(default_factory=set)  # seeded first: not keyed
     watches: Watches | None = None
+    imported: ImportedModules = dataclasses.field(default_factory=ImportedModules)
 
 
 class CellRunner:
@@ -169,8 +171,12 @@ class CellRunner:
                     cell, f"it reads IPython's output history ({used}), which changes every run"
                 )
             cell.inputs = input_names(analysis, ns, self.shell.user_ns_hidden)
+        cell.imported = imported_modules(analysis.tree)
+        if cell.imported.why is not None and not explicit:
+            return self._uncached(cell, cell.imported.why)
         try:
             cell.components = cell_components(analysis, ns, cell.inputs, options.outputs)
+            cell.components.update(imported_components(analysis, cell.imported))
         except UnhashableError as exc:
             return self._uncached(
                 cell,
@@ -221,6 +227,20 @@ class CellRunner:
         }
         reaching = [n for n in cell.inputs if n in ns and effects.reaches(ns[n])]
         data: list[tuple[str, str]] = []
+        # Local modules the cell imports itself (imported before): what it reaches in them.
+        for bound, path in cell.imported.paths().items():
+            module, attr = cell.imported.watched[bound]
+            if attr is not None:
+                if effects.reaches(effects.lookup(ns, path)):
+                    reaching.append(path)
+                else:
+                    data.append((module, attr))
+                continue
+            for attr in sorted(cell.analysis.attributes.get(bound, ())):
+                if effects.reaches(getattr(sys.modules[module], attr, None)):
+                    reaching.append(effects.module_path(module, attr))
+                else:
+                    data.append((module, attr))
         for name in cell.inputs:
             module = ns.get(name)
             if isinstance(module, types.ModuleType) and module_kind(module.__name__) == "user":
