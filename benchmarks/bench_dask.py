@@ -3,13 +3,17 @@ loopback (4 threads each), moto's S3 server (its own process) as the store — b
 Dask in the same run:
 
 * 2,000 no-op tasks through ``DaskRunner`` (uncached: every result committed to S3;
-  cached: every run a hit) vs ``client.map`` of the same function (no keys, no store);
+  cached: every run a hit) vs ``client.map`` of the same function (no keys, no store),
+  and, for the uncached row, vs ``client.map`` of a function that makes the one S3 PUT a
+  committed result needs at least (a manifest-sized object through s3fs, one filesystem
+  per worker process): the floor any store of one object per result pays;
 * a large array result committed to S3 by a worker and loaded by ``fut.result()`` vs a
   raw ``s3fs`` put / get of the same number of bytes from this process;
 * Prefect's ``DaskTaskRunner`` on the same 2,000 no-ops, when ``/work/venv-prefect`` (a
   separate venv with prefect and prefect-dask) exists and Prefect runs offline there.
 
 ``NF_BENCH_DASK_N`` and ``NF_BENCH_DASK_MB`` override the sizes (default 2000 and 500);
+``NF_BENCH_DASK_PARTS`` picks the parts (``throughput,large``, the default, or one of them);
 ``NF_BENCH_PREFECT_PYTHON`` names the Prefect venv's python. Each throughput row also
 says where the CPU went (ms of CPU per run, per process kind: S3 server, scheduler,
 nannies, workers, this client), since on a shared machine the peers' rates move with
@@ -36,11 +40,28 @@ N = int(os.environ.get("NF_BENCH_DASK_N", "2000"))
 # of a 500 MB multipart upload and retry it ("The specified upload does not exist"): the
 # S3 client waits long enough here (read_timeout, below), for the peer's upload too.
 MB = int(os.environ.get("NF_BENCH_DASK_MB", "500"))
+PARTS = set(os.environ.get("NF_BENCH_DASK_PARTS", "throughput,large").split(","))
+#: Bytes of the raw PUT peer's object: about a no-op's signed manifest with its inline result.
+PUT_BYTES = 1200
 PREFECT_PYTHON = Path(os.environ.get("NF_BENCH_PREFECT_PYTHON", "/work/venv-prefect/bin/python"))
 BUCKET = "nf-bench"
 
 
 def plain_noop(x):
+    return x
+
+
+_put_fs: dict[str, object] = {}
+
+
+def plain_put(x, endpoint: str, prefix: str):
+    """One S3 PUT of a manifest-sized object (on a worker; its s3fs filesystem reused)."""
+    fs = _put_fs.get(endpoint)
+    if fs is None:
+        import s3fs
+
+        fs = _put_fs[endpoint] = s3fs.S3FileSystem(skip_instance_cache=True, **_options(endpoint))
+    fs.pipe_file(f"{prefix}/{x}.json", b"x" * PUT_BYTES)  # type: ignore[attr-defined]
     return x
 
 
@@ -213,14 +234,12 @@ print("RATE", {n} / (time.perf_counter() - t0))
 
 
 def run() -> list[dict]:
-    import numpy as np
     import s3fs
     from _dask_cluster import Cluster
     from distributed import Client
 
     import notebook_flow as nf
     from notebook_flow import config
-    from notebook_flow.cache_policies import INPUTS
     from notebook_flow.runners import DaskRunner
 
     root = Path(tempfile.mkdtemp(prefix="nf-bench-dask-"))
@@ -234,160 +253,15 @@ def run() -> list[dict]:
         client = Client(cluster.address)
         cluster.wait_for_workers(client)
         config._reset_for_tests()
-        nf.configure(
-            store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint)
-        )
-
-        @nf.task(cache_policy=INPUTS)
-        def noop(x):
-            return x
-
-        @nf.task(cache_policy=INPUTS)
-        def big(nbytes):
-            return np.ones(nbytes // 8)
-
-        cpu = _CPU(moto, cluster)
-        client.gather(client.map(plain_noop, range(50), pure=False))  # warm up
-        before = cpu.read()
-        plain = _rate(N, lambda: client.gather(client.map(plain_noop, range(N), pure=False)))
-        cpu_plain = cpu.per_run(before, N)
         runner = DaskRunner(client)
-        with runner:
-            [f.result() for f in noop.map(range(10_000, 10_050))]  # warm up (plugin, imports)
-
-        def through_runner():
-            with runner:
-                futs = noop.map(range(N))
-            [f.result() for f in futs]
-
-        before = cpu.read()
-        miss = _rate(N, through_runner)
-        cpu_miss = cpu.per_run(before, N)
-        before = cpu.read()
-        hit = _rate(N, through_runner)
-        cpu_hit = cpu.per_run(before, N)
-        print(f"[bench_dask] plain {plain:.1f}/s, S3 miss {miss:.1f}/s, S3 hit {hit:.1f}/s; "
-              f"CPU ms per run: plain {cpu_plain}, miss {cpu_miss}, hit {cpu_hit}; "
-              f"load average {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
-        # The same through a local folder (loopback workers share it): our own cost per
-        # run, without the S3 server's (which on a loaded box is most of it).
-        nf.configure(store=str(root / "local-store"), storage_options={})
-        local_miss = _rate(N, through_runner)
-        local_hit = _rate(N, through_runner)
-        print(f"[bench_dask] local miss {local_miss:.1f}/s, local hit {local_hit:.1f}/s",
-              file=sys.stderr, flush=True)  # fmt: skip
-        prefect = (
-            _prefect_rate(N, root) if os.environ.get("NF_BENCH_DASK_PREFECT", "1") == "1" else None
-        )
-        peers = {"plain client.map": plain}
-        if prefect is not None:
-            peers["prefect DaskTaskRunner"] = prefect
-        note = "" if prefect is not None else " (prefect: no venv, or did not finish)"
-        rows = [
-            {
-                "benchmark": f"dask: {N:,} no-op runs, uncached, committed to S3{note}",
-                "metric": "runs/s",
-                "ours": miss,
-                "peers": dict(peers),
-                "target": ">= 0.25x plain client.map",
-                "ok": miss >= 0.25 * plain,
-                "cpu_ms_per_run": {"ours": cpu_miss, "plain client.map": cpu_plain},
-            },
-            {
-                "benchmark": f"dask: {N:,} no-op runs, cached (S3 hits){note}",
-                "metric": "runs/s",
-                "ours": hit,
-                "peers": dict(peers),
-                "target": ">= 0.5x plain client.map",
-                "ok": hit >= 0.5 * plain,
-                "cpu_ms_per_run": {"ours": cpu_hit, "plain client.map": cpu_plain},
-            },
-            {
-                "benchmark": f"dask: {N:,} no-op runs, uncached, local folder store",
-                "metric": "runs/s",
-                "ours": local_miss,
-                "peers": {"plain client.map": plain},
-                "target": ">= 0.25x plain client.map",
-                "ok": local_miss >= 0.25 * plain,
-            },
-            {
-                "benchmark": f"dask: {N:,} no-op runs, cached, local folder store",
-                "metric": "runs/s",
-                "ours": local_hit,
-                "peers": {"plain client.map": plain},
-                "target": ">= 0.5x plain client.map",
-                "ok": local_hit >= 0.5 * plain,
-            },
-        ]
-        nf.configure(
-            store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint)
-        )
-
-        for row in rows:
-            print(f"[bench_dask] {row}", file=sys.stderr, flush=True)
-
-        nbytes = MB * 2**20
-        t0 = time.perf_counter()
-        with runner:
-            fut = big.submit(nbytes)
-        fut.wait()
-        commit = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        value = fut.result()
-        load = time.perf_counter() - t0
-        assert value.nbytes == nbytes and isinstance(value, np.memmap), type(value)
-        del value
-        # Another load of the same result (a second future, a direct call): the local copy
-        # is mapped again, verified once more (another process would have to).
-        from notebook_flow import _localfs
-
-        _localfs._verified.clear()
-        t0 = time.perf_counter()
-        with runner:
-            again = big.submit(nbytes)
-        value = again.result()
-        reload = time.perf_counter() - t0
-        assert again.run_state.name == "CACHED" and isinstance(value, np.memmap)
-        del value, fut, again
-        data = np.ones(nbytes // 8).tobytes()
-        path = f"{BUCKET}/raw-{uuid.uuid4().hex[:8]}"
-        t0 = time.perf_counter()
-        fs.pipe(path, data)
-        raw_put = time.perf_counter() - t0
-        del data
-        t0 = time.perf_counter()
-        got = fs.cat(path)
-        raw_get = time.perf_counter() - t0
-        assert len(got) == nbytes
-        del got
-        rows += [
-            {
-                "benchmark": f"dask: {MB} MB array result computed and committed to S3 by a worker",
-                "metric": "s",
-                "ours": commit,
-                "peers": {"raw s3fs put": raw_put},
-                "target": "<= 2x raw put (+ the 1-pass checksum)",
-                "ok": commit <= 2 * raw_put + 1.0,
-            },
-            {
-                "benchmark": f"dask: {MB} MB result loaded by fut.result() from S3 "
-                "(streamed to a local copy, verified, memory-mapped)",
-                "metric": "s",
-                "ours": load,
-                "peers": {"raw s3fs get": raw_get},
-                "target": "<= 1.5x raw get (+ checksum)",
-                "ok": load <= 1.5 * raw_get + 1.0,
-            },
-            {
-                "benchmark": f"dask: {MB} MB result, a cached submit and result() again "
-                "(the local copy re-verified and mapped, no download)",
-                "metric": "s",
-                "ours": reload,
-                "peers": {"raw s3fs get": raw_get},
-                "target": "<= 0.5x raw get",
-                "ok": reload <= 0.5 * raw_get,
-            },
-        ]
+        rows: list[dict] = []
+        if "throughput" in PARTS:
+            rows += _throughput(root, endpoint, moto, cluster, client, runner)
+        if "large" in PARTS:
+            nf.configure(
+                store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint)
+            )
+            rows += _large(fs, runner)
         runner.shutdown()
         client.close()
         return rows
@@ -399,8 +273,204 @@ def run() -> list[dict]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _throughput(root: Path, endpoint: str, moto, cluster, client, runner) -> list[dict]:
+    import notebook_flow as nf
+    from notebook_flow.cache_policies import INPUTS
+
+    nf.configure(store=f"s3://{BUCKET}/{uuid.uuid4().hex[:8]}", storage_options=_options(endpoint))
+
+    @nf.task(cache_policy=INPUTS)
+    def noop(x):
+        return x
+
+    cpu = _CPU(moto, cluster)
+    client.gather(client.map(plain_noop, range(50), pure=False))  # warm up
+    before = cpu.read()
+    plain = _rate(N, lambda: client.gather(client.map(plain_noop, range(N), pure=False)))
+    cpu_plain = cpu.per_run(before, N)
+    prefix = f"{BUCKET}/raw-puts-{uuid.uuid4().hex[:8]}"
+    client.gather(client.map(plain_put, range(-50, 0), endpoint=endpoint, prefix=prefix))
+    before = cpu.read()
+    puts = _rate(
+        N,
+        lambda: client.gather(
+            client.map(plain_put, range(N), endpoint=endpoint, prefix=prefix, pure=False)
+        ),
+    )
+    cpu_puts = cpu.per_run(before, N)
+    with runner:
+        [f.result() for f in noop.map(range(10_000, 10_050))]  # warm up (plugin, imports)
+
+    def through_runner():
+        with runner:
+            futs = noop.map(range(N))
+        [f.result() for f in futs]
+
+    before = cpu.read()
+    miss = _rate(N, through_runner)
+    cpu_miss = cpu.per_run(before, N)
+    before = cpu.read()
+    hit = _rate(N, through_runner)
+    cpu_hit = cpu.per_run(before, N)
+    print(f"[bench_dask] plain {plain:.1f}/s, plain + 1 PUT {puts:.1f}/s, S3 miss {miss:.1f}/s, "
+          f"S3 hit {hit:.1f}/s; CPU ms per run: plain {cpu_plain}, plain + 1 PUT {cpu_puts}, "
+          f"miss {cpu_miss}, hit {cpu_hit}; load average {os.getloadavg()[0]:.1f}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    # The same through a local folder (loopback workers share it): our own cost per
+    # run, without the S3 server's (which on a loaded box is most of it).
+    nf.configure(store=str(root / "local-store"), storage_options={})
+    local_miss = _rate(N, through_runner)
+    local_hit = _rate(N, through_runner)
+    print(f"[bench_dask] local miss {local_miss:.1f}/s, local hit {local_hit:.1f}/s",
+          file=sys.stderr, flush=True)  # fmt: skip
+    prefect = (
+        _prefect_rate(N, root) if os.environ.get("NF_BENCH_DASK_PREFECT", "1") == "1" else None
+    )
+    peers = {"plain client.map": plain}
+    if prefect is not None:
+        peers["prefect DaskTaskRunner"] = prefect
+    note = "" if prefect is not None else " (prefect: no venv, or did not finish)"
+    load = round(os.getloadavg()[0], 1)
+    rows = [
+        {
+            "benchmark": f"dask: {N:,} no-op runs, uncached, committed to S3{note}",
+            "metric": "runs/s",
+            "ours": miss,
+            "peers": {**peers, "client.map + one raw S3 PUT per task": puts},
+            "target": ">= 0.25x plain client.map",
+            "ok": miss >= 0.25 * plain,
+            "cpu_ms_per_run": {
+                "ours": cpu_miss,
+                "plain client.map": cpu_plain,
+                "client.map + one raw S3 PUT per task": cpu_puts,
+            },
+            "load_average": load,
+        },
+        {
+            "benchmark": f"dask: {N:,} no-op runs, cached (S3 hits){note}",
+            "metric": "runs/s",
+            "ours": hit,
+            "peers": dict(peers),
+            "target": ">= 0.5x plain client.map",
+            "ok": hit >= 0.5 * plain,
+            "cpu_ms_per_run": {"ours": cpu_hit, "plain client.map": cpu_plain},
+            "load_average": load,
+        },
+        {
+            "benchmark": f"dask: {N:,} no-op runs, uncached, local folder store",
+            "metric": "runs/s",
+            "ours": local_miss,
+            "peers": {"plain client.map": plain},
+            "target": ">= 0.25x plain client.map",
+            "ok": local_miss >= 0.25 * plain,
+            "load_average": load,
+        },
+        {
+            "benchmark": f"dask: {N:,} no-op runs, cached, local folder store",
+            "metric": "runs/s",
+            "ours": local_hit,
+            "peers": {"plain client.map": plain},
+            "target": ">= 0.5x plain client.map",
+            "ok": local_hit >= 0.5 * plain,
+            "load_average": load,
+        },
+    ]
+    for row in rows:
+        print(f"[bench_dask] {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _large(fs, runner) -> list[dict]:
+    """A ``MB`` MB array result: committed to S3 by a worker and loaded by ``result()``,
+    beside a raw s3fs put and get of the same bytes from this process."""
+    import numpy as np
+
+    import notebook_flow as nf
+    from notebook_flow import _localfs
+    from notebook_flow.cache_policies import INPUTS
+
+    @nf.task(cache_policy=INPUTS)
+    def big(nbytes):
+        return np.ones(nbytes // 8)
+
+    nbytes = MB * 2**20
+    t0 = time.perf_counter()
+    with runner:
+        fut = big.submit(nbytes)
+    fut.wait()
+    commit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    value = fut.result()
+    load = time.perf_counter() - t0
+    assert value.nbytes == nbytes, value.nbytes
+    mapped = isinstance(value, np.memmap)
+    del value
+    # Another load of the same result (a second future, a direct call): the local copy
+    # is mapped again, verified once more (another process would have to).
+    _localfs._verified.clear()
+    t0 = time.perf_counter()
+    with runner:
+        again = big.submit(nbytes)
+    value = again.result()
+    reload = time.perf_counter() - t0
+    assert again.run_state.name == "CACHED" and value.nbytes == nbytes
+    del value, fut, again
+    data = np.ones(nbytes // 8).tobytes()
+    path = f"{BUCKET}/raw-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    fs.pipe(path, data)
+    raw_put = time.perf_counter() - t0
+    del data
+    t0 = time.perf_counter()
+    got = fs.cat(path)
+    raw_get = time.perf_counter() - t0
+    assert len(got) == nbytes
+    del got
+    how = "memory-mapped" if mapped else "in memory: not memory-mapped at this size"
+    avg = round(os.getloadavg()[0], 1)
+    rows = [
+        {
+            "benchmark": f"dask: {MB} MB array result computed and committed to S3 by a worker",
+            "metric": "s",
+            "ours": commit,
+            "peers": {"raw s3fs put": raw_put},
+            "target": "<= 2x raw put (+ the 1-pass checksum)",
+            "ok": commit <= 2 * raw_put + 1.0,
+            "load_average": avg,
+        },
+        {
+            "benchmark": f"dask: {MB} MB result loaded by fut.result() from S3 "
+            f"(streamed to a local copy, verified, {how})",
+            "metric": "s",
+            "ours": load,
+            "peers": {"raw s3fs get": raw_get},
+            "target": "<= 1.5x raw get (+ checksum)",
+            "ok": load <= 1.5 * raw_get + 1.0,
+            "load_average": avg,
+        },
+        {
+            "benchmark": f"dask: {MB} MB result, a cached submit and result() again "
+            "(the local copy re-verified and mapped, no download)",
+            "metric": "s",
+            "ours": reload,
+            "peers": {"raw s3fs get": raw_get},
+            "target": "<= 0.5x raw get",
+            "ok": reload <= 0.5 * raw_get,
+            "load_average": avg,
+        },
+    ]
+    for row in rows:
+        print(f"[bench_dask] {row}", file=sys.stderr, flush=True)
+    return rows
+
+
 if __name__ == "__main__":
-    for row in run():
+    # Through the module, not __main__: its functions then travel to the workers by
+    # reference (a __main__ function is pickled by value, with a fresh copy of the
+    # PUT peer's filesystem cache each time).
+    import bench_dask
+
+    for row in bench_dask.run():
         peers = ", ".join(f"{k} {v:.4g}" for k, v in row["peers"].items())
         flag = "ok" if row["ok"] else "MISSED"
         print(f"{row['benchmark']}: {row['ours']:.4g} {row['metric']} [{peers}] {flag}")

@@ -132,6 +132,40 @@ def test_a_task_defined_in_a_cell_gets_the_same_key_on_the_cluster(cluster, runn
     assert last["state"].tolist() == ["CACHED"]
 
 
+def test_a_map_pickles_its_task_once_and_the_next_map_sees_a_changed_global(
+    cluster, runner, s3_store, monkeypatch
+):
+    import cloudpickle
+
+    from notebook_flow.tasks import Task
+
+    pickled: list[object] = []
+    real = cloudpickle.dumps
+
+    def counting(obj, *args, **kwargs):
+        if isinstance(obj, Task):
+            pickled.append(obj)
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(cloudpickle, "dumps", counting)
+    namespace = {"__name__": "__main__", "OFFSET": 1000}
+    filename = f"<ipython-input-8-{uuid.uuid4().hex[:12]}>"
+    exec(compile("def shifted(x):\n    return x + OFFSET\n", filename, "exec"), namespace)
+    shifted = task(cache_policy=INPUTS)(namespace["shifted"])
+    with runner:
+        futs = shifted.map(range(40))
+    assert [f.result(timeout=300) for f in futs] == [x + 1000 for x in range(40)]
+    assert len(pickled) == 1, "one map, one pickle of its task"
+    namespace["OFFSET"] = 2000  # a cell redefines a global between two maps
+    with runner:
+        futs = shifted.map(range(40, 80))
+    assert [f.result(timeout=300) for f in futs] == [x + 2000 for x in range(40, 80)]
+    with runner:
+        single = shifted.submit(80)
+    assert single.result(timeout=300) == 2080
+    assert len(pickled) == 3
+
+
 def test_results_stay_in_the_store_until_asked_for(cluster, runner, s3_store):
     import numpy as np
 

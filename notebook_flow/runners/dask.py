@@ -126,6 +126,8 @@ class DaskRunner(BaseRunner):
         self._hosts: tuple[float, list[str]] = (0.0, [])
         self._threads: tuple[float, int] = (0.0, 1)
         self._holding = 0  # maps submitting right now (their runs leave as one burst)
+        # Per thread, while it submits a map: each task pickled once (see _task_ref).
+        self._pickles = threading.local()
         self._outbox: collections.deque[tuple[TaskFuture[Any], WorkerCall, Any]] = (
             collections.deque()
         )
@@ -200,12 +202,38 @@ class DaskRunner(BaseRunner):
         all (or :data:`MAP_BURST` of them): one batched lookup, then chunks of misses."""
         with self._lock:
             self._holding += 1
+        outer = getattr(self._pickles, "by_task", None) is None
+        if outer:
+            self._pickles.by_task = {}
         try:
             yield
         finally:
+            if outer:
+                self._pickles.by_task = None
             with self._lock:
                 self._holding -= 1
             self._poke()
+
+    def _task_ref(self, task: Task[..., Any]) -> tuple[str, bytes]:
+        """``(digest, pickle)`` of ``task`` as it is now. Pickled for every submit (a cell's
+        function captures its globals by value, and a global may change between two
+        submits), except within one map: its runs are submitted at one moment, so they
+        share one pickle, which also travels once per chunk (pickle writes an object
+        that a chunk holds many times once)."""
+        import cloudpickle
+        import xxhash
+
+        by_task: dict[int, tuple[Task[..., Any], tuple[str, bytes]]] | None = getattr(
+            self._pickles, "by_task", None
+        )
+        known = by_task.get(id(task)) if by_task is not None else None
+        if known is not None and known[0] is task:
+            return known[1]
+        blob = cloudpickle.dumps(task)
+        ref = (xxhash.xxh3_128_hexdigest(blob), blob)
+        if by_task is not None:
+            by_task[id(task)] = (task, ref)
+        return ref
 
     # -- sending a run ----------------------------------------------------------------------
 
@@ -269,9 +297,6 @@ class DaskRunner(BaseRunner):
         call = fut._call
         assert isinstance(call, WorkerCall)
         try:
-            import cloudpickle
-            import xxhash
-
             from .dask_worker import RunPayload, RunSpec
 
             token, _ = self._worker_setup()
@@ -287,12 +312,8 @@ class DaskRunner(BaseRunner):
                 call._notebook,
                 call._cell,
             )
-            # Pickled for every run (a cell's function captures its globals by value);
-            # the worker unpickles each distinct pickle once.
-            blob = cloudpickle.dumps(task)
-            payload = RunPayload(
-                token, (xxhash.xxh3_128_hexdigest(blob), blob), call.args, call.kwargs, spec
-            )
+            # The worker unpickles each distinct pickle once.
+            payload = RunPayload(token, self._task_ref(task), call.args, call.kwargs, spec)
         except Exception as exc:
             call.failed(1, exc)
             fut._finish(RunState.FAILED, None, exc)
