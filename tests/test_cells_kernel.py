@@ -447,3 +447,39 @@ def test_a_local_module_the_cell_imports_itself_is_watched_or_the_cell_runs_unca
         if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
     )
     assert "imports the local module `fresh` and uses it in the same cell" in notes
+
+
+def test_state_functions_and_classes_carry_is_keyed_and_a_change_runs_uncached(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, effects through calls: a class attribute (`Counter.count += 1`), a mutable
+    default argument (`def f(x, acc=[])`), a function attribute (`g.calls`), changed by a
+    cached cell directly or through a call, were lost on a hit (the plain cell printed
+    `0 1 1` instead of `1 5 2`); and a cell calling `f` after a plain cell changed its
+    default replayed a result of another state. Such state is keyed; a cell that changes
+    it runs uncached, saying so."""
+    cells = [
+        "class Counter:\n    count = 0\n"
+        "def f(x, acc=[]):\n    acc.append(x)\n    return len(acc)\n"
+        "def g():\n    g.calls = getattr(g, 'calls', 0) + 1\n    return g.calls\n"
+        "def h():\n    return f(0)\n"
+        "def size():\n    return len(f.__defaults__[0])",
+        "%%task\nCounter.count += 1",
+        "%%task\nprint(f(1))",
+        "%%task\nprint(g())",
+        "%%task\nprint(h())",
+        "%%task\nprint(size())",
+        "f(5)",
+        "%%task\nprint(size())",
+        "print(Counter.count, f(2), g())",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert [out for out, _ in runs.cached][2:] == ["1\n", "1\n", "2\n", "2\n", "", "3\n", "1 4 2\n"]
+    assert runs.badges(5) == runs.badges(7) == ["cached"]  # read the state, did not change it
+    for i in (1, 2, 3, 4):
+        notes = "".join(
+            m["content"]["text"]
+            for m in runs.cached[i][1]
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+        )
+        assert "not cached: the cell changed the state" in notes, (cells[i], notes)

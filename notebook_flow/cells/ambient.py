@@ -514,13 +514,15 @@ register_ambient(
 
 
 # os.environ as the process started: only what a notebook sets or unsets is state, apart
-# from this package's own settings (where results go, not what they are) and pytest's
-# record of the test in progress.
+# from this package's own settings (where results go, not what they are), pytest's record
+# of the test in progress, and private names (a leading `_`) that libraries set for
+# themselves when imported (pyarrow's `_RJEM_MALLOC_CONF`: imported by a background thread,
+# it would change keys at random).
 _BASE_ENV = dict(os.environ)
 
 
 def _env_state(name: str) -> bool:
-    return not name.startswith("NOTEBOOK_FLOW_") and name != "PYTEST_CURRENT_TEST"
+    return not (name.startswith(("NOTEBOOK_FLOW_", "_")) or name == "PYTEST_CURRENT_TEST")
 
 
 def _env_get() -> Any:

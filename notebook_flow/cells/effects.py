@@ -28,8 +28,10 @@ from notebook_flow.sourcehash.walk import _MISSING as _WALK_MISSING
 from notebook_flow.sourcehash.walk import _cell_value, _safe_fingerprint
 
 __all__ = [
+    "NO_STATE",
     "Target",
     "Watches",
+    "code_state",
     "find_target",
     "held_functions",
     "holds_code",
@@ -229,6 +231,49 @@ def _lookup(user_ns: dict[str, Any], path: str) -> Any:
     except SyntaxError:
         return None
     return _follow(node, user_ns)
+
+
+#: :func:`code_state` of a function or class that carries no state besides its code.
+NO_STATE = "-"
+
+
+def code_state(value: Any) -> str | None:
+    """A fingerprint of the state a notebook's function or class carries besides its code:
+    a function's default arguments and attributes (``def f(x, acc=[])``, ``f.calls = 1``),
+    a class's data attributes (``Counter.count``). :data:`NO_STATE` when it carries none,
+    None when ``value`` is neither or its state has no stable fingerprint."""
+    from notebook_flow._codehash import function_kind, module_kind
+    from notebook_flow.hashing import fingerprint
+
+    if isinstance(value, types.FunctionType):
+        if function_kind(value) != "user":
+            return None
+        attrs = {k: v for k, v in vars(value).items() if not _dunder(k)}
+        state: Any = (value.__defaults__, value.__kwdefaults__, attrs)
+        if not attrs and value.__defaults__ is None and value.__kwdefaults__ is None:
+            return NO_STATE
+    elif isinstance(value, type):
+        if module_kind(value.__module__) != "user":
+            return None
+        state = {
+            k: v
+            for k, v in vars(value).items()
+            if not _dunder(k)
+            and not callable(v)
+            and not isinstance(v, (staticmethod, classmethod, property))
+        }
+        if not state:
+            return NO_STATE
+    else:
+        return None
+    try:
+        return fingerprint(state)
+    except Exception:  # no stable fingerprint: whether it changed cannot be told
+        return None
+
+
+def _dunder(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
 
 
 def module_path(module: str, name: str) -> str:

@@ -108,6 +108,7 @@ class _Cell:
     reseeded: set[str] = dataclasses.field(default_factory=set)  # seeded first: not keyed
     watches: Watches | None = None
     imported: ImportedModules = dataclasses.field(default_factory=ImportedModules)
+    code_states: dict[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
 
 
 class CellRunner:
@@ -281,6 +282,16 @@ class CellRunner:
                 break
         if cell.watches.opaque and not explicit:
             return cell.watches.opaque[0]
+        # The state notebook functions and classes carry besides their code (defaults,
+        # attributes): keyed, and checked after the run (a hit cannot restore a change).
+        code = [(f"`{n}`", ns[n]) for n in cell.inputs if n in ns]
+        code += [(_label(w.target), w.before) for w in cell.watches.items]
+        for label, obj in code:
+            digest = effects.code_state(obj)
+            if digest is not None and label not in cell.code_states:
+                cell.code_states[label] = (obj, digest)
+                if digest != effects.NO_STATE:
+                    cell.components[f"state of {label}"] = digest
         return None
 
     # -- hit -------------------------------------------------------------------------------
@@ -377,6 +388,15 @@ class CellRunner:
             # Cheaper than any store: nothing after the run (outputs, ambient state, pickling)
             # is worth looking at.
             return self._cheap(cell, duration)
+        for label, (obj, digest) in cell.code_states.items():
+            if effects.code_state(obj) != digest:
+                return self._unfaithful(
+                    cell,
+                    f"the cell changed the state {label} carries besides its code (a default "
+                    "argument, a function or class attribute), which a hit cannot restore. "
+                    "Keep such state in a variable to cache this cell",
+                    duration,
+                )
         variables = self._collect(cell)
         handles = [
             (n, type(v).__name__, why) for n, v in variables.items() if (why := handle_reason(v))
@@ -407,9 +427,7 @@ class CellRunner:
                 ambient_changed=ambient.changed(cell.ambient, after),
             )
         except SplitMemory as exc:
-            _note(f"not cached: {exc}")
-            self._record(cell, RunState.COMPLETED, duration=duration, error=f"not stored: {exc}")
-            return self._report(cell, "not stored", [str(exc)], duration)
+            return self._unfaithful(cell, str(exc), duration)
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
@@ -497,6 +515,13 @@ class CellRunner:
         value = cell.store.load(manifest)
         usage.touch(cell.store, manifest.key)  # a part is used with its cell
         return writable(value)
+
+    def _unfaithful(self, cell: _Cell, why: str, duration: float) -> None:
+        """The cell ran, but a hit could not give back what it did (``why``): nothing is
+        stored, and the next run runs it again."""
+        _note(f"not cached: {why}")
+        self._record(cell, RunState.COMPLETED, duration=duration, error=f"not stored: {why}")
+        self._report(cell, "not stored", [why], duration)
 
     def _not_stored(self, cell: _Cell, bad: list[tuple[str, str, str]], duration: float) -> None:
         names = "; ".join(f"`{n}` ({t}: {why})" for n, t, why in bad)
@@ -655,6 +680,14 @@ class CellRunner:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _label(target: effects.Target) -> str:
+    if target[0] == "ns":
+        return f"`{target[1]}`"
+    if target[0] == "module":
+        return f"`{target[1]}.{target[2]}`"
+    return f"an object `{target[1]}` reaches"
 
 
 def _note(text: str) -> None:

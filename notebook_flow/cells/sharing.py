@@ -68,7 +68,11 @@ def plan_sharing(
         pandas = [h for h in group if h.kind == "pandas"]
         if pandas and len(pandas) == len(group) and _copy_on_write():
             continue  # pandas copies before writing to memory another pandas object uses
-        out = next(h for h in group if h.side == "out")
+        old = [h for h in group if id(h.obj) in existed]
+        if len(old) == len(group) and not pandas:
+            # All of them existed before the run: on a hit they are the live arrays again
+            # (references, or updated in place: values copied into their memory).
+            continue
         if pandas and len(pandas) < len(group):
             other = next(h for h in group if h.kind != "pandas" and h is not pandas[0])
             raise _split(pandas[0], other, "a pandas object over an array's memory")
@@ -83,13 +87,11 @@ def plan_sharing(
         if any(h.owner is not owner for h in group):  # arrays over one buffer (frombuffer)
             other = next(h for h in group if h.owner is not owner)
             raise _split(group[0], other, "arrays over one buffer")
-        if id(owner) not in refs and any(id(h.obj) in existed for h in group):
-            # The memory belongs to an object of before the run that is not restored as
-            # itself (changed in place, or not named): a stored view would see a copy.
-            old = next(h for h in group if id(h.obj) in existed)
-            raise _split(
-                out if out is not old else _other(group, old), old, "memory of an earlier object"
-            )
+        if old and id(owner) not in refs:
+            # A new object over the memory of one of before the run that is not restored
+            # as a reference (changed in place, or not named): it would view a copy.
+            new = next(h for h in group if id(h.obj) not in existed)
+            raise _split(new, old[0], "memory of an earlier object")
         if id(owner) not in refs:  # (an input is stored as a reference to the live one)
             owners.append(owner)
         checked.append(group)
