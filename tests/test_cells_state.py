@@ -317,6 +317,35 @@ def test_a_file_named_in_the_cell_counts_even_when_read_outside_python(
     assert status(shell) == "computed" and shell.user_ns["t"]["a"].tolist() == [5]
 
 
+def test_library_files_read_by_an_import_are_left_out_without_resolving_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import records thousands of library files; telling them from data must not cost
+    a symlink resolution apiece. Data files are still found (and through symlinks)."""
+    import os
+    import site
+
+    from notebook_flow.cells import files
+
+    data = tmp_path / "data.csv"
+    data.write_text("x\n1\n")
+    (tmp_path / "link.csv").symlink_to(data)
+    library = [os.path.join(site.getsitepackages()[0], "pkg", f"m{i}.so") for i in range(50)] + [
+        os.path.join(sys.base_prefix, "lib", f"n{i}.txt") for i in range(50)
+    ]
+    resolved: list[str] = []
+    realpath = os.path.realpath
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        resolved.append(str(path))
+        return realpath(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os.path, "realpath", counting)
+    found = files.fingerprints({*library, str(data), str(tmp_path / "link.csv")})
+    assert sorted(found) == sorted([str(data), str(tmp_path / "link.csv")])
+    assert not set(resolved) & set(library)
+
+
 def test_rcparams_changes_are_seen_and_the_defaults_are_not() -> None:
     import matplotlib
 
