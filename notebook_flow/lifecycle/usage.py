@@ -47,7 +47,6 @@ USAGE_DIR = "usage"
 #: ``compact`` folds the touch files once there are more than this many.
 COMPACT_AT = 64
 
-_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _FILE_RE = re.compile(r"^usage/[A-Za-z0-9_.-]{1,120}\.json$")
 
 _lock = threading.Lock()
@@ -146,15 +145,21 @@ def _parse(data: bytes, now: float, into: dict[str, float]) -> bool:
     used = raw.get("used") if isinstance(raw, dict) and raw.get("v") == 1 else None
     if not isinstance(used, dict):
         return False
+    # Once per recorded key (a compacted file holds every key ever hit): plain tests only.
+    hexdigits, get, isfinite = _HEX.issuperset, into.get, math.isfinite
     for key, when in used.items():
-        if not (isinstance(key, str) and _KEY_RE.match(key)):
+        kind = type(when)
+        if kind is not float and kind is not int:
             continue
-        if type(when) not in (int, float) or not math.isfinite(when):
+        if type(key) is not str or len(key) != 32 or not hexdigits(key) or not isfinite(when):
             continue
-        when = min(float(when), now)
-        if when > into.get(key, 0.0):
-            into[key] = when
+        when = min(when, now)
+        if when > get(key, 0.0):
+            into[key] = float(when)
     return True
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 def _read_all(store: ResultStore) -> tuple[dict[str, float], list[str]]:
