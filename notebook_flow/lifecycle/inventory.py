@@ -1,11 +1,12 @@
 """What a store holds, from directory listings: entries, their bytes, last use and pins.
 
 An eviction decision needs each entry's size and last use, not its manifest's contents:
-both come from listing ``manifests/`` and ``results/`` (one ``scandir`` walk locally, one
-paginated LIST on object stores) plus the touch files of :mod:`.usage` and the pin
-markers of :mod:`notebook_flow.storage.pins`. That keeps a decision over 100,000 entries
-within a second or two. Rules that need what a manifest says (task, code version,
-creation time) read manifests on top (``with_manifests``).
+both come from listing ``manifests/`` and ``results/`` (locally only the shard folders
+that changed since they were last listed, see :mod:`.shards`; one paginated LIST on
+object stores), parsed once per shard, plus the touch files and index hits of
+:mod:`.usage` and the pin markers of :mod:`notebook_flow.storage.pins`. Rules that need
+what a manifest says (task, code version) read manifests on top (``with_manifests``);
+``gc`` reads only the chosen entries' (for the task names of its table).
 
 An entry is a key with a manifest; its bytes are its manifest plus every payload file of
 its key (during a replacement there are briefly two; two writers racing on one key leave
@@ -229,10 +230,13 @@ def scan(store: ResultStore) -> Inventory:
             payload = rel.startswith("results/") and name[32:33] == "-" and _is_hex_key(name[:32])
             if payload or is_temp_name(name):  # nothing else is ours to remove
                 leftovers.append(rel)
-    for key, when in usage.last_used(store).items():
-        entry = entries.get(key)
-        if entry is not None and when > entry.last_used:
-            entry.last_used = when
+    # Last use: the touch files of every process, then the hits the local index recorded
+    # (a touch file lost or not yet written must not make a recent hit look unused).
+    for source in (usage.last_used(store), usage.indexed_hits(store)):
+        for key, when in source.items():
+            entry = entries.get(key)
+            if entry is not None and when > entry.last_used:
+                entry.last_used = when
     pinned = pinned_keys(store)
     for key in pinned:
         entry = entries.get(key)
