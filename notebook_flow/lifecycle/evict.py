@@ -125,19 +125,28 @@ def note_lock_manager(store: ResultStore, manager: Any) -> None:
     """Remember that a task locks its keys of ``store`` in ``manager`` (a Redis or
     PostgreSQL one, say): eviction from this process then skips the keys it locks."""
     known = _managers.setdefault(store.url, {})
-    label = repr(manager)
-    if label not in known:
-        known[label] = manager
+    # Two Redis managers on one server differ by their prefix only; managers of other
+    # kinds may not say what tells them apart in their repr.
+    if type(manager).__name__ in ("RedisLockManager", "PostgresLockManager", "FileLockManager"):
+        label = f"{manager!r} {getattr(manager, 'prefix', '')}"
+    else:
+        label = f"{manager!r} {id(manager)}"
+    known.setdefault(label, manager)
+
+
+_from_env: dict[str, Any] = {}
 
 
 def lock_managers(store: ResultStore) -> list[Any]:
     """The lock managers other than the store's default whose locks eviction respects:
     those noted by :func:`note_lock_manager` and those ``$NOTEBOOK_FLOW_LOCK_URLS`` names."""
-    found = dict(_managers.get(store.url, {}))
+    found = list(_managers.get(store.url, {}).values())
     for url in os.environ.get(LOCK_URLS_ENV, "").split():
-        manager = _manager_from_url(url)
-        found.setdefault(repr(manager), manager)
-    return list(found.values())
+        manager = _from_env.get(url)
+        if manager is None:  # one client per URL and process, not one per eviction pass
+            manager = _from_env[url] = _manager_from_url(url)
+        found.append(manager)
+    return found
 
 
 def _manager_from_url(url: str) -> Any:
@@ -155,10 +164,29 @@ def _manager_from_url(url: str) -> Any:
     )
 
 
-def locked_keys(store: ResultStore) -> frozenset[str] | None:
+class _Locked:
+    """What live holders lock: keys listed by every manager that can list them, and a
+    question per key to those that cannot (Prefect's own managers)."""
+
+    def __init__(self, keys: frozenset[str], ask: list[Any]) -> None:
+        self.keys = keys
+        self.ask = ask
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.keys:
+            return True
+        try:
+            return any(m.is_locked(key) for m in self.ask)
+        except Exception:  # cannot tell: as if locked (the next pass asks again)
+            return True
+
+
+def locked_keys(store: ResultStore) -> _Locked | None:
     """Keys a live holder locks: in the store's default lock manager (local stores), and
     in every manager of :func:`lock_managers`. None when one of the latter cannot be
     asked (its server is down): then nobody knows what is locked, and nothing goes."""
+    from notebook_flow.locks import PrefectLockAdapter
+
     keys: set[str] = set()
     if store.local_root is not None:
         from notebook_flow.locks import default_lock_manager_for
@@ -173,9 +201,14 @@ def locked_keys(store: ResultStore) -> frozenset[str] | None:
     except Exception:
         logger.warning("eviction skipped: bad %s", LOCK_URLS_ENV, exc_info=True)
         return None
+    ask = []
     for manager in managers:
         try:
-            keys.update(info.key for info in manager.list_locks())
+            if isinstance(manager, PrefectLockAdapter):
+                manager.is_locked("0" * 32)  # reachable? (it cannot list its locks)
+                ask.append(manager)
+            else:
+                keys.update(info.key for info in manager.list_locks())
         except Exception as exc:
             logger.warning(
                 "eviction from %s skipped: could not list the locks of %r (%s); it runs "
@@ -185,7 +218,7 @@ def locked_keys(store: ResultStore) -> frozenset[str] | None:
                 exc,
             )
             return None
-    return frozenset(keys)
+    return _Locked(frozenset(keys), ask)
 
 
 def _parse(data: bytes, key: str) -> Manifest | None:
