@@ -159,7 +159,7 @@ def gc_decision() -> list[dict]:
             },
         ]  # fmt: skip
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run(["rm", "-rf", str(root)], check=False)  # 200,000 files: not rmtree
 
 
 def hit_with_last_use() -> dict:

@@ -31,7 +31,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from notebook_flow._localfs import is_temp_name
 from notebook_flow.storage import files
@@ -150,14 +150,14 @@ def _is_hex_key(text: str) -> bool:
 
 #: What one shard holds: (key, bytes, manifest mtime, payload files) of each entry, and
 #: (relative path, size, mtime) of the files that belong to no entry.
-_Parsed = tuple[list[tuple[str, int, float, list[tuple[str, float]]]], list[tuple[str, int, float]]]
+_Parsed = tuple[list[list[Any]], list[tuple[str, int, float]]]
 
 
 def _parse(
     shard: str, manifests: list[tuple[str, int, float]], results: list[tuple[str, int, float]]
 ) -> _Parsed:
     """Entries and stray files of one shard from its two folders' (name, size, mtime)."""
-    found: dict[str, list[object]] = {}
+    found: dict[str, list[Any]] = {}
     stray: list[tuple[str, int, float]] = []
     hexdigits = _HEX.issuperset
     # String tests, not a regex per file: this loop runs once per file of the store.
@@ -172,11 +172,11 @@ def _parse(
         row = found.get(name[:32])
         rel = f"results/{shard}/{name}"
         if row is not None and name[32:33] == "-":
-            row[1] += size  # type: ignore[operator]
-            row[3].append((rel, mtime))  # type: ignore[attr-defined]
+            row[1] += size
+            row[3].append((rel, mtime))
         else:
             stray.append((rel, size, mtime))
-    return [tuple(row) for row in found.values()], stray  # type: ignore[misc]
+    return list(found.values()), stray
 
 
 def _shards(store: ResultStore) -> list[_Parsed]:
