@@ -19,6 +19,8 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``  ``1``: tasks defined without a policy get NO_CACHE
 ``NOTEBOOK_FLOW_MAX_SIZE``          the store's quota (``20GB``): least recently used entries
                                     are evicted in the background past it (default: none)
+``NOTEBOOK_FLOW_LOCK_URLS``         lock managers (``redis://…`` ``postgresql://…``, space-
+                                    separated) whose locked keys eviction leaves alone
 ==================================  ================================================
 
 Every value is checked when it is read or passed (:mod:`notebook_flow.options`): a bad one

@@ -302,6 +302,10 @@ class Transaction:
             from .locks import default_lock_manager_for, hold
 
             manager = self.lock_manager or default_lock_manager_for(store)
+            if self.lock_manager is not None:  # eviction in this process skips its locks
+                from .lifecycle.evict import note_lock_manager
+
+                note_lock_manager(store, manager)
             self._finish.enter_context(hold(manager, _store_key(self.key), self._holder))
         if not self.overwrite and store.lookup(_store_key(self.key)) is not None:
             self.state = TransactionState.COMMITTED

@@ -3,7 +3,8 @@
 Top to bottom: :mod:`.usage` records last use on the hit path (a dict write; a background
 thread writes rate-limited "touch" files into the store, which every process and machine
 sees), :mod:`.inventory` lists a store's entries with their sizes, last use and pins
-(from directory listings alone, so a decision over 100,000 entries stays fast),
+(from directory listings alone, each shard folder listed again only when it changed:
+:mod:`.shards`),
 :mod:`.rules` decides what goes (LRU down to a size, age, unused, unreachable code),
 :mod:`.evict` removes entries so that two processes never remove the same one twice and a
 reader racing with a removal gets a miss, and :mod:`.quota` runs eviction in the

@@ -75,11 +75,20 @@ class Plan:
 def plan(store: ResultStore, rules: Rules, inv: Inventory | None = None) -> Plan:
     """What ``rules`` would remove (nothing is removed)."""
     inv = scan(store) if inv is None else inv
-    if rules.needs_manifests() or any(e.manifest is None for e in inv.entries.values()):
-        inv.with_manifests(store)  # task names for the table, code versions for the rules
-    doomed = decide(inv, rules, now=time.time())
+    if rules.needs_manifests():
+        inv.with_manifests(store)  # task names and code versions for the rules
+        doomed = decide(inv, rules, now=time.time())
+    else:  # the listing decides; only the chosen entries' manifests are read (task names)
+        doomed = decide(inv, rules, now=time.time())
+        inv.with_manifests(store, [d.key for d in doomed if inv.entries[d.key].manifest is None])
+        doomed = [d._replace(task=_task(inv, d.key)) for d in doomed]
     pinned = sum(1 for e in inv.entries.values() if e.pinned)
     return Plan(doomed, inv.total, len(inv.entries), pinned)
+
+
+def _task(inv: Inventory, key: str) -> str:
+    manifest = inv.entries[key].manifest
+    return manifest.task if manifest is not None else ""
 
 
 def remove_leftovers(store: ResultStore, older_than: float = LEFTOVER_AGE) -> int:

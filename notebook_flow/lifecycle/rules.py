@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from operator import attrgetter
+from typing import NamedTuple
 
 import xxhash
 
@@ -53,9 +55,8 @@ class Rules:
         return self.task is not None or self.unreachable
 
 
-@dataclasses.dataclass(frozen=True)
-class Doomed:
-    """One entry chosen to go, and why."""
+class Doomed(NamedTuple):
+    """One entry chosen to go, and why (a tuple: a decision may choose 50,000)."""
 
     key: str
     task: str
@@ -111,27 +112,33 @@ def _unreachable(entries: Iterable[Entry], rules: Rules, now: float) -> dict[str
 def decide(inv: Inventory, rules: Rules, *, now: float | None = None) -> list[Doomed]:
     """The entries ``rules`` remove from ``inv``, least recently used first."""
     now = inv.scanned_at if now is None else now
-    scope = [
-        e
-        for e in inv.entries.values()
-        if not e.pinned and (rules.task is None or matches_task(_task_of(e), rules.task))
-    ]
+    if rules.task is None:
+        scope = [e for e in inv.entries.values() if not e.pinned]
+    else:
+        scope = [
+            e
+            for e in inv.entries.values()
+            if not e.pinned and matches_task(_task_of(e), rules.task)
+        ]
     why: dict[str, str] = {}
     if rules.older_than is not None or rules.unused_for is not None:
+        reasons = []
+        if rules.older_than is not None:
+            reasons.append(f"older than {_days(rules.older_than)}")
+        if rules.unused_for is not None:
+            reasons.append(f"unused for {_days(rules.unused_for)}")
+        reason = " and ".join(reasons)
         for e in scope:
             old = rules.older_than is None or e.committed < now - rules.older_than
             unused = rules.unused_for is None or e.last_used < now - rules.unused_for
             if old and unused:
-                reasons = []
-                if rules.older_than is not None:
-                    reasons.append(f"older than {_days(rules.older_than)}")
-                if rules.unused_for is not None:
-                    reasons.append(f"unused for {_days(rules.unused_for)}")
-                why[e.key] = " and ".join(reasons)
+                why[e.key] = reason
     if rules.unreachable:
         for key, reason in _unreachable(scope, rules, now).items():
             why.setdefault(key, reason)
     if rules.max_size is not None:
+        where = "store" if rules.task is None else f"task {rules.task}"
+        lru = f"least recently used ({where} over {format_bytes(rules.max_size)})"
         if rules.task is None:
             size = inv.total
         else:
@@ -139,15 +146,28 @@ def decide(inv: Inventory, rules: Rules, *, now: float | None = None) -> list[Do
                 e.size for e in inv.entries.values() if matches_task(_task_of(e), rules.task)
             )
         size -= sum(inv.entries[k].size for k in why)
-        where = "store" if rules.task is None else f"task {rules.task}"
-        for e in sorted(scope, key=lambda e: (e.last_used, e.committed)):
-            if size <= rules.max_size:
+        limit = rules.max_size
+        if not why:  # the usual quota pass: the LRU order is the answer's order
+            out = []
+            for e in sorted(scope, key=_ORDER):
+                if size <= limit:
+                    break
+                out.append(Doomed(e.key, _task_of(e), e.size, lru, e.committed))
+                size -= e.size
+            return out
+        for e in sorted(scope, key=_ORDER):
+            if size <= limit:
                 break
             if e.key not in why:
-                why[e.key] = f"least recently used ({where} over {format_bytes(rules.max_size)})"
+                why[e.key] = lru
                 size -= e.size
-    chosen = sorted((inv.entries[k] for k in why), key=lambda e: (e.last_used, e.committed))
+    entries = inv.entries
+    chosen = sorted((entries[k] for k in why), key=_ORDER)
     return [Doomed(e.key, _task_of(e), e.size, why[e.key], e.committed) for e in chosen]
+
+
+#: Eviction order: least recently used first, then oldest commit.
+_ORDER = attrgetter("last_used", "committed")
 
 
 def _days(seconds: float) -> str:

@@ -29,7 +29,7 @@ import os
 import re
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from notebook_flow.storage import files
 
@@ -47,7 +47,6 @@ USAGE_DIR = "usage"
 #: ``compact`` folds the touch files once there are more than this many.
 COMPACT_AT = 64
 
-_KEY_RE = re.compile(r"^[0-9a-f]{32}$")
 _FILE_RE = re.compile(r"^usage/[A-Za-z0-9_.-]{1,120}\.json$")
 
 _lock = threading.Lock()
@@ -146,15 +145,21 @@ def _parse(data: bytes, now: float, into: dict[str, float]) -> bool:
     used = raw.get("used") if isinstance(raw, dict) and raw.get("v") == 1 else None
     if not isinstance(used, dict):
         return False
+    # Once per recorded key (a compacted file holds every key ever hit): plain tests only.
+    hexdigits, get, isfinite = _HEX.issuperset, into.get, math.isfinite
     for key, when in used.items():
-        if not (isinstance(key, str) and _KEY_RE.match(key)):
+        kind = type(when)
+        if kind is not float and kind is not int:
             continue
-        if type(when) not in (int, float) or not math.isfinite(when):
+        if type(key) is not str or len(key) != 32 or not hexdigits(key) or not isfinite(when):
             continue
-        when = min(float(when), now)
-        if when > into.get(key, 0.0):
-            into[key] = when
+        when = min(when, now)
+        if when > get(key, 0.0):
+            into[key] = float(when)
     return True
+
+
+_HEX = frozenset("0123456789abcdef")
 
 
 def _read_all(store: ResultStore) -> tuple[dict[str, float], list[str]]:
@@ -184,6 +189,43 @@ def last_used(store: ResultStore) -> dict[str, float]:
         if when > merged.get(key, 0.0):
             merged[key] = when
     return merged
+
+
+#: Seconds a decision waits for the DuckDB index (another process may be writing it).
+INDEX_WAIT = 5.0
+_HITS_SQL = (
+    "SELECT key, max(coalesce(ended, updated, created)) FROM runs"
+    " WHERE state = 'CACHED' AND key IS NOT NULL GROUP BY key"
+)
+
+
+def indexed_hits(store: ResultStore) -> dict[str, float]:
+    """key → the latest hit the local DuckDB index recorded (runs in state CACHED).
+
+    The touch files are the record every process and machine shares, but a process that
+    died before its flush, or a touch file removed or lost, leaves them behind the index
+    (which hits reach through the run events). Best effort: no index yet, or one busy
+    for :data:`INDEX_WAIT` seconds, adds nothing (and is logged at debug level)."""
+    if not os.path.exists(store.metadata_path()):
+        return {}  # no run was ever recorded here: do not create an index to read it
+    from notebook_flow.config import get_metadata
+
+    now = time.time()
+    out: dict[str, float] = {}
+    try:
+        rows = get_metadata(store)._read(_HITS_SQL, fetch=_fetchall, wait=INDEX_WAIT)
+    except Exception:
+        logger.debug("could not read the hits the index of %s recorded", store.url, exc_info=True)
+        return out
+    for key, when in rows:
+        good_key = isinstance(key, str) and len(key) == 32 and _HEX.issuperset(key)
+        if good_key and type(when) is float and math.isfinite(when):
+            out[key] = min(when, now)
+    return out
+
+
+def _fetchall(cur: Any) -> list[tuple[Any, ...]]:
+    return list(cur.fetchall())
 
 
 def compact(store: ResultStore, *, at: int = COMPACT_AT) -> int:

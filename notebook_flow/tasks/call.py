@@ -37,7 +37,7 @@ from notebook_flow.errors import (
 )
 from notebook_flow.figures import time_saved
 from notebook_flow.hashing import lineage
-from notebook_flow.lifecycle import quota, usage
+from notebook_flow.lifecycle import evict, quota, usage
 from notebook_flow.metadata import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState, State
 
@@ -288,6 +288,7 @@ class _Call:
         given = policy.lock_manager or transactions.lock_manager_here()
         if given is not None:
             manager = as_lock_manager(given)
+            evict.note_lock_manager(self.store, manager)  # eviction here skips its locks
         else:
             manager = default_lock_manager_for(self.store)
         s = settings()
