@@ -141,6 +141,10 @@ class Dashboard:
             self._failed(exc)
         else:
             self._show(overview, data)
+        if lazy:  # the chart follows the first page (no server: at once)
+            pn.state.onload(overview.build_chart)
+        else:
+            overview.build_chart()
         if refresh_seconds > 0:
             self._start_timer()
 

@@ -75,8 +75,7 @@ class OverviewView(View):
 
     def __init__(self, source: Source) -> None:
         super().__init__(source)
-        from bokeh.models import ColumnDataSource, DataRange1d, HoverTool
-        from bokeh.plotting import figure
+        from bokeh.models import ColumnDataSource
 
         self.totals: dict[str, Any] = {}
         self.kpis = html("", sizing_mode="stretch_width")
@@ -92,6 +91,29 @@ class OverviewView(View):
             },
         )
         self.chart_source = ColumnDataSource({"t": [], "hits": [], "misses": [], "failures": []})
+        self.figure: Any = None  # the chart, made by build_chart()
+        self.bars: list[Any] = []
+        self._width_ms = 60_000.0
+        self.chart = pn.Column(
+            html(note("Drawing the chart…"), margin=(10, 10)), sizing_mode="stretch_width"
+        )
+        self.panel = pn.Column(
+            self.kpis,
+            html("<h3>Tasks</h3>", margin=(0, 10)),
+            self.tasks,
+            self.chart,
+            sizing_mode="stretch_width",
+        )
+
+    def build_chart(self) -> None:
+        """Make the "hits and misses over time" chart (once). A served dashboard calls it
+        after the first page has shown: its Bokeh figure costs more to build and send than
+        the rest of the overview, and the KPIs need not wait for it."""
+        if self.figure is not None:
+            return
+        from bokeh.models import DataRange1d, HoverTool
+        from bokeh.plotting import figure
+
         fig = figure(
             x_axis_type="datetime",
             height=260,
@@ -121,14 +143,10 @@ class OverviewView(View):
                 tooltips=[("hits", "@hits"), ("misses", "@misses"), ("failures", "@failures")]
             )
         )
+        for renderer in self.bars:
+            renderer.glyph.width = self._width_ms * 0.9
         self.figure = fig
-        self.panel = pn.Column(
-            self.kpis,
-            html("<h3>Tasks</h3>", margin=(0, 10)),
-            self.tasks,
-            pn.pane.Bokeh(fig, sizing_mode="stretch_width"),
-            sizing_mode="stretch_width",
-        )
+        self.chart.objects = [pn.pane.Bokeh(fig, sizing_mode="stretch_width")]
 
     @staticmethod
     def _no_tasks() -> pd.DataFrame:
@@ -178,7 +196,7 @@ class OverviewView(View):
                 last=[fmt_time(x) for x in tasks["last_run"]],
             )[list(TASK_COLUMNS)].rename(columns=TASK_COLUMNS)
         b = data.buckets
-        width_ms = data.width * 1000
+        width_ms = self._width_ms = data.width * 1000
         for renderer in self.bars:
             renderer.glyph.width = width_ms * 0.9
         self.chart_source.data = {
