@@ -348,12 +348,9 @@ class RunsView(View):
         self.page = page
         self.pager.show(page)
         df = page.rows
-        selected = (
-            self.run_ids[self.table.selection[0]] if self.table.selection and self.run_ids else None
-        )
-        self.run_ids = [str(r) for r in df["run_id"]]
+        run_ids = [str(r) for r in df["run_id"]]
         base = self.source.project_dir
-        self.table.value = frame(
+        shown = frame(
             {
                 "Started": [fmt_time(x) for x in df["created"]],
                 "Task": df["task"].tolist(),
@@ -370,6 +367,14 @@ class RunsView(View):
             },
             self.columns,
         )
+        # The same rows as shown (an auto-refresh with nothing new): leave the table and its
+        # selection alone. Rewriting them raced with a click on a row arriving meanwhile
+        # (seen in the JupyterLab stress loop: the refresh's reset of the selection cleared
+        # the detail the click had just opened).
+        unchanged = run_ids == self.run_ids and shown.equals(self.table.value)
+        self.run_ids = run_ids
+        if not unchanged:
+            self.table.value = shown
         self.table.visible = bool(page.total)
         self.empty.object = (
             ""
@@ -380,8 +385,11 @@ class RunsView(View):
                 "runs",
             )
         )
-        # Keep the selection on the same run if it is still on this page; otherwise the
-        # detail must not go on showing a run the list no longer has.
+        if unchanged:
+            return
+        # Keep the selection on the run the detail shows if it is still on this page;
+        # otherwise the detail must not go on showing a run the list no longer has.
+        selected = self.detail_run
         if selected in self.run_ids:
             self.table.selection = [self.run_ids.index(selected)]
         else:
