@@ -94,21 +94,18 @@ class OverviewView(View):
         self.figure: Any = None  # the chart, made by build_chart()
         self.bars: list[Any] = []
         self._width_ms = 60_000.0
-        self.chart = pn.Column(
-            html(note("Drawing the chart…"), margin=(10, 10)), sizing_mode="stretch_width"
-        )
-        self.panel = pn.Column(
-            self.kpis,
-            html("<h3>Tasks</h3>", margin=(0, 10)),
-            self.tasks,
-            self.chart,
+        #: The task table and the chart, once ``build_rest`` has run (a note until then).
+        self.rest = pn.Column(
+            html(note("Drawing the task table and chart…"), margin=(10, 10)),
             sizing_mode="stretch_width",
         )
+        self.panel = pn.Column(self.kpis, self.rest, sizing_mode="stretch_width")
 
-    def build_chart(self) -> None:
-        """Make the "hits and misses over time" chart (once). A served dashboard calls it
-        after the first page has shown: its Bokeh figure costs more to build and send than
-        the rest of the overview, and the KPIs need not wait for it."""
+    def build_rest(self) -> None:
+        """Show the task table and make the "hits and misses over time" chart (once). A
+        served dashboard calls it once the first page has shown: the KPIs come first, as
+        the table's and the figure's Bokeh models cost more to build and send than the rest
+        of the page (their data is filled in already)."""
         if self.figure is not None:
             return
         from bokeh.models import DataRange1d, HoverTool
@@ -146,7 +143,11 @@ class OverviewView(View):
         for renderer in self.bars:
             renderer.glyph.width = self._width_ms * 0.9
         self.figure = fig
-        self.chart.objects = [pn.pane.Bokeh(fig, sizing_mode="stretch_width")]
+        self.rest.objects = [
+            html("<h3>Tasks</h3>", margin=(0, 10)),
+            self.tasks,
+            pn.pane.Bokeh(fig, sizing_mode="stretch_width"),
+        ]
 
     @staticmethod
     def _no_tasks() -> pd.DataFrame:
