@@ -150,6 +150,43 @@ def test_run_detail_shows_traceback_attempts_and_escapes(filled):
     assert "<script>" not in hostile and "&lt;script&gt;" in hostile
 
 
+def test_a_click_during_a_refresh_keeps_its_run_detail(filled):
+    """A click on a row that reaches the server while a refresh rewrites the table (the
+    auto-refresh runs on its own thread) keeps the detail it opened; seen in the JupyterLab
+    stress loop, where the refresh then reset the selection and cleared the detail."""
+    dash = _dashboard()
+    dash.tabs.active = 1
+    runs = dash.runs
+    runs.refresh()
+
+    @task(name="late")
+    def late(x):
+        return x
+
+    late(1)  # the refresh below has a new row: it rewrites the table
+    _flush()
+    clicked: list[str] = []
+
+    def click_meanwhile(_: object) -> None:  # the browser's click, between two writes
+        if not clicked:
+            target = next(r for r, t in zip(runs.run_ids, runs.page.rows["task"]) if t == "broken")
+            clicked.append(target)
+            runs.table.selection = [runs.run_ids.index(target)]
+
+    watcher = runs.table.param.watch(click_meanwhile, "value")
+    try:
+        runs.refresh()
+    finally:
+        runs.table.param.unwatch(watcher)
+    assert clicked and runs.detail_run == clicked[0]
+    assert "ValueError: no good" in runs.detail.object
+    assert runs.run_ids[runs.table.selection[0]] == clicked[0]
+    # Nothing new: a refresh leaves the table (and a click on it) alone.
+    value = runs.table.value
+    runs.refresh()
+    assert runs.table.value is value and runs.detail_run == clicked[0]
+
+
 def test_run_detail_explains_a_miss(filled):
     @task(name="scaled")
     def scaled(x, factor=2):

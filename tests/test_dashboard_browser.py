@@ -135,6 +135,10 @@ def test_standalone_dashboard_shows_runs_and_invalidates(browser, dashboard):
         expect(page.locator("#kpi-hit-rate .nf-kpi-value")).to_have_text("33.3%")
         expect(page.locator("#kpi-failures .nf-kpi-value")).to_have_text("2")
         expect(page.locator("#kpi-storage")).to_contain_text("6 cached results")
+        # The task table and the chart follow the first page (built once it has loaded).
+        expect(page.locator("canvas").first).to_be_visible(timeout=60_000)
+        expect(page.locator(".tabulator-row", has_text="square").first).to_be_visible()
+        expect(page.get_by_text("Drawing the task table")).to_have_count(0)
         page.wait_for_timeout(500)  # let the chart draw before the screenshot
         page.screenshot(path=str(SHOTS / "1-overview.png"), full_page=True)
 

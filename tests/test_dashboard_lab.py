@@ -305,8 +305,15 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     assert "Traceback" not in out.inner_text()  # nothing went wrong under the view
 
     # Saved and reopened without a kernel: a snapshot or a note, nothing port-bound.
+    # The map's cell has ended (its prompt shows a number), then the kernel is idle: the
+    # status alone reads idle now and then while a cell runs (see cell_running).
+    page.wait_for_function(
+        "() => !document.querySelectorAll('.jp-Notebook .jp-Cell')[2]"
+        ".querySelector('.jp-InputPrompt').textContent.includes('*')",
+        timeout=120_000,
+    )
     page.wait_for_function("() => " + _KERNEL + ".status === 'idle'", timeout=120_000)
-    page.evaluate("() => window.jupyterapp.commands.execute('docmanager:save')")
+    command(page, "docmanager:save")
     page.wait_for_timeout(1500)
     saved = (lab["root"] / "demo.ipynb").read_text()
     leaks = [
@@ -317,7 +324,7 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
     ]
     assert not leaks, leaks
     assert "re-run this cell to reconnect" in saved
-    page.evaluate("() => window.jupyterapp.commands.execute('kernelmenu:shutdown')")
+    command(page, "kernelmenu:shutdown")
     page.wait_for_timeout(1500)
     page.reload()
     page.wait_for_function(
@@ -337,6 +344,21 @@ def test_inline_dashboard_and_live_map_in_jupyterlab(lab, gated_browser):
 
 
 _KERNEL = "window.jupyterapp.shell.currentWidget.sessionContext.session.kernel"
+
+
+def command(page: Any, name: str, timeout_s: float = 120) -> None:
+    """Run a JupyterLab command and wait for it, failing (not hanging: ``evaluate`` has no
+    timeout) when it has not finished in ``timeout_s``. A stress round once hung for 17
+    minutes at the save or the kernel shutdown here, the kernel busy with the browser's
+    queued comm messages."""
+    page.evaluate(
+        """([name, ms]) => Promise.race([
+          window.jupyterapp.commands.execute(name),
+          new Promise((_, reject) => setTimeout(
+            () => reject(new Error(name + ' did not finish in ' + ms + ' ms')), ms)),
+        ])""",
+        [name, int(timeout_s * 1000)],
+    )
 
 
 def test_launcher_tile_shows_the_dashboard_icon(lab, gated_browser):

@@ -47,11 +47,11 @@ def runs() -> float:
 @pytest.mark.parametrize("task", [None, "task_1"])
 def test_a_bounded_read_returns_the_rows_of_an_unbounded_one(runs: float, sort, task) -> None:
     filters = RunFilters(task=task)
-    warm = Source()
+    warm = Source(in_memory=False)
     for page in (0, 3, 8, 1, 0):  # each window once unbounded, then again bounded
         for _ in range(2):
             got = warm.runs_page(filters, page=page, page_size=PAGE, sort=sort, ahead=2, behind=1)
-            fresh = Source().runs_page(
+            fresh = Source(in_memory=False).runs_page(
                 filters, page=page, page_size=PAGE, sort=sort, ahead=2, behind=1
             )
             assert _ids(got) == _ids(fresh) and got.total == fresh.total
@@ -59,13 +59,15 @@ def test_a_bounded_read_returns_the_rows_of_an_unbounded_one(runs: float, sort, 
 
 
 def test_new_runs_and_removed_runs_after_a_bounded_read(runs: float) -> None:
-    source = Source()
+    source = Source(in_memory=False)
     filters = RunFilters()
     first = source.runs_page(filters, page=0, page_size=PAGE, ahead=1)
     assert source._bounds
     _record(N, 7, time.time())  # newer runs: at the top of "newest"
     again = source.runs_page(filters, page=0, page_size=PAGE, ahead=1)
-    assert _ids(again) == _ids(Source().runs_page(filters, page=0, page_size=PAGE, ahead=1))
+    assert _ids(again) == _ids(
+        Source(in_memory=False).runs_page(filters, page=0, page_size=PAGE, ahead=1)
+    )
     assert again.total == first.total + 7 and _ids(again)[7:] == _ids(first)[:-7]
 
     # Runs gone since the bound was taken: fewer rows than asked lie beyond it, so the
@@ -74,5 +76,7 @@ def test_new_runs_and_removed_runs_after_a_bounded_read(runs: float) -> None:
     memo = next(iter(source._bounds))
     source._bounds[memo] = source._bounds[memo] + 30
     again = source.runs_page(filters, page=0, page_size=PAGE, ahead=1)
-    assert _ids(again) == _ids(Source().runs_page(filters, page=0, page_size=PAGE, ahead=1))
+    assert _ids(again) == _ids(
+        Source(in_memory=False).runs_page(filters, page=0, page_size=PAGE, ahead=1)
+    )
     assert len(again.window) == 2 * PAGE

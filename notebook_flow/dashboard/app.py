@@ -112,6 +112,8 @@ class Dashboard:
         if not lazy:
             for index in range(len(TABS)):
                 self.view(index)
+        else:  # tables arrive after the first page (overview, runs): load their code with it
+            pn.extension("tabulator")
         self.tabs = pn.Tabs(
             *zip(TABS, self._slots, strict=True), dynamic=lazy, sizing_mode="stretch_width"
         )
@@ -141,6 +143,10 @@ class Dashboard:
             self._failed(exc)
         else:
             self._show(overview, data)
+        if lazy:  # the task table and chart follow the first page (no server: at once)
+            pn.state.onload(overview.build_rest)
+        else:
+            overview.build_rest()
         if refresh_seconds > 0:
             self._start_timer()
 
