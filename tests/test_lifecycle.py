@@ -104,6 +104,9 @@ def test_bad_touch_files_are_skipped(tmp_path: Path) -> None:
 def test_eviction_is_least_recently_used_and_spares_pins(any_store: ResultStore) -> None:
     for key in KEYS[:5]:
         _commit(any_store, key, np.zeros(20_000))  # 160 KB files
+        # Apart in time: a file's mtime moves in clock ticks of up to 10 ms, and two
+        # entries written within one tick are equally old (either may go first).
+        time.sleep(0.03)
     pin(any_store, [KEYS[0]])
     usage.touch(any_store, KEYS[1])  # KEYS[1] was just used: the others go first
     inv = inventory.scan(any_store)
