@@ -79,6 +79,15 @@ def badges(messages: list[Any]) -> list[str]:
     ]
 
 
+def stderr(messages: list[Any]) -> str:
+    """What a cell wrote to stderr (the one-line notes of ``%%task``)."""
+    return "".join(
+        m["content"]["text"]
+        for m in messages
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+    )
+
+
 def results(messages: list[Any]) -> list[str]:
     return [
         m["content"]["data"]["text/plain"] for m in messages if m["msg_type"] == "execute_result"
@@ -350,11 +359,7 @@ def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
         if i == len(cached) + 2:  # `ia = np.arange(5)` alone shares nothing
             continue
         assert runs.badges(i) != ["cached"], cells[i]
-        notes = [
-            m["content"]["text"]
-            for m in runs.cached[i][1]
-            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
-        ]
+        notes = [stderr(runs.cached[i][1])]
         assert any("share memory" in n and "not cached" in n for n in notes), (cells[i], notes)
 
 
@@ -441,11 +446,7 @@ def test_a_local_module_the_cell_imports_itself_is_watched_or_the_cell_runs_unca
     ]
     assert [runs.badges(i) for i in range(5)] == [["cached"]] * 5
     assert runs.badges(5) != ["cached"]
-    notes = "".join(
-        m["content"]["text"]
-        for m in runs.cached[5][1]
-        if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
-    )
+    notes = stderr(runs.cached[5][1])
     assert "imports the local module `fresh` and uses it in the same cell" in notes
 
 
@@ -477,9 +478,5 @@ def test_state_functions_and_classes_carry_is_keyed_and_a_change_runs_uncached(
     assert [out for out, _ in runs.cached][2:] == ["1\n", "1\n", "2\n", "2\n", "", "3\n", "1 4 2\n"]
     assert runs.badges(5) == runs.badges(7) == ["cached"]  # read the state, did not change it
     for i in (1, 2, 3, 4):
-        notes = "".join(
-            m["content"]["text"]
-            for m in runs.cached[i][1]
-            if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
-        )
+        notes = stderr(runs.cached[i][1])
         assert "not cached: the cell changed the state" in notes, (cells[i], notes)

@@ -411,7 +411,7 @@ def test_functions_held_in_containers_are_found_by_paths_that_reach_them() -> No
     ns = {"x": {"a": [1, 2, (f,)], "b": {1: f}, "c": box}}
     paths, why = effects.held_functions("x", ns["x"], effects.reaches)
     assert why is None and paths == ["x['a'][2][0]", "x['b'][1]", "x['c']", "x['c'].hook"]
-    assert all(effects._lookup(ns, p) is (box if p == "x['c']" else f) for p in paths)
+    assert all(effects.lookup(ns, p) is (box if p == "x['c']" else f) for p in paths)
     # Where no path can reach a function again, the cell cannot be cached faithfully.
     assert effects.held_functions("y", {(1, 2): f}, effects.reaches)[1]
     assert effects.held_functions("z", [{f}], effects.reaches)[1]

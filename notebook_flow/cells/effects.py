@@ -157,7 +157,7 @@ def watch(
         digest = None if _code_like(value) else _safe_fingerprint(value)
         add(module, ("module", module, name), value, digest, f"`{module}.{name}`")
     for fn in function_names:
-        lists = _entry_lists(_lookup(user_ns, fn))
+        lists = _entry_lists(lookup(user_ns, fn))
         if lists is None:
             continue
         names, cells, objects = lists
@@ -207,7 +207,7 @@ def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]
             functools.partial(ns.__setitem__, name),
             functools.partial(ns.pop, name, None),
         )
-    lists = _entry_lists(_lookup(user_ns, target[1]))
+    lists = _entry_lists(lookup(user_ns, target[1]))
     if lists is None:
         raise LookupError(f"`{target[1]}` is not a function any more")
     if kind == "cell":
@@ -220,7 +220,7 @@ def find_target(target: Target, user_ns: dict[str, Any]) -> tuple[Any, Any, Any]
     return lists[2][target[2]][0], None, None
 
 
-def _lookup(user_ns: dict[str, Any], path: str) -> Any:
+def lookup(user_ns: dict[str, Any], path: str) -> Any:
     """The object a path of :func:`held_functions` or a dotted name names:
     ``user_ns["helpers"].clean`` for ``"helpers.clean"``, ``user_ns["fns"]["draw"]`` for
     ``'fns["draw"]'`` (None when not there). Only names, attributes and constant keys."""
@@ -285,11 +285,6 @@ def module_path(module: str, name: str) -> str:
 def target_path(target: Target) -> str:
     """The path of a watched name (``("ns", name)``) or module global."""
     return target[1] if target[0] == "ns" else module_path(target[1], target[2])
-
-
-def lookup(user_ns: dict[str, Any], path: str) -> Any:
-    """The object at ``path`` (:func:`_lookup`), None when not there."""
-    return _lookup(user_ns, path)
 
 
 def _follow(node: ast.expr, user_ns: dict[str, Any]) -> Any:

@@ -37,15 +37,6 @@ class ImportedModules:
         self.watched: dict[str, tuple[str, str | None]] = {}
         self.why: str | None = None
 
-    def paths(self) -> dict[str, str]:
-        """``{bound name: path}`` of what the bound names hold (``sys.modules['m'].f``)."""
-        from .effects import module_path
-
-        out = {}
-        for bound, (module, attr) in self.watched.items():
-            out[bound] = module_path(module, attr) if attr else f"sys.modules[{module!r}]"
-        return out
-
 
 def imported_modules(tree: ast.Module) -> ImportedModules:
     """The local modules the top-level imports of ``tree`` bind and the cell uses after."""

@@ -229,9 +229,9 @@ class CellRunner:
         reaching = [n for n in cell.inputs if n in ns and effects.reaches(ns[n])]
         data: list[tuple[str, str]] = []
         # Local modules the cell imports itself (imported before): what it reaches in them.
-        for bound, path in cell.imported.paths().items():
-            module, attr = cell.imported.watched[bound]
+        for bound, (module, attr) in cell.imported.watched.items():
             if attr is not None:
+                path = effects.module_path(module, attr)
                 if effects.reaches(effects.lookup(ns, path)):
                     reaching.append(path)
                 else:
