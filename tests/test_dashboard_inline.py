@@ -169,3 +169,64 @@ def test_a_stale_draw_queued_on_a_busy_loop_never_covers_a_newer_one(view: Any, 
     assert [runs for _, runs in view.draws] == [4]  # the older read (3) was dropped
     assert not view._pending.is_set()
     assert view.dashboard.overview.totals["runs"] == 4
+
+
+def _browser_msg(*events: tuple[str, str]) -> dict[str, Any]:
+    """A PATCH-DOC message from the page, as Panel's comm hands it to the kernel."""
+    return {
+        "header": {"msgtype": "PATCH-DOC"},
+        "metadata": {},
+        "content": {
+            "events": [
+                {"kind": "ModelChanged", "model": {"id": f"p{i}"}, "attr": attr, "new": new}
+                for i, (attr, new) in enumerate(events)
+            ]
+        },
+        "_buffers": {},
+    }
+
+
+@pytest.fixture
+def applied(view: Any, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[str], bool]]:
+    """What reaches Panel's handler of the layout's messages: (attributes, draw lock held)."""
+    seen: list[tuple[list[str], bool]] = []
+
+    def on_msg(layout: Any, ref: str, manager: Any, msg: dict[str, Any]) -> None:
+        attrs = [e["attr"] for e in msg["content"]["events"]]
+        seen.append((attrs, view._draw_lock._is_owned()))
+
+    monkeypatch.setattr(type(view.layout), "_on_msg", on_msg)
+    return seen
+
+
+def test_the_pages_echo_of_a_draw_never_reaches_the_document(view: Any, applied: Any) -> None:
+    # Panel's page sends back every change the kernel made: rows, cell styles, HTML.
+    echo = _browser_msg(("data", {}), ("cell_styles", {}), ("text", "<b>3</b>"))
+    view.layout._on_msg("ref", None, echo)
+    assert applied == []
+    # What a person does still goes through (a tab, a filter), without the echo beside it.
+    view.layout._on_msg("ref", None, _browser_msg(("data", {}), ("active", 1), ("value", "x")))
+    assert applied == [(["active", "value"], True)]
+
+
+def test_a_browser_message_waits_for_a_draw_in_progress(view: Any, applied: Any) -> None:
+    # ipykernel 7 hands JupyterLab's comm messages to a subshell thread, which runs beside
+    # a cell and the refresher: a click must not be applied in the middle of a draw.
+    view._cell_started()
+    view.gate = threading.Event()
+    drawing = threading.Thread(target=view.tick, daemon=True)
+    drawing.start()
+    deadline = time.monotonic() + 60
+    while not view.draws and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert view.draws, "the refresher did not start drawing"
+    click = threading.Thread(
+        target=view.layout._on_msg, args=("ref", None, _browser_msg(("active", 2))), daemon=True
+    )
+    click.start()
+    click.join(0.5)
+    assert click.is_alive() and applied == [], "the click was applied during the draw"
+    view.gate.set()
+    click.join(30)
+    drawing.join(30)
+    assert applied == [(["active"], True)]

@@ -27,6 +27,18 @@ goes back to browser events while the refresher is drawing. Each read carries a 
 number and an older read is never drawn over a newer one (a draw handed to the loop just
 before a cell started runs only after it ended). The thread ends when the output is gone
 (the cell re-run or cleared) or ``stop()`` is called.
+
+The browser's messages take the draw lock too. ipykernel 7 hands comm messages from
+JupyterLab 4 to a *subshell* thread, which handles them while a cell runs and while the
+refresher draws; Bokeh documents are not thread-safe. And Panel's page sends back every
+change the kernel makes (its comm listener does not skip changes that came from the
+kernel): after each draw, the table rows, cell styles and HTML the kernel just sent come
+back, ~0.1 s of kernel CPU each. Applied beside the next draw, such an echo put an older
+page back into the document, which Panel sent on again, and the browser echoed again: a
+stress round once spent 17 minutes draining them. Here an echo never reaches the
+document: the attributes only the kernel sets in this view (:data:`KERNEL_OWNED`) are
+dropped from a browser message before Panel sees it; what a person does (a tab, a filter,
+a click, a zoom) still goes through.
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
 
-__all__ = ["RECONNECT", "InlineDashboard"]
+__all__ = ["KERNEL_OWNED", "RECONNECT", "InlineDashboard"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -48,6 +60,16 @@ logger = logging.getLogger("notebook_flow")
 RECONNECT = (
     "notebook_flow dashboard of {store} (live while this kernel runs; "
     "re-run this cell to reconnect)"
+)
+
+#: Attributes of this view that only the kernel sets (tables are read-only; HTML, chart
+#: data and styles are drawn by the kernel): a browser message changing one is an echo.
+KERNEL_OWNED = frozenset(
+    {
+        *("data", "cell_styles", "text", "children", "tabs", "options", "label", "title"),
+        *("stylesheets", "styles", "css_classes", "visible", "disabled", "description"),
+        *("columns", "formatters", "titles", "configuration", "hidden_columns", "max_page"),
+    }
 )
 
 #: Seconds the refresher waits for the browser to show the output before giving up.
@@ -75,6 +97,8 @@ class InlineDashboard:
         # Panel's own timer would only run while the kernel is idle: ours is a thread.
         self.dashboard = Dashboard(store, refresh_seconds=0, lazy=False)
         self.layout: Any = self.dashboard.layout
+        # Panel binds ``layout._on_msg`` to the comm when the layout is displayed.
+        setattr(self.layout, "_on_msg", self._on_browser_msg)  # noqa: B010 - a method
         self.dashboard.auto.value = refresh_seconds > 0
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
@@ -83,8 +107,10 @@ class InlineDashboard:
         loop = self._loop
         if loop is not None:
             self.dashboard.defer = loop.add_callback
-        # Held while the refresher draws; the end-of-cell hook takes it too (see the module).
-        self._draw_lock = threading.Lock()
+        # Held while the refresher draws and while a browser message is applied; the
+        # end-of-cell hook takes it too (see the module). Reentrant: a browser message may
+        # turn auto-refresh on, which registers the hooks under it.
+        self._draw_lock = threading.RLock()
         # True while the main thread runs a cell (set when the hooks are registered).
         self._cell_running = loop is not None
         self._read_seq = 0  # the number of the latest read (refresher thread only)
@@ -109,6 +135,19 @@ class InlineDashboard:
 
     def __repr__(self) -> str:
         return RECONNECT.format(store=self.dashboard.source.url)
+
+    def _on_browser_msg(self, ref: str, manager: Any, msg: Any) -> None:
+        """A message from the browser's view: its echoes dropped, the rest applied under the
+        draw lock (on whichever thread ipykernel handles it)."""
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, dict) and isinstance(content.get("events"), list):
+            events = content["events"]
+            kept = [e for e in events if not _echo(e)]
+            if events and not kept:
+                return
+            content["events"] = kept
+        with self._draw_lock:
+            type(self.layout)._on_msg(self.layout, ref, manager, msg)
 
     # -- refresh -------------------------------------------------------------------------------
 
@@ -251,6 +290,15 @@ class InlineDashboard:
         except RuntimeError:  # the loop is closed: the kernel is shutting down
             self._pending.clear()
             self._stop.set()
+
+
+def _echo(event: Any) -> bool:
+    """True for a browser event that changes an attribute only the kernel sets."""
+    return (
+        isinstance(event, dict)
+        and event.get("kind") == "ModelChanged"
+        and event.get("attr") in KERNEL_OWNED
+    )
 
 
 def _in_cell(shell: Any) -> bool:
