@@ -11,18 +11,25 @@ listing says it fits. The caller never waits for any of it.
 
 Every process sharing a store runs its own passes: the pass started after the last
 commit sees every commit, so the store ends under its quota whoever committed last; two
-passes removing at once never remove one entry twice (see :mod:`.evict`). When pinned
-entries alone exceed the quota, a warning says so and they stay.
+passes removing at once never remove one entry twice (see :mod:`.evict`). On a local
+store, passes of all processes take turns (an exclusive ``flock`` on ``.evict.lock`` in
+the store's folder), each listing the store after the one before it finished: four
+processes that each saw the store 2 entries over quota once removed 8 entries between
+them, every unpinned one. Object stores have no such lock; there passes may still
+overlap and remove more than the quota asks. When pinned entries alone exceed the quota,
+a warning says so and they stay.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from notebook_flow.storage import files
@@ -128,7 +135,29 @@ def enforce(
     store: ResultStore, max_size: int, *, task: str | None = None, rounds: int = 5
 ) -> Eviction:
     """Evict the least recently used unpinned entries of ``store`` (or of ``task``) until
-    it holds at most ``max_size`` bytes; returns what was done. Runs in the caller."""
+    it holds at most ``max_size`` bytes; returns what was done. Runs in the caller, after
+    any pass of another process on the same local store."""
+    with _one_pass_at_a_time(store):
+        return _enforce(store, max_size, task, rounds)
+
+
+@contextlib.contextmanager
+def _one_pass_at_a_time(store: ResultStore) -> Iterator[None]:
+    """Hold the store's eviction lock (local stores; elsewhere nothing)."""
+    root = store.local_root
+    try:
+        import fcntl
+    except ImportError:  # Windows: passes may overlap, as on object stores
+        fcntl = None  # type: ignore[assignment]
+    if root is None or fcntl is None or not os.path.isdir(root):
+        yield
+        return
+    with open(os.path.join(root, ".evict.lock"), "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _enforce(store: ResultStore, max_size: int, task: str | None, rounds: int) -> Eviction:
     removed = freed = 0
     size = 0
     rules = Rules(max_size=max_size, task=task)
