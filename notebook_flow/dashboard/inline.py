@@ -38,12 +38,13 @@ page back into the document, which Panel sent on again, and the browser echoed a
 stress round once spent 17 minutes draining them. Here an echo never reaches the
 document: the attributes only the kernel sets in this view (:data:`KERNEL_OWNED`) are
 dropped from a browser message before Panel sees it; what a person does (a tab, a filter,
-a click, a zoom) still goes through.
+a click, a zoom) goes on to a thread of its own, which applies it under the draw lock.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -99,6 +100,9 @@ class InlineDashboard:
         self.layout: Any = self.dashboard.layout
         # Panel binds ``layout._on_msg`` to the comm when the layout is displayed.
         setattr(self.layout, "_on_msg", self._on_browser_msg)  # noqa: B010 - a method
+        self._inbox: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self._inbox_lock = threading.Lock()
+        self._applier: threading.Thread | None = None
         self.dashboard.auto.value = refresh_seconds > 0
         self.dashboard.auto.param.watch(self._auto_changed, "value")
         self.refresh_seconds = refresh_seconds if refresh_seconds > 0 else 5.0
@@ -137,8 +141,13 @@ class InlineDashboard:
         return RECONNECT.format(store=self.dashboard.source.url)
 
     def _on_browser_msg(self, ref: str, manager: Any, msg: Any) -> None:
-        """A message from the browser's view: its echoes dropped, the rest applied under the
-        draw lock (on whichever thread ipykernel handles it)."""
+        """A message from the browser's view: its echoes dropped, the rest queued for the
+        events thread, which applies them in order under the draw lock.
+
+        Returns at once: the comm wraps this call in a swap of the process-wide
+        ``sys.stdout`` (to catch what a callback prints), and on a subshell thread that
+        swap would catch the running cell's prints for as long as a draw held us up.
+        """
         content = msg.get("content") if isinstance(msg, dict) else None
         if isinstance(content, dict) and isinstance(content.get("events"), list):
             events = content["events"]
@@ -146,8 +155,31 @@ class InlineDashboard:
             if events and not kept:
                 return
             content["events"] = kept
-        with self._draw_lock:
-            type(self.layout)._on_msg(self.layout, ref, manager, msg)
+        self._inbox.put((ref, manager, msg))
+        with self._inbox_lock:
+            if self._applier is None:
+                self._applier = threading.Thread(
+                    target=self._apply_browser_msgs,
+                    name="notebook_flow-dashboard-events",
+                    daemon=True,
+                )
+                self._applier.start()
+
+    def _apply_browser_msgs(self) -> None:
+        while True:
+            try:
+                ref, manager, msg = self._inbox.get(timeout=30)
+            except queue.Empty:
+                with self._inbox_lock:
+                    if self._inbox.empty():  # a message put now starts a new thread
+                        self._applier = None
+                        return
+                continue
+            try:
+                with self._draw_lock:
+                    type(self.layout)._on_msg(self.layout, ref, manager, msg)
+            except Exception:  # as Panel's comm would: the view goes on
+                logger.debug("a browser event of the inline dashboard failed", exc_info=True)
 
     # -- refresh -------------------------------------------------------------------------------
 
