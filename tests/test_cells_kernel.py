@@ -480,3 +480,19 @@ def test_state_functions_and_classes_carry_is_keyed_and_a_change_runs_uncached(
     for i in (1, 2, 3, 4):
         notes = stderr(runs.cached[i][1])
         assert "not cached: the cell changed the state" in notes, (cells[i], notes)
+
+
+def test_an_axes_made_in_one_cell_and_drawn_on_in_the_next(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The second cell reads ``ax``: fingerprinting it never ended (its transforms share
+    parts at every level), so the cell hung. It now runs, uncached or from the lineage of
+    the cell that made ``ax``, and the figure is the one a plain run draws."""
+    cells = [
+        "import matplotlib.pyplot as plt",
+        "%%task\nfig, ax = plt.subplots()",
+        "%%task\nax.plot([1, 2, 3])\nax.set_title('t')",
+        "print(len(fig.axes[0].lines), fig.axes[0] is ax, ax.get_title())",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "1 True t\n"

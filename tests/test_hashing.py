@@ -1033,3 +1033,33 @@ def test_fingerprints_are_stable_across_processes_and_hash_seeds(tmp_path: pathl
     assert first == second
     assert first == corpus_in_process(script)
     assert len(set(first.values())) == len(first)
+
+
+class _Node:
+    def __init__(self, below: object) -> None:
+        self.left = below
+        self.right = below  # both paths lead to the same part
+
+
+def _shared_at_every_level(levels: int, leaf: int = 3) -> object:
+    node: object = {"leaf": [1, 2, leaf]}
+    for _ in range(levels):
+        node = _Node(node)
+    return node
+
+
+def test_parts_shared_at_every_level_have_no_fingerprint_instead_of_a_walk_that_never_ends() -> (
+    None
+):
+    # 60 levels: 2**60 paths to the leaf, as in a matplotlib Axes and its transforms.
+    with pytest.raises(UnhashableError, match="share parts so often"):
+        fingerprint(_shared_at_every_level(60))
+
+
+def test_parts_shared_a_few_times_still_fingerprint_by_content() -> None:
+    a, b = _shared_at_every_level(8), _shared_at_every_level(8)
+    assert fingerprint(a) == fingerprint(b) == fingerprint(copy.deepcopy(a))
+    twin = _shared_at_every_level(8)
+    twin.left.left.left = _shared_at_every_level(5, leaf=4)  # type: ignore[attr-defined]
+    assert fingerprint(twin) != fingerprint(a)
+    assert fingerprint([[0] * 10] * 100_000)  # many references to one small part: fine

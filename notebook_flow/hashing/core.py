@@ -87,17 +87,32 @@ class _Writer:
         return str(self.hasher.hexdigest())
 
 
-class _Context:
-    """Per top-level call: the mutable containers being walked, for cycle detection.
+#: How many containers a walk may enter again inside parts it has walked already. A part
+#: reached along two paths is walked along both (the digest does not depend on which
+#: objects are shared); where parts share parts at every level, as a matplotlib ``Axes``
+#: and its transforms do, that doubles at each level: 257 objects took 226,497 entries in
+#: 10 s and would not have ended. Past this budget the value has no fingerprint (a cell
+#: that reads it falls back to its lineage, or runs uncached and says why).
+REWALK_LIMIT = 50_000
 
-    ``id()`` is used only to recognise an object already on the stack; it never reaches
-    the digest (a back-reference is written as its distance up the stack).
+
+class _Context:
+    """Per top-level call: the mutable containers being walked, for cycle detection, and
+    those walked already, to bound walking shared parts again (:data:`REWALK_LIMIT`).
+
+    ``id()`` is used only to recognise an object already on the stack or already walked;
+    it never reaches the digest (a back-reference is written as its distance up the
+    stack). Walked objects are held until the call ends, so their ids are not reused by
+    the temporaries a reducer makes.
     """
 
-    __slots__ = ("active", "budget", "depth", "leaves", "special")
+    __slots__ = ("active", "budget", "depth", "done", "leaves", "rewalk", "rewalking", "special")
 
     def __init__(self) -> None:
         self.active: dict[int, int] = {}
+        self.done: dict[int, object] = {}
+        self.rewalk = 0  # containers entered again inside parts already walked
+        self.rewalking = 0  # the depth of the part walked again (0: none)
         self.depth = 0
         # Set when lineage entries exist (a failed part may fall back to its lineage) or
         # for a lenient walk (lineage.snapshot): every value then goes through _walk_special.
@@ -290,19 +305,34 @@ def _commit(w: _Writer, outer: list[Any] | None) -> None:
 
 def _enter(value: object, w: _Writer, ctx: _Context) -> bool:
     """Push a mutable container; if it is already being walked, write a back-reference."""
-    seen = ctx.active.get(id(value))
+    key = id(value)
+    seen = ctx.active.get(key)
     if seen is not None:
         w.buf += b"R"
         w.buf += _pack_u(ctx.depth - seen)
         return False
+    if ctx.rewalking:
+        ctx.rewalk += 1
+        if ctx.rewalk > REWALK_LIMIT:
+            raise _unhashable(
+                value,
+                f"its parts share parts so often that walking them did not end ({len(ctx.done):,} "
+                f"objects entered {REWALK_LIMIT:,} more times along other paths)",
+            )
+    elif key in ctx.done:
+        ctx.rewalking = ctx.depth + 1
     ctx.depth += 1
-    ctx.active[id(value)] = ctx.depth
+    ctx.active[key] = ctx.depth
     return True
 
 
 def _leave(value: object, ctx: _Context) -> None:
-    del ctx.active[id(value)]
+    key = id(value)
+    del ctx.active[key]
+    if ctx.rewalking == ctx.depth:
+        ctx.rewalking = 0
     ctx.depth -= 1
+    ctx.done[key] = value
 
 
 # Last: dispatch imports the handler modules, which import the names above.
