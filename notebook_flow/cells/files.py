@@ -33,8 +33,11 @@ Which threads count. A cell's work is done by its own thread and by the threads 
 already running when the cell started (the metadata recorder, the embedded task workers,
 IPython's history thread, a user's own background thread) and this package's own threads
 (named ``notebook_flow-…``) do not: what they write is not the cell's result, and counting
-it would make cells uncached at random. Reads count from every thread (a spurious read costs
-a miss, never a wrong value). Child processes are not seen, apart from the named paths.
+it would make cells uncached at random (or write back a file the cell never wrote). The
+cost of that choice: a pool started in an *earlier* cell and reused by this one is not the
+cell's, so its writes are seen only for the named paths. Reads count from every thread (a
+spurious read costs a miss, never a wrong value). Child processes are not seen, apart from
+the named paths.
 
 Not data, for reads and writes: library files (the Python installation, site-packages,
 caches and configuration under the home folder, ``/proc``, ``/sys``, ``/dev``), compiled
