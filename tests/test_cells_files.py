@@ -343,3 +343,89 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def test_a_file_the_cell_creates_by_appending_is_restored_only_where_absent(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = "%%task\nimport os\nwith open(os.path.join('.', 'new.log'), 'a') as f:\n    f.write('x')"
+    run(shell, code)
+    assert report(shell).status == "computed"
+    (tmp_path / "new.log").unlink()
+    run(shell, code)
+    assert report(shell).status == "cached" and (tmp_path / "new.log").read_text() == "x"
+    run(shell, code)  # a plain run appends to the file that is there now
+    assert report(shell).status == "not stored" and "appends to" in report(shell).reasons[0]
+    assert (tmp_path / "new.log").read_text() == "xx"
+
+
+def test_a_folder_the_cell_empties_and_fills_is_emptied_and_filled_on_a_hit(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "old.txt").write_text("old")
+    code = (
+        "%%task\nimport os, shutil\nshutil.rmtree(os.path.join('.', 'res'), ignore_errors=True)\n"
+        "os.makedirs(os.path.join('.', 'res', 'sub'))\n"
+        "with open(os.path.join('.', 'res', 'sub', 'new.txt'), 'w') as f:\n    f.write('new')"
+    )
+    run(shell, code)
+    assert report(shell).status == "computed"
+    (tmp_path / "res" / "stray.txt").write_text("stray")  # a plain run would delete it
+    (tmp_path / "res" / "sub" / "new.txt").write_text("edited")
+    run(shell, code)
+    assert report(shell).status == "cached"
+    found = {str(p.relative_to(tmp_path)): p.read_text() for p in tmp_path.rglob("*.txt")}
+    assert found == {"res/sub/new.txt": "new"}
+
+
+def test_a_file_the_cell_writes_and_reads_back_is_an_output_not_an_input(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = (
+        "%%task\nimport os\nwith open(os.path.join('.', 'own.txt'), 'w') as f:\n    f.write('1')\n"
+        "back = open(os.path.join('.', 'own.txt')).read()"
+    )
+    run(shell, code)
+    (tmp_path / "own.txt").write_text("2")
+    run(shell, code)
+    assert report(shell).status == "cached"
+    assert (tmp_path / "own.txt").read_text() == "1" and shell.user_ns["back"] == "1"
+
+
+def test_listing_a_folder_then_adding_to_it_runs_uncached(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = (
+        "%%task\nimport os\nnames = sorted(os.listdir('.'))\n"
+        "with open(os.path.join('.', 'made.txt'), 'w') as f:\n    f.write('x')"
+    )
+    run(shell, code)
+    assert report(shell).status == "not stored" and "lists the folder" in report(shell).reasons[0]
+
+
+def test_a_named_file_rewritten_outside_python_is_an_input_as_it_was(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow may have read the file before rewriting it, unseen: the content before the
+    run is an input of the result (so an edit costs one more run), and the file an output."""
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    pd.DataFrame({"a": [0]}).to_parquet("t.parquet")
+    shell.user_ns["pd"] = pd
+    code = "%%task\npd.DataFrame({'a': [1, 2]}).to_parquet('t.parquet')"
+    run(shell, code)
+    assert report(shell).status == "computed"
+    run(shell, code)  # the file is not what it was before the stored run
+    assert report(shell).status == "computed"
+    written = (tmp_path / "t.parquet").read_bytes()
+    run(shell, code)
+    assert report(shell).status == "cached"
+    (tmp_path / "t.parquet").unlink()  # not as it was: a miss, never a guess
+    run(shell, code)
+    assert report(shell).status == "computed" and (tmp_path / "t.parquet").read_bytes() == written

@@ -99,6 +99,7 @@ _IMPORT_MACHINERY = frozenset(
         "zipimport",
     }
 )
+_REMOVALS = (None, "remove", "rmdir", "rmtree")  # how a path was deleted, the widest last
 _OWN_THREADS = "notebook_flow"  # the prefix of this package's thread names
 _lock = threading.Lock()
 _active: list[Recording] = []  # one per computing cell
@@ -148,6 +149,7 @@ class Recording:
 
     def __init__(self, named: list[str]) -> None:
         self.reads: set[str] = set()
+        self.listed: set[str] = set()  # folders listed before the cell made or emptied them
         self.thread = threading.get_ident()
         self.running = frozenset(t.ident for t in threading.enumerate())
         self.start = os.getcwd()
@@ -181,7 +183,7 @@ class Recording:
     def _listed(self, full: str, change: _Change) -> None:
         """``full`` appears or disappears: a listing of its folder taken before is stale."""
         folder = os.path.dirname(full)
-        if folder in self.reads and change.why is None:
+        if folder in self.listed and change.why is None:
             change.why = (
                 f"it lists the folder {folder} and then adds or removes {change.name} in it, "
                 "so a hit could not list what the run listed. List the folder in another cell"
@@ -226,7 +228,8 @@ class Recording:
         if exists:
             self._listed(full, change)
         change.owned = True
-        change.removal = how
+        if _REMOVALS.index(how) > _REMOVALS.index(change.removal):  # rmtree, then its rmdir
+            change.removal = how
 
     def renamed(self, src: str, dst: str) -> None:
         full = os.path.abspath(src)
@@ -244,7 +247,7 @@ class Recording:
                 "need its old content. Copy it (shutil.copy) to cache this cell"
             )
         self._listed(full, change)
-        change.owned, change.removal = True, "remove"
+        change.owned, change.removal = True, change.removal or "remove"
         target = os.path.abspath(dst)
         exists = os.path.lexists(target)
         moved = self._change(dst, target, exists)
@@ -417,6 +420,8 @@ def _note(event: str, args: tuple[Any, ...], caller: FrameType) -> None:
             full = os.path.abspath(path)
             for found in _active:
                 found.reads.add(full)
+                if not (full in found.changes and found.changes[full].owned):
+                    found.listed.add(full)
         return
     if event not in _CHANGES:
         return
