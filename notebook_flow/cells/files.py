@@ -102,6 +102,7 @@ _IMPORT_MACHINERY = frozenset(
 _REMOVALS = (None, "remove", "rmdir", "rmtree")  # how a path was deleted, the widest last
 _OWN_THREADS = "notebook_flow"  # the prefix of this package's thread names
 _lock = threading.Lock()
+_events = threading.RLock()  # threads of one cell change its records one at a time
 _active: list[Recording] = []  # one per computing cell
 _installed = False
 
@@ -114,7 +115,6 @@ class _Change:
     """What a cell did to one path."""
 
     name: str  # as given back: relative to the folder the cell started in, or absolute
-    existed: bool  # before the cell first changed it
     owned: bool = False  # its content is the cell's own now (made, truncated or deleted)
     why: str | None = None  # its old content mattered: a hit cannot do the same
     removal: str | None = None  # "remove" | "rmdir" | "rmtree": the cell deleted it
@@ -173,11 +173,11 @@ class Recording:
 
     # -- events (from the audit hook) ------------------------------------------------------
 
-    def _change(self, path: str, full: str, existed: bool) -> _Change:
+    def _change(self, path: str, full: str) -> _Change:
         found = self.changes.get(full)
         if found is None:
             name = path if os.path.isabs(path) else os.path.relpath(full, self.start)
-            found = self.changes[full] = _Change(name, existed)
+            found = self.changes[full] = _Change(name)
         return found
 
     def _listed(self, full: str, change: _Change) -> None:
@@ -194,7 +194,7 @@ class Recording:
         exists = os.path.lexists(full)
         if (exclusive and exists) or (not exists and not creates):
             return  # the open fails
-        change = self._change(path, full, exists)
+        change = self._change(path, full)
         if change.owned:
             return
         if exists and not truncates:
@@ -213,7 +213,7 @@ class Recording:
     def removed(self, path: str, how: str) -> None:
         full = os.path.abspath(path)
         exists = os.path.lexists(full)
-        change = self._change(path, full, exists)
+        change = self._change(path, full)
         if not change.owned and full in self.reads:
             change.why = _read_then(change.name, "deletes")
         if how == "rmtree" and change.why is None:
@@ -235,7 +235,7 @@ class Recording:
         full = os.path.abspath(src)
         if not os.path.lexists(full):
             return  # the rename fails
-        change = self._change(src, full, True)
+        change = self._change(src, full)
         if os.path.isdir(full) and not os.path.islink(full):
             change.why = (
                 f"it renames the folder {change.name}, whose files a hit could not follow. "
@@ -250,7 +250,7 @@ class Recording:
         change.owned, change.removal = True, change.removal or "remove"
         target = os.path.abspath(dst)
         exists = os.path.lexists(target)
-        moved = self._change(dst, target, exists)
+        moved = self._change(dst, target)
         if not moved.owned and target in self.reads:
             moved.why = _read_then(moved.name, "replaces")
         if not exists:
@@ -261,7 +261,7 @@ class Recording:
         full = os.path.abspath(path)
         if not os.path.lexists(full):
             return
-        change = self._change(path, full, True)
+        change = self._change(path, full)
         if change.owned:
             return
         if length:
@@ -277,13 +277,13 @@ class Recording:
         full = os.path.abspath(path)
         if os.path.lexists(full):
             return  # the mkdir fails (makedirs(exist_ok=True) catches it)
-        change = self._change(path, full, False)
+        change = self._change(path, full)
         self._listed(full, change)
         change.owned = True
 
     def linked(self, path: str) -> None:
         full = os.path.abspath(path)
-        change = self._change(path, full, os.path.lexists(full))
+        change = self._change(path, full)
         change.why = f"it makes the link {change.name}, which a hit does not make again"
 
     # -- after the run -----------------------------------------------------------------------
@@ -305,7 +305,7 @@ class Recording:
             if now is not None and not stat.S_ISREG(now[0]):
                 return f"it makes {name} {unseen}; a hit could not make it again"
             # Created: an output. Changed: also an input, as it was before the run.
-            self.changes[full] = _Change(name, sig is not None, owned=True, before=digest)
+            self.changes[full] = _Change(name, owned=True, before=digest)
         import xxhash
 
         entries: list[tuple[Any, ...]] = []
@@ -408,9 +408,10 @@ def _note(event: str, args: tuple[Any, ...], caller: FrameType) -> None:
             for found in _active:
                 found.reads.add(full)
         else:
-            for found in _active:
-                if found.counts():
-                    found.opened(path, *how)
+            with _events:
+                for found in _active:
+                    if found.counts():
+                        found.opened(path, *how)
         return
     if event in ("os.listdir", "os.scandir"):
         if caller.f_globals.get("__name__") in _IMPORT_MACHINERY:
@@ -427,7 +428,8 @@ def _note(event: str, args: tuple[Any, ...], caller: FrameType) -> None:
         return
     recordings = [found for found in _active if found.counts()]
     if recordings:
-        _CHANGES[event](recordings, args)
+        with _events:
+            _CHANGES[event](recordings, args)
 
 
 def _open_kind(mode: Any, flags: Any) -> tuple[bool, bool, bool] | None:
