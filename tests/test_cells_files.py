@@ -429,3 +429,27 @@ def test_a_named_file_rewritten_outside_python_is_an_input_as_it_was(
     (tmp_path / "t.parquet").unlink()  # not as it was: a miss, never a guess
     run(shell, code)
     assert report(shell).status == "computed" and (tmp_path / "t.parquet").read_bytes() == written
+
+
+def test_a_result_of_the_layout_before_files_were_stored_is_a_miss(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Results stored before the cell format held the files a cell writes (format 2) would
+    give a hit that leaves the files out: they are recomputed."""
+    from notebook_flow.cells import CELL_FORMAT
+    from notebook_flow.config import get_store
+
+    monkeypatch.chdir(tmp_path)
+    code = "%%task\nimport os\nwith open(os.path.join('.', 'out.txt'), 'w') as f:\n    f.write('x')"
+    run(shell, code)
+    store = get_store()
+    key = report(shell).key
+    old = dict(store.load(store.lookup(key)), format=2)
+    del old["writes"]
+    assert CELL_FORMAT == 3
+    store.commit(key, old, task="x", components={}, run_id="r", duration=0.1, expires_at=None)
+    (tmp_path / "out.txt").unlink()
+    run(shell, code)
+    assert report(shell).status == "computed"
+    assert report(shell).reasons == ("the stored result has an older layout",)
+    assert (tmp_path / "out.txt").read_text() == "x"
