@@ -453,3 +453,21 @@ def test_a_result_of_the_layout_before_files_were_stored_is_a_miss(
     assert report(shell).status == "computed"
     assert report(shell).reasons == ("the stored result has an older layout",)
     assert (tmp_path / "out.txt").read_text() == "x"
+
+
+def test_a_path_written_after_a_chdir_is_written_back_where_it_was_written(
+    shell: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = (
+        "%%task\nimport os\nos.makedirs(os.path.join('.', 'sub'), exist_ok=True)\n"
+        "os.chdir(os.path.join('.', 'sub'))\nwith open(os.path.join('.', 'x.txt'), 'w') as f:\n"
+        "    f.write('x')\nos.chdir('..')"
+    )
+    run(shell, code)
+    assert report(shell).status == "computed"
+    shutil.rmtree(tmp_path / "sub")
+    run(shell, code)
+    assert report(shell).status == "cached"
+    assert (tmp_path / "sub" / "x.txt").read_text() == "x" and not (tmp_path / "x.txt").exists()
+    assert os.getcwd() == str(tmp_path)
