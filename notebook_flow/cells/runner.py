@@ -385,11 +385,12 @@ class CellRunner:
         before = {n: ns[n] for n in names if n in ns}
         # ... and their parts: which of those the cell changed in place, which it replaced.
         before_paths = walk(((n,), v) for n, v in before.items())
-        self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
-        t0 = time.perf_counter()
+        # The paths its code names, existing or not: compared before and after the run.
         named = files.named_paths(
             cell.analysis.tree, [ns.get(n) for n in cell.inputs], existing=False
         )
+        self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
+        t0 = time.perf_counter()
         with _Capture(self.shell) as capture, files.recording(named) as found:
             error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
@@ -447,11 +448,11 @@ class CellRunner:
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
-        # Writing the large parts is not timed here: count them at disk speed; a commit's
-        # own cost (manifest, fsyncs) as measured on this store lately.
         # The files it wrote are stored after its large values, as parts of their own.
         writes = written.stored(first_part=len(parts))
         parts = [*parts, *written.contents]
+        # Writing the large parts is not timed here: count them at disk speed; a commit's
+        # own cost (manifest, fsyncs) as measured on this store lately.
         store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
         if cell.options.auto and not worth_storing(duration, store_seconds + self.commit_seconds):
             return self._cheap(cell, duration)
