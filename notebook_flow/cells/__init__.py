@@ -15,8 +15,8 @@ does lives here, top to bottom:
    cell's ``def``/``class``/``import`` statements (so functions stay bound to the live
    namespace), replays the outputs and shows one quiet badge. A miss runs the cell through
    the shell on the main thread (tracebacks, display, events as usual) while recording its
-   streams and rich outputs, then commits variables, effects, ambient state + outputs as
-   one result.
+   streams and rich outputs, then commits variables, effects, ambient state, outputs and
+   the files it wrote as one result (:mod:`.files`: a hit writes those back).
 
 >>> a = analyze_cell("y = f(x)\\nx += 1\\nz[0] = y")
 >>> a.reads, sorted(a.writes)

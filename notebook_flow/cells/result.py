@@ -237,6 +237,8 @@ DISK_SPEED = 100e6
 
 
 def nbytes(value: Any) -> int:
+    if isinstance(value, bytes):  # a file the cell wrote
+        return len(value)
     try:
         return int(getattr(value, "nbytes", None) or value.memory_usage(deep=False).sum())
     except Exception:

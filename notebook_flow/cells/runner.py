@@ -53,7 +53,7 @@ __all__ = ["CELL_FORMAT", "CellReport", "CellRunner"]
 logger = logging.getLogger("notebook_flow")
 
 #: Bumped when the stored layout of a cell result changes; older results then miss.
-CELL_FORMAT = 2
+CELL_FORMAT = 3
 
 # IPython's output history changes on every execution: keying on it would never hit.
 _HISTORY_NAME = re.compile(r"^(_+|_i+|_\d+|_i\d+|_oh|_ih|_dh|In|Out)$")
@@ -328,13 +328,22 @@ class CellRunner:
             cell.reasons = [f"the file or folder {path} it read changed since"]
             return _MISS
         ns = self.shell.user_ns
+        load_part = functools.partial(self._load_part, cell, manifest.key)
         try:
-            restored = Restored.prepare(
-                value, ns, functools.partial(self._load_part, cell, manifest.key)
-            )
+            # The files it wrote, each checked against the size and hash the result names
+            # (the result is verified; a part alone could be another run's): nothing is
+            # written before all of them are.
+            written = files.check(value["writes"], load_part)
+            restored = Restored.prepare(value, ns, load_part)
         except Exception as exc:  # a reference or target the hit cannot find: recompute
             logger.info("%%%%task `%s`: cannot restore the stored result: %r", cell.name, exc)
             cell.reasons = [f"the stored result cannot be restored here: {exc}"]
+            return _MISS
+        try:
+            files.restore(written)
+        except OSError as exc:  # the run would do it otherwise (or fail as it fails)
+            logger.info("%%%%task `%s`: cannot write its files back: %r", cell.name, exc)
+            cell.reasons = [f"the files it wrote cannot be written back here: {exc}"]
             return _MISS
         usage.touch(cell.store, manifest.key)  # last use, for LRU eviction: no I/O
         restored.apply_variables(ns)
@@ -376,9 +385,13 @@ class CellRunner:
         before = {n: ns[n] for n in names if n in ns}
         # ... and their parts: which of those the cell changed in place, which it replaced.
         before_paths = walk(((n,), v) for n, v in before.items())
+        # The paths its code names, existing or not: compared before and after the run.
+        named = files.named_paths(
+            cell.analysis.tree, [ns.get(n) for n in cell.inputs], existing=False
+        )
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
-        with _Capture(self.shell) as capture, files.recording() as read:
+        with _Capture(self.shell) as capture, files.recording(named) as found:
             error = run_nested(self.shell, cell.body)
         duration = time.perf_counter() - t0
         if error is not None:
@@ -408,6 +421,10 @@ class CellRunner:
         if after.failed:  # a state the cell may have changed cannot be captured
             name, why = next(iter(after.failed.items()))
             return self._not_stored(cell, [(name, "ambient state", why)], duration)
+        store_dir = (cell.store.local_root,) if cell.store.local_root else ()
+        written = found.written(exclude=store_dir)
+        if isinstance(written, str):
+            return self._unfaithful(cell, written, duration)
         consumed = set(ambient.consumed(cell.ambient, after)) - cell.reseeded
         drawn = {ambient.label(n) for n in consumed}
         for key, components in cell.rng_keys:
@@ -431,20 +448,20 @@ class CellRunner:
         except Exception as exc:
             bad = unstorable(variables) or [("the outputs", type(exc).__name__, str(exc))]
             return self._not_stored(cell, bad, duration)
+        # The files it wrote are stored after its large values, as parts of their own.
+        writes = written.stored(first_part=len(parts))
+        parts = [*parts, *written.contents]
         # Writing the large parts is not timed here: count them at disk speed; a commit's
         # own cost (manifest, fsyncs) as measured on this store lately.
         store_seconds = time.perf_counter() - t_pack + sum(map(nbytes, parts)) / DISK_SPEED
         if cell.options.auto and not worth_storing(duration, store_seconds + self.commit_seconds):
             return self._cheap(cell, duration)
-        store_dir = (cell.store.local_root,) if cell.store.local_root else ()
         payload = {
             "format": CELL_FORMAT,
             **state,
             "outputs": capture.outputs,
-            "files": files.fingerprints(
-                read | files.named_paths(cell.analysis.tree, [ns.get(n) for n in cell.inputs]),
-                exclude=store_dir,
-            ),
+            "files": found.inputs(written, exclude=store_dir),
+            "writes": writes,
         }
         expires_at = time.time() + cell.options.expire if cell.options.expire else None
         t_commit = time.perf_counter()
