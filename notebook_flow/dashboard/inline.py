@@ -178,8 +178,13 @@ class InlineDashboard:
             try:
                 with self._draw_lock:
                     type(self.layout)._on_msg(self.layout, ref, manager, msg)
-            except Exception:  # as Panel's comm would: the view goes on
+            except Exception as exc:  # as Panel's comm would: say so, and the view goes on
                 logger.debug("a browser event of the inline dashboard failed", exc_info=True)
+                logger.warning(
+                    "notebook_flow dashboard: a click or filter could not be applied (%s: %s)",
+                    type(exc).__name__,
+                    exc,
+                )
 
     # -- refresh -------------------------------------------------------------------------------
 
