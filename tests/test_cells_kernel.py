@@ -316,6 +316,28 @@ def test_a_frame_keeps_the_index_it_shares_with_a_series(
     assert runs.badges(1) == ["cached"]
 
 
+def test_an_index_renamed_by_a_cached_cell_is_renamed_for_every_frame_on_it(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Found by CI on the corpus (pdsh_hierarchical_indexing, a busy machine made its short
+    cells worth storing): the rename above, in a cached cell. A hit gave the series a new
+    index with the names and left the frame on the old one, unnamed: `[None, None] False`."""
+    cells = [
+        "%%task\nimport pandas as pd\n"
+        "pop = pd.Series([1, 2], index=pd.MultiIndex.from_tuples([('a', 1), ('b', 2)]))\n"
+        "s = pd.Series([3, 4], index=pd.Index(['x', 'y']))",
+        "%%task\npop_df = pd.DataFrame({'total': pop, 'under18': [0, 1]})\n"
+        "t = pd.DataFrame({'v': s})",
+        "%%task\npop.index.names = ['state', 'year']\ns.index.name = 'key'",
+        "print(list(pop_df.index.names), pop_df.index is pop.index, t.index.name, "
+        "t.index is s.index)",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.cold[3][0] == "['state', 'year'] True key True\n"
+    assert runs.last == runs.cold[3][0]
+    assert runs.badges(1) == runs.badges(2) == ["cached"]
+
+
 def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
     env: dict[str, str], tmp_path: Path
 ) -> None:

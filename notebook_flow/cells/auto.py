@@ -15,6 +15,9 @@ as ``%%task --auto``. Two questions are asked of such a cell:
   much again), is not stored: the next run computes it again, which is faster than a hit
   would be. Keying and the lookup are not weighed: they are paid either way. Such a cell
   still runs between restored cells in order, so it sees the state a plain run gives it.
+  ``NOTEBOOK_FLOW_AUTO_MIN_SECONDS`` sets that minimum (``0``: store every cell whatever it
+  costs, as the corpus tests do, so that what a second run restores does not depend on how
+  busy the machine was on the first).
 
 >>> from notebook_flow.cells import analyze_cell
 >>> auto_plain_reason(analyze_cell("import numpy as np\\ndef f(x):\\n    return x"))
@@ -28,6 +31,8 @@ True
 from __future__ import annotations
 
 import ast
+import math
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -79,4 +84,26 @@ def _is_ipython_command(node: ast.stmt) -> bool:
 def worth_storing(duration: float, store_seconds: float) -> bool:
     """True when a cell that ran for ``duration`` s is worth storing, given the
     ``store_seconds`` it took to serialize its state."""
-    return duration >= MIN_SECONDS and duration >= STORE_FACTOR * store_seconds
+    minimum = _min_seconds()
+    if minimum == 0:
+        return True
+    return duration >= minimum and duration >= STORE_FACTOR * store_seconds
+
+
+def _min_seconds() -> float:
+    raw = os.environ.get("NOTEBOOK_FLOW_AUTO_MIN_SECONDS")
+    if not raw:
+        return MIN_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        from notebook_flow.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"environment variable NOTEBOOK_FLOW_AUTO_MIN_SECONDS={raw!r} is not accepted: "
+            f"a finite number of seconds >= 0 such as {MIN_SECONDS!r} (0 stores every cell); "
+            f"fix or unset it"
+        )
+    return value

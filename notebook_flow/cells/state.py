@@ -365,6 +365,16 @@ def update_in_place(
             return live
     elif _pandas_object(live):
         try:
+            for axis in _AXES:
+                sub = (*path, ("p", axis))
+                if hasattr(live, axis) and (kept is None or sub in kept):
+                    # The cell renamed an axis in place (`pop.index.names = [...]`): other
+                    # objects built on that index object (`DataFrame({"total": pop})`) see
+                    # the new names in a plain run, so the live index takes them too, and
+                    # stays the object the restored one stands on.
+                    placed = _update_axis(getattr(live, axis), getattr(stored, axis), memo)
+                    if placed is not getattr(stored, axis):
+                        setattr(stored, axis, placed)
             live._update_inplace(stored)  # what pandas' own inplace=True operations do
             live.attrs = stored.attrs
             return live
@@ -375,6 +385,28 @@ def update_in_place(
         return live
     memo[id(stored)] = stored
     return stored
+
+
+def _update_axis(live: Any, stored: Any, memo: dict[int, Any]) -> Any:
+    """The live pandas index with the names of ``stored`` when it holds the same labels
+    (an index's labels cannot change in place; its names can), else ``stored``."""
+    if id(stored) in memo:
+        return memo[id(stored)]
+    if live is stored or type(live) is not type(stored):
+        return stored
+    try:
+        same = live.dtype == stored.dtype and len(live) == len(stored) and live.equals(stored)
+        levels = getattr(live, "levels", None)
+        if same and levels is not None:  # a MultiIndex: equal tuples over other level types
+            same = [x.dtype for x in levels] == [x.dtype for x in stored.levels]
+        if not same:
+            return stored
+        if list(live.names) != list(stored.names):
+            live.names = list(stored.names)
+    except Exception:  # another pandas version, an index type that refuses: rebind
+        return stored
+    memo[id(stored)] = live
+    return live
 
 
 def _update_mapping(
