@@ -438,6 +438,32 @@ def test_environment_and_numpy_print_and_error_settings_are_ambient_state(
     assert [runs.badges(i) for i in range(4)] == [["cached"]] * 4
 
 
+def test_warnings_decimal_recursion_logging_sklearn_and_module_attributes_are_restored(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue 12, ambient state found by probing a fresh kernel's second run: a cached cell
+    that sets a warnings filter, decimal's precision, the recursion limit, the root logger,
+    scikit-learn's config or an attribute of a library module left none of them set on a
+    hit (the plain cell printed `no error 0.1428571428571428571428571429 1000 [] diagram
+    None` before)."""
+    cells = [
+        "%%task\nimport warnings\nwarnings.simplefilter('error', UserWarning)",
+        "%%task\nimport decimal\ndecimal.getcontext().prec = 5",
+        "%%task\nimport sys\nsys.setrecursionlimit(1234)",
+        "%%task\nimport logging\nlogging.basicConfig(format='LOG %(message)s', stream=sys.stdout)",
+        "%%task\nimport sklearn\nsklearn.set_config(display='text')",
+        "%%task\nimport json\njson.nf_probe_flag = 5",
+        "try:\n    warnings.warn('w', UserWarning)\n    raised = 'no error'\n"
+        "except UserWarning:\n    raised = 'error'\n"
+        "logging.warning('hello')\n"
+        "print(raised, decimal.Decimal(1) / decimal.Decimal(7), sys.getrecursionlimit(),"
+        " sklearn.get_config()['display'], getattr(json, 'nf_probe_flag', None))",
+    ]
+    runs = cold_then_again(env, tmp_path, cells)
+    assert runs.last == "LOG hello\nerror 0.14286 1234 text 5\n"
+    assert [runs.badges(i) for i in range(6)] == [["cached"]] * 6
+
+
 def test_a_local_module_the_cell_imports_itself_is_watched_or_the_cell_runs_uncached(
     env: dict[str, str], tmp_path: Path
 ) -> None:

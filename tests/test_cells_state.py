@@ -162,6 +162,37 @@ def test_pandas_options_are_keyed_and_restored(shell: Any, isolated_store: Path)
         assert pd.get_option("display.max_rows") == 5
 
 
+def test_an_attribute_set_on_a_library_module_is_keyed_and_restored(
+    shell: Any, isolated_store: Path
+) -> None:
+    import json
+
+    code = "%%task\nimport json\njson.nf_state_probe = [1, 2]"
+    try:
+        run(shell, code)
+        assert status(shell) == "computed"
+        del json.nf_state_probe
+        run(shell, code)
+        assert status(shell) == "cached" and json.nf_state_probe == [1, 2]
+        json.nf_state_probe = [3]  # the state before the cell is keyed: another one misses
+        run(shell, code)
+        assert status(shell) == "computed"
+    finally:
+        vars(json).pop("nf_state_probe", None)
+
+
+def test_an_attribute_set_on_a_module_the_cell_imports_first_runs_uncached(
+    shell: Any, isolated_store: Path
+) -> None:
+    sys.modules.pop("tabnanny", None)
+    run(shell, "%%task\nimport tabnanny\ntabnanny.verbose = 1")
+    last = shell.magics_manager.registry["FlowMagics"].runner.last
+    assert last.status == "uncached"
+    assert "`tabnanny.verbose`" in " ".join(last.reasons) and "earlier cell" in " ".join(
+        last.reasons
+    )
+
+
 # --------------------------------------------------------------------------- effects.py
 
 

@@ -598,3 +598,192 @@ register_ambient(
 register_ambient(
     "numpy.errstate", _err_get, _err_set, module="numpy", default=lambda: dict(_NUMPY_ERR_DEFAULT)
 )
+
+
+# The warning filters (`warnings.simplefilter("error")` makes a later cell raise where it
+# printed a warning). Keyed only by cells that change them: libraries add their own filters
+# when imported (pyarrow, panel, statsmodels), some of them from background threads, so
+# keying every cell on the list would make keys depend on import timing.
+def _warnings_get() -> Any:
+    import warnings
+
+    out = []
+    filters: list[Any] = list(warnings.filters)
+    for action, message, category, module, lineno in filters:
+        out.append(
+            (
+                action,
+                getattr(message, "pattern", message),
+                getattr(message, "flags", 0),
+                f"{category.__module__}:{category.__qualname__}",
+                getattr(module, "pattern", module),
+                lineno,
+            )
+        )
+    return tuple(out)
+
+
+def _warnings_set(entries: Any) -> None:
+    import re
+    import warnings
+
+    rebuilt = []
+    for action, message, flags, category, module, lineno in entries:
+        owner, _, qualname = category.partition(":")
+        cls: Any = importlib.import_module(owner)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+        rebuilt.append(
+            (
+                action,
+                None if message is None else re.compile(message, flags),
+                cls,
+                None if module is None else re.compile(module),
+                lineno,
+            )
+        )
+    live: Any = warnings.filters
+    live[:] = rebuilt
+    mutated = getattr(warnings, "_filters_mutated", None) or getattr(
+        warnings, "_filters_mutated_lock_held", None
+    )
+    if mutated is not None:
+        mutated()  # the `once`/`default` registries are checked against the new filters
+
+
+# decimal's context of the kernel's thread (precision, rounding, limits, traps; not the
+# flags, which every inexact operation sets).
+_DECIMAL_FIELDS = ("prec", "rounding", "Emin", "Emax", "capitals", "clamp")
+
+
+def _decimal_state(context: Any) -> Any:
+    traps = sorted(s.__name__ for s, on in context.traps.items() if on)
+    return (*(getattr(context, f) for f in _DECIMAL_FIELDS), tuple(traps))
+
+
+def _decimal_get() -> Any:
+    import decimal
+
+    return _decimal_state(decimal.getcontext())
+
+
+def _decimal_set(state: Any) -> None:
+    import decimal
+
+    context = decimal.getcontext()
+    for field, value in zip(_DECIMAL_FIELDS, state, strict=False):
+        setattr(context, field, value)
+    on = set(state[-1])
+    for signal in list(context.traps):
+        context.traps[signal] = signal.__name__ in on
+
+
+_BASE_RECURSION = sys.getrecursionlimit()
+
+
+# scikit-learn's configuration (`set_config(display="text")`, `transform_output="pandas"`).
+def _sklearn_get() -> Any:
+    sklearn: Any = importlib.import_module("sklearn")
+    return dict(sklearn.get_config())
+
+
+def _sklearn_set(config: Any) -> None:
+    import inspect
+
+    sklearn: Any = importlib.import_module("sklearn")
+    accepted = inspect.signature(sklearn.set_config).parameters
+    sklearn.set_config(**{k: v for k, v in config.items() if k in accepted})
+
+
+def _sklearn_default() -> Any:
+    config: Any = importlib.import_module("sklearn._config")
+    return dict(config._global_config)
+
+
+# The root logger (`logging.basicConfig(level="INFO")` makes later cells print their log
+# records): its level, `logging.disable`, and its handlers; those that can be made again
+# (streams to stdout/stderr, files appended to) are set up again on a hit.
+def _handler_state(handler: Any) -> Any:
+    import logging
+
+    formatter = handler.formatter
+    fmt = None if formatter is None else (formatter._fmt, formatter.datefmt)
+    if type(handler) is logging.FileHandler:
+        target = ("file", handler.baseFilename)
+    elif type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.stdout):
+        target = ("stream", "stdout" if handler.stream is sys.stdout else "stderr")
+    else:
+        # Another kind (a test runner's capture, a library's own): keyed by its kind, never
+        # made again; a restore leaves such handlers as they are.
+        target = ("other", f"{type(handler).__module__}.{type(handler).__qualname__}")
+    return (target, handler.level, fmt)
+
+
+def _logging_get() -> Any:
+    import logging
+
+    root = logging.getLogger()
+    return (
+        root.level,
+        logging.root.manager.disable,
+        tuple(_handler_state(h) for h in root.handlers),
+    )
+
+
+def _logging_set(state: Any) -> None:
+    import logging
+
+    level, disable, handlers = state
+    root = logging.getLogger()
+    root.setLevel(level)
+    logging.disable(disable)
+    live: dict[Any, Any] = {}
+    for handler in list(root.handlers):
+        described = _handler_state(handler)
+        if described[0][0] != "other":
+            live[described] = handler
+            root.removeHandler(handler)
+    for described in handlers:
+        if described[0][0] == "other":
+            continue
+        handler = live.pop(described, None)
+        if handler is None:
+            (kind, where), handler_level, fmt = described
+            if kind == "file":
+                handler = logging.FileHandler(where, mode="a")
+            else:
+                handler = logging.StreamHandler(getattr(sys, where))
+            handler.setLevel(handler_level)
+            if fmt is not None:
+                handler.setFormatter(logging.Formatter(fmt[0], fmt[1]))
+        root.addHandler(handler)
+
+
+register_ambient("warnings.filters", _warnings_get, _warnings_set, keyed="when-changed")
+register_ambient(
+    "decimal.context",
+    _decimal_get,
+    _decimal_set,
+    module="decimal",
+    default=lambda: _decimal_state(importlib.import_module("decimal").DefaultContext),
+)
+register_ambient(
+    "sys.recursionlimit",
+    sys.getrecursionlimit,
+    sys.setrecursionlimit,
+    default=lambda: _BASE_RECURSION,
+)
+register_ambient(
+    "sklearn.config", _sklearn_get, _sklearn_set, module="sklearn", default=_sklearn_default
+)
+register_ambient(
+    "logging.root", _logging_get, _logging_set, default=lambda: (logging.WARNING, 0, ())
+)
+_MEMO_SAFE.update(
+    {
+        "warnings.filters": _warnings_get,
+        "decimal.context": _decimal_get,
+        "sklearn.config": _sklearn_get,
+        "logging.root": _logging_get,
+    }
+)

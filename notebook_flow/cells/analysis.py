@@ -49,6 +49,11 @@ class CellAnalysis:
     attributes: dict[str, frozenset[str]]
     opaque: tuple[str, ...]
     tree: ast.Module = dataclasses.field(repr=False, compare=False)
+    #: Dotted attribute chains the cell assigns or deletes at the top level
+    #: (``("torch", "backends", "cudnn", "deterministic")`` for
+    #: ``torch.backends.cudnn.deterministic = True``): where they end on a module, that
+    #: module attribute is state the cell changes.
+    attribute_stores: tuple[tuple[str, ...], ...] = ()
 
 
 def _parse(code: str) -> ast.Module:
@@ -95,6 +100,17 @@ def _base_name(node: ast.AST) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
+def _attribute_chain(node: ast.AST) -> tuple[str, ...] | None:
+    """``("a", "b", "c")`` for the target ``a.b.c``; None for anything else (``a[0].b``)."""
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not parts:
+        return None
+    return (node.id, *reversed(parts))
+
+
 def _bound_by_import(alias: ast.alias) -> str:
     return alias.asname or alias.name.split(".")[0]
 
@@ -110,6 +126,7 @@ class _Walker:
         self.attributes: dict[str, set[str]] = {}
         self.deferred: set[str] = set()  # loads inside function bodies (run later)
         self.context_names: set[str] = set()  # `with … as f`: closed handles, not results
+        self.attribute_stores: dict[tuple[str, ...], None] = {}  # ordered set
 
     # -- expressions ----------------------------------------------------------------------
 
@@ -180,6 +197,9 @@ class _Walker:
         else:
             # a[i] = …, a.b = …: evaluates `a` (a read unless bound before) and mutates it.
             self.loads(target, defined)
+            chain = _attribute_chain(target)
+            if chain is not None:
+                self.attribute_stores.setdefault(chain)
             base = _base_name(target)
             if base is not None:
                 self.mutated.add(base)
@@ -405,4 +425,5 @@ def analyze_cell(code: str) -> CellAnalysis:
         attributes={k: frozenset(v) for k, v in walker.attributes.items()},
         opaque=tuple(opaque),
         tree=tree,
+        attribute_stores=tuple(walker.attribute_stores),
     )

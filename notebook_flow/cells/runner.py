@@ -6,6 +6,7 @@ explain, record and report each run.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import logging
@@ -26,7 +27,7 @@ from notebook_flow.errors import (
     UnhashableError,
 )
 from notebook_flow.figures import cached_summary, time_saved
-from notebook_flow.hashing import lineage
+from notebook_flow.hashing import fingerprint, lineage
 from notebook_flow.lifecycle import quota, usage
 from notebook_flow.states import RunState
 from notebook_flow.storage.pins import pin
@@ -250,6 +251,9 @@ class CellRunner:
                         reaching.append(f"{name}.{attr}")
                     else:
                         data.append((module.__name__, attr))
+        why = _module_attribute_stores(cell.analysis, ns, data, cell.components)
+        if why is not None and not explicit:
+            return why
         # Functions held in containers (`fns["draw"]()`, `handlers[0]()`) run as the named
         # ones do: the containers the cell reads, and those its functions reach, are looked
         # through for them until no new one turns up.
@@ -710,4 +714,63 @@ def _label(target: effects.Target) -> str:
 def _note(text: str) -> None:
     """A short message to the user, under the cell (stderr), and to the log."""
     logger.info("%%%%task: %s", text)
-    print(f"%%task: {text}", file=sys.stderr)
+    # One write: print() writes the line and its newline apart, and the kernel may send
+    # them as two outputs (the newline alone under the note).
+    sys.stderr.write(f"%%task: {text}\n")
+
+
+def _module_attribute_stores(
+    analysis: CellAnalysis,
+    ns: dict[str, Any],
+    data: list[tuple[str, str]],
+    components: dict[str, str],
+) -> str | None:
+    """Add to ``data`` the module attributes the cell assigns (``json.my_flag = 5``,
+    ``torch.backends.cudnn.deterministic = True``): process state every later cell sees,
+    watched like a local module's data (stored when changed, set again on a hit), and
+    their values before the cell to ``components`` (the cell's result may depend on them).
+    Returns why the cell cannot be cached when such a module is not imported before it, or
+    a value there has no fingerprint."""
+    if not analysis.attribute_stores:
+        return None
+    names = dict(ns)
+    for node in analysis.tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            ambient._bind_imports(node, names)
+    for chain in analysis.attribute_stores:
+        owner: Any = names.get(chain[0])
+        if chain[0] in names and owner is None:
+            return (
+                f"it sets `{'.'.join(chain)}` on a module it imports for the first time; "
+                "a module's state before its first import cannot be compared with. Import "
+                "it in an earlier cell to cache this one"
+            )
+        for step in chain[1:-1]:
+            if not isinstance(owner, types.ModuleType):
+                break
+            owner = getattr(owner, step, None)
+        if not isinstance(owner, types.ModuleType):
+            continue  # an attribute of an object: the object is a value the cell changes
+        module = getattr(owner, "__name__", None)
+        if not isinstance(module, str) or sys.modules.get(module) is not owner:
+            return (
+                f"it sets `{'.'.join(chain)}` on a module that is not importable by its name "
+                f"({module!r}), so a hit could not set it again"
+            )
+        pair = (module, chain[-1])
+        if pair in data:
+            continue
+        data.append(pair)
+        before = vars(owner).get(chain[-1], _ABSENT)
+        try:
+            digest = "absent" if before is _ABSENT else fingerprint(before)
+        except UnhashableError as exc:
+            return (
+                f"it sets `{module}.{chain[-1]}`, whose value before the cell has no "
+                f"fingerprint ({exc})"
+            )
+        components[f"module attribute `{module}.{chain[-1]}`"] = digest
+    return None
+
+
+_ABSENT: Any = object()

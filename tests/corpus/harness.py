@@ -268,13 +268,12 @@ def cell_outputs(cell: Any, masks: tuple[str, ...]) -> list[Any]:
     for out in cell.get("outputs", []):
         kind = out["output_type"]
         if kind == "stream":
-            text = "".join(ln for ln in out["text"].splitlines(True) if not ln.startswith("%%task"))
-            if not text:
-                continue
+            # (joined before our notes are left out: the kernel may send one line in two
+            # chunks, as a frontend shows them joined)
             if items and items[-1][0] == "stream" and items[-1][1] == out["name"]:
-                items[-1] = ("stream", out["name"], items[-1][2] + text)
+                items[-1] = ("stream", out["name"], items[-1][2] + out["text"])
             else:
-                items.append(("stream", out["name"], text))
+                items.append(("stream", out["name"], out["text"]))
         elif kind in ("execute_result", "display_data"):
             if "notebook_flow" in out.get("metadata", {}):
                 continue
@@ -289,6 +288,11 @@ def cell_outputs(cell: Any, masks: tuple[str, ...]) -> list[Any]:
             items.append((kind, data))
         elif kind == "error":
             items.append(("error", out["ename"], out["evalue"]))
+    for i, item in enumerate(items):
+        if item[0] == "stream":
+            lines = item[2].splitlines(True)
+            items[i] = (*item[:2], "".join(ln for ln in lines if not ln.startswith("%%task")))
+    items = [i for i in items if i[0] != "stream" or i[2]]
     return [
         (i[0], i[1], _masked(i[2], masks)) if i[0] == "stream" else _mask_data(i, masks)
         for i in items
