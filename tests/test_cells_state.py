@@ -501,3 +501,26 @@ def test_memory_a_restore_cannot_share_again_is_refused_with_the_names() -> None
         _plan({"f1": np.frombuffer(buffer, np.int64), "f2": np.frombuffer(buffer, np.int32)})
     # pandas objects sharing memory among themselves: copy-on-write keeps them apart.
     assert _plan({"frame": frame, "col": frame["t"]}) == []
+
+
+def test_warning_filters_a_cell_changes_are_applied_again_and_never_keyed(
+    shell: Any, isolated_store: Path
+) -> None:
+    """A hit puts the cell's filter in front of the filters it finds (a library imported
+    since added its own: they stay), and a filter added by anything else does not change
+    the cell's key."""
+    import warnings
+
+    code = "%%task\nimport warnings\nwarnings.simplefilter('error', UserWarning)"
+    with warnings.catch_warnings():
+        run(shell, code)
+        assert status(shell) == "computed"
+        assert warnings.filters[0][:3] == ("error", None, UserWarning)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="nf-probe-library-filter")
+        run(shell, code)
+        assert status(shell) == "cached"
+        assert warnings.filters[0][:3] == ("error", None, UserWarning)
+        assert any(
+            getattr(f[1], "pattern", None) == "nf-probe-library-filter" for f in warnings.filters
+        )

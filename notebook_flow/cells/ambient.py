@@ -20,6 +20,11 @@ consulted only when the library is already imported: nothing is imported to look
     such a cell keys on it; a cell that draws nothing is keyed without it. The generators
     of a fresh process are seeded from the OS, so keying every cell on them would make
     every cell miss in every new kernel.
+``"never"``
+    never: only what the cell changes is stored, as a change (``delta``) applied to the
+    state a hit finds. The warning filters: libraries add theirs when imported (some from
+    background threads), so a cell importing one changes them, and keying it on the
+    filters before would make it miss whenever anything was imported earlier.
 
 Add your own with :func:`register_ambient`::
 
@@ -48,7 +53,7 @@ __all__ = ["Ambient", "Snapshot", "register_ambient", "registered", "unregister_
 
 logger = logging.getLogger("notebook_flow")
 
-Keyed = Literal["always", "when-changed"]
+Keyed = Literal["always", "when-changed", "never"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,9 @@ class Ambient:
     module: str | None = None
     keyed: Keyed = "always"
     default: Callable[[], Any] | None = None
+    #: ``delta(before, after)``: what to store of a change (``set`` then gets that, and
+    #: applies it to the state it finds); None stores the state after the cell.
+    delta: Callable[[Any, Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Ambient] = {}
@@ -74,6 +82,7 @@ def register_ambient(
     module: str | None = None,
     keyed: Keyed = "always",
     default: Callable[[], Any] | None = None,
+    delta: Callable[[Any, Any], Any] | None = None,
 ) -> None:
     """Make a piece of process-wide state an input and an output of every cached cell.
 
@@ -98,11 +107,12 @@ def register_ambient(
         raise ConfigurationError(
             f"register_ambient({name!r}, get, set): get and set must be callables"
         )
-    if keyed not in ("always", "when-changed"):
+    if keyed not in ("always", "when-changed", "never"):
         raise ConfigurationError(
-            f"register_ambient({name!r}): keyed must be 'always' or 'when-changed', got {keyed!r}"
+            f"register_ambient({name!r}): keyed must be 'always', 'when-changed' or 'never', "
+            f"got {keyed!r}"
         )
-    _REGISTRY[name] = Ambient(name, get, set, module, keyed, default)
+    _REGISTRY[name] = Ambient(name, get, set, module, keyed, default, delta)
 
 
 def unregister_ambient(name: str) -> None:
@@ -249,7 +259,14 @@ def label(name: str) -> str:
 def changed(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     """The states the cell changed (a first import that set one up included): their values."""
     names = [n for n in after.values if before.digests.get(n) != after.digests.get(n)]
-    return {name: after.values[name] for name in names}
+    out = {}
+    for name in names:
+        ambient = _REGISTRY.get(name)
+        if ambient is not None and ambient.delta is not None and name in before.values:
+            out[name] = ambient.delta(before.values[name], after.values[name])
+        else:
+            out[name] = after.values[name]
+    return out
 
 
 def consumed(before: Snapshot, after: Snapshot) -> list[str]:
@@ -601,9 +618,9 @@ register_ambient(
 
 
 # The warning filters (`warnings.simplefilter("error")` makes a later cell raise where it
-# printed a warning). Keyed only by cells that change them: libraries add their own filters
-# when imported (pyarrow, panel, statsmodels), some of them from background threads, so
-# keying every cell on the list would make keys depend on import timing.
+# printed a warning). Not keyed: libraries add their own filters when imported (pyarrow,
+# panel, statsmodels), some of them from background threads, so keys would depend on
+# import timing; what a cell changes is stored as a change and applied on a hit.
 def _warnings_get() -> Any:
     import warnings
 
@@ -623,10 +640,32 @@ def _warnings_get() -> Any:
     return tuple(out)
 
 
+def _warnings_delta(before: Any, after: Any) -> Any:
+    """What a cell did to the filters: entries it put in front, entries it appended,
+    entries it removed (a filter added again moves to the front)."""
+    old, new = set(before), list(after)
+    back: list[Any] = []
+    while new and new[-1] not in old:
+        back.insert(0, new.pop())
+    k = 0
+    while k < len(new):
+        tail = new[k:]
+        kept = set(tail)
+        if tail == [e for e in before if e in kept]:
+            break
+        k += 1
+    removed = [e for e in before if e not in set(after)]
+    return ("delta", tuple(new[:k]), tuple(back), tuple(removed))
+
+
 def _warnings_set(entries: Any) -> None:
     import re
     import warnings
 
+    if entries and entries[0] == "delta":  # applied to the filters there are now
+        _, front, back, removed = entries
+        drop = {*front, *back, *removed}
+        entries = (*front, *(e for e in _warnings_get() if e not in drop), *back)
     rebuilt = []
     for action, message, flags, category, module, lineno in entries:
         owner, _, qualname = category.partition(":")
@@ -759,7 +798,9 @@ def _logging_set(state: Any) -> None:
         root.addHandler(handler)
 
 
-register_ambient("warnings.filters", _warnings_get, _warnings_set, keyed="when-changed")
+register_ambient(
+    "warnings.filters", _warnings_get, _warnings_set, keyed="never", delta=_warnings_delta
+)
 register_ambient(
     "decimal.context",
     _decimal_get,
