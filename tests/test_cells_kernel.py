@@ -544,3 +544,26 @@ def test_an_axes_made_in_one_cell_and_drawn_on_in_the_next(
     ]
     runs = cold_then_again(env, tmp_path, cells)
     assert runs.last == "1 True t\n"
+
+
+def test_an_object_reached_by_two_paths_stays_one_object_after_an_in_place_restore(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A statsmodels result reaches its data twice (`res._results.data` is
+    `res._results.model.data`). Reading `res.aic` fills the result's cache: the result
+    changed in place, restored in place on a hit. The data was kept at its first path and
+    replaced at the second, so a hit split it in two: `predict` wrote to one, and the
+    results' data had no `predict_*` (the plain cell printed `False []`)."""
+    pytest.importorskip("statsmodels")
+    cells = [
+        "%%task\nimport numpy as np\nfrom statsmodels.tsa.statespace.sarimax import SARIMAX\n"
+        "res = SARIMAX(np.sin(np.arange(80) / 4.0), order=(2, 0, 0)).fit(disp=False)",
+        "%%task\nprint(round(res.aic, 4))",
+        "%%task\nprint(res.params.round(4).tolist())",
+        "p = res.predict(start=70, end=85)\nd = res._results.data\n"
+        "print(d is res._results.model.data,"
+        " sorted(k for k in vars(d) if k.startswith('predict')))",
+    ]
+    runs = cold_then_again(dict(env, MPLBACKEND="agg"), tmp_path, cells)
+    assert runs.last == "True ['predict_dates', 'predict_end', 'predict_start']\n"
+    assert runs.badges(1) == runs.badges(2) == ["cached"]

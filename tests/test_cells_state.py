@@ -524,3 +524,32 @@ def test_warning_filters_a_cell_changes_are_applied_again_and_never_keyed(
         assert any(
             getattr(f[1], "pattern", None) == "nf-probe-library-filter" for f in warnings.filters
         )
+
+
+def test_an_object_kept_at_one_path_is_kept_wherever_else_it_is_reached() -> None:
+    class Box:
+        def __init__(self, **kw: Any) -> None:
+            vars(self).update(kw)
+
+    def make() -> Any:
+        data = Box(v=[1])
+        return Box(model=Box(data=data), data=data)  # `model` is met before `data`
+
+    cold = make()
+    before = walk([(("r",), cold)])
+    cold.data.v.append(2)  # changed in place, reached by two paths
+    cold.model.other = [0]
+    kept = kept_paths(before, ("r",), cold) | {("r",)}
+    stored = unpack(pack(cold, {}), {})
+    live = make()
+    assert update(live, stored, {}, kept, ("r",)) is live
+    assert live.model.data is live.data and live.data.v == [1, 2]
+    # An object the cell put at the second path stays a different object.
+    cold = make()
+    before = walk([(("r",), cold)])
+    cold.model.data = Box(v=[9])
+    kept = kept_paths(before, ("r",), cold) | {("r",)}
+    stored = unpack(pack(cold, {}), {})
+    live = make()
+    update(live, stored, {}, kept, ("r",))
+    assert live.model.data is not live.data and live.model.data.v == [9] and live.data.v == [1]

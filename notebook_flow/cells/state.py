@@ -306,6 +306,8 @@ def update_in_place(
     memo: dict[int, Any],
     kept: set[Path] | None = None,
     path: Path = (),
+    *,
+    kept_stored: set[int] | None = None,
 ) -> Any:
     """Make ``live`` equal to ``stored`` without replacing it where its type allows.
 
@@ -315,17 +317,25 @@ def update_in_place(
     it must see the change), else replaced (the cell replaced it: an alias keeps the old
     one). ``kept=None`` updates every part in place. ``memo`` maps ids of stored objects
     already placed to the object now standing for them (shared parts stay shared).
+
+    ``kept`` names each object by the first path a walk met it at; an object kept there is
+    kept wherever else it is reached (``results.data`` is ``results.model.data``: a hit
+    that replaced it at the second path split one object in two). ``kept_stored``, the ids
+    of the stored objects at kept paths, is worked out on the first call.
     """
     if id(stored) in memo:
         return memo[id(stored)]
     if live is stored or type(live) is not type(stored) or type(live) in _SCALARS:
         return stored
+    if kept is not None and kept_stored is None:
+        found = walk([(path, stored)])
+        kept_stored = {id(found[p]) for p in kept if p in found}
     memo[id(stored)] = live
 
     def part(live_part: Any, stored_part: Any, step: tuple[str, Any]) -> Any:
         sub = (*path, step)
-        if kept is None or sub in kept:
-            return update_in_place(live_part, stored_part, memo, kept, sub)
+        if kept is None or sub in kept or id(stored_part) in (kept_stored or ()):
+            return update_in_place(live_part, stored_part, memo, kept, sub, kept_stored=kept_stored)
         return stored_part
 
     t = type(live)
