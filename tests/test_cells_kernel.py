@@ -343,13 +343,18 @@ def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
 ) -> None:
     """Issue 12, views and shared memory: every write after the cached cells shows where a
     plain run shows it. Views of one array nobody names (the array is stored with them) are
-    restored as views of one array; memory a restore cannot share again (a DataFrame over an
-    array, an array of Python objects, a view of an array the cell changed in place, the
-    array `to_numpy()` gives) makes the cell run uncached with a one-line reason."""
+    restored as views of one array, and so is the array `to_numpy()` gives over a frame
+    stored with it; memory a restore cannot share again (a big DataFrame over an array,
+    stored apart as Parquet, an array of Python objects, a view of an array the cell
+    changed in place) makes the cell run uncached with a one-line reason."""
     cached = [  # cells whose views come back as views of one stored array
         "%%task\nimport numpy as np\nbig = np.arange(1_000_000)\nv1, v2 = big[:3], big[1:4]\n"
         "w1, w2 = big[:300_000], big[1:300_001]\nd = {'a': big, 'v': big[:3]}\ndel big",
         "%%task\nla = np.arange(1_000_000)\nlb = la[1:]\nlc = la[400_000:]",
+        # a frame and the array `to_numpy()` gives over its data: pickled together, the
+        # array comes back as a view of the restored frame's data (checked on a round trip)
+        "%%task\nimport pandas as pd\nframe = pd.DataFrame({'t': [1.0, 2.0]})\n"
+        "y = frame['t'].to_numpy()",
     ]
     uncached = [  # cells a restore could not rebuild
         "%%task\nimport pandas as pd\narr = np.zeros((200_000, 2))\n"
@@ -357,7 +362,6 @@ def test_memory_shared_between_outputs_survives_a_hit_or_the_cell_runs_uncached(
         "%%task\no = np.array([1, 'x', None], dtype=object)\np = o[1:]",
         "%%task\nia = np.arange(5)",
         "%%task\nia[2] = 9\nic = ia[1:]",
-        "%%task\nframe = pd.DataFrame({'t': [1.0, 2.0]})\ny = frame['t'].to_numpy()",
     ]
     check = (
         "v1[1] = 7; w1[1] = 7; d['a'][2] = -5; la[2] = 9; lb[500_000] = -1\n"

@@ -476,6 +476,57 @@ def test_views_of_an_array_nobody_names_are_stored_with_it() -> None:
     assert _plan({"a": a, "b": b}) == []
 
 
+def test_a_frame_and_an_array_over_its_data_are_stored_when_a_round_trip_keeps_them_shared(
+    shell: Any, isolated_store: Path
+) -> None:
+    """A statsmodels result holds its data as a frame and as a numpy view of the frame's
+    data: pickled together, the view comes back over the restored frame's array, so the
+    cell is stored (it ran uncached, and every cell reading the result after it)."""
+    import pandas as pd
+
+    runner = shell.magics_manager.registry["FlowMagics"].runner
+    code = (
+        "%%task\nimport pandas as pd\nfr = pd.DataFrame({'t': [1.0, 2.0]})\n"
+        "box = {'frame': fr, 'values': fr['t'].to_numpy()}"
+    )
+    run(shell, code)
+    assert runner.last.status == "computed", runner.last.reasons
+    del shell.user_ns["fr"], shell.user_ns["box"]
+    run(shell, code)
+    assert runner.last.status == "cached"
+    box = shell.user_ns["box"]
+    assert isinstance(box["frame"], pd.DataFrame)
+    assert np.shares_memory(box["frame"]["t"].to_numpy(), box["values"])
+
+
+def test_an_array_over_an_input_frames_data_is_a_view_of_the_live_frame_after_a_hit(
+    shell: Any, isolated_store: Path
+) -> None:
+    """`SARIMAX(dta)` keeps `np.asarray(dta)` next to `dta`: the array is stored as a view of
+    the live input's data (by its place in the frame, with a digest), so a hit gives a view
+    of the frame the notebook has, as the run did. A frame of the same content laid out in
+    other blocks cannot be pointed into: the cell recomputes."""
+    import pandas as pd
+
+    runner = shell.magics_manager.registry["FlowMagics"].runner
+    shell.user_ns["fr"] = pd.DataFrame({"t": [1.0, 2.0], "u": [3.0, 4.0]})
+    code = "%%task\nyy = fr.to_numpy()\nzz = fr['u'].to_numpy()"
+    run(shell, code)
+    assert runner.last.status == "computed", runner.last.reasons
+    for layout in ("same", "same", "blocks"):
+        if layout == "same":
+            fr = pd.DataFrame({"t": [1.0, 2.0], "u": [3.0, 4.0]})
+        else:  # equal content, one block per column
+            parts = [pd.DataFrame({"t": [1.0, 2.0]}), pd.DataFrame({"u": [3.0, 4.0]})]
+            fr = pd.concat(parts, axis=1)
+        shell.user_ns["fr"] = fr
+        del shell.user_ns["zz"]
+        run(shell, code)
+        assert runner.last.status == ("cached" if layout == "same" else "computed")
+        zz = shell.user_ns["zz"]
+        assert zz.tolist() == [3.0, 4.0] and np.shares_memory(zz, fr["u"].to_numpy())
+
+
 def test_memory_a_restore_cannot_share_again_is_refused_with_the_names() -> None:
     import pandas as pd
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from .state import Path, _pandas_object, _view_of
 
-__all__ = ["SplitMemory", "plan_sharing"]
+__all__ = ["SplitMemory", "Unverified", "plan_sharing", "verify"]
 
 
 class SplitMemory(Exception):
@@ -38,13 +38,29 @@ class SplitMemory(Exception):
     which objects, and how to cache the cell)."""
 
 
+class Unverified:
+    """Objects sharing memory in a way :func:`.state.pack` may keep (a pandas object and a
+    numpy view of its data, as a statsmodels result holds: pickled together, the view is
+    rebuilt over the restored frame's array): ``paths`` (``(path, side)``) must still share
+    one memory after a round trip (:func:`verify`), else ``error`` is raised."""
+
+    def __init__(self, paths: list[tuple[Path, str]], error: SplitMemory) -> None:
+        self.paths, self.error = paths, error
+
+
 def plan_sharing(
-    outputs: dict[Path, Any], inputs: dict[Path, Any], refs: Iterable[int], existed: set[int]
+    outputs: dict[Path, Any],
+    inputs: dict[Path, Any],
+    refs: Iterable[int],
+    existed: set[int],
+    unverified: list[Unverified] | None = None,
 ) -> list[Any]:
     """The arrays to store with a cell's outputs so that views of them stay views (their
     owners), given the objects reachable from the outputs and from the inputs (``{path:
     object}``, :func:`.state.walk`), the ids of the objects stored as references, and the
-    ids of every object that existed before the cell ran. Raises :class:`SplitMemory`."""
+    ids of every object that existed before the cell ran. Raises :class:`SplitMemory`;
+    with ``unverified``, a pandas object sharing memory with an array is appended to it
+    instead, to be checked on a real round trip after packing (:func:`verify`)."""
     np = sys.modules.get("numpy")
     if np is None:  # no array exists
         return []
@@ -75,7 +91,11 @@ def plan_sharing(
             continue
         if pandas and len(pandas) < len(group):
             other = next(h for h in group if h.kind != "pandas" and h is not pandas[0])
-            raise _split(pandas[0], other, "a pandas object over an array's memory")
+            error = _split(pandas[0], other, "a pandas object over an array's memory")
+            if unverified is None:
+                raise error
+            unverified.append(Unverified(_paths(group), error))
+            continue
         if pandas:
             raise _split(
                 pandas[0], pandas[1], "pandas objects sharing memory without copy-on-write"
@@ -101,6 +121,30 @@ def plan_sharing(
             if holder.obj is not holder.owner and _view_of(holder.obj, keep) is None:
                 raise _split(holder, _other(group, holder), "a view numpy cannot rebuild")
     return owners
+
+
+def verify(unverified: list[Unverified], outputs: dict[Path, Any], inputs: dict[Path, Any]) -> None:
+    """Raise the error of the first :class:`Unverified` group whose objects no longer share
+    a memory, given the objects reachable from the *restored* outputs and from the live
+    inputs (``{path: object}``, as :func:`plan_sharing` was given them)."""
+    np = sys.modules.get("numpy")
+    for group in unverified:
+        common: set[int] | None = None  # the memories every object of the group uses
+        for path, side in group.paths:
+            obj = (outputs if side == "out" else inputs).get(path)
+            holders = [] if obj is None or np is None else list(_holders(np, path, obj, side))
+            memories = {id(h.memory) for h in holders}
+            common = memories if common is None else common & memories
+            if not common:
+                raise group.error
+
+
+def _paths(group: list[_Holder]) -> list[tuple[Path, str]]:
+    out: list[tuple[Path, str]] = []
+    for holder in group:
+        if (holder.path, holder.side) not in out:
+            out.append((holder.path, holder.side))
+    return out
 
 
 class _Holder:

@@ -82,12 +82,53 @@ def reference_map(
     value (a class defined in the notebook): an object restored in place must keep the very
     class the live one has."""
     refs: dict[int, tuple[str, Path]] = {}
-    for path, obj in (roots if isinstance(roots, dict) else walk(roots)).items():
+    found = roots if isinstance(roots, dict) else walk(roots)
+    for path, obj in found.items():
         refs[id(obj)] = ("ref", path)
         cls = type(obj)
         if cls.__module__ == "__main__" and id(cls) not in refs:
             refs[id(cls)] = ("typeof", path)
+    # The arrays holding a pandas input's data: an output array over that memory (the
+    # `np.asarray(frame)` a statsmodels model keeps next to the frame itself) is stored as
+    # a view of the live input's array, as it was one in the run. Each reference carries
+    # the array's shape, dtype and content digest: a hit whose input is laid out otherwise
+    # (other blocks) cannot find it, and recomputes.
+    for path, obj in found.items():
+        if type(obj).__module__.partition(".")[0] == "pandas" and _pandas_object(obj):
+            for i, owner in enumerate(_data_owners(obj)):
+                if id(owner) not in refs and owner.nbytes <= _GUARDED_BYTES:
+                    refs[id(owner)] = ("ref", (*path, ("o", (i, _guard(owner)))))
     return refs
+
+
+#: Input arrays at most this big are referenced by their place in a frame (a digest of
+#: their bytes is computed when storing and on a hit: xxh3, a few ms for this size).
+_GUARDED_BYTES = 64 << 20
+
+
+def _data_owners(obj: Any) -> list[Any]:
+    """The numpy arrays owning the memory of a pandas object's data, in block order."""
+    out: list[Any] = []
+    try:
+        arrays = list(obj._mgr.arrays)
+    except Exception:
+        return out
+    for array in arrays:
+        if not _array(array) or array.dtype.hasobject:
+            continue
+        while _array(array.base):
+            array = array.base
+        if not any(array is seen for seen in out):
+            out.append(array)
+    return out
+
+
+def _guard(array: Any) -> tuple[Any, ...]:
+    import numpy as np  # (an array: imported already)
+    import xxhash
+
+    raw: Any = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    return (array.shape, array.dtype.str, xxhash.xxh3_128_hexdigest(raw))
 
 
 def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
@@ -141,6 +182,12 @@ def resolve(path: tuple[Any, ...], roots: dict[str, Any]) -> Any:
             if step not in _AXES or not _pandas_object(obj):
                 raise KeyError(f"no axis {step!r} to point at")
             obj = getattr(obj, step)
+        elif kind == "o":  # the array owning the memory of a pandas object's data
+            index, guard = step
+            owners = _data_owners(obj) if _pandas_object(obj) else []
+            if index >= len(owners) or _guard(owners[index]) != tuple(guard):
+                raise KeyError("the input's data is laid out otherwise than when stored")
+            obj = owners[index]
         else:
             obj = obj[step] if kind in ("i", "k") else vars(obj)[step]
     return obj
