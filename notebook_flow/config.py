@@ -14,6 +14,7 @@ Environment variables (read once, on first use):
 ``NOTEBOOK_FLOW_WORKERS``           threads of the embedded worker (default 8)
 ``NOTEBOOK_FLOW_LOCK_LEASE``        lock lease in seconds (default 30; finite, > 0)
 ``NOTEBOOK_FLOW_AUTO_CELLS``        ``1``: cache every code cell as if it began with ``%%task``
+``NOTEBOOK_FLOW_AUTO_MIN_SECONDS``  auto cells faster than this are not stored (``0``: all)
 ``NOTEBOOK_FLOW_REFRESH_CACHE``     ``1``: tasks without ``refresh_cache=`` recompute
 ``NOTEBOOK_FLOW_DISABLE_CACHING``   ``1``: no task computes a key, every call runs
 ``NOTEBOOK_FLOW_DEFAULT_NO_CACHE``  ``1``: tasks defined without a policy get NO_CACHE
@@ -70,6 +71,8 @@ class Settings:
         from .signing import env_signing_key
 
         env = os.environ
+        # (read where it is used, cells/auto.py; refused here, not after a cell ran)
+        options.env_seconds_or_zero("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", 0.05)
         return cls(
             store=env.get("NOTEBOOK_FLOW_STORE") or DEFAULT_STORE,
             signing_key=env_signing_key(),  # at least 16 bytes, or a ConfigurationError

@@ -353,6 +353,23 @@ def env_seconds(name: str, default: float) -> float:
     return value
 
 
+def env_seconds_or_zero(name: str, default: float) -> float:
+    """A number of seconds >= 0 from the environment variable ``name`` (unset: ``default``)."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
+        raise ConfigurationError(
+            f"environment variable {name}={raw!r} is not accepted: a finite number of "
+            f"seconds >= 0 such as {default!r}; fix or unset it"
+        )
+    return value
+
+
 def env_size(name: str) -> int | None:
     """A size in bytes from the environment variable ``name`` (``20GB``; unset: None)."""
     raw = os.environ.get(name)

@@ -245,6 +245,8 @@ def test_good_configure_option_is_accepted(option: str, value: Any) -> None:
         ("NOTEBOOK_FLOW_WORKERS", "2.5"),
         ("NOTEBOOK_FLOW_SIGNING_KEY", "x"),
         ("NOTEBOOK_FLOW_AUTO_CELLS", "maybe"),
+        ("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", "-1"),
+        ("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", "soon"),
         ("NOTEBOOK_FLOW_MAX_SIZE", "big"),
         ("NOTEBOOK_FLOW_MAX_SIZE", "0"),
     ],

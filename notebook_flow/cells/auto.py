@@ -31,8 +31,6 @@ True
 from __future__ import annotations
 
 import ast
-import math
-import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -91,19 +89,6 @@ def worth_storing(duration: float, store_seconds: float) -> bool:
 
 
 def _min_seconds() -> float:
-    raw = os.environ.get("NOTEBOOK_FLOW_AUTO_MIN_SECONDS")
-    if not raw:
-        return MIN_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        from notebook_flow.errors import ConfigurationError
+    from notebook_flow.options import env_seconds_or_zero
 
-        raise ConfigurationError(
-            f"environment variable NOTEBOOK_FLOW_AUTO_MIN_SECONDS={raw!r} is not accepted: "
-            f"a finite number of seconds >= 0 such as {MIN_SECONDS!r} (0 stores every cell); "
-            f"fix or unset it"
-        )
-    return value
+    return env_seconds_or_zero("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", MIN_SECONDS)
