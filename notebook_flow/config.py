@@ -72,7 +72,7 @@ class Settings:
 
         env = os.environ
         # (read where it is used, cells/auto.py; refused here, not after a cell ran)
-        options.env_seconds_or_zero("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", 0.05)
+        options.env_seconds("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", 0.05, zero=True)
         return cls(
             store=env.get("NOTEBOOK_FLOW_STORE") or DEFAULT_STORE,
             signing_key=env_signing_key(),  # at least 16 bytes, or a ConfigurationError

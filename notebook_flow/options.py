@@ -336,8 +336,9 @@ def validate_task(**options: Any) -> None:
 # -- environment variables ---------------------------------------------------------------------
 
 
-def env_seconds(name: str, default: float) -> float:
-    """A number of seconds > 0 from the environment variable ``name`` (unset: ``default``)."""
+def env_seconds(name: str, default: float, *, zero: bool = False) -> float:
+    """A number of seconds > 0 (``zero``: >= 0) from the environment variable ``name``
+    (unset: ``default``)."""
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -345,27 +346,11 @@ def env_seconds(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+    low_ok = value >= 0 if zero else value > 0
+    if not (math.isfinite(value) and low_ok and value <= MAX_SECONDS):
         raise ConfigurationError(
             f"environment variable {name}={raw!r} is not accepted: a finite number of "
-            f"seconds > 0 such as {default!r}; fix or unset it"
-        )
-    return value
-
-
-def env_seconds_or_zero(name: str, default: float) -> float:
-    """A number of seconds >= 0 from the environment variable ``name`` (unset: ``default``)."""
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= MAX_SECONDS):
-        raise ConfigurationError(
-            f"environment variable {name}={raw!r} is not accepted: a finite number of "
-            f"seconds >= 0 such as {default!r}; fix or unset it"
+            f"seconds {'>=' if zero else '>'} 0 such as {default!r}; fix or unset it"
         )
     return value
 

@@ -89,6 +89,6 @@ def worth_storing(duration: float, store_seconds: float) -> bool:
 
 
 def _min_seconds() -> float:
-    from notebook_flow.options import env_seconds_or_zero
+    from notebook_flow.options import env_seconds
 
-    return env_seconds_or_zero("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", MIN_SECONDS)
+    return env_seconds("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", MIN_SECONDS, zero=True)

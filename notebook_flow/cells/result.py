@@ -27,6 +27,7 @@ from .effects import Target, find_target, missing
 from .sharing import Unverified, plan_sharing, verify
 from .state import (
     Path,
+    add_data_owner_refs,
     kept_paths,
     pack,
     reference_map,
@@ -106,6 +107,8 @@ def pack_result(
     existed = {id(v) for v in before.values()} | {id(v) for v in before_paths.values()}
     unverified: list[Unverified] = []
     owners = plan_sharing(produced, unchanged, refs, existed, unverified)
+    if unverified:  # an output array may be over an input frame's data: point into it
+        add_data_owner_refs(unchanged, refs)
     large: list[Any] = []
     blob = pack(
         {"variables": variables, "effects": outside, "ambient": ambient_changed},
@@ -116,7 +119,7 @@ def pack_result(
     if unverified:
         # A pandas object and an array over its memory: pickled together, the array comes
         # back as a view of the frame's restored data (of the live input's, for an input
-        # frame: state.reference_map). Checked on a real round trip.
+        # frame: state.add_data_owner_refs). Checked on a real round trip.
         if large:  # (stored apart, as Parquet and npy: they could not share)
             raise unverified[0].error
         back = unpack(blob, ns)

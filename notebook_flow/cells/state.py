@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
+    "add_data_owner_refs",
     "kept_paths",
     "pack",
     "reference_map",
@@ -82,23 +83,26 @@ def reference_map(
     value (a class defined in the notebook): an object restored in place must keep the very
     class the live one has."""
     refs: dict[int, tuple[str, Path]] = {}
-    found = roots if isinstance(roots, dict) else walk(roots)
-    for path, obj in found.items():
+    for path, obj in (roots if isinstance(roots, dict) else walk(roots)).items():
         refs[id(obj)] = ("ref", path)
         cls = type(obj)
         if cls.__module__ == "__main__" and id(cls) not in refs:
             refs[id(cls)] = ("typeof", path)
-    # The arrays holding a pandas input's data: an output array over that memory (the
-    # `np.asarray(frame)` a statsmodels model keeps next to the frame itself) is stored as
-    # a view of the live input's array, as it was one in the run. Each reference carries
-    # the array's shape, dtype and content digest: a hit whose input is laid out otherwise
-    # (other blocks) cannot find it, and recomputes.
+    return refs
+
+
+def add_data_owner_refs(found: dict[Path, Any], refs: dict[int, tuple[str, Path]]) -> None:
+    """Add to ``refs`` the arrays holding the data of the pandas objects in ``found``
+    (:func:`walk`): an output array over that memory (the `np.asarray(frame)` a statsmodels
+    model keeps next to the frame itself) is then stored as a view of the live input's
+    array, as it was one in the run. Each reference carries the array's shape, dtype and
+    content digest: a hit whose input is laid out otherwise (other blocks) cannot find it,
+    and recomputes. (Hashes the inputs' bytes: called only when an output shares them.)"""
     for path, obj in found.items():
         if type(obj).__module__.partition(".")[0] == "pandas" and _pandas_object(obj):
             for i, owner in enumerate(_data_owners(obj)):
                 if id(owner) not in refs and owner.nbytes <= _GUARDED_BYTES:
                     refs[id(owner)] = ("ref", (*path, ("o", (i, _guard(owner)))))
-    return refs
 
 
 #: Input arrays at most this big are referenced by their place in a frame (a digest of
