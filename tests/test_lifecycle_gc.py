@@ -118,3 +118,67 @@ def test_a_hit_recorded_only_in_the_index_counts_as_use() -> None:
     assert set(inventory.scan(store).entries) == {k1}
     payloads = [rel for rel, _size, _mtime in inventory.listing(store, "results")]
     assert all(rel.split("/")[-1].startswith(k1) for rel in payloads), payloads
+
+
+def test_a_kept_listing_round_trips_and_any_damage_to_it_is_refused(tmp_path: Path) -> None:
+    from notebook_flow.lifecycle import shards
+
+    odd = os.fsdecode(b"\xff\xfe-not-utf8")  # a name as os.scandir gives it
+    kept = [
+        shards.Shard(
+            "ab", (123, 7), ["x.json", odd, "y"], [1, 2, 3], [1.5, 2.5, 3.5], trusted=True
+        ),
+        shards.Shard("cd", (456, 8), [], [], [], trusted=True),
+    ]
+    store = ResultStore(str(tmp_path / "lc"))
+    shards._keep(store, "manifests", kept)
+    path = Path(store.local_dir("listing"), "manifests.bin")
+    data = path.read_bytes()
+    got = shards._parse_kept(data)
+    assert sorted(got) == ["ab", "cd"]
+    assert list(got["ab"].rows) == [("x.json", 1, 1.5), (odd, 2, 2.5), ("y", 3, 3.5)]
+    assert got["ab"].stamp == (123, 7) and got["cd"].names == [] and got["cd"].trusted
+    assert shards._load_kept(store, "manifests").keys() == got.keys()
+    head, body = data.split(b"\n", 2)[:2], data.split(b"\n", 2)[2]
+
+    def forged(header: object, tail: bytes = body) -> bytes:
+        return head[0] + b"\n" + json.dumps(header).encode() + b"\n" + tail
+
+    from array import array
+
+    def tail_with(sizes: list[int], mtimes: list[float]) -> bytes:
+        names = body[: len(body) - 48]
+        return names + array("q", sizes).tobytes() + array("d", mtimes).tobytes()
+
+    rows = [["ab", 123, 7, 3, len(body) - 48], ["cd", 456, 8, 0, 0]]
+    damaged = [
+        data[:-1],  # torn
+        data + b"\0",  # padded
+        b"x" + data[1:],  # not ours
+        forged([["ab", 123, 7, 4, len(body) - 48], rows[1]]),  # a count the names deny
+        forged([["ab", -1, 7, 3, len(body) - 48], rows[1]]),  # a negative stamp
+        forged([["ab", 123, 7, 3, len(body) - 49], ["cd", 456, 8, 0, 1]]),  # names moved
+        forged({"ab": rows[0]}),  # not a list
+        forged(rows, tail_with([1, -2, 3], [1.5, 2.5, 3.5])),  # a negative size
+        forged(rows, tail_with([1, 2, 3], [1.5, float("nan"), 3.5])),  # a time that is none
+    ]
+    for bad in damaged:
+        try:
+            shards._parse_kept(bad)
+        except (ValueError, TypeError, UnicodeDecodeError):
+            pass
+        else:  # pragma: no cover - the assertion names the case
+            raise AssertionError(f"accepted a damaged listing: {bad[:80]!r}")
+        path.write_bytes(bad)
+        assert shards._load_kept(store, "manifests") == {}
+
+
+def test_listings_kept_one_file_per_shard_by_an_older_version_are_removed(tmp_path: Path) -> None:
+    store = ResultStore(str(tmp_path / "lc"))
+    _commit(store, KEY_A, np.arange(5000))
+    _settle(store, "ab", time.time() - 60)
+    kept = Path(store.local_dir("listing"))
+    (kept / "manifests-ab.json").write_bytes(b'{"v": 1}')
+    inventory.scan(store)
+    assert sorted(p.name for p in kept.iterdir()) == ["manifests.bin", "results.bin"]
+    assert set(_scan_elsewhere(store)) == {KEY_A}
