@@ -577,6 +577,51 @@ def test_warning_filters_a_cell_changes_are_applied_again_and_never_keyed(
         )
 
 
+def test_named_loggers_a_cell_configures_are_configured_again_and_never_keyed(
+    shell: Any, isolated_store: Path
+) -> None:
+    """A hit sets again the level, propagation, disabling and handlers a cell gave named
+    loggers (`logging.getLogger("lib").setLevel(...)`, `dictConfig` disabling others); a
+    logger another library configured since stays as it is and does not change the key."""
+    import logging
+
+    names = ("nf.probe.quiet", "nf.probe.loud", "nf.probe.off", "nf.probe.library")
+    code = (
+        "%%task\nimport logging, sys\n"
+        "logging.getLogger('nf.probe.quiet').setLevel(logging.ERROR)\n"
+        "loud = logging.getLogger('nf.probe.loud')\n"
+        "loud.propagate = False\n"
+        "loud.addHandler(logging.StreamHandler(sys.stdout))\n"
+        "logging.getLogger('nf.probe.off').disabled = True"
+    )
+
+    def fresh() -> None:
+        for name in names:
+            lg = logging.getLogger(name)
+            lg.setLevel(logging.NOTSET)
+            lg.propagate, lg.disabled = True, False
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+
+    try:
+        fresh()
+        run(shell, code)
+        assert status(shell) == "computed"
+        fresh()
+        logging.getLogger("nf.probe.library").setLevel(logging.CRITICAL)  # "an import"
+        run(shell, code)
+        assert status(shell) == "cached"
+        quiet, loud, off, library = (logging.getLogger(n) for n in names)
+        assert quiet.level == logging.ERROR and off.disabled
+        assert loud.propagate is False and [type(h) for h in loud.handlers] == [
+            logging.StreamHandler
+        ]
+        assert loud.handlers[0].stream is sys.stdout
+        assert library.level == logging.CRITICAL
+    finally:
+        fresh()
+
+
 def test_an_object_kept_at_one_path_is_kept_wherever_else_it_is_reached() -> None:
     class Box:
         def __init__(self, **kw: Any) -> None:

@@ -776,12 +776,21 @@ def _logging_set(state: Any) -> None:
     root = logging.getLogger()
     root.setLevel(level)
     logging.disable(disable)
+    _set_handlers(root, handlers)
+
+
+def _set_handlers(target: Any, handlers: Any) -> None:
+    """Give the logger ``target`` the ``handlers`` described: the makeable ones it has
+    already are kept, others made (streams to stdout/stderr, files appended to); handlers
+    of another kind are left as they are."""
+    import logging
+
     live: dict[Any, Any] = {}
-    for handler in list(root.handlers):
+    for handler in list(target.handlers):
         described = _handler_state(handler)
         if described[0][0] != "other":
             live[described] = handler
-            root.removeHandler(handler)
+            target.removeHandler(handler)
     for described in handlers:
         if described[0][0] == "other":
             continue
@@ -795,7 +804,53 @@ def _logging_set(state: Any) -> None:
             handler.setLevel(handler_level)
             if fmt is not None:
                 handler.setFormatter(logging.Formatter(fmt[0], fmt[1]))
-        root.addHandler(handler)
+        target.addHandler(handler)
+
+
+# Named loggers (`logging.getLogger("prophet").setLevel("ERROR")`, `logging.config.
+# dictConfig(...)` disabling the loggers it does not name): level, propagate, disabled and
+# handlers of each logger not as a fresh one is. Not keyed, like the warning filters:
+# libraries configure their loggers when imported, so keys would follow import order; what
+# a cell changes is stored as a change and applied on a hit.
+_FRESH_LOGGER = (logging.NOTSET, True, False, ())
+
+
+def _loggers_get() -> Any:
+    out = {}
+    for name, item in list(logging.root.manager.loggerDict.items()):
+        if isinstance(item, logging.Logger):
+            state = (
+                item.level,
+                item.propagate,
+                item.disabled,
+                tuple(_handler_state(h) for h in item.handlers),
+            )
+            if state != _FRESH_LOGGER:
+                out[name] = state
+    return out
+
+
+def _loggers_delta(before: Any, after: Any) -> Any:
+    """The loggers a cell configured (their state after it) and those it set back to a
+    fresh logger's state."""
+    changed = {name: state for name, state in after.items() if before.get(name) != state}
+    return ("delta", changed, tuple(sorted(name for name in before if name not in after)))
+
+
+def _loggers_set(state: Any) -> None:
+    if isinstance(state, tuple) and state and state[0] == "delta":
+        _, changed, reset = state
+    else:  # the whole state (a cell that ran while nothing was snapshot before it)
+        changed, reset = state, ()
+    for name, (level, propagate, disabled, handlers) in [
+        *changed.items(),
+        *((name, _FRESH_LOGGER) for name in reset),
+    ]:
+        target = logging.getLogger(name)
+        target.setLevel(level)
+        target.propagate = propagate
+        target.disabled = disabled
+        _set_handlers(target, handlers)
 
 
 register_ambient(
@@ -820,11 +875,13 @@ register_ambient(
 register_ambient(
     "logging.root", _logging_get, _logging_set, default=lambda: (logging.WARNING, 0, ())
 )
+register_ambient("logging.loggers", _loggers_get, _loggers_set, keyed="never", delta=_loggers_delta)
 _MEMO_SAFE.update(
     {
         "warnings.filters": _warnings_get,
         "decimal.context": _decimal_get,
         "sklearn.config": _sklearn_get,
         "logging.root": _logging_get,
+        "logging.loggers": _loggers_get,
     }
 )
