@@ -649,3 +649,20 @@ def test_an_object_kept_at_one_path_is_kept_wherever_else_it_is_reached() -> Non
     live = make()
     update(live, stored, {}, kept, ("r",))
     assert live.model.data is not live.data and live.model.data.v == [9] and live.data.v == [1]
+
+
+def test_what_pandas_caches_on_a_frame_is_not_part_of_its_state() -> None:
+    """pandas before 3 keeps the columns it handed out in `frame._item_cache` (views of the
+    frame's blocks): never pickled, rebuilt on use. Walked as state, it made every cell that
+    read a column share memory "without copy-on-write" and run uncached (the quickstart's
+    `clean` on Python 3.10, where pandas 3 cannot be installed)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"a": [1, 2], "b": [1.0, 2.0]})
+    series = frame["a"].copy()
+    for obj in (frame, series):
+        object.__setattr__(obj, "_item_cache", {"a": frame["a"]})  # as pandas 2 fills it
+        object.__setattr__(obj, "_is_copy", None)
+    found = walk([(("frame",), frame), (("series",), series)])
+    assert not [p for p in found if any(step[1] in ("_item_cache", "_is_copy") for step in p)]
+    assert ("frame", ("a", "_mgr")) in found  # the data itself is still walked

@@ -143,17 +143,26 @@ def _children(obj: Any) -> Iterable[tuple[tuple[str, Any], Any]]:
         items = itertools.islice(obj.items(), _MAX_ITEMS)
         return ((("k", k), v) for k, v in items if type(k) in (str, int))
     axes: Iterable[tuple[tuple[str, Any], Any]] = ()
+    skip: frozenset[str] = frozenset()
     if t.__module__.partition(".")[0] == "pandas" and _pandas_object(obj):
         # A frame built from a series shares its index object: `pop.index.names = [...]`
         # renames both. Its axes are parts, so an output sharing them points at them.
         axes = [(("p", axis), getattr(obj, axis)) for axis in _AXES if hasattr(obj, axis)]
+        skip = _PANDAS_CACHES
     if _state_object(obj):
         items = itertools.islice(vars(obj).items(), _MAX_ITEMS)
-        return itertools.chain(axes, ((("a", k), v) for k, v in items if type(k) is str))
+        return itertools.chain(
+            axes, ((("a", k), v) for k, v in items if type(k) is str and k not in skip)
+        )
     return axes
 
 
 _AXES = ("index", "columns")
+#: What pandas (before 3) keeps on a frame or series besides its data: the columns handed
+#: out (`_item_cache`, views of the frame's blocks), and links back to the frame a series
+#: came from. Never pickled, rebuilt on use, reset by unpickling: not state, and a view
+#: held only there is no second object a restore could split from the frame.
+_PANDAS_CACHES = frozenset({"_item_cache", "_cacher", "_is_copy"})
 
 
 def kept_paths(before: dict[Path, Any], root: Path, value: Any) -> set[Path]:
