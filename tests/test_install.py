@@ -10,6 +10,10 @@ The venv installs from a wheelhouse kept between runs (``NOTEBOOK_FLOW_TEST_WHEE
 default ``~/.cache/notebook_flow/test-wheelhouse``), filled through pip (and its cache)
 only when a dependency is missing from it, so the test neither downloads every time nor
 goes stale when the dependencies change.
+
+The declared Pythons are checked at both ends: the install and the two runs happen with
+this interpreter and again with the lowest (3.10) and the highest (3.13) supported one,
+found on ``PATH`` or among pyenv's versions.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from glob import glob
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,23 @@ WHEELHOUSE = Path(
 )
 #: The extras of the package: optional backends only (and the test suite's tools).
 EXTRAS = {"redis", "postgres", "s3", "dask", "lab", "test"}
+#: The lowest and the highest Python the package declares (pyproject's classifiers).
+PYTHONS = ("3.10", "3.13")
+
+
+def _interpreter(version: str) -> str:
+    """A working ``python<version>``: on PATH, else the newest of pyenv's versions."""
+    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    candidates = [shutil.which(f"python{version}")]
+    candidates += sorted(glob(f"{root}/versions/{version}.*/bin/python{version}"), reverse=True)
+    candidates += [f"/usr/bin/python{version}", f"/usr/local/bin/python{version}"]
+    for candidate in filter(None, candidates):
+        probe = _run(candidate, "-c", "import sys; print(sys.version_info[:2])", timeout=60)
+        if probe.returncode == 0 and probe.stdout.strip() == str(
+            tuple(int(n) for n in version.split("."))
+        ):
+            return candidate
+    pytest.skip(f"no Python {version} on this machine (PATH, pyenv): install it to check it")
 
 
 def _run(*cmd: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -57,12 +79,16 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def venv(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with the wheel installed, no extras (plus the notebooks' matplotlib)."""
+@pytest.fixture(scope="module", params=["this", *PYTHONS])
+def venv(
+    request: pytest.FixtureRequest, dist: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A fresh venv with the wheel installed, no extras (plus the notebooks' matplotlib),
+    of this interpreter or of the lowest or highest Python supported."""
     [wheel] = dist.glob("*.whl")
+    base = sys.executable if request.param == "this" else _interpreter(request.param)
     root = tmp_path_factory.mktemp("venv") / "venv"
-    made = _run(sys.executable, "-m", "venv", "--without-pip", root)
+    made = _run(base, "-m", "venv", "--without-pip", root)
     assert made.returncode == 0, made.stderr
     python = root / "bin" / "python"
     pip = [sys.executable, "-m", "pip", "--python", python, "--disable-pip-version-check"]
