@@ -87,6 +87,28 @@ def test_last_use_reaches_other_processes_through_the_store(any_store: ResultSto
     assert usage.last_used(any_store) == before
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_records_only_its_own_hits(tmp_path: Path) -> None:
+    """The hit path checks no process id: a forked child starts with no notes (the parent's
+    are the parent's to write) and a thread of its own that writes the child's."""
+    store = ResultStore(str(tmp_path / "lc"))
+    usage.touch(store, KEYS[0])  # noted in the parent, not written yet
+    pid = os.fork()
+    if pid == 0:  # the child: exits without pytest's clean-up
+        code = 1
+        try:
+            usage.touch(store, KEYS[1])
+            code = 0 if usage.flush(store) == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert set(usage.last_used(store)) == {KEYS[0], KEYS[1]}  # the child's from its file
+    written = [json.loads(p.read_bytes()) for p in (tmp_path / "lc" / "usage").iterdir()]
+    assert [set(w["used"]) for w in written] == [{KEYS[1]}]
+    assert usage.flush(store) == 1  # the parent's own note, written by the parent
+
+
 def test_bad_touch_files_are_skipped(tmp_path: Path) -> None:
     store = ResultStore(str(tmp_path / "lc"))
     _commit(store, KEYS[0], list(range(5000)))

@@ -59,9 +59,10 @@ _thread_pid = 0
 
 
 def touch(store: ResultStore, key: str) -> None:
-    """Note that ``key`` was used now (a cache hit). No I/O: see the module docstring."""
+    """Note that ``key`` was used now (a cache hit). No I/O, no system call but the clock:
+    see the module docstring (a forked child starts empty, see :func:`_after_fork`)."""
     pending = _pending.get(store.url)
-    if pending is None or _thread_pid != os.getpid():
+    if pending is None:
         pending = _register(store)
     pending[key] = time.time()
 
@@ -69,10 +70,6 @@ def touch(store: ResultStore, key: str) -> None:
 def _register(store: ResultStore) -> dict[str, float]:
     global _thread, _thread_pid
     with _lock:
-        if _thread_pid != os.getpid():  # a forked child: the parent's thread is not here
-            _pending.clear()
-            _stores.clear()
-            _thread = None
         pending = _pending.setdefault(store.url, {})
         _stores.setdefault(store.url, store)
         if _thread is None:
@@ -247,4 +244,16 @@ def _at_exit() -> None:
             flush()
 
 
+def _after_fork() -> None:
+    """In a forked child: the parent's notes are the parent's to write, its thread is not
+    here, and its lock may have been held by another thread at the fork."""
+    global _lock, _thread, _thread_pid
+    _lock = threading.Lock()
+    _pending.clear()
+    _stores.clear()
+    _thread, _thread_pid = None, 0
+
+
 atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
