@@ -22,7 +22,9 @@ quarantined only if its manifest still holds the bytes that were checked: a resu
 committed meanwhile is left alone. Quarantining removes an entry (the next call computes
 it again); it never makes a reader load anything.
 
->>> report = check_store(ResultStore("memory://doc-check"))  # doctest: +SKIP
+>>> import tempfile
+>>> from notebook_flow.storage import ResultStore
+>>> report = check_store(ResultStore(tempfile.mkdtemp()))
 >>> report.ok, report.entries
 (True, 0)
 """

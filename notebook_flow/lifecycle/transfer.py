@@ -25,10 +25,14 @@ copied. Several entries are copied at once (``workers``); a local payload is rea
 8 MiB chunks, a remote one fetched in one GET, and an object-store destination takes a
 payload in one PUT (so it appears whole): such a payload is held in memory once.
 
->>> team = ResultStore("s3://team/cache")
->>> report = transfer(ResultStore("/tmp/a"), team, task="load")  # doctest: +SKIP
->>> len(report.copied), report.bytes
-(12, 480000000)
+>>> import tempfile
+>>> from notebook_flow.storage import ResultStore
+>>> mine, team = ResultStore(tempfile.mkdtemp()), ResultStore(tempfile.mkdtemp())  # or s3://…
+>>> _ = mine.commit("0" * 32, [1, 2, 3], task="load", components={}, run_id="r",
+...                 duration=0.1, expires_at=None)
+>>> report = transfer(mine, team, task="load", index=False)
+>>> len(report.copied), team.load(team.lookup("0" * 32))
+(1, [1, 2, 3])
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ a base of ``BackoffAcquire``): ``acquire_lock(key, holder, acquire_timeout=None,
 hold_timeout=None)``, ``release_lock``, ``is_locked``, ``is_lock_holder``,
 ``wait_for_lock`` and the async ``aacquire_lock`` / ``await_for_lock``.
 
+>>> from notebook_flow.locks import MemoryLockManager
 >>> m = MemoryLockManager()
 >>> m.acquire_lock("k", holder="me", hold_timeout=60)
 True

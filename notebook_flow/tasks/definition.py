@@ -626,6 +626,9 @@ def task(
 def task(__fn: Callable[P, R] | None = None, **options: Any) -> Any:
     """Turn a function into a cached, durable :class:`Task`.
 
+    >>> from datetime import timedelta
+    >>> from notebook_flow import task
+    >>> from notebook_flow.cache_policies import INPUTS
     >>> @task
     ... def load(path): ...
     >>> @task(cache_policy=INPUTS, cache_expiration=timedelta(hours=1), retries=3)
