@@ -154,7 +154,9 @@ _Parsed = tuple[list[list[Any]], list[tuple[str, int, float]]]
 
 
 def _parse(
-    shard: str, manifests: list[tuple[str, int, float]], results: list[tuple[str, int, float]]
+    shard: str,
+    manifests: Iterable[tuple[str, int, float]],
+    results: Iterable[tuple[str, int, float]],
 ) -> _Parsed:
     """Entries and stray files of one shard from its two folders' (name, size, mtime)."""
     found: dict[str, list[Any]] = {}
