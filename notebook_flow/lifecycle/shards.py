@@ -88,11 +88,31 @@ def _list_folder(name: str, path: str, stamp: tuple[int, int], trusted: bool) ->
     names: list[str] = []
     sizes: list[int] = []
     mtimes: list[float] = []
+    regular = stat.S_ISREG
+    if _BY_DIR_FD:  # each lstat resolves one name in the open folder, not the whole path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
+        try:
+            for entry in os.listdir(fd):
+                try:
+                    st = os.lstat(entry, dir_fd=fd)
+                except OSError:
+                    continue
+                if regular(st.st_mode):
+                    names.append(entry)
+                    sizes.append(st.st_size)
+                    mtimes.append(st.st_mtime)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
     try:
         items = list(os.scandir(path))
     except OSError:
         items = []
-    regular = stat.S_ISREG
     for item in items:
         try:
             st = item.stat(follow_symlinks=False)
@@ -103,6 +123,14 @@ def _list_folder(name: str, path: str, stamp: tuple[int, int], trusted: bool) ->
             sizes.append(st.st_size)
             mtimes.append(st.st_mtime)
     return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
+
+
+_BY_DIR_FD = (
+    os.stat in os.supports_dir_fd
+    and os.listdir in os.supports_fd
+    and hasattr(os, "O_DIRECTORY")
+    and hasattr(os, "O_NOFOLLOW")
+)
 
 
 def list_local(store: ResultStore, top: str) -> list[Shard]:
