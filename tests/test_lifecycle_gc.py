@@ -159,13 +159,14 @@ def test_a_kept_listing_round_trips_and_any_damage_to_it_is_refused(tmp_path: Pa
         forged([["ab", -1, 7, 3, len(body) - 48], rows[1]]),  # a negative stamp
         forged([["ab", 123, 7, 3, len(body) - 49], ["cd", 456, 8, 0, 1]]),  # names moved
         forged({"ab": rows[0]}),  # not a list
+        head[0] + b"\n" + b"[" * 100_000 + b"\n" + body,  # nested past the recursion limit
         forged(rows, tail_with([1, -2, 3], [1.5, 2.5, 3.5])),  # a negative size
         forged(rows, tail_with([1, 2, 3], [1.5, float("nan"), 3.5])),  # a time that is none
     ]
     for bad in damaged:
         try:
             shards._parse_kept(bad)
-        except (ValueError, TypeError, UnicodeDecodeError):
+        except (ValueError, TypeError, RecursionError):
             pass
         else:  # pragma: no cover - the assertion names the case
             raise AssertionError(f"accepted a damaged listing: {bad[:80]!r}")

@@ -234,7 +234,7 @@ def _load_kept(store: ResultStore, top: str) -> dict[str, Shard]:
         with os.fdopen(fd, "rb") as f:
             data = f.read()
         return _parse_kept(data)
-    except (OSError, ValueError, TypeError, UnicodeDecodeError):
+    except (OSError, ValueError, TypeError, RecursionError):  # a header nested to no end
         return {}
 
 
