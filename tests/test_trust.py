@@ -218,6 +218,49 @@ def test_a_task_recomputes_instead_of_serving_a_forged_result(tmp_path: Path) ->
     assert calls == [4, 4]
 
 
+def test_json_nested_past_the_recursion_limit_is_a_bad_entry_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """`json.loads` raises RecursionError, not ValueError, on `[[[[…` (100 kB): a manifest,
+    touch file or lock record forged that way crashed the reader (a task call raised
+    RecursionError). Each is now refused like any other malformed file."""
+    from notebook_flow.lifecycle import check, usage
+    from notebook_flow.locks import FileLockManager
+
+    nested = b"[" * 100_000
+    nf.configure(store=str(tmp_path / "store"))
+    calls: list[int] = []
+
+    @nf.task(name="triple", cache_policy=INPUTS)
+    def triple(x: int) -> int:
+        calls.append(x)
+        return 3 * x
+
+    assert triple(2) == 6
+    nf.wait_for_commits()
+    store = nf.config.get_store()
+    key = triple.cache_key(2)
+    assert key is not None
+    write_raw(store, rel(key), nested)
+    from notebook_flow.tasks.hot import _hot
+
+    _hot.clear()
+    with pytest.warns(StorageWarning, match="nested deeper"):
+        assert triple(2) == 6  # a miss, recomputed
+    assert calls == [2, 2]
+    write_raw(store, rel(key), nested)
+    report = check.check_store(store)
+    assert not report.ok and [p.kind for p in report.problems] == ["invalid"]
+    # A touch file and a lock record of the same kind are skipped.
+    (tmp_path / "store" / "usage").mkdir(exist_ok=True)
+    (tmp_path / "store" / "usage" / "forged.json").write_bytes(nested)
+    assert usage.last_used(store) == {}
+    locks = FileLockManager(str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir(exist_ok=True)
+    (tmp_path / "locks" / "forged.lock").write_bytes(nested)
+    assert locks.list_locks() == []
+
+
 # -- upgrade of entries written before every entry was signed ---------------------------------
 
 

@@ -35,7 +35,6 @@ import base64
 import contextlib
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import secrets
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import xxhash
 
-from notebook_flow import _localfs
+from notebook_flow import _json, _localfs
 from notebook_flow.errors import ConfigurationError
 from notebook_flow.serializers import get_serializer, new_signer
 from notebook_flow.storage import Manifest, behind, files, trust
@@ -149,7 +148,7 @@ def read_payload_chunks(
 def _payload_of(data: bytes) -> str | None:
     """The payload file a (possibly invalid) manifest names, if it looks like one."""
     try:
-        raw = json.loads(data)
+        raw = _json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
     rel = raw.get("payload") if isinstance(raw, dict) else None
@@ -239,7 +238,7 @@ def _check_one(store: ResultStore, rel: str, fix: bool) -> _Verdict:
 
 def _newer(data: bytes) -> bool:
     with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        version = json.loads(data).get("format_version")
+        version = _json.loads(data).get("format_version")
         return type(version) is int and version > max(READABLE_VERSIONS)
     return False
 

@@ -35,6 +35,8 @@ from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from notebook_flow import _json
+
 if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
 
@@ -234,7 +236,7 @@ def _load_kept(store: ResultStore, top: str) -> dict[str, Shard]:
         with os.fdopen(fd, "rb") as f:
             data = f.read()
         return _parse_kept(data)
-    except (OSError, ValueError, TypeError, RecursionError):  # a header nested to no end
+    except (OSError, ValueError, TypeError):
         return {}
 
 
@@ -243,7 +245,7 @@ def _parse_kept(data: bytes) -> dict[str, Shard]:
     if not data.startswith(_MAGIC):
         raise ValueError("not a kept listing")
     end = data.index(b"\n", len(_MAGIC))
-    header = json.loads(data[len(_MAGIC) : end])
+    header = _json.loads(data[len(_MAGIC) : end])
     if type(header) is not list:
         raise ValueError("malformed")
     count = blob = 0

@@ -31,6 +31,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from notebook_flow import _json
 from notebook_flow.storage import files
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ def _write(store: ResultStore, used: dict[str, float]) -> None:
 
 def _parse(data: bytes, now: float, into: dict[str, float]) -> bool:
     try:
-        raw = json.loads(data)
+        raw = _json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return False
     used = raw.get("used") if isinstance(raw, dict) and raw.get("v") == 1 else None

@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from notebook_flow import _identity
+from notebook_flow import _identity, _json
 from notebook_flow.errors import LockError
 
 from .base import (
@@ -143,7 +143,7 @@ class FileLockManager(BackoffAcquire):
             finally:
                 os.close(fd)
             try:
-                record = json.loads(data)
+                record = _json.loads(data)
                 float(record["lease_expires"])
                 str(record["holder"])
                 return dict(record)
@@ -304,7 +304,7 @@ class FileLockManager(BackoffAcquire):
                 continue
             try:
                 with open(os.path.join(self.directory, name), "rb") as f:
-                    record = json.loads(f.read())
+                    record = _json.loads(f.read())
                 if self._live(record, now):
                     infos.append(self._info(str(record["key"]), record))
             except (OSError, ValueError, KeyError, TypeError):

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from notebook_flow import _identity
+from notebook_flow import _identity, _json
 from notebook_flow._extras import require
 from notebook_flow.errors import LockError
 
@@ -216,7 +216,7 @@ class RedisLockManager(BackoffAcquire):
 
     def _info(self, key: str, value: bytes | str, pttl_ms: int | None) -> LockInfo | None:
         try:
-            record = json.loads(_text(value))
+            record = _json.loads(_text(value))
             holder = str(record["holder"])
         except (ValueError, KeyError, TypeError):
             return None
@@ -235,7 +235,7 @@ class RedisLockManager(BackoffAcquire):
     def _holder_dead(value: bytes | str) -> bool:
         """True when the record names a process of our host that no longer runs."""
         try:
-            record = json.loads(_text(value))
+            record = _json.loads(_text(value))
         except ValueError:
             return False
         return isinstance(record, dict) and holder_process_dead(record)

@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from notebook_flow import _json
 from notebook_flow.metadata.records import CacheEntry, LockEvent, RunEvent
 from notebook_flow.states import RunState
 
@@ -99,7 +100,7 @@ def decode(data: bytes, signing_key: bytes | None) -> list[Op]:
     skipped with a log line."""
     head, sep, body = data.partition(b"\n")
     try:
-        header = json.loads(head)
+        header = _json.loads(head)
     except ValueError:
         raise ValueError("not an event file (bad header)") from None
     if not sep or not isinstance(header, dict) or header.get("format") != _FORMAT:
@@ -110,7 +111,7 @@ def decode(data: bytes, signing_key: bytes | None) -> list[Op]:
             signature, _sign(body, signing_key)
         ):
             raise ValueError("unsigned, or signed with another key")
-    items = json.loads(body)
+    items = _json.loads(body)
     if not isinstance(items, list):
         raise ValueError("the body is not a list of events")
     out: list[Op] = []

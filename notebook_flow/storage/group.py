@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from notebook_flow import _json
 from notebook_flow._crash import crash_point
 from notebook_flow.errors import CommitError
 from notebook_flow.signing import record_mac
@@ -94,7 +95,7 @@ def read_record(store: ResultStore, txn: str) -> frozenset[str] | None:
     except (OSError, ValueError):  # absent, unreadable, or not a regular file
         return None
     try:
-        raw = json.loads(data)
+        raw = _json.loads(data)
         keys = raw["keys"]
         ok = (
             isinstance(raw, dict)

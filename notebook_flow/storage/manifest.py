@@ -22,6 +22,7 @@ import re
 import time
 from typing import Any
 
+from notebook_flow import _json
 from notebook_flow.errors import ConfigurationError
 
 #: Version of the manifest format written; a reader skips manifests of versions it does
@@ -125,7 +126,7 @@ class Manifest:
     def from_json(cls, data: bytes, *, key: str | None = None) -> Manifest:
         """Parse and validate a manifest; ``ValueError`` says what is wrong with it."""
         try:
-            raw = json.loads(data)
+            raw = _json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ValueError(f"not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
