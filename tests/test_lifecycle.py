@@ -235,7 +235,12 @@ def test_four_processes_under_a_quota(
     tasks = {m.key: m.task for m in store.iter_manifests()}
     kept = [k for k, t in tasks.items() if t.endswith("lifecycle-keep")]
     assert len(kept) == 2 and set(kept) <= inv.pinned  # pinned entries survived
-    assert sum(t.endswith("lifecycle-blob") for t in tasks.values()) >= 1
+    if kind == "local":  # passes take turns (flock): none removes what another freed
+        assert sum(t.endswith("lifecycle-blob") for t in tasks.values()) >= 1
+    # On an object store passes of several processes overlap (quota.py says so), each
+    # with its own view of recent use, and may together remove every unpinned entry: a
+    # stress loop saw it once in 20 rounds. The store still ends under its quota with its
+    # pins, and nothing torn, as asserted above and below.
     for key in tasks:  # whatever is left loads, verified
         manifest = store.lookup(key)
         assert manifest is not None and store.load(manifest).shape == (40_000,)
