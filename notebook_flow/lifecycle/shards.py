@@ -91,40 +91,45 @@ def _list_folder(name: str, path: str, stamp: tuple[int, int], trusted: bool) ->
     sizes: list[int] = []
     mtimes: list[float] = []
     regular = stat.S_ISREG
-    if _BY_DIR_FD:  # each lstat resolves one name in the open folder, not the whole path
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        except OSError:
-            return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
-        try:
-            for entry in os.listdir(fd):
-                try:
-                    st = os.lstat(entry, dir_fd=fd)
-                except OSError:
-                    continue
-                if regular(st.st_mode):
-                    names.append(entry)
-                    sizes.append(st.st_size)
-                    mtimes.append(st.st_mtime)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-        return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
-    try:
-        items = list(os.scandir(path))
-    except OSError:
-        items = []
-    for item in items:
-        try:
-            st = item.stat(follow_symlinks=False)
-        except OSError:
-            continue
+    for entry, st in _stats(path):
         if regular(st.st_mode):
-            names.append(item.name)
+            names.append(entry)
             sizes.append(st.st_size)
             mtimes.append(st.st_mtime)
     return Shard(name, stamp, names, sizes, mtimes, trusted=trusted)
+
+
+def _stats(path: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(name, lstat) of each file of the folder ``path``; none if it cannot be opened.
+    Where the platform allows, through the folder's descriptor: each lstat resolves one
+    name in the open folder, not the whole path."""
+    if not _BY_DIR_FD:
+        try:
+            items = list(os.scandir(path))
+        except OSError:
+            return
+        for item in items:
+            try:
+                yield item.name, item.stat(follow_symlinks=False)
+            except OSError:
+                continue
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        try:
+            entries = os.listdir(fd)
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
+                yield entry, os.lstat(entry, dir_fd=fd)
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
 
 
 _BY_DIR_FD = (
