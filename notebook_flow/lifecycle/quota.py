@@ -15,9 +15,10 @@ passes removing at once never remove one entry twice (see :mod:`.evict`). On a l
 store, passes of all processes take turns (an exclusive ``flock`` on ``.evict.lock`` in
 the store's folder), each listing the store after the one before it finished: four
 processes that each saw the store 2 entries over quota once removed 8 entries between
-them, every unpinned one. Object stores have no such lock; there passes may still
-overlap and remove more than the quota asks. When pinned entries alone exceed the quota,
-a warning says so and they stay.
+them, every unpinned one. On an object store the turn is a lease object
+(``.evict.lease``, see :class:`_Lease`) created with a conditional PUT; where the store
+offers no conditional writes, passes may still overlap and remove more than the quota
+asks. When pinned entries alone exceed the quota, a warning says so and they stay.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import random
+import secrets
 import threading
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from notebook_flow.storage import files
 from notebook_flow.storage.pins import pin
@@ -137,32 +141,192 @@ def enforce(
     """Evict the least recently used unpinned entries of ``store`` (or of ``task``) until
     it holds at most ``max_size`` bytes; returns what was done. Runs in the caller, after
     any pass of another process on the same local store."""
-    with _one_pass_at_a_time(store):
-        return _enforce(store, max_size, task, rounds)
+    with _one_pass_at_a_time(store) as lease:
+        return _enforce(store, max_size, task, rounds, lease)
 
 
 @contextlib.contextmanager
-def _one_pass_at_a_time(store: ResultStore) -> Iterator[None]:
-    """Hold the store's eviction lock (local stores; elsewhere nothing)."""
+def _one_pass_at_a_time(store: ResultStore) -> Iterator[_Lease | None]:
+    """Hold the store's eviction turn: an ``flock`` on a local store, a :class:`_Lease` on
+    an object store (``None`` where neither can be had: passes may overlap)."""
     root = store.local_root
+    if root is None:
+        lease = _Lease(store)
+        try:
+            yield lease if lease.acquire() else None
+        finally:
+            lease.release()
+        return
     try:
         import fcntl
-    except ImportError:  # Windows: passes may overlap, as on object stores
+    except ImportError:  # Windows: passes may overlap
         fcntl = None  # type: ignore[assignment]
-    if root is None or fcntl is None or not os.path.isdir(root):
-        yield
+    if fcntl is None or not os.path.isdir(root):
+        yield None
         return
     with open(os.path.join(root, ".evict.lock"), "a+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
-        yield
+        yield None
 
 
-def _enforce(store: ResultStore, max_size: int, task: str | None, rounds: int) -> Eviction:
+class _Lease:
+    """The eviction turn on an object store: the object ``.evict.lease`` in the store's
+    root, ``{"owner": <random token>, "expires": <unix time>}``.
+
+    A pass creates it with a conditional PUT (``If-None-Match: *``: one creator wins),
+    renews it before each listing and every ``TTL / 3`` while it removes, and deletes it
+    at the end; the others wait for it to go. A holder that died leaves a lease that
+    expires after :data:`LEASE_TTL` (plus :data:`LEASE_SKEW` for clocks that disagree);
+    then one waiter takes it over with a PUT conditional on the ETag it read (``If-Match``,
+    on S3), so two waiters never both win. A pass that finds its lease taken over (it was
+    too slow to renew) stops removing. Stores without conditional writes (where the
+    create raises something other than ``FileExistsError``) get no lease: passes
+    overlap, as they did before.
+    """
+
+    def __init__(self, store: ResultStore) -> None:
+        self.store = store
+        self.path = store._path(LEASE_NAME)
+        self.token = secrets.token_hex(8)
+        self.etag: str | None = None
+        self.held = False
+        self.renewed = 0.0
+        self.s3 = "s3" in getattr(store.fs, "protocol", ())
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": self.token, "expires": time.time() + LEASE_TTL}).encode()
+
+    def _put(self, **match: str) -> bool:
+        fs = self.store.fs
+        try:
+            if match.get("mode") == "create":
+                out = fs.pipe_file(self.path, self._body(), mode="create")
+            else:
+                out = fs.pipe_file(self.path, self._body(), **match)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if match and _precondition_failed(e):
+                return False
+            raise
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
+        self.renewed = time.monotonic()
+        return True
+
+    def _read(self) -> tuple[str | None, float | None]:
+        """(ETag, expiry) of the lease there now; (None, None) when there is none, expiry
+        0 when it cannot be read as one (a damaged lease is taken over as an expired one)."""
+        fs = self.store.fs
+        try:
+            info = fs.info(self.path, refresh=True) if self.s3 else fs.info(self.path)
+            data = bytes(fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None, None
+        from notebook_flow import _json
+
+        try:
+            expires = float(_json.loads(data)["expires"])
+        except (ValueError, KeyError, TypeError):
+            expires = 0.0
+        return info.get("ETag") or info.get("etag"), expires
+
+    def acquire(self) -> bool:
+        """Wait for the turn; False where the store cannot hold a lease."""
+        delay = 0.05
+        while True:
+            try:
+                if self._put(mode="create"):
+                    self.held = True
+                    return True
+                etag, expires = self._read()
+                if expires is not None and time.time() > expires + LEASE_SKEW:
+                    if self.s3 and etag:
+                        taken = self._put(IfMatch=etag)
+                    else:  # no conditional overwrite: remove it and race for the create
+                        self.store.fs.rm_file(self.path)
+                        taken = self._put(mode="create")
+                    if taken:
+                        logger.info("took over an expired eviction lease in %s", self.store.url)
+                        self.held = True
+                        return True
+            except (NotImplementedError, TypeError, ValueError) as e:
+                logger.debug("no eviction lease in %s: %s", self.store.url, e)
+                return False
+            except FileNotFoundError:
+                pass  # it went between two requests: try again at once
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 1.0)
+
+    def renew(self, *, every: float = 0.0) -> bool:
+        """Push the expiry on (when ``every`` seconds passed since the last renewal); False
+        when the lease is no longer this pass's."""
+        if not self.held:
+            return False
+        if time.monotonic() - self.renewed < every:
+            return True
+        try:
+            if self.s3 and self.etag:
+                ok = self._put(IfMatch=self.etag)
+            else:
+                owner = self._owner()
+                ok = owner == self.token and self._put()
+        except OSError:
+            ok = False
+        if not ok:
+            logger.warning("the eviction lease of %s was taken over; pass stopped", self.store.url)
+            self.held = False
+        return ok
+
+    def _owner(self) -> str | None:
+        try:
+            from notebook_flow import _json
+
+            owner = _json.loads(bytes(self.store.fs.cat_file(self.path))).get("owner")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return owner if isinstance(owner, str) else None
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        with contextlib.suppress(OSError):
+            if self._owner() == self.token:  # not one that took over from a slow pass
+                self.store.fs.rm_file(self.path)
+
+
+#: The lease object of eviction passes on object stores, in the store's root.
+LEASE_NAME = ".evict.lease"
+#: Seconds a lease lasts unless renewed; a pass renews it every third of that.
+LEASE_TTL = 60.0
+#: Seconds more before another process believes a lease expired (clocks of hosts differ).
+LEASE_SKEW = 10.0
+
+
+def _precondition_failed(error: OSError) -> bool:
+    """Whether S3 refused a conditional PUT (s3fs raises ``OSError(EINVAL)`` for If-Match)."""
+    text = str(error).lower().replace("-", "")
+    return "precondition" in text or "412" in text
+
+
+def _renewing(plan: Iterable[Any], lease: _Lease | None) -> Iterator[Any]:
+    """The entries of ``plan`` while ``lease`` (if any) is still this pass's."""
+    for item in plan:
+        if lease is not None and not lease.renew(every=LEASE_TTL / 3):
+            return
+        yield item
+
+
+def _enforce(
+    store: ResultStore, max_size: int, task: str | None, rounds: int, lease: _Lease | None = None
+) -> Eviction:
     removed = freed = 0
     size = 0
     rules = Rules(max_size=max_size, task=task)
     swept = False
     for _ in range(rounds):
+        if lease is not None and not lease.renew():
+            break
         inv = scan(store)
         if task is not None:
             inv.with_manifests(store)
@@ -175,7 +339,8 @@ def _enforce(store: ResultStore, max_size: int, task: str | None, rounds: int) -
         plan = decide(inv, rules)
         if not plan:
             break
-        done = remove_entries(store, ((d.key, d.committed, inv.siblings(d.key)) for d in plan))
+        chosen = ((d.key, d.committed, inv.siblings(d.key)) for d in plan)
+        done = remove_entries(store, _renewing(chosen, lease))
         freed += sum(n for _, n in done)
         removed += len(done)
         forget(store, [key for key, _ in done])
