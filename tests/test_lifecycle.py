@@ -407,6 +407,27 @@ def test_passes_on_s3_take_turns_through_a_lease(
         assert lease.renew()
     assert not store.fs.exists(store._path(quota.LEASE_NAME))
 
+    # At exit, a pass waits for a holder that renews its lease (its own pass comes after
+    # that one: the store ends under quota whoever committed last)...
+    for key in KEYS[:3]:
+        _commit(store, key, np.zeros(1000))
+    monkeypatch.setattr(quota, "LEASE_TTL", 3600.0)
+    monkeypatch.setattr(quota, "_exiting", threading.Event())
+    quota._exiting.set()
+    holder = quota._Lease(store)
+    assert holder.acquire()
+    threading.Timer(1.0, holder.release).start()
+    assert quota.enforce(store, max_size=1).removed == 3
+    # ...but not out for one that stopped renewing half a lease ago (likely dead).
+    for key in KEYS[:3]:
+        _commit(store, key, np.zeros(1000))
+    assert holder.acquire()
+    stopped = {"owner": "gone", "expires": time.time() + quota.LEASE_TTL / 2 - 60}
+    store.fs.pipe_file(store._path(quota.LEASE_NAME), json.dumps(stopped).encode())
+    assert quota.enforce(store, max_size=1).removed == 0
+    quota._exiting.clear()
+    store.fs.rm_file(store._path(quota.LEASE_NAME))
+
     # A damaged lease object counts as expired, not as a crash of every pass.
     store.fs.pipe_file(store._path(quota.LEASE_NAME), b"[[[[")
     with quota._one_pass_at_a_time(store) as lease:

@@ -74,6 +74,13 @@ _thread: threading.Thread | None = None
 _thread_pid = 0
 _warned: set[tuple[str, str | None]] = set()
 
+#: Set at interpreter exit: waiting for the eviction turn is then given up.
+_exiting = threading.Event()
+
+
+class _Dropped(Exception):
+    """The pass was given up while it waited for its turn (the process is exiting)."""
+
 
 def committed(
     store: ResultStore, manifest: Manifest, *, max_size: int | None = None, pinned: bool = False
@@ -141,8 +148,12 @@ def enforce(
     """Evict the least recently used unpinned entries of ``store`` (or of ``task``) until
     it holds at most ``max_size`` bytes; returns what was done. Runs in the caller, after
     any pass of another process on the same local store."""
-    with _one_pass_at_a_time(store) as lease:
-        return _enforce(store, max_size, task, rounds, lease)
+    try:
+        with _one_pass_at_a_time(store) as lease:
+            return _enforce(store, max_size, task, rounds, lease)
+    except _Dropped:  # the next commit, here or in another process, asks again
+        logger.debug("eviction pass in %s dropped at exit", store.url)
+        return Eviction(0, 0, 0, max_size)
 
 
 @contextlib.contextmanager
@@ -179,8 +190,11 @@ class _Lease:
     expires after :data:`LEASE_TTL` (plus :data:`LEASE_SKEW` for clocks that disagree);
     then one waiter takes it over with a PUT conditional on the ETag it read (``If-Match``,
     on S3), so two waiters never both win. A pass that finds its lease taken over (it was
-    too slow to renew) stops removing. Stores without conditional writes (where the
-    create raises something other than ``FileExistsError``) get no lease: passes
+    too slow to renew) stops removing. At exit a waiting pass goes on waiting for a
+    holder that renews (it comes after that pass, so the store ends under quota), but is
+    dropped when the lease was not renewed for half its life (a holder likely dead: the
+    exit would otherwise wait out its lease). Stores without conditional writes (where
+    the create raises something other than ``FileExistsError``) get no lease: passes
     overlap, as they did before.
     """
 
@@ -249,6 +263,11 @@ class _Lease:
                         logger.info("took over an expired eviction lease in %s", self.store.url)
                         self.held = True
                         return True
+                elif _exiting.is_set() and expires and time.time() > expires - LEASE_TTL / 2:
+                    # At exit, wait for a holder that renews its lease (its pass is under
+                    # way, and this one comes after it), not for one that stopped renewing
+                    # half a lease ago: likely dead, and its lease would outlast the exit.
+                    raise _Dropped
             except (NotImplementedError, TypeError, ValueError) as e:
                 logger.debug("no eviction lease in %s: %s", self.store.url, e)
                 return False
@@ -387,6 +406,7 @@ def forget(store: ResultStore, keys: list[str]) -> None:
 
 def _at_exit() -> None:
     if _thread_pid == os.getpid():
+        _exiting.set()  # a pass still waiting for another process's lease is dropped
         wait_idle(60.0)
 
 
