@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import inspect
+import logging
 import shlex
 import threading
 from typing import TYPE_CHECKING, Any
@@ -473,7 +474,26 @@ def load_ipython_extension(shell: Any) -> None:
     shell.input_transformers_cleanup.append(magics.auto_transformer)
     shell.input_transformers_cleanup.append(magics.await_transformer)
     _loaded[id(shell)] = magics
+    logging.getLogger("notebook_flow").addFilter(_QUIET)
     _preload_in_background()
+
+
+class _QuietInNotebooks(logging.Filter):
+    """In a notebook, notebook_flow's INFO and DEBUG lines (a miss explained, an
+    eviction) show only when its own logger asks for them
+    (``logging.getLogger("notebook_flow").setLevel("INFO")``), not because the root
+    logger does: ``logging.basicConfig(level=logging.INFO)`` is how a notebook turns on
+    *its own* log lines, and ours would become part of its cells' outputs, which then
+    differ from a plain run's. Warnings always pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.levelno >= logging.WARNING
+            or logging.getLogger("notebook_flow").level != logging.NOTSET
+        )
+
+
+_QUIET = _QuietInNotebooks()
 
 
 def _preload_in_background() -> None:
@@ -502,6 +522,8 @@ def unload_ipython_extension(shell: Any) -> None:
     magics = _loaded.pop(id(shell), None)
     if magics is None:
         return
+    if not _loaded:
+        logging.getLogger("notebook_flow").removeFilter(_QUIET)
     manager = shell.magics_manager
     manager.magics["cell"].pop("task", None)
     manager.magics["line"].pop("flow", None)

@@ -86,6 +86,38 @@ def test_load_unload_reload(shell: Any) -> None:
     assert "task" in manager.magics["cell"]
 
 
+def test_root_logger_at_info_does_not_put_our_lines_into_cells(shell: Any) -> None:
+    # logging.basicConfig(level=logging.INFO) in a notebook turns on its own log lines;
+    # ours (a miss explained) would become part of the cell's output, unlike a plain run's.
+    import io
+    import logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    saved = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    ours = logging.getLogger("notebook_flow")
+    try:
+        shell.run_cell("import logging")
+        shell.run_cell("%%task\nx_logged = 1 + 1\nlogging.getLogger('mine').info('mine')")
+        assert "mine" in stream.getvalue()
+        assert "cache miss" not in stream.getvalue()
+        ours.warning("a warning shows")
+        assert "a warning shows" in stream.getvalue()
+        ours.setLevel(logging.INFO)  # asked for on our own logger: shown
+        shell.run_cell("%%task\nx_logged = 2 + 2")
+        assert "cache miss" in stream.getvalue()
+        shell.extension_manager.unload_extension("notebook_flow")
+        assert not ours.filters  # a script's process: the standard behaviour again
+    finally:
+        ours.setLevel(logging.NOTSET)
+        root.removeHandler(handler)
+        root.setLevel(saved)
+        shell.extension_manager.load_extension("notebook_flow")
+
+
 def test_help(shell: Any, capsys: pytest.CaptureFixture[str]) -> None:
     shell.run_cell("%flow help")
     out = capsys.readouterr().out
