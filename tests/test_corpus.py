@@ -21,6 +21,9 @@ import harness  # noqa: E402
 pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 
 CORPUS = harness.load_corpus()
+#: Each notebook's tests run in one xdist worker (scripts/test passes --dist loadgroup), so
+#: that they share its plain run (see _plain) instead of each worker making its own.
+NOTEBOOKS = [pytest.param(nb, id=nb.name, marks=pytest.mark.xdist_group(nb.name)) for nb in CORPUS]
 
 
 def test_corpus_is_declared_and_vendored() -> None:
@@ -50,7 +53,7 @@ def _check(nb: harness.Notebook, reference: object, run: harness.Run, what: str)
     assert not diffs, f"{nb.name}, {what} run differs from the plain run:\n" + "\n".join(diffs)
 
 
-@pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
+@pytest.mark.parametrize("nb", NOTEBOOKS)
 def test_cached_runs_equal_the_plain_run(
     nb: harness.Notebook, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -74,7 +77,7 @@ def test_cached_runs_equal_the_plain_run(
     _check(nb, edited_plain.notebook, edited, "edited")
 
 
-@pytest.mark.parametrize("nb", CORPUS, ids=[nb.name for nb in CORPUS])
+@pytest.mark.parametrize("nb", NOTEBOOKS)
 def test_resume_after_a_kill_equals_the_plain_run(
     nb: harness.Notebook, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
