@@ -38,7 +38,7 @@ from notebook_flow.storage import files
 from notebook_flow.storage.pins import pinned_keys
 
 from . import usage
-from .shards import Shard, list_local, list_local_pairs
+from .shards import list_local
 
 if TYPE_CHECKING:
     from notebook_flow.storage import Manifest, ResultStore
@@ -181,24 +181,24 @@ def _parse(
     return list(found.values()), stray
 
 
-def _parse_pair(shard: str, m: Shard | None, r: Shard | None) -> _Parsed:
-    """:func:`_parse` of a local shard's two folders, kept with the manifests' listing
-    for as long as neither folder changes."""
-    if m is None:  # payload folder with no manifest folder
-        return [], [(f"results/{shard}/{n}", s, t) for n, s, t in r.rows] if r else []
-    kept = m.parsed
-    if isinstance(kept, tuple) and kept[0] is r:
-        return kept[1]  # type: ignore[no-any-return]
-    parsed = _parse(shard, m.rows, r.rows if r is not None else [])
-    m.parsed = (r, parsed)
-    return parsed
-
-
 def _shards(store: ResultStore) -> list[_Parsed]:
     """What each shard holds; locally from :mod:`.shards` (parsed again only when one of
     its two folders changed), on object stores from one LIST per folder."""
     if store.local_root is not None:
-        return list_local_pairs(store, ("manifests", "results"), _parse_pair)
+        results = {s.name: s for s in list_local(store, "results")}
+        out = []
+        for m in list_local(store, "manifests"):
+            r = results.pop(m.name, None)
+            kept = m.parsed
+            if isinstance(kept, tuple) and kept[0] is r:
+                out.append(kept[1])
+                continue
+            parsed = _parse(m.name, m.rows, r.rows if r is not None else [])
+            m.parsed = (r, parsed)
+            out.append(parsed)
+        for r in results.values():  # payload folders with no manifest folder
+            out.append(([], [(f"results/{r.name}/{n}", s, t) for n, s, t in r.rows]))
+        return out
     by_shard: dict[str, tuple[list[tuple[str, int, float]], list[tuple[str, int, float]]]] = {}
     odd: list[tuple[str, int, float]] = []
     for index, top in enumerate(("manifests", "results")):

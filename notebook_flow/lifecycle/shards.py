@@ -32,15 +32,15 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from notebook_flow import _json
 
 if TYPE_CHECKING:
     from notebook_flow.storage import ResultStore
 
-__all__ = ["MARGIN_NS", "Shard", "list_local", "list_local_pairs"]
+__all__ = ["MARGIN_NS", "Shard", "list_local"]
 
 logger = logging.getLogger("notebook_flow")
 
@@ -133,29 +133,19 @@ def _stats(path: str) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def _list_folders(todo: list[tuple[str, str, tuple[int, int], bool]]) -> list[Shard]:
-    """:func:`_list_folder` of each, in threads when there are many (see
-    :func:`_in_threads`)."""
-    return _in_threads(lambda args: _list_folder(*args), todo, len(todo))
-
-
-_A = TypeVar("_A")
-_B = TypeVar("_B")
-#: Folders listed in threads from this many on (fewer are not worth starting threads).
-_THREADED_FROM = 16
-_THREADS = 4
-
-
-def _in_threads(fn: Callable[[_A], _B], items: list[_A], listings: int) -> list[_B]:
-    """``[fn(item) for item in items]``, in :data:`_THREADS` threads when that makes at
-    least :data:`_THREADED_FROM` folder listings: ``lstat`` releases the GIL, so on two
-    cores a cold listing of a large store takes about a third less time."""
-    if listings < _THREADED_FROM:
-        return [fn(item) for item in items]
+    """:func:`_list_folder` of each; many at once in a few threads (``lstat`` releases the
+    GIL, so a cold listing of a large store takes about 30 % less time on two cores)."""
+    if len(todo) < _THREADED_FROM:
+        return [_list_folder(*args) for args in todo]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="notebook_flow-list") as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(lambda args: _list_folder(*args), todo))
 
+
+#: Folders listed in threads from this many on (fewer are not worth starting threads for).
+_THREADED_FROM = 16
+_THREADS = 4
 
 _BY_DIR_FD = (
     os.stat in os.supports_dir_fd
@@ -164,88 +154,46 @@ _BY_DIR_FD = (
     and hasattr(os, "O_NOFOLLOW")
 )
 
-_Args = tuple[str, str, tuple[int, int], bool]
-
-
-class _Plan:
-    """One top folder of a local store: its shard folders' stamps, the listings still
-    good (``kept``) and the arguments of :func:`_list_folder` for the others (``todo``)."""
-
-    def __init__(self, store: ResultStore, top: str) -> None:
-        root = store.local_root
-        assert root is not None
-        self.store, self.top, self.ident = store, top, (root, top)
-        with _lock:
-            known = _memory.get(self.ident)
-        if known is None:
-            known = _load_kept(store, top)
-        now = time.time_ns()  # before any folder is stat-ed: see MARGIN_NS
-        self.kept: dict[str, Shard] = {}
-        self.todo: dict[str, _Args] = {}
-        try:
-            folders = list(os.scandir(os.path.join(root, top)))
-        except (FileNotFoundError, NotADirectoryError):
-            folders = []
-        for folder in folders:
-            try:
-                st = folder.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            stamp = (st.st_mtime_ns, st.st_ino)
-            old = known.get(folder.name)
-            if old is not None and old.trusted and old.stamp == stamp:
-                self.kept[folder.name] = old
-            else:
-                trusted = now - stamp[0] > MARGIN_NS
-                self.todo[folder.name] = (folder.name, folder.path, stamp, trusted)
-
-    def shard(self, name: str) -> Shard | None:
-        """The listing of the folder ``name``: the one kept, or one made now."""
-        args = self.todo.get(name)
-        return _list_folder(*args) if args is not None else self.kept.get(name)
-
-    def finish(self, listed: list[Shard]) -> list[Shard]:
-        """Remember the listings just made (in memory; the trusted ones in the store too);
-        every shard's listing."""
-        out = [*self.kept.values(), *listed]
-        with _lock:
-            _memory[self.ident] = {s.name: s for s in out}
-        if any(shard.trusted for shard in listed):
-            _keep(self.store, self.top, [s for s in out if s.trusted])
-        return out
-
 
 def list_local(store: ResultStore, top: str) -> list[Shard]:
     """The shard folders below ``top`` of the local ``store``, each listed only if its
     stamp changed (see the module docstring); no link followed."""
-    plan = _Plan(store, top)
-    return plan.finish(_list_folders(list(plan.todo.values())))
-
-
-def list_local_pairs(
-    store: ResultStore,
-    tops: tuple[str, str],
-    each: Callable[[str, Shard | None, Shard | None], _B],
-) -> list[_B]:
-    """``each(name, shard in tops[0], shard in tops[1])`` for every shard name under
-    either top folder (``None`` where one has no such folder), the folders listed as by
-    :func:`list_local`. A shard's two listings and ``each`` on them run together in the
-    threads, so that the Python work of ``each`` (which holds the GIL) overlaps other
-    threads' ``lstat`` calls (which do not): a third less time than listing everything
-    first on a loaded two-core machine."""
-    first, second = _Plan(store, tops[0]), _Plan(store, tops[1])
-    names = sorted({*first.kept, *first.todo, *second.kept, *second.todo})
-
-    def one(name: str) -> tuple[Shard | None, Shard | None, _B]:
-        a, b = first.shard(name), second.shard(name)
-        return a, b, each(name, a, b)
-
-    done = _in_threads(one, names, len(first.todo) + len(second.todo))
-    first.finish([a for a, _, _ in done if a is not None and a.name in first.todo])
-    second.finish([b for _, b, _ in done if b is not None and b.name in second.todo])
-    return [out for _, _, out in done]
+    root = store.local_root
+    assert root is not None
+    base = os.path.join(root, top)
+    ident = (root, top)
+    with _lock:
+        known = _memory.get(ident)
+    if known is None:
+        known = _load_kept(store, top)
+    now = time.time_ns()  # before any folder is stat-ed: see MARGIN_NS
+    try:
+        folders = list(os.scandir(base))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out: list[Shard] = []
+    todo: list[tuple[str, str, tuple[int, int], bool]] = []
+    for folder in folders:
+        try:
+            st = folder.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        stamp = (st.st_mtime_ns, st.st_ino)
+        old = known.get(folder.name)
+        if old is not None and old.trusted and old.stamp == stamp:
+            out.append(old)
+        else:
+            todo.append((folder.name, folder.path, stamp, now - stamp[0] > MARGIN_NS))
+    listed = _list_folders(todo)
+    out += listed
+    changed = any(shard.trusted for shard in listed)
+    with _lock:
+        _memory[ident] = {s.name: s for s in out}
+    if changed:
+        _keep(store, top, [s for s in out if s.trusted])
+    return out
 
 
 # -- the listings kept in the store ---------------------------------------------------------
