@@ -132,21 +132,6 @@ def _stats(path: str) -> Iterator[tuple[str, os.stat_result]]:
         os.close(fd)
 
 
-def _list_folders(todo: list[tuple[str, str, tuple[int, int], bool]]) -> list[Shard]:
-    """:func:`_list_folder` of each; many at once in a few threads (``lstat`` releases the
-    GIL, so a cold listing of a large store takes about 30 % less time on two cores)."""
-    if len(todo) < _THREADED_FROM:
-        return [_list_folder(*args) for args in todo]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(_THREADS, thread_name_prefix="notebook_flow-list") as pool:
-        return list(pool.map(lambda args: _list_folder(*args), todo))
-
-
-#: Folders listed in threads from this many on (fewer are not worth starting threads for).
-_THREADED_FROM = 16
-_THREADS = 4
-
 _BY_DIR_FD = (
     os.stat in os.supports_dir_fd
     and os.listdir in os.supports_fd
@@ -172,7 +157,7 @@ def list_local(store: ResultStore, top: str) -> list[Shard]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     out: list[Shard] = []
-    todo: list[tuple[str, str, tuple[int, int], bool]] = []
+    changed = False
     for folder in folders:
         try:
             st = folder.stat(follow_symlinks=False)
@@ -184,11 +169,10 @@ def list_local(store: ResultStore, top: str) -> list[Shard]:
         old = known.get(folder.name)
         if old is not None and old.trusted and old.stamp == stamp:
             out.append(old)
-        else:
-            todo.append((folder.name, folder.path, stamp, now - stamp[0] > MARGIN_NS))
-    listed = _list_folders(todo)
-    out += listed
-    changed = any(shard.trusted for shard in listed)
+            continue
+        shard = _list_folder(folder.name, folder.path, stamp, now - stamp[0] > MARGIN_NS)
+        out.append(shard)
+        changed = changed or shard.trusted
     with _lock:
         _memory[ident] = {s.name: s for s in out}
     if changed:
