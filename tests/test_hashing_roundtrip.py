@@ -285,17 +285,12 @@ def _fingerprints_in_subprocess(code: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.stdout.split())
 
 
-def test_fingerprints_are_the_same_in_every_process(tmp_path: Path) -> None:
-    code = _BUILD + "for k, v in values.items(): print(f'{k}={fingerprint(v)}')\n"
-    first = _fingerprints_in_subprocess(code)
-    second = _fingerprints_in_subprocess(code)
-    assert first == second
-    assert len(first) == 10
-
-
-def test_value_stored_in_one_process_fingerprints_alike_when_loaded_in_another(
+def test_fingerprints_are_the_same_in_every_process_and_after_a_store_round_trip(
     tmp_path: Path,
 ) -> None:
+    # Three processes (each importing sklearn, scipy and statsmodels: the cost of this
+    # test): one builds the values, stores them and prints their fingerprints; a second
+    # builds them again; a third loads the stored ones.
     url = str(tmp_path / "store")
     code = (
         _BUILD
@@ -307,6 +302,11 @@ def test_value_stored_in_one_process_fingerprints_alike_when_loaded_in_another(
         + "    print(f'{k}={fingerprint(v)}')\n"
     )
     stored = _fingerprints_in_subprocess(code)
+    assert len(stored) == 10
+    rebuilt = _fingerprints_in_subprocess(
+        _BUILD + "for k, v in values.items(): print(f'{k}={fingerprint(v)}')\n"
+    )
+    assert rebuilt == stored  # the same in every process
     load = (
         "from notebook_flow.hashing import fingerprint\n"
         "from notebook_flow.storage import ResultStore\n"
@@ -316,7 +316,7 @@ def test_value_stored_in_one_process_fingerprints_alike_when_loaded_in_another(
         "    v = store.load(store.lookup(f'{i:032x}'))\n"
         "    print(f'{k}={fingerprint(v)}')\n"
     )
-    assert _fingerprints_in_subprocess(load) == stored
+    assert _fingerprints_in_subprocess(load) == stored  # and after a round trip
 
 
 def test_cell_restoring_a_distribution_keeps_it_on_the_global_generator(shell: Any) -> None:
