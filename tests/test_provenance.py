@@ -197,6 +197,9 @@ def test_a_cell_records_its_name_and_notebook(shell, monkeypatch: pytest.MonkeyP
     from notebook_flow import config
 
     monkeypatch.setenv("JPY_SESSION_NAME", "/home/ada/analysis.ipynb")
+    # The notebook path is cached for a second per __main__ (a kernel's is set once): a
+    # test that ran just before in this process must not lend it its answer.
+    monkeypatch.setattr(provenance._identity, "_notebook", (None, 0.0, None))
     result = shell.run_cell("%%task --name joined\nx = 40 + 2\n")
     assert result.success and shell.user_ns["x"] == 42
     made = [m.provenance for m in config.get_store().iter_manifests()]
