@@ -474,7 +474,7 @@ def load_ipython_extension(shell: Any) -> None:
     shell.input_transformers_cleanup.append(magics.auto_transformer)
     shell.input_transformers_cleanup.append(magics.await_transformer)
     _loaded[id(shell)] = magics
-    logging.getLogger("notebook_flow").addFilter(_QUIET)
+    _OURS.addFilter(_QUIET)
     _preload_in_background()
 
 
@@ -487,10 +487,10 @@ class _QuietInNotebooks(logging.Filter):
     differ from a plain run's. Warnings always pass."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return (
-            record.levelno >= logging.WARNING
-            or logging.getLogger("notebook_flow").level != logging.NOTSET
-        )
+        return record.levelno >= logging.WARNING or _OURS.level != logging.NOTSET
+
+
+_OURS = logging.getLogger("notebook_flow")
 
 
 _QUIET = _QuietInNotebooks()
@@ -523,7 +523,7 @@ def unload_ipython_extension(shell: Any) -> None:
     if magics is None:
         return
     if not _loaded:
-        logging.getLogger("notebook_flow").removeFilter(_QUIET)
+        _OURS.removeFilter(_QUIET)
     manager = shell.magics_manager
     manager.magics["cell"].pop("task", None)
     manager.magics["line"].pop("flow", None)

@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from notebook_flow import _json
 from notebook_flow.storage import files
 from notebook_flow.storage.pins import pin
 
@@ -210,37 +211,42 @@ class _Lease:
     def _body(self) -> bytes:
         return json.dumps({"owner": self.token, "expires": time.time() + LEASE_TTL}).encode()
 
-    def _put(self, **match: str) -> bool:
-        fs = self.store.fs
+    def _put(self, **condition: str) -> bool:
+        """Write the lease (``mode="create"``, ``IfMatch=<etag>`` or unconditionally);
+        False when the condition did not hold."""
         try:
-            if match.get("mode") == "create":
-                out = fs.pipe_file(self.path, self._body(), mode="create")
-            else:
-                out = fs.pipe_file(self.path, self._body(), **match)
+            out = self.store.fs.pipe_file(self.path, self._body(), **condition)
         except FileExistsError:
             return False
         except OSError as e:
-            if match and _precondition_failed(e):
+            if condition and _precondition_failed(e):
                 return False
             raise
         self.etag = out.get("ETag") if isinstance(out, dict) else None
         self.renewed = time.monotonic()
         return True
 
+    def _content(self) -> dict[str, Any]:
+        """The lease there now; ``{}`` when it cannot be read as one (a damaged lease is
+        taken over as an expired one). Raises FileNotFoundError when there is none."""
+        try:
+            found = _json.loads(bytes(self.store.fs.cat_file(self.path)))
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
+
     def _read(self) -> tuple[str | None, float | None]:
         """(ETag, expiry) of the lease there now; (None, None) when there is none, expiry
-        0 when it cannot be read as one (a damaged lease is taken over as an expired one)."""
+        0 when it is damaged."""
         fs = self.store.fs
         try:
             info = fs.info(self.path, refresh=True) if self.s3 else fs.info(self.path)
-            data = bytes(fs.cat_file(self.path))
+            content = self._content()
         except FileNotFoundError:
             return None, None
-        from notebook_flow import _json
-
         try:
-            expires = float(_json.loads(data)["expires"])
-        except (ValueError, KeyError, TypeError):
+            expires = float(content["expires"])
+        except (KeyError, TypeError, ValueError):
             expires = 0.0
         return info.get("ETag") or info.get("etag"), expires
 
@@ -298,10 +304,8 @@ class _Lease:
 
     def _owner(self) -> str | None:
         try:
-            from notebook_flow import _json
-
-            owner = _json.loads(bytes(self.store.fs.cat_file(self.path))).get("owner")
-        except (OSError, ValueError, AttributeError):
+            owner = self._content().get("owner")
+        except OSError:
             return None
         return owner if isinstance(owner, str) else None
 
