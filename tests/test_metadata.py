@@ -17,8 +17,10 @@ from datetime import datetime, timedelta, timezone
 
 import duckdb
 import filelock
+import hypothesis
 import pandas as pd
 import pytest
+from hypothesis import strategies as st
 
 from notebook_flow import _identity, metadata
 from notebook_flow.errors import MetadataError
@@ -822,3 +824,81 @@ def test_an_unreadable_spill_file_is_set_aside_not_lost(isolated_store):
     (folder / "host-1-2.json").write_text("[{not json")
     assert nf.history().empty
     assert (folder / "host-1-2.json.broken").read_text() == "[{not json"
+
+
+# -- the write path binds no parameters (schema._lit)
+
+_texts = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(
+    ["", "'", "''", "\\", "\\'", "a\x00b", "\x00", "it's", "--", "/*", ";", "é\u2028漢"]
+)
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=1e9, max_value=2e9),  # epoch seconds, our commonest value
+    _texts,
+    st.lists(_texts, max_size=4).map(tuple),
+)
+
+
+def _column_type(value: object) -> str:
+    if isinstance(value, bool):
+        return "BOOLEAN"
+    return {int: "BIGINT", float: "DOUBLE", str: "VARCHAR", tuple: "VARCHAR[]"}.get(
+        type(value), "VARCHAR"
+    )
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(row=st.lists(_values, min_size=1, max_size=6))
+def test_a_literal_reads_back_as_the_value_a_parameter_binds(row):
+    """Every value the write path renders as SQL text (to spare the pandas import that
+    binding a parameter costs) must read back exactly as the bound parameter does: a
+    rounded timestamp or a mangled string would be a wrong history."""
+    from notebook_flow.metadata.schema import _values
+
+    con = duckdb.connect()
+    columns = ", ".join(f"c{i} {_column_type(v)}" for i, v in enumerate(row))
+    con.execute(f"CREATE TABLE t ({columns})")
+    con.execute(f"INSERT INTO t VALUES ({_values(row)})")
+    con.execute(f"INSERT INTO t VALUES ({', '.join('?' * len(row))})", list(row))
+    literal, bound = con.execute("SELECT * FROM t").fetchall()
+    for a, b in zip(literal, bound, strict=True):
+        if isinstance(b, float) and b != b:
+            assert a != a
+        else:
+            assert a == b and type(a) is type(b), (a, b)
+
+
+def test_a_literal_of_a_kind_it_does_not_know_is_refused():
+    from notebook_flow.metadata.schema import _lit
+
+    with pytest.raises(TypeError, match="no SQL literal for a bytes"):
+        _lit(b"x")
+
+
+def test_recording_runs_imports_neither_pandas_nor_pyarrow(tmp_path):
+    """A notebook that never used pandas pays nothing for it: DuckDB imports numpy, pandas
+    and pyarrow to bind a parameter or scan Arrow (~0.5-2 s, often at the kernel's exit)."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        import notebook_flow as nf
+        from notebook_flow.config import get_metadata
+        nf.configure(store={str(tmp_path)!r})
+
+        @nf.task
+        def f(x):
+            return x + 1
+
+        assert f(1) == f(1) == 2  # a miss (explained from the index), then a hit
+        f.with_options(refresh_cache=True)(1)
+        get_metadata()._recorder().flush(60)
+        loaded = [m for m in ("numpy", "pandas", "pyarrow") if m in sys.modules]
+        assert "duckdb" in sys.modules and not loaded, loaded
+        stats = get_metadata().stats()
+        assert (stats["runs"], stats["hits"], stats["misses"]) == (3, 1, 2), stats
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -21,6 +21,7 @@ from notebook_flow.metadata.records import (
     storable,
 )
 from notebook_flow.metadata.schema import (
+    _BATCH_COLUMNS,
     _CACHE_ENTRIES,
     _FOLD_RUNS,
     _LOCK_EVENTS,
@@ -28,10 +29,12 @@ from notebook_flow.metadata.schema import (
     _NON_FINAL_SQL,
     _PROCESSES,
     _RUN_EVENTS,
-    _arrow,
-    _batch_arrow,
+    _batch_rows,
     _Columns,
+    _lit,
     _names,
+    _table,
+    _values,
 )
 
 if TYPE_CHECKING:
@@ -75,13 +78,13 @@ def _write_batch(
     if lock_events:
         _apply_lock_events(con, lock_events, dedupe)
     me = _identity.process()
+    row = (f"{me.host}:{me.pid}:{me.start_time or 0}", me.host, me.pid, me.start_time,
+           me.kernel, rec.started_at, time.time())  # fmt: skip
     con.execute(
-        f"INSERT INTO processes ({_names(_PROCESSES)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+        f"INSERT INTO processes ({_names(_PROCESSES)}) VALUES ({_values(row)}) "
         "ON CONFLICT (process_id) "
-        "DO UPDATE SET last_seen = greatest(processes.last_seen, excluded.last_seen)",
-        [f"{me.host}:{me.pid}:{me.start_time or 0}", me.host, me.pid, me.start_time, me.kernel,
-         rec.started_at, time.time()],
-    )  # fmt: skip
+        "DO UPDATE SET last_seen = greatest(processes.last_seen, excluded.last_seen)"
+    )
 
 
 def drop_one(op: object, exc: BaseException, path: str) -> None:
@@ -101,30 +104,25 @@ def _write_run_events(
     con: duckdb.DuckDBPyConnection, events: list[RunEvent], *, dedupe: bool
 ) -> None:
     """Append the events to run_events and fold them into runs (see _FOLD_RUNS)."""
-    con.register("_batch", _batch_arrow(events))
-    try:
+    with _table(con, "_batch", _BATCH_COLUMNS, _batch_rows(events)):
         key = ("run_id", "state", "time", "attempt")
         _insert_from(con, "_batch", "run_events", _RUN_EVENTS, key, dedupe=dedupe)
         con.execute(_FOLD_RUNS)
-    finally:
-        con.unregister("_batch")
 
 
 def _append(
     con: duckdb.DuckDBPyConnection,
     table: str,
     columns: _Columns,
-    rows: list[dict[str, Any]],
+    rows: list[tuple[Any, ...]],
     natural_key: tuple[str, ...],
     *,
     dedupe: bool,
 ) -> None:
-    """Append rows; when a retry may repeat an earlier commit, skip rows already there."""
-    con.register("_rows", _arrow(columns, rows))
-    try:
-        _insert_from(con, "_rows", table, columns, natural_key, dedupe=dedupe)
-    finally:
-        con.unregister("_rows")
+    """Append rows (tuples in ``columns`` order); when a retry may repeat an earlier commit,
+    skip rows already there."""
+    with _table(con, "_new", columns, rows):
+        _insert_from(con, "_new", table, columns, natural_key, dedupe=dedupe)
 
 
 def _insert_from(
@@ -146,14 +144,13 @@ def _insert_from(
     con.execute(f"INSERT INTO {table} ({names}) SELECT {names} FROM {source} b{where}")
 
 
-def _entry_row(e: CacheEntry) -> dict[str, Any]:
-    return {
-        "key": e.key, "task": e.task, "task_identity": e.task_identity, "size": e.size,
-        "created_at": e.created_at, "expires_at": e.expires_at, "duration": e.duration,
-        "serializer": e.serializer, "payload": e.payload,
-        "components": json.dumps(e.components, sort_keys=True), "run_id": e.run_id,
-        "provenance": None if e.provenance is None else json.dumps(e.provenance, sort_keys=True),
-    }  # fmt: skip
+def _entry_row(e: CacheEntry) -> tuple[Any, ...]:
+    """A cache_entries row, in _CACHE_ENTRIES order."""
+    return (
+        e.key, e.task, e.task_identity, e.size, e.created_at, e.expires_at, e.duration,
+        e.serializer, e.payload, json.dumps(e.components, sort_keys=True), e.run_id,
+        None if e.provenance is None else json.dumps(e.provenance, sort_keys=True),
+    )  # fmt: skip
 
 
 def _apply_cache_ops(con: duckdb.DuckDBPyConnection, ops: list[CacheEntry | _Remove]) -> None:
@@ -161,14 +158,11 @@ def _apply_cache_ops(con: duckdb.DuckDBPyConnection, ops: list[CacheEntry | _Rem
 
     def put() -> None:
         if pending:
-            con.register(
-                "_entries", _arrow(_CACHE_ENTRIES, [_entry_row(e) for e in pending.values()])
-            )
-            con.execute(
-                f"INSERT OR REPLACE INTO cache_entries ({_names(_CACHE_ENTRIES)}) "
-                f"SELECT {_names(_CACHE_ENTRIES)} FROM _entries"
-            )
-            con.unregister("_entries")
+            with _table(con, "_entries", _CACHE_ENTRIES, [_entry_row(e) for e in pending.values()]):
+                con.execute(
+                    f"INSERT OR REPLACE INTO cache_entries ({_names(_CACHE_ENTRIES)}) "
+                    f"SELECT {_names(_CACHE_ENTRIES)} FROM _entries"
+                )
             pending.clear()
 
     for op in ops:
@@ -177,13 +171,11 @@ def _apply_cache_ops(con: duckdb.DuckDBPyConnection, ops: list[CacheEntry | _Rem
             continue
         put()  # a removal applies to what was recorded before it
         if op.keys is not None:
-            con.register("_keys", _arrow((("key", "VARCHAR"),), [{"key": k} for k in op.keys]))
-            con.execute("DELETE FROM cache_entries WHERE key IN (SELECT key FROM _keys)")
-            con.unregister("_keys")
+            with _table(con, "_keys", (("key", "VARCHAR"),), [(k,) for k in op.keys]):
+                con.execute("DELETE FROM cache_entries WHERE key IN (SELECT key FROM _keys)")
         elif op.task is not None:
-            con.execute(
-                "DELETE FROM cache_entries WHERE task = ? OR task_identity = ?", [op.task, op.task]
-            )
+            task = _lit(op.task)
+            con.execute(f"DELETE FROM cache_entries WHERE task = {task} OR task_identity = {task}")
         else:
             con.execute("DELETE FROM cache_entries")
     put()
@@ -193,10 +185,9 @@ def _apply_lock_events(
     con: duckdb.DuckDBPyConnection, events: list[LockEvent], dedupe: bool
 ) -> None:
     rows = [
-        {"key": e.key, "holder": e.holder, "event": e.event, "time": e.at, "manager": e.manager,
-         "lease_expires": e.lease_expires, "waited": e.waited, "task": e.task}
+        (e.key, e.holder, e.event, e.at, e.manager, e.lease_expires, e.waited, e.task)
         for e in events
-    ]  # fmt: skip
+    ]  # LOCK_EVENTS order
     _append(
         con, "lock_events", _LOCK_EVENTS, rows, ("key", "holder", "event", "time"), dedupe=dedupe
     )
@@ -220,25 +211,25 @@ def _apply_lock_events(
                 del last[e.key]
     for e in gone:
         if e.event == "broken":
-            con.execute("DELETE FROM locks WHERE key = ? AND updated <= ?", [e.key, e.at])
+            con.execute(f"DELETE FROM locks WHERE key = {_lit(e.key)} AND updated <= {_lit(e.at)}")
         else:  # released, lost
             con.execute(
-                "DELETE FROM locks WHERE key = ? AND holder = ? AND updated <= ?",
-                [e.key, e.holder, e.at],
+                f"DELETE FROM locks WHERE key = {_lit(e.key)} AND holder = {_lit(e.holder)} "
+                f"AND updated <= {_lit(e.at)}"
             )
     for e in last.values():
         if e.event in ("acquired", "recovered", "renewed"):
+            row = (e.key, e.holder, acquired.get((e.key, e.holder), e.at), e.lease_expires,
+                   e.manager, e.task, e.at)  # fmt: skip
             con.execute(
-                f"INSERT INTO locks ({_names(_LOCKS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO locks ({_names(_LOCKS)}) VALUES ({_values(row)}) "
                 "ON CONFLICT (key) DO UPDATE SET "
                 "acquired = CASE WHEN excluded.holder = locks.holder "
                 "THEN least(locks.acquired, excluded.acquired) ELSE excluded.acquired END, "
                 "holder = excluded.holder, lease_expires = excluded.lease_expires, "
                 "manager = excluded.manager, task = coalesce(excluded.task, locks.task), "
-                "updated = excluded.updated WHERE excluded.updated >= locks.updated",
-                [e.key, e.holder, acquired.get((e.key, e.holder), e.at), e.lease_expires,
-                 e.manager, e.task, e.at],
-            )  # fmt: skip
+                "updated = excluded.updated WHERE excluded.updated >= locks.updated"
+            )
 
 
 def _process_dead(
@@ -260,25 +251,24 @@ def _mark_crashed(con: duckdb.DuckDBPyConnection, stale_after: float) -> int:
     ).fetchall()
     now = time.time()
     dead = [
-        {"run_id": run_id, "error": f"Process {pid} on {host} ended while the run was {state}"}
+        (run_id, f"Process {pid} on {host} ended while the run was {state}")
         for run_id, state, host, pid, start, seen in rows
         if _process_dead(host, pid, start, seen or 0.0, stale_after)
     ]
     if dead:
-        con.register("_dead", _arrow((("run_id", "VARCHAR"), ("error", "VARCHAR")), dead))
-        con.execute(
-            f"INSERT INTO run_events ({_names(_RUN_EVENTS)}) SELECT r.run_id, r.task, "
-            "r.task_identity, r.key, 'CRASHED', ?, r.attempt, NULL, NULL, d.error, NULL, NULL, "
-            "NULL, NULL, r.host, r.pid, "
-            "r.pid_start, r.kernel, r.notebook, r.cell FROM runs r JOIN _dead d USING (run_id) "
-            f"WHERE r.state IN {_NON_FINAL_SQL}",
-            [now],
-        )
-        con.execute(
-            "UPDATE runs SET state = 'CRASHED', ended = ?, updated = ?, error = d.error "
-            f"FROM _dead d WHERE runs.run_id = d.run_id AND runs.state IN {_NON_FINAL_SQL}",
-            [now, now],
-        )
+        with _table(con, "_dead", (("run_id", "VARCHAR"), ("error", "VARCHAR")), dead):
+            con.execute(
+                f"INSERT INTO run_events ({_names(_RUN_EVENTS)}) SELECT r.run_id, r.task, "
+                f"r.task_identity, r.key, 'CRASHED', {_lit(now)}, r.attempt, NULL, NULL, "
+                "d.error, NULL, NULL, NULL, NULL, r.host, r.pid, r.pid_start, r.kernel, "
+                "r.notebook, r.cell "
+                f"FROM runs r JOIN _dead d USING (run_id) WHERE r.state IN {_NON_FINAL_SQL}"
+            )
+            con.execute(
+                f"UPDATE runs SET state = 'CRASHED', ended = {_lit(now)}, updated = {_lit(now)}, "
+                "error = d.error FROM _dead d "
+                f"WHERE runs.run_id = d.run_id AND runs.state IN {_NON_FINAL_SQL}"
+            )
     for key, holder, lease in con.execute(
         "SELECT key, holder, lease_expires FROM locks"
     ).fetchall():
@@ -290,5 +280,5 @@ def _mark_crashed(con: duckdb.DuckDBPyConnection, stale_after: float) -> int:
         if _process_dead(
             str(host), int(pid or 0), start if isinstance(start, int) else None, seen, stale_after
         ):
-            con.execute("DELETE FROM locks WHERE key = ? AND holder = ?", [key, holder])
+            con.execute(f"DELETE FROM locks WHERE key = {_lit(key)} AND holder = {_lit(holder)}")
     return len(dead)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from notebook_flow.errors import MetadataError
 from notebook_flow.metadata.registry import _Exiting, _may_open, _park_if_exiting
-from notebook_flow.metadata.schema import _MIGRATIONS
+from notebook_flow.metadata.schema import _MIGRATIONS, _values
 
 if TYPE_CHECKING:
     import duckdb
@@ -56,12 +56,11 @@ class _Database:
     @contextlib.contextmanager
     def locked(self, timeout: float | None = None) -> Iterator[float]:
         """Hold the in-process and cross-process locks; yields the deadline (monotonic)."""
-        # Import before locking: a first import of duckdb + pyarrow + pandas takes long
-        # enough that every other process would wait for it.
+        # Import before locking: a first import of duckdb takes long enough that every other
+        # process would wait for it. Writes need nothing more (see schema._lit); readers
+        # import what their results need first (store._read).
         import duckdb  # noqa: F401
         import filelock
-        import pandas  # noqa: F401
-        import pyarrow  # noqa: F401
 
         timeout = self.lock_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
@@ -182,10 +181,8 @@ class _Database:
             for version in range(current + 1, latest + 1):
                 for statement in _MIGRATIONS[version]:
                     con.execute(statement)
-                con.execute(
-                    "INSERT INTO schema_version (version, applied) VALUES (?, ?)",
-                    [version, time.time()],
-                )
+                row = _values((version, time.time()))  # no parameters: see schema._lit
+                con.execute(f"INSERT INTO schema_version (version, applied) VALUES ({row})")
             con.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):

@@ -1,17 +1,20 @@
 """The index's tables, their migrations, and the SQL and Arrow shapes the writes use.
 
 Every statement names its columns explicitly (a later migration may add some); the run
-events of a batch travel to DuckDB as one Arrow table and are folded into ``runs`` in SQL
-(``_FOLD_RUNS``).
+events of a batch travel to DuckDB as one table (``_table``) and are folded into ``runs`` in
+SQL (``_FOLD_RUNS``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import duckdb
+
     from notebook_flow.metadata.records import RunEvent
 
 __all__ = ["SCHEMA_VERSION"]
@@ -141,17 +144,93 @@ def _fold_runs_sql() -> str:
 _FOLD_RUNS = _fold_runs_sql()
 
 
-def _batch_arrow(events: list[RunEvent]) -> Any:
-    """The batch's run events, columnar (see _BATCH_COLUMNS)."""
-    import pyarrow as pa
+def _batch_rows(events: list[RunEvent]) -> list[tuple[Any, ...]]:
+    """The batch's run events as rows of _BATCH_COLUMNS (``seq`` is the queue order)."""
+    return [(*_event_values(e), seq) for seq, e in enumerate(events, 1)]
 
-    columns = list(zip(*map(_event_values, events), strict=True))
-    columns.append(range(1, len(events) + 1))  # type: ignore[arg-type]
-    schema = _schema(_BATCH_COLUMNS)
-    return pa.Table.from_arrays(
-        [pa.array(col, type=f.type) for col, f in zip(columns, schema, strict=True)],
-        schema=schema,
-    )
+
+# Up to this many rows travel as one INSERT of literals into a temporary table; more as an
+# Arrow table. A kernel's usual batch is a few events, and DuckDB imports numpy, pandas and
+# pyarrow to bind the first parameter of a process (or to scan Arrow): ~0.5-2 s, on the
+# recorder thread, for a notebook that never used them. So the write path binds no
+# parameters: every value goes into the SQL text through _lit.
+_SMALL = 256
+
+
+def _lit(value: Any) -> str:
+    """``value`` (None, bool, int, float, str, or a tuple/list of str) as a DuckDB literal
+    that reads back as exactly the same value.
+
+    >>> _lit("it's"), _lit(0.1), _lit(float("nan")), _lit(("a", "b")), _lit(None)
+    ("'it''s'", "'0.1'::DOUBLE", "'nan'::DOUBLE", "['a', 'b']::VARCHAR[]", 'NULL')
+    """
+    if value is None:
+        return "NULL"
+    if isinstance(value, str):  # a str enum (RunState) by its value, as a parameter binds
+        # Plain SQL strings know one escape, '' (no backslashes); a NUL would end the text.
+        return _str_lit(str.__str__(value))
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        # A quoted cast: unquoted, 0.1 is a DECIMAL literal; the cast from text reads the
+        # shortest repr back as the same DOUBLE (tests: the literal round trip).
+        return f"'{float.__repr__(value)}'::DOUBLE"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_lit(v) for v in value) + "]::VARCHAR[]"
+    raise TypeError(f"no SQL literal for a {type(value).__name__}")
+
+
+def _str_lit(value: str) -> str:
+    text = "'" + value.replace("'", "''") + "'"
+    return text.replace("\x00", "' || chr(0) || '") if "\x00" in text else text
+
+
+# The exact types of nearly every value, without _lit's isinstance chain (~3x faster).
+_FAST: dict[type, Callable[[Any], str]] = {
+    type(None): lambda v: "NULL", str: _str_lit, int: int.__repr__,
+    float: lambda v: f"'{v!r}'::DOUBLE",
+}  # fmt: skip
+
+
+def _values(row: Sequence[Any]) -> str:
+    """One row's literals, comma-separated (see _lit)."""
+    fast = _FAST.get
+    return ", ".join([fast(type(v), _lit)(v) for v in row])
+
+
+@contextlib.contextmanager
+def _table(
+    con: duckdb.DuckDBPyConnection, name: str, columns: _Columns, rows: Sequence[Sequence[Any]]
+) -> Iterator[None]:
+    """``rows`` (tuples in ``columns`` order) readable as table ``name`` inside the body.
+
+    Inside a write transaction: a failure aborts it, and the temporary table goes with the
+    rollback, so nothing is dropped on the way out of a failed body.
+    """
+    if len(rows) > _SMALL:
+        con.register(name, _arrow(columns, rows))
+        try:
+            yield
+        finally:
+            con.unregister(name)
+        return
+    types = ", ".join(f"{c} {t.split(' ')[0]}" for c, t in columns)
+    con.execute(f"CREATE TEMPORARY TABLE {name} ({types})")
+    if rows:
+        try:
+            values = ", ".join(f"({_values(row)})" for row in rows)
+        except TypeError:  # a value of a kind _lit does not know: let DuckDB bind it
+            one = "(" + ", ".join("?" * len(columns)) + ")"
+            con.execute(
+                f"INSERT INTO {name} VALUES " + ", ".join([one] * len(rows)),
+                [v for row in rows for v in row],
+            )
+        else:
+            con.execute(f"INSERT INTO {name} VALUES {values}")
+    yield
+    con.execute(f"DROP TABLE {name}")
 
 
 def _schema(columns: _Columns) -> Any:
@@ -163,8 +242,13 @@ def _schema(columns: _Columns) -> Any:
     return pa.schema([(c, types[t.split(" ")[0]]) for c, t in columns])
 
 
-def _arrow(columns: _Columns, rows: Sequence[dict[str, Any]]) -> Any:
-    """An Arrow table with the table's exact column types (all-NULL columns included)."""
+def _arrow(columns: _Columns, rows: Sequence[Sequence[Any]]) -> Any:
+    """An Arrow table of ``rows`` (tuples in ``columns`` order) with the columns' exact
+    types (all-NULL columns included)."""
     import pyarrow as pa
 
-    return pa.table({c: [r.get(c) for r in rows] for c, _ in columns}, schema=_schema(columns))
+    schema = _schema(columns)
+    data = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+    return pa.Table.from_arrays(
+        [pa.array(col, type=f.type) for col, f in zip(data, schema, strict=True)], schema=schema
+    )

@@ -17,7 +17,7 @@ from notebook_flow.metadata.batch import _entry_row, _mark_crashed
 from notebook_flow.metadata.database import _Database
 from notebook_flow.metadata.recorder import _NOT_WRITTEN, _Recorder
 from notebook_flow.metadata.records import CacheEntry, LockEvent, RunEvent, _MarkCrashed, _Remove
-from notebook_flow.metadata.schema import _CACHE_ENTRIES, _NON_FINAL_SQL, _arrow, _names
+from notebook_flow.metadata.schema import _CACHE_ENTRIES, _NON_FINAL_SQL, _lit, _names, _table
 
 if TYPE_CHECKING:
     import duckdb
@@ -218,7 +218,7 @@ class MetadataStore:
 
         >>> store.rebuild(result_store.iter_manifests())  # doctest: +SKIP
         """
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, tuple[Any, ...]] = {}
         for item in entries:  # materialised before the lock: manifests may come from S3
             entry = item if isinstance(item, CacheEntry) else CacheEntry.from_manifest(item)
             rows[entry.key] = _entry_row(entry)
@@ -226,9 +226,9 @@ class MetadataStore:
         def body(con: duckdb.DuckDBPyConnection) -> int:
             con.execute("DELETE FROM cache_entries")
             if rows:
-                con.register("_entries", _arrow(_CACHE_ENTRIES, list(rows.values())))
                 names = _names(_CACHE_ENTRIES)
-                con.execute(f"INSERT INTO cache_entries ({names}) SELECT {names} FROM _entries")
+                with _table(con, "_entries", _CACHE_ENTRIES, list(rows.values())):
+                    con.execute(f"INSERT INTO cache_entries ({names}) SELECT {names} FROM _entries")
             return len(rows)
 
         return int(self._write_now(body))
@@ -271,6 +271,12 @@ class MetadataStore:
         (``ours``) run in the session that writes them, when there are any; user SQL always
         runs on a read-only connection. With ``wait``: only what is written already, waiting
         at most that long for the index (MetadataError after)."""
+        if fetch is None or params:
+            # Before any lock (see _Database.locked): DuckDB imports these to return a
+            # frame, or to bind a parameter (whatever its type).
+            import pandas  # noqa: F401
+            import pyarrow  # noqa: F401
+
         rec = self._recorder()
         if wait is None:
             if (
@@ -356,8 +362,11 @@ class MetadataStore:
         never hold up a computation behind another process's session.
         """
         rows = self._read(
-            "SELECT * FROM cache_entries WHERE task_identity = ? ORDER BY created_at DESC LIMIT 1",
-            [task_identity],
+            # A literal, not a parameter: a miss in a notebook that never used pandas must
+            # not import it (DuckDB does, to bind any parameter; see schema._lit).
+            f"SELECT * FROM cache_entries WHERE task_identity = {_lit(task_identity)} "
+            "ORDER BY created_at DESC LIMIT 1",
+            (),
             _rows,
             wait=timeout,
         )
@@ -419,6 +428,8 @@ class MetadataStore:
     def sql_arrow(self, query: str, params: Sequence[Any] = ()) -> pa.Table:
         """``sql`` as an Arrow table (no pandas conversion: ~50x cheaper for many string
         rows, e.g. the dashboard's listing of every run)."""
+
+        import pyarrow  # noqa: F401  (before the lock: see _Database.locked)
 
         def fetch(cur: Any) -> pa.Table:
             got = cur.arrow()
