@@ -164,6 +164,29 @@ def run_plain(path: Path, env: dict[str, str], timeout: float = 600) -> Run:
     return Run(notebook, time.perf_counter() - t0)
 
 
+def run_plain_cli(path: Path, env: dict[str, str], timeout: float = 600) -> Run:
+    """``jupyter execute --inplace`` (nbclient's own command) in a subprocess: the plain
+    headless run a user would otherwise type, paying an interpreter's start and reading and
+    writing the notebook as ``notebook-flow run`` does."""
+    import nbformat
+
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from nbclient.cli import main; sys.exit(main())",
+        "--inplace",
+        f"--timeout={int(timeout)}",
+        str(path),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=env, cwd=str(path.parent), capture_output=True, text=True, timeout=timeout
+    )
+    seconds = time.perf_counter() - t0
+    notebook = nbformat.read(path, as_version=4) if proc.returncode == 0 else None
+    return Run(notebook, seconds, proc.returncode, proc.stdout + proc.stderr)
+
+
 class _env:
     """nbclient starts its kernel with this process's environment."""
 
