@@ -21,6 +21,7 @@ import inspect
 import logging
 import shlex
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 # This module is imported only from inside IPython (by %load_ext), so IPython is loaded.
@@ -475,7 +476,7 @@ def load_ipython_extension(shell: Any) -> None:
     shell.input_transformers_cleanup.append(magics.await_transformer)
     _loaded[id(shell)] = magics
     _OURS.addFilter(_QUIET)
-    _preload_in_background()
+    _preload_in_background(shell)
 
 
 class _QuietInNotebooks(logging.Filter):
@@ -496,25 +497,52 @@ _OURS = logging.getLogger("notebook_flow")
 _QUIET = _QuietInNotebooks()
 
 
-def _preload_in_background() -> None:
-    """Import what the first task run needs (our call path and cell caching, and DuckDB
-    for the run history: ~0.2 s together in a kernel, where DuckDB also imports ipywidgets)
-    while the user reads or types, or while the next cell runs: an import in a side thread
-    barely slows the main one, whereas the same imports inside the first ``%%task`` or
-    ``.map`` cell would add to it."""
+def _preload_in_background(shell: Any) -> None:
+    """Import what the first task run needs while the user reads or types, or while the
+    next cell runs, instead of inside the first ``%%task`` or ``.map`` cell.
+
+    DuckDB (~0.2 s in a kernel, where it also imports ipywidgets) and filelock import in a
+    side thread: they never import this package, so the main thread importing them or us
+    meanwhile only waits for a module to finish, never for a cycle. Our own modules do
+    not: the package's ``__init__`` modules re-export their submodules, and two threads
+    importing such a cycle in different orders make Python hand one of them a partially
+    initialized module (CI saw ``cannot import name '_MISS' from partially initialized
+    module 'notebook_flow.tasks.call'`` in the first ``%%task`` cell). They are imported
+    in the main thread instead, from the kernel's event loop once it is idle (~0.1 s); a
+    cell that arrives first waits for that, as it would have for its own imports.
+    """
+
+    kernel = getattr(shell, "kernel", None)
 
     def preload() -> None:
         try:
             import duckdb  # noqa: F401
             import filelock  # noqa: F401
-
-            from . import cells, runners, storage, tasks  # noqa: F401
         except Exception:  # the first real use reports it
             pass
+        if kernel is None:
+            return
+        # The kernel's loop exists once the kernel has started (extensions load before).
+        for _ in range(100):
+            loop = getattr(kernel, "io_loop", None)
+            if loop is not None:
+                try:
+                    loop.add_callback(_import_ours)  # thread-safe; runs in the main thread
+                except Exception:  # a closed loop: the first real use imports them
+                    pass
+                return
+            time.sleep(0.05)
 
     # Not a daemon: an interpreter that exits (a script that only loads the extension)
     # waits for it, where finalizing under a thread inside an extension import aborts.
     threading.Thread(target=preload, name="notebook_flow-preload", daemon=False).start()
+
+
+def _import_ours() -> None:
+    try:
+        from . import cells, runners, storage, tasks  # noqa: F401
+    except Exception:  # the first real use reports it
+        pass
 
 
 def unload_ipython_extension(shell: Any) -> None:

@@ -571,3 +571,39 @@ def test_an_object_reached_by_two_paths_stays_one_object_after_an_in_place_resto
     runs = cold_then_again(dict(env, MPLBACKEND="agg"), tmp_path, cells)
     assert runs.last == "True ['predict_dates', 'predict_end', 'predict_start']\n"
     assert runs.badges(1) == runs.badges(2) == ["cached"]
+
+
+def test_loading_in_a_kernel_imports_our_modules_in_the_main_thread_only(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """The extension warms the first ``%%task`` cell's imports, ours in the kernel's main
+    thread (from its idle event loop) and only DuckDB in a side thread: two threads
+    importing the package's re-exporting ``__init__`` cycles at once gave a kernel's first
+    ``%%task`` cell ``ImportError: cannot import name '_MISS' from partially initialized
+    module 'notebook_flow.tasks.call'`` (CI, once)."""
+    kernel = Kernel(env, tmp_path)
+    try:
+        kernel.cell(
+            "import sys, threading\n"
+            "_elsewhere = []\n"
+            "class _Spy:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.startswith('notebook_flow') and "
+            "threading.current_thread() is not threading.main_thread():\n"
+            "            _elsewhere.append(name)\n"
+            "sys.meta_path.insert(0, _Spy())\n"
+            "%load_ext notebook_flow"
+        )
+        out, _ = kernel.cell(
+            "for _t in threading.enumerate():\n"
+            "    if _t.name == 'notebook_flow-preload':\n"
+            "        _t.join()\n"  # it queued the import of ours on the kernel's loop...
+            "print('duckdb' in sys.modules, _elsewhere)"
+        )
+        assert out.strip() == "True []", out
+        out, _ = kernel.cell("print('notebook_flow.cells' in sys.modules, _elsewhere)")
+        assert out.strip() == "True []", out  # ... which ran it before this cell
+        out, _ = kernel.cell("%%task\nx = 41 + 1\nprint(x)")
+        assert out.strip() == "42"
+    finally:
+        kernel.close()
