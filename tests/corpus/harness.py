@@ -167,13 +167,16 @@ def run_plain(path: Path, env: dict[str, str], timeout: float = 600) -> Run:
 def run_plain_cli(path: Path, env: dict[str, str], timeout: float = 600) -> Run:
     """``jupyter execute --inplace`` (nbclient's own command) in a subprocess: the plain
     headless run a user would otherwise type, paying an interpreter's start and reading and
-    writing the notebook as ``notebook-flow run`` does."""
+    writing the notebook as ``notebook-flow run`` does. With the one import
+    ``notebook-flow run`` also skips (``cli._skip_iri_grammar``: jsonschema building an
+    RFC 3987 grammar, ~1.7 s here), so that the two differ only in what caching costs."""
     import nbformat
 
     cmd = [
         sys.executable,
         "-c",
-        "import sys; from nbclient.cli import main; sys.exit(main())",
+        "import sys; sys.modules['rfc3987_syntax'] = None; "
+        "from nbclient.cli import main; sys.exit(main())",
         "--inplace",
         f"--timeout={int(timeout)}",
         str(path),
