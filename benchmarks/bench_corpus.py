@@ -2,7 +2,8 @@
 
 Per notebook: two plain runs without the extension, a cold ``notebook-flow run
 --cache-all`` on an empty store, and a second one on that store; the fraction of code cells
-served from the cache on the second run. All wall-clock, kernel start included.
+served from the cache on the second run. All wall-clock, kernel start included; each kind
+run ``NF_BENCH_CORPUS_REPEATS`` times (default 3, plain and cold in turn), the fastest kept.
 
 The plain runs: ``jupyter execute --inplace`` (nbclient's own command, in a subprocess: an
 interpreter's start, reading and writing the notebook, as ``notebook-flow run`` pays; with
@@ -18,10 +19,12 @@ runs together cost at most 10 % more than the plain ``jupyter execute`` runs, th
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "corpus"))
@@ -30,6 +33,8 @@ import harness  # noqa: E402
 
 #: Overhead of the cold cached runs over the plain runs, all notebooks together.
 TARGET = 0.10
+#: Runs of each kind per notebook; the fastest counts (NF_BENCH_CORPUS_REPEATS).
+REPEATS = max(1, int(os.environ.get("NF_BENCH_CORPUS_REPEATS", "3")))
 
 
 def measure(names: list[str] | None = None) -> list[dict]:
@@ -45,21 +50,33 @@ def measure(names: list[str] | None = None) -> list[dict]:
             # What users get: cells faster than storing them run plain (the tests store
             # every cell instead, NOTEBOOK_FLOW_AUTO_MIN_SECONDS=0).
             env.pop("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", None)
-            floor = harness.run_plain(
-                harness.prepare(nb, tmp / "plain", edited=False, cached=False), env
-            )
-            plain = harness.run_plain_cli(
-                harness.prepare(nb, tmp / "plain-cli", edited=False, cached=False), env
-            )
-            path = harness.prepare(nb, tmp / "cached", edited=False, cached=True)
-            cold = harness.run_cached(path, tmp / "store", env)
-            second = harness.run_cached(path, tmp / "store", env)
+            # Each notebook's runs are repeated, plain and cold in turn (the order flipped
+            # each round), and the fastest of each kind kept: this machine is a VM whose
+            # single runs move by +-30 % at idle, more than the overhead measured.
+            best: dict[str, Any] = {}
+            for r in range(REPEATS):
+                kinds = ["floor", "plain", "cold"]
+                for kind in kinds if r % 2 == 0 else kinds[::-1]:
+                    if kind == "floor":
+                        dest = harness.prepare(nb, tmp / f"plain{r}", edited=False, cached=False)
+                        got = harness.run_plain(dest, env)
+                    elif kind == "plain":
+                        dest = harness.prepare(nb, tmp / f"cli{r}", edited=False, cached=False)
+                        got = harness.run_plain_cli(dest, env)
+                    else:
+                        path = harness.prepare(nb, tmp / f"cached{r}", edited=False, cached=True)
+                        got = harness.run_cached(path, tmp / f"store{r}", env)
+                        store = tmp / f"store{r}"
+                    if got.returncode:
+                        raise RuntimeError(f"{nb.name}: the {kind} run failed:\n{got.log}")
+                    if kind not in best or got.seconds < best[kind].seconds:
+                        best[kind] = got
+            floor, plain, cold = best["floor"], best["plain"], best["cold"]
+            second = harness.run_cached(path, store, env)  # on the last cold run's store
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        if plain.returncode:
-            raise RuntimeError(f"{nb.name}: jupyter execute failed:\n{plain.log}")
-        if cold.returncode or second.returncode:
-            raise RuntimeError(f"{nb.name}: a cached run failed:\n{cold.log}\n{second.log}")
+        if second.returncode:
+            raise RuntimeError(f"{nb.name}: the second cached run failed:\n{second.log}")
         hits, cells = harness.cached_fraction(second.notebook)
         overhead = cold.seconds / plain.seconds - 1
         rows.append(

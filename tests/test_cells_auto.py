@@ -55,6 +55,56 @@ def test_auto_caches_a_slow_cell_and_runs_cheap_ones_plain(
     assert "slow 21" in capsys.readouterr().out
 
 
+def test_storing_stops_once_it_costs_more_than_the_cell_is_worth(
+    auto: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quick cell whose state is slow to serialize (a figure's object graph, here 300,000
+    lists) is not stored, and serializing it stops at the point where it could no longer
+    be worth it (duration / STORE_FACTOR), instead of finishing first."""
+    from notebook_flow.cells import runner as runner_mod
+    from notebook_flow.cells import state
+
+    monkeypatch.delenv("NOTEBOOK_FLOW_AUTO_MIN_SECONDS", raising=False)
+    magics = auto.magics_manager.registry["FlowMagics"]
+    monkeypatch.setattr(magics.runner, "commit_seconds", 0.0)  # no commit measured yet
+    outcomes: list[str] = []
+    pack_result = runner_mod.pack_result
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        assert kwargs["deadline"] is not None
+        try:
+            return pack_result(*args, **kwargs)
+        except state.OverBudget:
+            outcomes.append("over budget")
+            raise
+
+    monkeypatch.setattr(runner_mod, "pack_result", spy)
+    run(auto, "import time\ntime.sleep(0.1)\nbig = [[i] for i in range(300_000)]")
+    assert outcomes == ["over budget"]
+    assert last(auto).status == "not stored"
+    assert auto.user_ns["big"][-1] == [299_999]
+    # A state that is quick to store is stored as before.
+    run(auto, "time.sleep(0.2)\nsmall = [1, 2, 3]")
+    assert last(auto).status == "computed"
+    assert outcomes == ["over budget"]
+
+
+def test_walk_and_pack_stop_at_their_deadline() -> None:
+    import time
+
+    from notebook_flow.cells.state import OverBudget, pack, walk
+
+    value = [[i] for i in range(5_000)]
+    past = time.perf_counter() - 1
+    with pytest.raises(OverBudget):
+        walk([(("v",), value)], deadline=past)
+    with pytest.raises(OverBudget):
+        pack(value, {}, deadline=past)
+    assert len(walk([(("v",), value)])) == 5_001  # no deadline: the whole walk
+    assert len(walk([(("v",), [1, 2])], deadline=past)) == 1  # too small to look at the clock
+    assert pack(value, {}, deadline=time.perf_counter() + 3600)
+
+
 def test_off_cell_magics_and_ipython_commands_run_plain(
     auto: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

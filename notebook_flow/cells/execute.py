@@ -46,11 +46,12 @@ def syntax_error(shell: Any, exc: SyntaxError, code: str) -> SyntaxError:
     return exc
 
 
-def run_nested(shell: Any, body: str) -> BaseException | None:
+def run_nested(shell: Any, body: str, code: str | None = None) -> BaseException | None:
     """Run the cell body through the shell, as if it were a cell of its own.
 
     The body's traceback is not shown here: the magic re-raises the exception so the
-    cell is reported failed with the user's exception (shown once, by IPython).
+    cell is reported failed with the user's exception (shown once, by IPython). ``code`` is
+    ``shell.transform_cell(body)`` when the caller has it already.
     """
     show = shell.showtraceback
 
@@ -63,7 +64,8 @@ def run_nested(shell: Any, body: str) -> BaseException | None:
     # IPython decides whether a trailing `;` hides the last value from the last cell in
     # its history, which is the `%%task` line here, not this body: let it read the body.
     hook = shell.displayhook
-    code = shell.transform_cell(body)
+    if code is None:
+        code = shell.transform_cell(body)
     _patch_instance(hook, "quiet", lambda: hook.semicolon_at_end_of_expression(code), undo)
     try:
         result = shell.run_cell(body, store_history=False, cell_id=_identity.current_cell())

@@ -28,6 +28,7 @@ from .sharing import Unverified, plan_sharing, verify
 from .state import (
     Path,
     add_data_owner_refs,
+    check_deadline,
     kept_paths,
     pack,
     reference_map,
@@ -52,13 +53,16 @@ def pack_result(
     deleted: list[str],
     effects: list[tuple[Target, Any, bool]],
     ambient_changed: dict[str, Any],
+    deadline: float | None = None,
 ) -> tuple[dict[str, Any], list[Any]]:
     """The stored form of a cell's result (``state``, ``inplace``, ``deleted``, ``parts``:
     the number of large values) and the large values, to be stored on their own.
 
     ``before`` maps names to the objects they held before the run and ``before_paths`` the
     parts of those objects (:func:`.state.walk`); ``effects`` is
-    :meth:`.effects.Watches.changed`. Raises what pickling raises for an unstorable value.
+    :meth:`.effects.Watches.changed`. Raises what pickling raises for an unstorable value,
+    and :class:`.state.OverBudget` once past ``deadline`` (a ``perf_counter`` time: under
+    ``%flow auto``, when storing would cost more than the cell is worth).
     """
     variables = dict(variables)
     inplace = {n for n, v in variables.items() if n in before and before[n] is v}
@@ -87,7 +91,7 @@ def pack_result(
             if before.get(name) is ns[name]:
                 inplace.add(name)
     changed = set(variables) | gone
-    unchanged = walk([((n,), ns[n]) for n in inputs if n in ns and n not in changed])
+    unchanged = walk([((n,), ns[n]) for n in inputs if n in ns and n not in changed], deadline)
     refs = reference_map(unchanged)
     # Functions and classes inside inputs the cell changed (`fns = {"draw": draw}`, whose
     # fingerprint follows what `draw` reaches) are code, not data: stored where they were
@@ -102,10 +106,12 @@ def pack_result(
             refs.setdefault(id(cls), ("typeof", (name,)))
     # Arrays owning memory that several outputs share are stored too: views stay views.
     produced = walk(
-        [*(((n,), v) for n, v in variables.items()), *(((_label(t),), v) for t, v, *_ in outside)]
+        [*(((n,), v) for n, v in variables.items()), *(((_label(t),), v) for t, v, *_ in outside)],
+        deadline,
     )
     existed = {id(v) for v in before.values()} | {id(v) for v in before_paths.values()}
     unverified: list[Unverified] = []
+    check_deadline(deadline)
     owners = plan_sharing(produced, unchanged, refs, existed, unverified)
     if unverified:  # an output array may be over an input frame's data: point into it
         add_data_owner_refs(unchanged, refs)
@@ -115,6 +121,7 @@ def pack_result(
         refs,
         large,
         bases=[*variables.values(), *owners],
+        deadline=deadline,
     )
     if unverified:
         # A pandas object and an array over its memory: pickled together, the array comes
@@ -122,12 +129,13 @@ def pack_result(
         # frame: state.add_data_owner_refs). Checked on a real round trip.
         if large:  # (stored apart, as Parquet and npy: they could not share)
             raise unverified[0].error
+        check_deadline(deadline)
         back = unpack(blob, ns)
         restored = [
             *(((n,), v) for n, v in back["variables"].items()),
             *(((_label(t),), v) for t, v, *_ in back["effects"]),
         ]
-        verify(unverified, walk(restored), unchanged)
+        verify(unverified, walk(restored, deadline), unchanged)
     # Of what changed in place, which parts stayed the same objects (updated in place on a
     # hit) and which were replaced (replaced on a hit too).
     kept = {n: sorted(kept_paths(before_paths, (n,), variables[n]), key=repr) for n in inplace}

@@ -35,7 +35,7 @@ from notebook_flow.storage.pins import pin
 from . import ambient, effects, files
 from .ambient import Snapshot
 from .analysis import CellAnalysis, analyze_cell
-from .auto import auto_plain_reason, worth_storing
+from .auto import auto_plain_reason, store_deadline, worth_storing
 from .capture import _Capture, replay
 from .effects import Watches
 from .execute import raise_as_plain, run_definitions, run_nested, syntax_error
@@ -43,7 +43,7 @@ from .imports import ImportedModules, imported_modules
 from .key import CellOptions, cell_components, imported_components, input_names, rng_keys
 from .result import DISK_SPEED, Restored, nbytes, pack_result, part_key, writable
 from .sharing import SplitMemory
-from .state import walk
+from .state import OverBudget, walk
 from .storable import handle_reason, unstorable
 
 if TYPE_CHECKING:
@@ -396,7 +396,7 @@ class CellRunner:
         self._record(cell, RunState.RUNNING, explain="; ".join(cell.reasons) or None)
         t0 = time.perf_counter()
         with _Capture(self.shell) as capture, files.recording(named) as found:
-            error = run_nested(self.shell, cell.body)
+            error = run_nested(self.shell, cell.body, cell.analysis.code)
         duration = time.perf_counter() - t0
         if error is not None:
             self._failed(cell, error, duration)
@@ -435,6 +435,7 @@ class CellRunner:
             if drawn and drawn == components.keys() - cell.components.keys():
                 cell.key, cell.components = key, components
         t_pack = time.perf_counter()
+        deadline = store_deadline(duration, self.commit_seconds) if cell.options.auto else None
         try:
             state, parts = pack_result(
                 ns,
@@ -446,7 +447,10 @@ class CellRunner:
                 deleted=[n for n in existed if n not in ns],
                 effects=cell.watches.changed(ns),
                 ambient_changed=ambient.changed(cell.ambient, after),
+                deadline=deadline,
             )
+        except OverBudget:  # (the cheaper plain run it was is all it is worth)
+            return self._cheap(cell, duration)
         except SplitMemory as exc:
             return self._unfaithful(cell, str(exc), duration)
         except Exception as exc:

@@ -22,11 +22,13 @@ import io
 import itertools
 import pickle
 import random
+import time
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
+    "OverBudget",
     "add_data_owner_refs",
     "kept_paths",
     "pack",
@@ -41,6 +43,18 @@ _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 _MAX_REFERENCED = 20_000  # objects looked into per cell (a bound on the walk's cost)
 _MAX_DEPTH = 8
 _MAX_ITEMS = 5_000  # items of one container
+_CHECK_EVERY = 255  # objects (mask) between two looks at the clock against a deadline
+
+
+class OverBudget(Exception):
+    """Storing a cell's state is taking longer than a cell of its duration is worth (under
+    ``%flow auto``): it is not stored; the cell ran plain."""
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise :class:`OverBudget` once ``time.perf_counter()`` is past ``deadline``."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OverBudget
 
 
 # --------------------------------------------------------------------------- references
@@ -49,11 +63,11 @@ _MAX_ITEMS = 5_000  # items of one container
 Path = tuple[Any, ...]
 
 
-def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
+def walk(roots: Iterable[tuple[Path, Any]], deadline: float | None = None) -> dict[Path, Any]:
     """``{path: object}`` for the objects reachable from ``roots`` (``(path, value)`` pairs)
     through lists, tuples, dicts with str/int keys, objects' ``__dict__`` and pandas axes
     (each object at the first path met; scalars left out). Bounded: a cell's inputs may be
-    huge."""
+    huge. Raises :class:`OverBudget` once past ``deadline`` (a ``perf_counter`` time)."""
     found: dict[Path, Any] = {}
     seen: set[int] = set()
     budget = _MAX_REFERENCED
@@ -65,6 +79,8 @@ def walk(roots: Iterable[tuple[Path, Any]]) -> dict[Path, Any]:
         seen.add(id(obj))
         found[path] = obj
         budget -= 1
+        if not budget & _CHECK_EVERY:
+            check_deadline(deadline)
         if depth < _MAX_DEPTH:
             for step, item in _children(obj):
                 visit(item, (*path, step), depth + 1)
@@ -219,6 +235,7 @@ def pack(
     refs: dict[int, tuple[str, Path]],
     large: list[Any] | None = None,
     bases: Iterable[Any] = (),
+    deadline: float | None = None,
 ) -> bytes:
     """Pickle ``value`` (cloudpickle: functions and classes of the notebook by value), with
     the objects in ``refs`` stored as their paths and, when ``large`` is a list, big arrays
@@ -227,16 +244,21 @@ def pack(
     An array that is a view of another (``b = a[1:]``) is stored as a view of it when that
     array is stored too or referenced (in ``bases`` or ``refs``), or small: after a load,
     a write to ``a`` shows in ``b`` as it did before.
+
+    Raises :class:`OverBudget` once past ``deadline`` (a ``perf_counter`` time).
     """
     from notebook_flow.serializers import cloudpickler
 
     keep = {id(b) for b in bases} | set(refs)
+    counter = itertools.count(1)
 
     # (numpy's global RandomState by reference: see serializers.cloudpickler)
     class Pickler(cloudpickler()):  # type: ignore[misc]
         def persistent_id(self, obj: Any) -> Any:
             if type(obj) in _SCALARS:
                 return None
+            if deadline is not None and not next(counter) & _CHECK_EVERY:
+                check_deadline(deadline)
             ref = refs.get(id(obj))
             if ref is not None:
                 return ref
