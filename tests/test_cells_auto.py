@@ -87,6 +87,17 @@ def test_storing_stops_once_it_costs_more_than_the_cell_is_worth(
     run(auto, "time.sleep(0.2)\nsmall = [1, 2, 3]")
     assert last(auto).status == "computed"
     assert outcomes == ["over budget"]
+    # A value of a (non-builtin) type that ran out of time once is not tried again with
+    # no more time than it had: the second such cell is not even serialized.
+    run(auto, "class Heavy:\n    pass")
+    run(auto, "time.sleep(0.3)\nh1 = Heavy()\nh1.items = [[i] for i in range(300_000)]")
+    assert outcomes == ["over budget"] * 2  # (it had 0.1 s or more)
+    calls = len(outcomes)
+    monkeypatch.setattr(runner_mod, "pack_result", lambda *a, **k: outcomes.append("packed"))
+    run(auto, "time.sleep(0.06)\nh2 = Heavy()\nh2.items = [[1]]")  # (about 0.02 s to store)
+    assert len(outcomes) == calls
+    assert last(auto).status == "not stored"
+    assert auto.user_ns["h2"].items == [[1]]
 
 
 def test_walk_and_pack_stop_at_their_deadline() -> None:

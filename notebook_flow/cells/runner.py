@@ -65,6 +65,8 @@ _CHEAP_REASON = "ran plain: cheaper to run than to store and restore (%flow auto
 # A commit's fixed cost before any was measured (a local store on a quiet disk), and the
 # weight of each new measurement in the running average.
 _FIRST_COMMIT_SECONDS = 0.01
+#: Modules of values whose serializing cost follows their size, not their type.
+_SIZED_MODULES = frozenset({"builtins", "numpy", "pandas", "pyarrow", "collections"})
 _COMMIT_WEIGHT = 0.3
 
 # --------------------------------------------------------------------------- the runner
@@ -126,6 +128,11 @@ class CellRunner:
         # signing, fsyncs), averaged over the last commits: %flow auto stores a cell only
         # when it took a few times longer (auto.worth_storing).
         self.commit_seconds = _FIRST_COMMIT_SECONDS
+        # Under %flow auto: for a type of value whose serializing ran out of time, the most
+        # time it had (a lower bound on what storing it costs). A later cell holding a value
+        # of that type with no more time than that is not worth trying (plot cells: each
+        # spent its whole budget on its figure). Only ever makes a cell run plain.
+        self._pack_floor: dict[type, float] = {}
 
     # -- entry point -----------------------------------------------------------------------
 
@@ -436,6 +443,11 @@ class CellRunner:
                 cell.key, cell.components = key, components
         t_pack = time.perf_counter()
         deadline = store_deadline(duration, self.commit_seconds) if cell.options.auto else None
+        if deadline is not None:
+            allowed = deadline - t_pack
+            kinds = {type(v) for v in variables.values()}
+            if any(self._pack_floor.get(k, -1.0) >= allowed for k in kinds):
+                return self._cheap(cell, duration)
         try:
             state, parts = pack_result(
                 ns,
@@ -450,6 +462,12 @@ class CellRunner:
                 deadline=deadline,
             )
         except OverBudget:  # (the cheaper plain run it was is all it is worth)
+            assert deadline is not None
+            for kind in {type(v) for v in variables.values()}:
+                # (not builtins, arrays or frames: what they cost follows their size)
+                if kind.__module__.partition(".")[0] not in _SIZED_MODULES:
+                    floor = max(self._pack_floor.get(kind, 0.0), deadline - t_pack)
+                    self._pack_floor[kind] = floor
             return self._cheap(cell, duration)
         except SplitMemory as exc:
             return self._unfaithful(cell, str(exc), duration)
