@@ -114,6 +114,8 @@ def test_walk_and_pack_stop_at_their_deadline() -> None:
     assert len(walk([(("v",), value)])) == 5_001  # no deadline: the whole walk
     assert len(walk([(("v",), [1, 2])], deadline=past)) == 1  # too small to look at the clock
     assert pack(value, {}, deadline=time.perf_counter() + 3600)
+    with pytest.raises(OverBudget):  # scalars count too
+        pack(list(range(5_000)), {}, deadline=past)
 
 
 def test_off_cell_magics_and_ipython_commands_run_plain(

@@ -255,10 +255,10 @@ def pack(
     # (numpy's global RandomState by reference: see serializers.cloudpickler)
     class Pickler(cloudpickler()):  # type: ignore[misc]
         def persistent_id(self, obj: Any) -> Any:
+            if deadline is not None and not next(counter) & _CHECK_EVERY:
+                check_deadline(deadline)  # (scalars counted: a list of 10**7 ints is slow too)
             if type(obj) in _SCALARS:
                 return None
-            if deadline is not None and not next(counter) & _CHECK_EVERY:
-                check_deadline(deadline)
             ref = refs.get(id(obj))
             if ref is not None:
                 return ref
