@@ -440,6 +440,39 @@ class TestRedisLockManager(LockManagerContract):
 class TestPostgresLockManager(LockManagerContract):
     kind = "postgres"
 
+    def test_a_broken_lock_is_free_when_break_lock_returns(
+        self, manager: LockManager, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A session ends a moment after its connection closes or its backend is
+        terminated, not at once: ``break_lock`` waits until the sessions it ended let go of
+        the advisory lock (an ``acquire`` right after a break once found it still held, on a
+        loaded machine: 1 round of 20). Here another session holds it and lets go 0.5 s
+        later; sessions that are not waited for are not."""
+        import psycopg
+
+        from notebook_flow.locks import postgres
+
+        # (no give-up time to speak of: waiting for the wrong session would hang the test)
+        monkeypatch.setattr(postgres, "_BREAK_WAIT", 3600.0)
+        assert isinstance(manager, PostgresLockManager)
+        key = new_key()
+        params = manager._params(key)
+        other = psycopg.connect(PG_DSN, autocommit=True)
+        assert other.execute("select pg_try_advisory_lock(%(id)s)", params).fetchone() == (True,)
+        pid = other.info.backend_pid
+        timer = threading.Timer(0.5, other.close)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            manager._wait_ended(conn, key, [pid + 1_000_000])  # not a holder: returns at once
+            assert not manager.acquire(key, "nftest-a", timeout=0)
+            timer.start()
+            manager._wait_ended(conn, key, [pid])
+            assert manager.acquire(key, "nftest-a", timeout=0)
+        # And through break_lock itself: free when it returns.
+        assert manager.break_lock(key)
+        assert manager.acquire(key, "nftest-b", timeout=0)
+        holder = manager.holder_of(key)
+        assert holder is not None and holder.holder == "nftest-b"
+
 
 # -- lease details that need no server ---------------------------------------------------------
 

@@ -61,6 +61,8 @@ _HEX = re.compile(r"[0-9a-fA-F]{16}")
 _TABLE = re.compile(r"[a-z_][a-z0-9_]{0,50}")
 # Serialises CREATE TABLE IF NOT EXISTS between processes (it can fail when it races).
 _SCHEMA_LOCK = 0x6E66_6C6F_7773_6368  # "nflowsch"
+#: How long ``break_lock`` waits for the sessions it ended to let go of the lock.
+_BREAK_WAIT = 10.0
 
 
 def lock_id(key: str) -> int:
@@ -500,20 +502,45 @@ class PostgresLockManager(BackoffAcquire):
     def break_lock(self, key: str) -> bool:
         """Remove the lock whoever holds it (ending the holder's session); True if live."""
         held = self._pool.held.get(key)
+        ended: list[int] = []  # the sessions that held it, ending
         if held is not None:  # held in this process: end that session ourselves
             self._drop_held(key, held)
+            with contextlib.suppress(Exception):
+                ended.append(int(held.conn.info.backend_pid))
             held.conn.close()
         with self._connection("break", key) as conn:
             current = self._read(conn, key)
-            conn.execute(
+            rows = conn.execute(
                 self._sql(
-                    "select pg_terminate_backend(l.pid) from pg_locks l join {t} r"
+                    "select l.pid, pg_terminate_backend(l.pid) from pg_locks l join {t} r"
                     " on r.key = %(key)s and r.backend_pid = l.pid where " + self._HOLDS
                 ),
                 self._params(key),
-            )
+            ).fetchall()
+            ended += [int(row[0]) for row in rows]
             conn.execute(self._sql("delete from {t} where key = %(key)s"), self._params(key))
+            self._wait_ended(conn, key, ended)
         return held is not None or (current is not None and current[1])
+
+    def _wait_ended(self, conn: psycopg.Connection[Any], key: str, pids: list[int]) -> None:
+        """Wait (at most :data:`_BREAK_WAIT` s) until none of the sessions ``pids`` holds
+        ``key``'s advisory lock. A session ends after its connection closes or its backend
+        is terminated, not at once: an ``acquire`` right after a break found the lock still
+        held (1 round of 20 of a stress loop). Sessions that took it since are not waited
+        for."""
+        deadline = time.monotonic() + _BREAK_WAIT
+        while pids:
+            row = conn.execute(
+                self._sql(
+                    "select exists(select 1 from pg_locks l where "
+                    + self._HOLDS
+                    + " and l.pid = any(%(pids)s))"
+                ),
+                self._params(key, pids=pids),
+            ).fetchone()
+            if not (row and row[0]) or time.monotonic() > deadline:
+                return
+            time.sleep(0.005)
 
     def wait_for_release(self, key: str, timeout: float | None = None) -> bool:
         """Block until ``key`` is free; False if ``timeout`` passed first."""
