@@ -443,11 +443,11 @@ class CellRunner:
                 cell.key, cell.components = key, components
         t_pack = time.perf_counter()
         deadline = store_deadline(duration, self.commit_seconds) if cell.options.auto else None
-        if deadline is not None:
-            allowed = deadline - t_pack
-            kinds = {type(v) for v in variables.values()}
-            if any(self._pack_floor.get(k, -1.0) >= allowed for k in kinds):
-                return self._cheap(cell, duration)
+        kinds = {type(v) for v in variables.values()}
+        if deadline is not None and any(
+            self._pack_floor.get(k, -1.0) >= deadline - t_pack for k in kinds
+        ):
+            return self._cheap(cell, duration)
         try:
             state, parts = pack_result(
                 ns,
@@ -463,8 +463,7 @@ class CellRunner:
             )
         except OverBudget:  # (the cheaper plain run it was is all it is worth)
             assert deadline is not None
-            for kind in {type(v) for v in variables.values()}:
-                # (not builtins, arrays or frames: what they cost follows their size)
+            for kind in kinds:  # (not builtins, arrays or frames: their cost follows size)
                 if kind.__module__.partition(".")[0] not in _SIZED_MODULES:
                     floor = max(self._pack_floor.get(kind, 0.0), deadline - t_pack)
                     self._pack_floor[kind] = floor
